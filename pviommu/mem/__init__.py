@@ -1,0 +1,1 @@
+"""Host physical memory: banks of shared memory, and typed access to them."""
