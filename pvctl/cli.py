@@ -1,0 +1,221 @@
+"""The ``pviommu`` command: one entry point, one subcommand per job.
+
+    pviommu run                      local virtual system + dmatest (the main job)
+    pviommu serve hypervisor|guest|dsa   run one service
+    pviommu dmatest ADDR             run dmatest in a running guest agent
+    pviommu bench                    the benchmark suite
+    pviommu inspect ...              look at domains, tables and walks
+    pviommu grpc list|describe|call  reflection-based gRPC client
+
+Each service package exposes ``main.add_arguments(parser)`` and
+``main.run(args) -> int``; this module only dispatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+SERVICES = {"hypervisor": "hypervisor_svc.main", "guest": "guest_agent.main", "dsa": "dma_device.main"}
+
+
+def _token_from(args: argparse.Namespace) -> str | None:
+    token: str | None = getattr(args, "token", None)
+    if token:
+        return token
+    path = getattr(args, "token_file", None)
+    if path:
+        with open(path) as fh:
+            return fh.read().strip()
+    return os.environ.get("PVIOMMU_TOKEN") or None
+
+
+def _add_token_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", help="bearer token (default: $PVIOMMU_TOKEN)")
+    p.add_argument("--token-file", help="read the bearer token from this file")
+
+
+def cmd_grpc(args: argparse.Namespace) -> int:
+    import grpc
+
+    from pvctl.grpc_client import ReflectionClient
+    from pviommu.rpc.client import connect
+
+    metadata = [tuple(h.split(":", 1)) for h in args.header]
+    metadata = [(k.strip().lower(), v.strip()) for k, v in metadata]
+    token = _token_from(args)
+    if token:
+        metadata.append(("authorization", f"Bearer {token}"))
+    try:
+        channel = connect(args.address, ready_timeout=args.connect_timeout)
+    except ConnectionError as exc:
+        print(f"pviommu grpc: {exc}", file=sys.stderr)
+        return 2
+    client = ReflectionClient(channel, metadata)  # type: ignore[arg-type]
+    try:
+        if args.grpc_cmd == "list":
+            if args.service:
+                svc = client.service(args.service)
+                for m in svc.methods:
+                    print(f"{svc.full_name}/{m.name}")
+            else:
+                for name in client.services():
+                    print(name)
+        elif args.grpc_cmd == "describe":
+            print(client.describe(args.symbol))
+        else:
+            data = args.data
+            if data == "@-":
+                data = sys.stdin.read()
+            for reply in client.call(args.method, data, timeout=args.timeout):
+                print(json.dumps(reply, indent=None if args.compact else 2))
+                sys.stdout.flush()
+    except LookupError as exc:
+        print(f"pviommu grpc: {exc}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as exc:
+        from pviommu.rpc.status import error_info
+
+        info = error_info(exc)
+        print(f"pviommu grpc: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        if info:
+            print(json.dumps({"error": exc.code().name, "details": exc.details(), **info}), file=sys.stderr)
+        return 1
+    finally:
+        channel.close()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    module = importlib.import_module(SERVICES[args.service])
+    rc: int = module.run(args)
+    return rc
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pvctl.local import run_local
+
+    return run_local(args)
+
+
+def cmd_dmatest(args: argparse.Namespace) -> int:
+    from pvctl.dmatest_client import run_remote_dmatest
+
+    return run_remote_dmatest(args, _token_from(args))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pvctl.bench import run_bench
+
+    return run_bench(args)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from pvctl.inspect import run_inspect
+
+    return run_inspect(args, _token_from(args))
+
+
+def add_dmatest_options(p: argparse.ArgumentParser) -> None:
+    """The Linux dmatest module parameters (names kept)."""
+    p.add_argument("--test-buf-size", type=int, default=16384)
+    p.add_argument("--threads-per-chan", type=int, default=1)
+    p.add_argument("--max-channels", type=int, default=0)
+    p.add_argument("--iterations", type=int, default=100)
+    p.add_argument("--timeout", type=int, default=3000, help="ms per transfer (-1: infinite)")
+    p.add_argument("--noverify", action="store_true")
+    p.add_argument("--norandom", action="store_true")
+    p.add_argument("--alignment", type=int, default=-1)
+    p.add_argument("--transfer-size", type=int, default=0)
+    p.add_argument("--polled", action="store_true")
+    p.add_argument("--design", choices=["nested", "baseline"], default="nested",
+                   help="nested: guest stage-1 tables; baseline: map-by-hypercall stage-2 domain")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pviommu",
+        description="Software twin of Hyper-V's para-virtualized IOMMU for guest partitions.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="start a local virtual system and run dmatest")
+    p.add_argument("--guests", type=int, default=1)
+    p.add_argument("--devices", type=int, default=1, help="DSA devices per guest")
+    p.add_argument("--memory", default="256M", help="RAM per guest (e.g. 256M, 1G)")
+    p.add_argument("--memory-dir", help="where to put the memory banks (default: a temporary folder)")
+    p.add_argument("--keep", action="store_true", help="keep the services running until Ctrl-C")
+    p.add_argument("--json", action="store_true", help="print a machine-readable result")
+    p.add_argument("--no-progress", action="store_true")
+    add_dmatest_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("serve", help="run one service")
+    ssub = p.add_subparsers(dest="service", required=True, metavar="SERVICE")
+    for name, modname in SERVICES.items():
+        sp = ssub.add_parser(name, help=f"run the {name} service")
+        try:
+            importlib.import_module(modname).add_arguments(sp)
+        except ImportError as exc:  # a partial checkout: say what is missing when used
+            sp.set_defaults(missing=str(exc))
+        sp.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("dmatest", help="run dmatest in a running guest agent")
+    p.add_argument("address", help="guest agent address host:port")
+    _add_token_args(p)
+    p.add_argument("--json", action="store_true")
+    add_dmatest_options(p)
+    p.set_defaults(func=cmd_dmatest)
+
+    p = sub.add_parser("bench", help="run the benchmark suite (ratios against same-run references)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (for smoke tests)")
+    p.add_argument("--output", default="docs/benchmarks.md", help="where to write the report ('' = none)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("inspect", help="inspect a running hypervisor: partitions, devices, domains, walks")
+    p.add_argument("address", help="hypervisor address host:port")
+    _add_token_args(p)
+    p.add_argument("what", choices=["partitions", "devices", "domains", "stats", "faults"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("grpc", help="reflection-based gRPC client (like grpcurl)")
+    gsub = p.add_subparsers(dest="grpc_cmd", required=True, metavar="ACTION")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("address", help="server address host:port")
+    _add_token_args(common)
+    common.add_argument("-H", "--header", action="append", default=[], help="extra metadata 'key: value'")
+    common.add_argument("--connect-timeout", type=float, default=5.0)
+    gp = gsub.add_parser("list", parents=[common], help="list services, or the methods of one")
+    gp.add_argument("service", nargs="?")
+    gp = gsub.add_parser("describe", parents=[common], help="describe a service, method, message or enum")
+    gp.add_argument("symbol")
+    gp = gsub.add_parser("call", parents=[common], help="call a method with a JSON request; prints JSON")
+    gp.add_argument("method", help="package.Service/Method")
+    gp.add_argument("-d", "--data", default="{}", help="JSON request ('@-' reads stdin)")
+    gp.add_argument("--timeout", type=float, default=30.0)
+    gp.add_argument("--compact", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_grpc)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "missing", None):
+        print(f"pviommu: this service is not available in this installation: {args.missing}", file=sys.stderr)
+        return 2
+    try:
+        rc: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""structlog set-up shared by every service and the command line.
+
+JSON lines when stderr is not a terminal (containers, CI, log collectors),
+readable colour output on a terminal. Each service binds who it is
+(service, partition, domain, device) once with ``bind_identity``; per-call
+values go through ``structlog.contextvars`` so they appear on every line the
+call logs (the gRPC sync server gives interceptor and handler one context).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import structlog
+
+_configured = False
+
+
+def configure(level: str | None = None, *, json: bool | None = None) -> None:
+    """Configure structlog and the stdlib root logger once per process."""
+    global _configured
+    level_name = (level or os.environ.get("PVIOMMU_LOG_LEVEL", "info")).upper()
+    if json is None:
+        forced = os.environ.get("PVIOMMU_LOG_FORMAT")
+        json = forced == "json" if forced else not sys.stderr.isatty()
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: Any
+    if json:
+        shared.append(structlog.processors.dict_tracebacks)
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[*shared, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level_name]),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    _configured = True
+
+
+def bind_identity(**identity: Any) -> None:
+    """Bind the process identity (service, partition, device, ...) to every line."""
+    structlog.contextvars.bind_contextvars(**{k: v for k, v in identity.items() if v is not None})
+
+
+def get_logger(name: str | None = None, **initial: Any) -> Any:
+    """A bound structlog logger; configures defaults on first use."""
+    if not _configured:
+        configure()
+    logger = structlog.get_logger(name) if name else structlog.get_logger()
+    return logger.bind(**initial) if initial else logger

@@ -1,0 +1,154 @@
+"""Bearer-token identity for gRPC calls.
+
+A caller sends ``authorization: Bearer <token>`` metadata. The server's
+interceptor resolves the token to a ``Principal`` (admin, partition, device,
+host) with a resolver supplied by the service and puts it in a context
+variable for the handler (grpc's sync server runs interceptor and handler in
+one copied context, so nothing leaks between calls). The caller's partition
+is always taken from here, never from a request field.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import hmac
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from pviommu.errors import AuthError
+
+AUTH_HEADER = "authorization"
+_current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("pviommu_principal", default=None)
+
+#: Methods anyone may call (probes and tooling).
+PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    kind: str  # "admin" | "partition" | "device" | "host"
+    id: int = 0
+    name: str = ""
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def tokens_equal(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def current_principal() -> Principal:
+    """The authenticated caller of the current RPC (raises AuthError if none)."""
+    principal = _current.get()
+    if principal is None:
+        raise AuthError("no credential on this call")
+    return principal
+
+
+def require(*kinds: str) -> Principal:
+    principal = current_principal()
+    if principal.kind not in kinds:
+        raise AuthError(f"a {principal.kind} credential may not call this (needs {'/'.join(kinds)})")
+    return principal
+
+
+def bearer_of(metadata: Any) -> str | None:
+    for key, value in metadata or ():
+        if key == AUTH_HEADER and isinstance(value, str) and value.startswith("Bearer "):
+            return value[len("Bearer ") :].strip()
+    return None
+
+
+class TokenAuthInterceptor(grpc.ServerInterceptor):
+    """Resolve the bearer token; unauthenticated calls to non-public methods
+    are refused with UNAUTHENTICATED before any handler runs."""
+
+    def __init__(self, resolve: Callable[[str], Principal | None]) -> None:
+        self._resolve = resolve
+
+    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        method: str = handler_call_details.method
+        if method.startswith(PUBLIC_PREFIXES):
+            return continuation(handler_call_details)
+        token = bearer_of(handler_call_details.invocation_metadata)
+        principal = self._resolve(token) if token else None
+        if principal is None:
+            why = "missing credential" if not token else "unknown credential"
+            return _refuse(continuation(handler_call_details), why)
+        _current.set(principal)
+        return continuation(handler_call_details)
+
+
+def _refuse(handler: Any, why: str) -> Any:
+    def abort(request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{why}: send 'authorization: Bearer <token>'")
+
+    if handler is None:
+        return None
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(
+            abort, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(
+            abort, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(
+            abort, handler.request_deserializer, handler.response_serializer
+        )
+    return grpc.unary_unary_rpc_method_handler(
+        abort, handler.request_deserializer, handler.response_serializer
+    )
+
+
+class BearerClientInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds the bearer token to every call of a channel."""
+
+    def __init__(self, token: str) -> None:
+        self._md = (AUTH_HEADER, f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        md = list(details.metadata or [])
+        md.append(self._md)
+        return _Details(details.method, details.timeout, md, details.credentials,
+                        getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(details), request_iterator)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, method: str, timeout: Any, metadata: Any, credentials: Any,
+                 wait_for_ready: Any, compression: Any) -> None:
+        self.method = method
+        self.timeout = timeout
+        self.metadata = metadata
+        self.credentials = credentials
+        self.wait_for_ready = wait_for_ready
+        self.compression = compression
