@@ -53,8 +53,10 @@ class OutOfFrames(PviommuError):
 class HvError(PviommuError):
     """A hypercall refused with a specific HV status (always given)."""
 
-    def __init__(self, hv_status: HvStatus, message: str) -> None:
+    def __init__(self, hv_status: HvStatus, message: str, *, reps_completed: int = 0) -> None:
         super().__init__(message, hv_status=hv_status)
+        #: For rep hypercalls: elements done before the refused one.
+        self.reps_completed = reps_completed
 
 
 class AuthError(PviommuError):

@@ -17,6 +17,16 @@ from typing import Any
 import structlog
 
 _configured = False
+#: Process identity (service, partition, device, ...), added to every line of
+#: every thread -- gRPC handler threads do not inherit the main thread's
+#: contextvars, so this cannot live there.
+_identity: dict[str, Any] = {}
+
+
+def _add_identity(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    for key, value in _identity.items():
+        event.setdefault(key, value)
+    return event
 
 
 def configure(level: str | None = None, *, json: bool | None = None) -> None:
@@ -28,6 +38,7 @@ def configure(level: str | None = None, *, json: bool | None = None) -> None:
         json = forced == "json" if forced else not sys.stderr.isatty()
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        _add_identity,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
@@ -49,7 +60,7 @@ def configure(level: str | None = None, *, json: bool | None = None) -> None:
 
 def bind_identity(**identity: Any) -> None:
     """Bind the process identity (service, partition, device, ...) to every line."""
-    structlog.contextvars.bind_contextvars(**{k: v for k, v in identity.items() if v is not None})
+    _identity.update({k: v for k, v in identity.items() if v is not None})
 
 
 def get_logger(name: str | None = None, **initial: Any) -> Any:

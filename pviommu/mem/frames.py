@@ -147,9 +147,9 @@ class FrameAllocator(Generic[A]):
     def free_frames(self) -> int:
         return (self.size >> PAGE_SHIFT) - self._allocated_frames
 
-    def owns(self, addr: int) -> bool:
+    def owns(self, addr: A) -> bool:
         """True when ``addr`` is the start of a block currently allocated here."""
-        return self._from_addr(addr) in self._allocated  # type: ignore[arg-type]
+        return self._from_addr(addr) in self._allocated
 
 
 def _bank_zeroer(bank: Bank) -> Callable[[int, int], None]:
@@ -175,6 +175,4 @@ def host_frames(bank: Bank, start: int, size: int) -> FrameAllocator[Hpa]:
     """Frames of one host bank (the hypervisor's bank 0), named by HPA."""
     if start + size > bank.size:
         raise ValueError(f"frame range {start:#x}+{size:#x} exceeds bank {bank.index}")
-    return FrameAllocator(
-        start, size, to_addr=bank.hpa_of, from_addr=bank.offset_of, zero=_bank_zeroer(bank)
-    )
+    return FrameAllocator(start, size, to_addr=bank.hpa_of, from_addr=bank.offset_of, zero=_bank_zeroer(bank))

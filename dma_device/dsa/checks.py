@@ -1,0 +1,215 @@
+"""Descriptor validation: everything the DSA checks before touching data.
+
+Order (one status per descriptor, the first rule broken wins):
+completion record alignment (0x1b, checked by the device since it decides
+whether a record can be written at all), opcode (0x10), flags (0x11, with the
+offending bits in ``invalid_flags``), reserved fields (0x12), privilege (0x1d),
+interrupt handle (0x19), transfer size (0x13), then op-specific rules:
+batch list alignment (0x18) and count (0x14), delta record sizes (0x15),
+address alignment (0x1c), dualcast page offsets (0x17), overlaps (0x16).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dma_device.dsa import delta, dif
+from pviommu.abi.dsa import (
+    CRC_FLAG_BYPASS_CRC_INV_REF,
+    CRC_FLAG_BYPASS_DATA_REF,
+    CRC_FLAG_READ_SEED,
+    DELTA_ENTRY_SIZE,
+    DESC_LIST_ALIGN,
+    DIF_TUPLE_SIZE,
+    DRAIN_FLAG_READBACK_ADDR1,
+    DRAIN_FLAG_READBACK_ADDR2,
+    DRAIN_FLAG_SUPPRESS_TCA_READBACK,
+    DRAIN_FLAG_SUPPRESS_TCB_READBACK,
+    DUALCAST_FLAG_DEST2_STEERING,
+    CompletionRecord,
+    DescFlags,
+    Descriptor,
+    DsaStatus,
+    GenCap,
+    Opcode,
+    comp_op_u32,
+)
+
+F = DescFlags
+#: Flags every opcode accepts (completion record / interrupt control).
+_COMMON = F.CRAV | F.RCR | F.RCI | F.CR_TCS | F.CRSTS
+_WRITES = F.CC | F.STORD | F.DRDBK | F.DSTS
+_CRC = CRC_FLAG_READ_SEED | CRC_FLAG_BYPASS_CRC_INV_REF | CRC_FLAG_BYPASS_DATA_REF
+
+#: Per-opcode flags (DML flags.hpp; reference section 1). BOF and FENCE are
+#: reserved on BATCH and DRAIN (accel-config never sets them there).
+ALLOWED_FLAGS: dict[int, int] = {
+    Opcode.NOOP: F.FENCE,
+    Opcode.BATCH: F.ADDR1_TCS,
+    Opcode.DRAIN: F.ADDR1_TCS | F.ADDR2_TCS | DRAIN_FLAG_READBACK_ADDR1 | DRAIN_FLAG_READBACK_ADDR2
+    | DRAIN_FLAG_SUPPRESS_TCA_READBACK | DRAIN_FLAG_SUPPRESS_TCB_READBACK,
+    Opcode.MEMMOVE: F.FENCE | F.BOF | F.ADDR1_TCS | F.ADDR2_TCS | _WRITES,
+    Opcode.MEMFILL: F.FENCE | F.BOF | F.ADDR2_TCS | _WRITES,
+    Opcode.COMPARE: F.FENCE | F.BOF | F.CR | F.ADDR1_TCS | F.ADDR2_TCS,
+    Opcode.COMPVAL: F.FENCE | F.BOF | F.CR | F.ADDR1_TCS,
+    Opcode.CR_DELTA: F.FENCE | F.BOF | F.CR | F.ADDR1_TCS | F.ADDR2_TCS | F.ADDR3_TCS | _WRITES,
+    Opcode.AP_DELTA: F.FENCE | F.BOF | F.ADDR1_TCS | F.ADDR2_TCS | _WRITES,
+    Opcode.DUALCAST: F.FENCE | F.BOF | F.ADDR1_TCS | F.ADDR2_TCS | F.ADDR3_TCS | _WRITES
+    | DUALCAST_FLAG_DEST2_STEERING,
+    Opcode.CRCGEN: F.FENCE | F.BOF | F.ADDR1_TCS | F.ADDR2_TCS | _CRC,
+    Opcode.COPY_CRC: F.FENCE | F.BOF | F.ADDR1_TCS | F.ADDR2_TCS | F.ADDR3_TCS | _WRITES | _CRC,
+    Opcode.DIF_CHECK: F.FENCE | F.BOF | F.ADDR1_TCS,
+    Opcode.DIF_INS: F.FENCE | F.BOF | F.ADDR1_TCS | F.ADDR2_TCS | _WRITES,
+    Opcode.DIF_STRP: F.FENCE | F.BOF | F.ADDR1_TCS | F.ADDR2_TCS | _WRITES,
+    Opcode.DIF_UPDT: F.FENCE | F.BOF | F.ADDR1_TCS | F.ADDR2_TCS | _WRITES,
+    Opcode.CFLUSH: F.FENCE | F.BOF | F.CC | F.ADDR1_TCS | F.ADDR2_TCS,
+}
+
+#: Bytes 40-63 (index = offset - 40) that each opcode uses; the rest are reserved.
+_OP_BYTES: dict[int, frozenset[int]] = {
+    Opcode.COMPARE: frozenset({0}),
+    Opcode.COMPVAL: frozenset({0}),
+    Opcode.CR_DELTA: frozenset(range(0, 12)) | {16},
+    Opcode.AP_DELTA: frozenset(range(0, 4)),
+    Opcode.DUALCAST: frozenset(range(0, 8)),
+    Opcode.CRCGEN: frozenset(range(0, 4)) | frozenset(range(8, 16)),
+    Opcode.COPY_CRC: frozenset(range(0, 4)) | frozenset(range(8, 16)),
+    Opcode.DIF_CHECK: frozenset({0, 2}) | frozenset(range(8, 16)),
+    Opcode.DIF_STRP: frozenset({0, 2}) | frozenset(range(8, 16)),
+    Opcode.DIF_INS: frozenset({1, 2}) | frozenset(range(16, 24)),
+    Opcode.DIF_UPDT: frozenset({0, 1, 2}) | frozenset(range(8, 24)),
+}
+
+#: Opcodes whose src (@16) / dst (@24) / xfer_size (@32) fields are reserved.
+_NO_SRC = {Opcode.NOOP, Opcode.CFLUSH}
+_NO_DST = {Opcode.NOOP, Opcode.BATCH, Opcode.CRCGEN, Opcode.DIF_CHECK}
+_NO_XFER = {Opcode.NOOP, Opcode.DRAIN}
+#: Opcodes whose xfer_size is a byte count bounded by max_xfer (0x13).
+_SIZED = {Opcode.MEMMOVE, Opcode.MEMFILL, Opcode.COMPARE, Opcode.COMPVAL, Opcode.CR_DELTA,
+          Opcode.AP_DELTA, Opcode.DUALCAST, Opcode.CRCGEN, Opcode.COPY_CRC, Opcode.DIF_CHECK,
+          Opcode.DIF_INS, Opcode.DIF_STRP, Opcode.DIF_UPDT, Opcode.CFLUSH}
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What the device and the work queue allow one descriptor."""
+
+    gencap: GenCap
+    max_xfer: int  # min(WQCFG.max_xfer, GENCAP.max_xfer)
+    max_batch: int  # min(WQCFG.max_batch, GENCAP.max_batch)
+    wq_bof: bool  # WQCFG.bof
+    shared: bool
+    wq_priv: bool  # WQCFG.priv: privileged descriptors allowed
+    num_int_handles: int
+    opcap: int
+
+
+def fail(status: DsaStatus, **kw: int | bytes) -> CompletionRecord:
+    return CompletionRecord(status=int(status), **kw)  # type: ignore[arg-type]
+
+
+def overlaps(a: int, alen: int, b: int, blen: int) -> bool:
+    return a < b + blen and b < a + alen
+
+
+def validate(d: Descriptor, lim: Limits) -> CompletionRecord | None:
+    """The error record for ``d``, or None when it may execute."""
+    op = d.opcode
+    allowed = int(ALLOWED_FLAGS[op]) | _COMMON
+    if not (lim.wq_bof and lim.gencap.block_on_fault):
+        allowed &= ~F.BOF  # WQCFG.bof=0: the BOF flag is reserved
+    if not lim.gencap.cache_control_mem and op != Opcode.CFLUSH:
+        allowed &= ~F.CC
+    if not lim.gencap.cache_control_cache and op == Opcode.CFLUSH:
+        allowed &= ~F.CC
+    if not lim.gencap.dest_readback:
+        allowed &= ~F.DRDBK
+    if not lim.gencap.drain_readback:
+        allowed &= ~(DRAIN_FLAG_READBACK_ADDR1 | DRAIN_FLAG_READBACK_ADDR2)
+    bad = d.flags & ~allowed
+    if bad:
+        return fail(DsaStatus.INVALID_FLAGS, op_specific=comp_op_u32(bad))
+
+    if d.rsvd or d.rsvd1 or _reserved_nonzero(d):
+        return fail(DsaStatus.NOZERO_RESERVE)
+    if lim.shared and d.priv and not lim.wq_priv:
+        return fail(DsaStatus.PRIV_BAD)
+    if d.flags & F.RCI and d.int_handle >= lim.num_int_handles:
+        return fail(DsaStatus.INT_HANDLE_INVAL)
+    if op in _SIZED and not 0 < d.xfer_size <= lim.max_xfer:
+        return fail(DsaStatus.XFER_ERANGE)
+    return _op_rules(d, lim)
+
+
+def _reserved_nonzero(d: Descriptor) -> bool:
+    op = d.opcode
+    if op in _NO_SRC and d.src_addr:
+        return True
+    if op == Opcode.DRAIN and d.src_addr and not d.flags & DRAIN_FLAG_READBACK_ADDR1:
+        return True
+    if op == Opcode.DRAIN and d.dst_addr and not d.flags & DRAIN_FLAG_READBACK_ADDR2:
+        return True
+    if op in _NO_DST and d.dst_addr:
+        return True
+    if op in _NO_XFER and d.xfer_size:
+        return True
+    used = _OP_BYTES.get(op, frozenset())
+    if any(b for i, b in enumerate(d.op_specific) if i not in used):
+        return True
+    if op in (Opcode.DIF_CHECK, Opcode.DIF_STRP, Opcode.DIF_INS, Opcode.DIF_UPDT):
+        return bool(d.dif_flags & dif.DIF_FLAGS_RESERVED)
+    return False
+
+
+def _op_rules(d: Descriptor, lim: Limits) -> CompletionRecord | None:
+    op, n = d.opcode, d.xfer_size
+    if op in (Opcode.CRCGEN, Opcode.COPY_CRC) and d.flags & CRC_FLAG_READ_SEED and d.seed_addr % 4:
+        return fail(DsaStatus.ADDR_ALIGN)
+    if op == Opcode.BATCH:
+        if d.desc_list_addr % DESC_LIST_ALIGN:
+            return fail(DsaStatus.DESCLIST_ALIGN)
+        if not 2 <= d.desc_count <= lim.max_batch:  # accel-config: 2..max_batch
+            return fail(DsaStatus.DESC_CNT_ERANGE)
+    elif op == Opcode.MEMMOVE:
+        if not lim.gencap.overlap_copy and overlaps(d.src_addr, n, d.dst_addr, n):
+            return fail(DsaStatus.OVERLAP_BUFFERS)
+    elif op == Opcode.COPY_CRC:
+        if overlaps(d.src_addr, n, d.dst_addr, n):
+            return fail(DsaStatus.OVERLAP_BUFFERS)
+    elif op == Opcode.DUALCAST:
+        if (d.dst_addr ^ d.dest2) & 0xFFF:  # bits 11:0 of both destinations must match
+            return fail(DsaStatus.DCAST_ERR)
+        if (overlaps(d.src_addr, n, d.dst_addr, n) or overlaps(d.src_addr, n, d.dest2, n)
+                or overlaps(d.dst_addr, n, d.dest2, n)):
+            return fail(DsaStatus.OVERLAP_BUFFERS)
+    elif op == Opcode.CR_DELTA:
+        if n % 8 or n > delta.MAX_DELTA_XFER:
+            return fail(DsaStatus.XFER_ERANGE)
+        if d.max_delta_size % DELTA_ENTRY_SIZE or d.max_delta_size < delta.MIN_MAX_DELTA_SIZE:
+            return fail(DsaStatus.DR_ERANGE)
+        if (d.src_addr | d.src2_addr | d.delta_addr) % 8:
+            return fail(DsaStatus.ADDR_ALIGN)
+        if (overlaps(d.delta_addr, d.max_delta_size, d.src_addr, n)
+                or overlaps(d.delta_addr, d.max_delta_size, d.src2_addr, n)):
+            return fail(DsaStatus.OVERLAP_BUFFERS)
+    elif op == Opcode.AP_DELTA:
+        if n % 8 or n > delta.MAX_DELTA_XFER:
+            return fail(DsaStatus.XFER_ERANGE)
+        size = d.delta_rec_size
+        if size == 0 or size % DELTA_ENTRY_SIZE or size > n // 8 * DELTA_ENTRY_SIZE:
+            return fail(DsaStatus.DR_ERANGE)
+        if (d.src_addr | d.dst_addr) % 8:
+            return fail(DsaStatus.ADDR_ALIGN)
+        if overlaps(d.src_addr, size, d.dst_addr, n):
+            return fail(DsaStatus.OVERLAP_BUFFERS)
+    elif op in (Opcode.DIF_CHECK, Opcode.DIF_STRP, Opcode.DIF_UPDT, Opcode.DIF_INS):
+        bs = dif.block_size(d.dif_flags)
+        unit = bs if op == Opcode.DIF_INS else bs + DIF_TUPLE_SIZE
+        if n % unit:
+            return fail(DsaStatus.XFER_ERANGE)
+        if op != Opcode.DIF_CHECK:
+            blocks = n // unit
+            dlen = blocks * (bs + DIF_TUPLE_SIZE if op != Opcode.DIF_STRP else bs)
+            if overlaps(d.src_addr, n, d.dst_addr, dlen):
+                return fail(DsaStatus.OVERLAP_BUFFERS)
+    return None

@@ -1,0 +1,277 @@
+"""The guest IOMMU hypercalls, one handler each.
+
+Every handler takes the calling partition (from its credential, never from
+the input) and the decoded input structure of ``pviommu.abi.hv``, checks
+everything before changing anything, and either returns the output (and the
+reps completed) or raises ``HvError`` with the status the guest sees. Both
+the typed gRPC methods and the raw ``HvCall`` method end up here.
+
+Statuses chosen where the reference is silent (see docs/security.md):
+  * ``partition_id`` other than SELF or the caller's own id -> ACCESS_DENIED;
+  * owner VTL other than 0 -> INVALID_PARAMETER (no VTLs here);
+  * unknown domain id -> INVALID_PARAMETER; id 0 or 0xFFFFFFFF -> INVALID_PARAMETER;
+    creating an existing id -> INVALID_PARAMETER;
+  * a device that does not exist -> INVALID_DEVICE_ID; another partition's
+    device -> ACCESS_DENIED; attaching a device already in a domain ->
+    DEVICE_ALREADY_IN_DOMAIN; detaching a device in no domain or deleting a
+    domain with devices -> INVALID_DEVICE_STATE;
+  * a stage-1 root that is not a page of the caller's RAM -> INVALID_PARAMETER;
+    5-level paging without the capability -> INVALID_PARAMETER;
+  * more domains than the limit -> INSUFFICIENT_DEVICE_DOMAINS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hypervisor_svc.core.host import Host
+from hypervisor_svc.core.model import Device, Domain, Partition
+from pviommu.abi import hv
+from pviommu.abi.hv_status import HvStatus
+from pviommu.addr import PAGE_SHIFT, PAGE_SIZE, Gpa, Iova
+from pviommu.errors import HvError
+from pviommu.log import get_logger
+
+log = get_logger("hypercall")
+
+S1 = hv.DeviceDomainType.S1
+S2 = hv.DeviceDomainType.S2
+
+
+@dataclass
+class HvAnswer:
+    output: hv.HvOutput | None = None
+    reps_completed: int = 0
+
+
+def _deny(message: str) -> HvError:
+    return HvError(HvStatus.ACCESS_DENIED, message)
+
+
+def _invalid(message: str) -> HvError:
+    return HvError(HvStatus.INVALID_PARAMETER, message)
+
+
+class Hypercalls:
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self, caller: Partition, request: hv.HvRequest) -> HvAnswer:
+        """Run one decoded hypercall for ``caller``."""
+        handler = getattr(self, "do_" + request.CODE.name.lower())
+        with self.host.lock:
+            answer: HvAnswer = handler(caller, request)
+        self.host.count(f"hypercall_{request.CODE.name.lower()}")
+        return answer
+
+    # ------------------------------------------------------------------ checks
+    @staticmethod
+    def _own(caller: Partition, partition_id: int) -> None:
+        if partition_id not in (hv.HV_PARTITION_ID_SELF, caller.partition_id):
+            raise _deny(f"partition {partition_id:#x} is not the caller's (use HV_PARTITION_ID_SELF)")
+
+    def _domain_ref(self, caller: Partition, dd: hv.DeviceDomain) -> tuple[int, int]:
+        self._own(caller, dd.partition_id)
+        if dd.owner_vtl.target_vtl or dd.owner_vtl.use_target_vtl:
+            raise _invalid("owner_vtl must be 0: this partition has no other VTL")
+        dom_type, dom_id = dd.domain_id.type, dd.domain_id.id
+        if dom_type not in (S1, S2):
+            raise _invalid(f"domain type {dom_type} is not offered to a guest (S1 = 1, S2 baseline = 0)")
+        if dom_id in (hv.HV_DEVICE_DOMAIN_ID_DEFAULT, hv.HV_DEVICE_DOMAIN_ID_NULL):
+            raise _invalid(f"domain id {dom_id:#x} is reserved")
+        return dom_type, dom_id
+
+    def _domain(self, caller: Partition, dd: hv.DeviceDomain) -> Domain:
+        dom_type, dom_id = self._domain_ref(caller, dd)
+        dom = caller.domains.get(dom_id)
+        if dom is None:
+            raise _invalid(f"no device domain {dom_id} in partition {caller.partition_id}")
+        if dom.domain_type != dom_type:
+            raise _invalid(f"domain {dom_id} is of type {dom.domain_type}, not {dom_type}")
+        return dom
+
+    def _device(self, caller: Partition, device_id: hv.HvDeviceId) -> Device:
+        if device_id.type != hv.HvDeviceType.LOGICAL:
+            raise HvError(HvStatus.INVALID_DEVICE_ID, f"device id type {device_id.type} is not a logical id")
+        dev = self.host.devices.get(device_id.id)
+        if dev is None:
+            raise HvError(HvStatus.INVALID_DEVICE_ID, f"no device {device_id.id:#x}")
+        if dev.partition_id != caller.partition_id:
+            raise _deny(f"device {device_id.id:#x} is not assigned to partition {caller.partition_id}")
+        return dev
+
+    # ------------------------------------------------------------------ capabilities
+    def do_get_iommu_capabilities(self, caller: Partition, req: hv.GetIommuCapabilitiesInput) -> HvAnswer:
+        self._own(caller, req.partition_id)
+        cfg = self.host.config
+        cap = hv.IommuCap.PRESENT | hv.IommuCap.S1
+        if cfg.five_level:
+            cap |= hv.IommuCap.S1_5LVL
+        if cfg.pasid:
+            cap |= hv.IommuCap.PASID
+        if cfg.ats:
+            cap |= hv.IommuCap.ATS
+        if cfg.pri:
+            cap |= hv.IommuCap.PRI
+        out = hv.GetIommuCapabilitiesOutput(
+            max_iova_width=cfg.iova_width if cfg.five_level else cfg.max_iova_width,
+            max_pasid_width=cfg.max_pasid_width,
+            iommu_cap=int(cap),
+            pgsize_bitmap=(1 << 12) | (1 << 21) | (1 << 30),
+        )
+        return HvAnswer(out)
+
+    def do_get_logical_device_property(self, caller: Partition, req: hv.GetLogicalDevicePropertyInput) -> HvAnswer:
+        self._own(caller, req.partition_id)
+        if req.code != hv.HV_LOGICAL_DEVICE_PROPERTY_PVIOMMU:
+            raise HvError(HvStatus.UNKNOWN_PROPERTY, f"logical device property {req.code} is not known")
+        self._device(caller, hv.HvDeviceId(req.logical_device_id))
+        return HvAnswer(hv.GetLogicalDevicePropertyOutput(hv.HV_DEVICE_IOMMU_ENABLED))
+
+    # ------------------------------------------------------------------ domains
+    def do_create_device_domain(self, caller: Partition, req: hv.CreateDeviceDomainInput) -> HvAnswer:
+        dom_type, dom_id = self._domain_ref(caller, req.device_domain)
+        if dom_id in caller.domains:
+            raise _invalid(f"device domain {dom_id} already exists")
+        if len(caller.domains) >= self.host.config.max_domains_per_partition:
+            raise HvError(HvStatus.INSUFFICIENT_DEVICE_DOMAINS,
+                          f"partition {caller.partition_id} holds {len(caller.domains)} domains, the limit")
+        tag = self.host.alloc_tag()
+        dom = Domain(caller.partition_id, dom_id, dom_type, tag,
+                     flags=int(req.forward_progress_required) | int(req.inherit_owning_vtl) << 1)
+        if dom_type == S2:
+            try:
+                dom.table = self.host.tables.new_baseline_table()
+            except Exception:
+                self.host._free_tags.append(tag)
+                raise
+            dom.configured = True
+            dom.translation_enabled = True
+        caller.domains[dom_id] = dom
+        log.info("domain.created", partition=caller.partition_id, domain=dom_id, type=dom_type, tag=tag)
+        return HvAnswer()
+
+    def do_delete_device_domain(self, caller: Partition, req: hv.DeleteDeviceDomainInput) -> HvAnswer:
+        dom = self._domain(caller, req.device_domain)
+        if dom.devices:
+            raise HvError(HvStatus.INVALID_DEVICE_STATE,
+                          f"domain {dom.domain_id} still has {len(dom.devices)} device(s) attached; detach first")
+        self.host._drop_domain(caller, dom)
+        log.info("domain.deleted", partition=caller.partition_id, domain=dom.domain_id)
+        return HvAnswer()
+
+    def do_attach_device_domain(self, caller: Partition, req: hv.AttachDeviceDomainInput) -> HvAnswer:
+        dom = self._domain(caller, req.device_domain)
+        dev = self._device(caller, req.device_id)
+        if dev.domain_id:
+            raise HvError(HvStatus.DEVICE_ALREADY_IN_DOMAIN,
+                          f"device {dev.logical_device_id:#x} is in domain {dev.domain_id}; detach it first")
+        self.host._set_device_domain(dev, dom)
+        log.info("domain.attached", partition=caller.partition_id, domain=dom.domain_id, device=dev.logical_device_id)
+        return HvAnswer()
+
+    def do_detach_device_domain(self, caller: Partition, req: hv.DetachDeviceDomainInput) -> HvAnswer:
+        self._own(caller, req.partition_id)
+        dev = self._device(caller, req.device_id)
+        if not dev.domain_id:
+            raise HvError(HvStatus.INVALID_DEVICE_STATE, f"device {dev.logical_device_id:#x} is in no domain")
+        self.host._set_device_domain(dev, None)
+        log.info("domain.detached", partition=caller.partition_id, device=dev.logical_device_id)
+        return HvAnswer()
+
+    def do_configure_device_domain(self, caller: Partition, req: hv.ConfigureDeviceDomainInput) -> HvAnswer:
+        dom = self._domain(caller, req.device_domain)
+        s = req.settings
+        if dom.domain_type != S1:
+            raise _invalid("only S1 domains are configured; a baseline S2 domain is mapped by MapDeviceGpaPages")
+        five = bool(s.first_stage_paging_mode)
+        if s.translation_enabled and not s.blocked:
+            if five and not self.host.config.five_level:
+                raise _invalid("5-level first-stage paging is not offered (IOMMU_CAP_S1_5LVL clear)")
+            root = int(s.page_table_root)
+            if root % PAGE_SIZE:
+                raise _invalid(f"stage-1 root {root:#x} is not page aligned")
+            if not caller.gpa_backed(root, PAGE_SIZE):
+                raise _invalid(f"stage-1 root {root:#x} is not in partition {caller.partition_id}'s RAM")
+        dom.configured = True
+        dom.translation_enabled = s.translation_enabled
+        dom.blocked = s.blocked
+        dom.five_level = five
+        dom.root = Gpa(int(s.page_table_root)) if s.translation_enabled else Gpa(0)
+        self.host.refresh_domain_contexts(caller, dom)
+        log.info("domain.configured", partition=caller.partition_id, domain=dom.domain_id,
+                 translation=s.translation_enabled, blocked=s.blocked, five_level=five, root=hex(dom.root))
+        return HvAnswer()
+
+    # ------------------------------------------------------------------ flushes
+    def do_flush_device_domain(self, caller: Partition, req: hv.FlushDeviceDomainInput) -> HvAnswer:
+        dom = self._domain(caller, req.device_domain)
+        self.host.flush_tag(dom.tag)
+        return HvAnswer()
+
+    def do_flush_device_domain_list(self, caller: Partition, req: hv.FlushDeviceDomainListRequest) -> HvAnswer:
+        dom = self._domain(caller, req.header.device_domain)
+        done = req.rep_start
+        for va in req.flush_vas[req.rep_start:]:
+            if va.page_mask_shift > 52:
+                raise HvError(HvStatus.INVALID_PARAMETER, f"element {done}: page mask shift {va.page_mask_shift} > 52")
+            if va.page_number & ((1 << va.page_mask_shift) - 1):
+                raise HvError(HvStatus.INVALID_PARAMETER,
+                              f"element {done}: page {va.page_number:#x} is not aligned to 2^{va.page_mask_shift}")
+            done += 1
+        for va in req.flush_vas[req.rep_start:]:
+            self.host.flush_pages(dom.tag, va.page_number << PAGE_SHIFT, va.page_mask_shift)
+        return HvAnswer(reps_completed=done)
+
+    # ------------------------------------------------------------------ baseline map/unmap
+    def do_map_device_gpa_pages(self, caller: Partition, req: hv.MapDeviceGpaPagesRequest) -> HvAnswer:
+        h = req.header
+        dom = self._domain(caller, h.device_domain)
+        if dom.table is None:
+            raise _invalid(f"domain {dom.domain_id} is not a stage-2 (map-by-hypercall) domain")
+        if h.target_vtl.target_vtl or h.target_vtl.use_target_vtl:
+            raise _invalid("target_vtl must be 0")
+        if not h.map_flags:
+            raise _invalid("map_flags must grant READABLE and/or WRITABLE")
+        base = int(h.target_device_va_base)
+        if base % PAGE_SIZE:
+            raise _invalid(f"target_device_va_base {base:#x} is not page aligned")
+        writable = bool(h.map_flags & hv.MapFlags.WRITABLE)
+        done = req.rep_start
+        try:
+            for i in range(req.rep_start, req.rep_count):
+                gpa = req.gpa_page_list[i] << PAGE_SHIFT
+                if not caller.gpa_backed(gpa, PAGE_SIZE):
+                    raise _invalid(f"rep {i}: GPA page {req.gpa_page_list[i]:#x} is not RAM of the partition")
+                if writable and any(r <= gpa < r + n for r, n in caller.read_only):
+                    raise _deny(f"rep {i}: GPA {gpa:#x} is read-only for this partition")
+                self.host.tables.map_baseline(dom.table, caller.stage2, Iova(base + i * PAGE_SIZE), Gpa(gpa),
+                                              readable=bool(h.map_flags & hv.MapFlags.READABLE), writable=writable)
+                dom.mapped_pages += 1
+                done += 1
+        except HvError as exc:
+            exc.reps_completed = done
+            raise
+        return HvAnswer(reps_completed=done)
+
+    def do_unmap_device_gpa_pages(self, caller: Partition, req: hv.UnmapDeviceGpaPagesRequest) -> HvAnswer:
+        dom = self._domain(caller, req.input.device_domain)
+        if dom.table is None:
+            raise _invalid(f"domain {dom.domain_id} is not a stage-2 (map-by-hypercall) domain")
+        base = int(req.input.target_device_va_base)
+        if base % PAGE_SIZE:
+            raise _invalid(f"target_device_va_base {base:#x} is not page aligned")
+        start = base + req.rep_start * PAGE_SIZE
+        count = req.rep_count - req.rep_start
+        unmapped, freed = self.host.tables.unmap_baseline(dom.table, Iova(start), count * PAGE_SIZE)
+        dom.mapped_pages -= unmapped // PAGE_SIZE
+        # The hypervisor owns this table, so it flushes before freeing its pages.
+        mask = max(0, (count - 1).bit_length())
+        aligned = start & ~((PAGE_SIZE << mask) - 1)
+        if aligned + (PAGE_SIZE << mask) < start + count * PAGE_SIZE:
+            self.host.flush_tag(dom.tag)
+        else:
+            self.host.flush_pages(dom.tag, aligned, mask)
+        self.host.tables.free_gathered(freed)
+        return HvAnswer(reps_completed=req.rep_count)

@@ -1,0 +1,113 @@
+"""Bank 0: the hypervisor's stage-2 tables and device context entries.
+
+Each partition gets a VT-d second-stage table (GPA -> HPA) mapping its RAM
+bank with the largest leaves that fit, leaving MMIO holes unbacked and
+read-only ranges without W. The emulated baseline design gets, per S2
+domain, a private IOVA -> HPA table filled one page per map hypercall.
+All of it is built with the shared ``pviommu.pt`` code in bank 0, where the
+devices' IOMMU units walk it straight from shared memory.
+"""
+
+from __future__ import annotations
+
+from pviommu.abi.hv_status import HvStatus
+from pviommu.addr import PAGE_SIZE, SZ_2M, Gpa, Hpa, Iova
+from pviommu.errors import HvError
+from pviommu.iommu.context import CONTEXT_ENTRY_SIZE, ContextEntry, context_hpa, write_context
+from pviommu.mem.bank import Bank, HostMemory
+from pviommu.mem.frames import host_frames
+from pviommu.pt.common import Perm
+from pviommu.pt.fmt.vtd_ss import VtdSsFormat
+from pviommu.pt.gather import IotlbGather
+from pviommu.pt.walk import PageTable, direct_table, stage2_table
+
+#: Stage-2 levels: 4 (48-bit GPA), VT-d AW = 2.
+S2_LEVELS = 4
+
+Stage2 = PageTable[Gpa, Hpa, Hpa]
+Baseline = PageTable[Iova, Hpa, Hpa]
+
+
+def _segments(size: int, cuts: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``[0, size)`` minus ``cuts``, as sorted (start, length) pieces."""
+    pieces, pos = [], 0
+    for start, length in sorted(cuts):
+        if start > pos:
+            pieces.append((pos, start - pos))
+        pos = max(pos, start + length)
+    if pos < size:
+        pieces.append((pos, size - pos))
+    return pieces
+
+
+class HostTables:
+    def __init__(self, memory: HostMemory, bank0: Bank, context_bytes: int) -> None:
+        self.memory = memory
+        first = max(SZ_2M, (context_bytes + SZ_2M - 1) & ~(SZ_2M - 1))
+        self.frames = host_frames(bank0, first, bank0.size - first)
+        self.fmt = VtdSsFormat(levels=S2_LEVELS)
+
+    def build_partition_stage2(self, bank: Bank, memory_bytes: int, holes: list[tuple[int, int]],
+                               read_only: list[tuple[int, int]]) -> Stage2:
+        table = stage2_table(self.fmt, self.memory, self.frames)
+        try:
+            for start, length in _segments(memory_bytes, holes):
+                # read-only sub-ranges without W, the rest R/W
+                ro = [(max(s, start), min(s + n, start + length) - max(s, start)) for s, n in read_only
+                      if s < start + length and start < s + n]
+                for piece_start, piece_len in _segments(start + length, [(0, start), *ro]):
+                    table.map(Gpa(piece_start), bank.hpa_of(piece_start), piece_len, Perm.READ | Perm.WRITE)
+                for s, n in ro:
+                    table.map(Gpa(s), bank.hpa_of(s), n, Perm.READ)
+        except Exception:
+            table.destroy()
+            raise
+        return table
+
+    def new_baseline_table(self) -> Baseline:
+        return direct_table(self.fmt, self.memory, self.frames)
+
+    def map_baseline(self, table: Baseline, stage2: Stage2, iova: Iova, gpa: Gpa,
+                     readable: bool, writable: bool) -> None:
+        tr = stage2.lookup(gpa)
+        if tr is None:
+            raise HvError(HvStatus.INVALID_PARAMETER, f"GPA {gpa:#x} is not backed")
+        perm = (Perm.READ if readable else Perm.NONE) | (Perm.WRITE if writable else Perm.NONE)
+        try:
+            table.map(iova, Hpa(tr.oa), PAGE_SIZE, perm)
+        except Exception as exc:
+            raise HvError(getattr(exc, "hv_status", HvStatus.INVALID_PARAMETER), str(exc)) from exc
+
+    def unmap_baseline(self, table: Baseline, iova: Iova, length: int) -> tuple[int, IotlbGather[Hpa]]:
+        gather: IotlbGather[Hpa] = IotlbGather()
+        try:
+            done = table.unmap(iova, length, gather)
+        except Exception as exc:
+            raise HvError(getattr(exc, "hv_status", HvStatus.INVALID_PARAMETER), str(exc)) from exc
+        return done, gather
+
+    def free_gathered(self, gather: IotlbGather[Hpa]) -> None:
+        for frame in gather.freelist:
+            self.frames.free_table(frame)
+        gather.reset()
+
+    @staticmethod
+    def root_of(table: Stage2 | Baseline) -> Hpa:
+        return table.root
+
+    @staticmethod
+    def table_pages(table: Stage2 | Baseline) -> int:
+        return table.table_pages
+
+    @staticmethod
+    def free_table(table: Stage2 | Baseline) -> None:
+        table.destroy()
+
+    def write_context(self, slot: int, entry: ContextEntry) -> None:
+        write_context(self.memory, slot, entry)
+
+    def read_context_raw(self, slot: int) -> bytes:
+        return self.memory.read(context_hpa(slot), CONTEXT_ENTRY_SIZE)
+
+    def allocated_frames(self) -> int:
+        return self.frames.allocated_frames

@@ -1,0 +1,98 @@
+"""``pviommu serve hypervisor``: run the hypervisor service."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from hypervisor_svc.core.config import HypervisorConfig
+from hypervisor_svc.core.host import Host
+from hypervisor_svc.core.model import Partition
+from hypervisor_svc.rpc.admin_servicer import AdminServicer, DeviceHostServicer
+from hypervisor_svc.rpc.device_client import GrpcInvalidator
+from hypervisor_svc.rpc.hypercall_servicer import HypervisorServicer
+from pviommu.abi.hv_status import HvStatus
+from pviommu.errors import HvError
+from pviommu.log import bind_identity, configure, get_logger
+from pviommu.rpc.server import RunningServer, Service, create_server
+from pviommu.v1 import admin_pb2_grpc, hypervisor_pb2_grpc
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--listen", default="127.0.0.1:50051", help="address to serve on (port 0 picks one)")
+    p.add_argument("--port-file", help="write the bound port here once serving")
+    p.add_argument("--memory-dir", help="folder of the memory banks (default: a new temporary folder)")
+    p.add_argument("--admin-token-file", help="file holding the admin token (default: $PVIOMMU_ADMIN_TOKEN)")
+    p.add_argument("--five-level", action="store_true", help="offer 5-level stage-1 paging (57-bit IOVA)")
+    p.add_argument("--max-domains", type=int, default=64, help="device domains per partition")
+    p.add_argument("--bank0-size", type=int, default=1 << 30, help="bytes of hypervisor memory (sparse)")
+    p.add_argument("--flush-timeout", type=float, default=5.0, help="seconds a unit has to acknowledge a flush")
+
+
+def admin_token(args: argparse.Namespace) -> str:
+    if args.admin_token_file:
+        return Path(args.admin_token_file).read_text().strip()
+    token = os.environ.get("PVIOMMU_ADMIN_TOKEN", "")
+    if not token:
+        raise SystemExit("pviommu serve hypervisor: set PVIOMMU_ADMIN_TOKEN or --admin-token-file "
+                         "(there is no default credential)")
+    return token
+
+
+def build(args: argparse.Namespace, listen: str | None = None) -> tuple[Host, RunningServer, GrpcInvalidator]:
+    """Create the host and its server (used by ``run`` and by tests)."""
+    token = admin_token(args)
+    config = HypervisorConfig(five_level=args.five_level, max_domains_per_partition=args.max_domains,
+                              bank0_bytes=args.bank0_size, flush_timeout_s=args.flush_timeout,
+                              max_iova_width=57 if args.five_level else 48)
+    invalidator = GrpcInvalidator(token, config.flush_timeout_s)
+    own_dir = not args.memory_dir
+    memory_dir = Path(args.memory_dir or tempfile.mkdtemp(prefix="pviommu-banks-"))
+    memory_dir.mkdir(parents=True, exist_ok=True)
+    host = Host(memory_dir, token, config, invalidator)
+    host.owns_memory_dir = own_dir
+
+    def page_responder(caller: Partition, logical: int, request_id: int, success: bool) -> None:
+        with host.lock:
+            dev = host.devices.get(logical)
+            if dev is None or dev.partition_id != caller.partition_id:
+                raise HvError(HvStatus.ACCESS_DENIED, f"device {logical:#x} is not the caller's")
+        try:
+            invalidator.resolve_page_request(dev, request_id, success)
+        except Exception as exc:
+            raise HvError(HvStatus.PAGE_REQUEST_INVALID, str(exc)) from exc
+
+    server = create_server(listen or args.listen, [
+        Service(HypervisorServicer(host, page_responder), hypervisor_pb2_grpc.add_HypervisorServicer_to_server,
+                "pviommu.v1.Hypervisor"),
+        Service(AdminServicer(host), admin_pb2_grpc.add_AdminServicer_to_server, "pviommu.v1.Admin"),
+        Service(DeviceHostServicer(host), admin_pb2_grpc.add_DeviceHostServicer_to_server, "pviommu.v1.DeviceHost"),
+    ], resolve=host.resolve, max_workers=32)
+    return host, server, invalidator
+
+
+def run(args: argparse.Namespace) -> int:
+    configure()
+    bind_identity(service="hypervisor")
+    log = get_logger()
+    host, server, invalidator = build(args)
+    log.info("hypervisor.serving", port=server.port, memory_dir=str(host.memory.directory),
+             five_level=host.config.five_level)
+    if args.port_file:
+        tmp = Path(args.port_file + ".tmp")
+        tmp.write_text(str(server.port))
+        tmp.rename(args.port_file)
+
+    def shutdown() -> None:
+        log.info("hypervisor.stopping")
+        server.health.enter_graceful_shutdown()
+        host.close()
+        invalidator.close()
+        if host.owns_memory_dir:
+            shutil.rmtree(host.memory.directory, ignore_errors=True)
+
+    server.wait_for_signal(on_stop=shutdown)
+    return 0

@@ -1,0 +1,1 @@
+"""Thin gRPC servicers over ``hypervisor_svc.core``."""

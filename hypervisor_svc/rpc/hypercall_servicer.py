@@ -1,0 +1,236 @@
+"""The guest-facing ``pviommu.v1.Hypervisor`` service: hypercalls over gRPC.
+
+Glue only: decode the message into the ``pviommu.abi.hv`` input structure,
+run ``Hypercalls.dispatch`` for the partition the credential names, encode
+the answer. A judged hypercall is always gRPC OK with the HV status in the
+body (as a real hypercall always returns a status); a call that cannot be
+attributed (no or bad credential, or a non-partition credential) is a gRPC
+error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from hypervisor_svc.core.faults import FaultEntry
+from hypervisor_svc.core.host import Host
+from hypervisor_svc.core.hypercalls import HvAnswer, Hypercalls
+from hypervisor_svc.core.model import Partition
+from pviommu.abi import hv
+from pviommu.abi.hv_status import HvStatus
+from pviommu.addr import Gpa, Iova
+from pviommu.errors import HvError, PviommuError
+from pviommu.rpc.auth import require
+from pviommu.rpc.status import grpc_errors, grpc_stream_errors
+from pviommu.v1 import common_pb2, hypervisor_pb2, hypervisor_pb2_grpc
+
+
+def hv_result(status: int, message: str = "") -> common_pb2.HvResult:
+    return common_pb2.HvResult(status=status, status_name=HvStatus.name_of(status), message=message)
+
+
+def device_domain(msg: hypervisor_pb2.DeviceDomain) -> hv.DeviceDomain:
+    vtl = msg.owner_vtl
+    if vtl > 0xFF:
+        raise HvError(HvStatus.INVALID_PARAMETER, f"owner_vtl {vtl:#x} does not fit hv_input_vtl")
+    return hv.DeviceDomain(
+        partition_id=msg.partition_id,
+        domain_id=hv.DeviceDomainId(type=msg.domain_type, id=msg.domain_id),
+        owner_vtl=hv.HvInputVtl.from_u8(vtl, "owner_vtl"),
+    )
+
+
+def fault_message(e: FaultEntry) -> hypervisor_pb2.Fault:
+    return hypervisor_pb2.Fault(
+        sequence=e.sequence, logical_device_id=e.logical_device_id, iova=e.iova, write=e.write, reason=e.reason,
+        reason_name=e.reason_name, detail=e.detail, domain_id=e.domain_id, timestamp=e.timestamp,
+        page_request=e.page_request, request_id=e.request_id,
+    )
+
+
+class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
+    def __init__(self, host: Host, page_responder: Callable[[Partition, int, int, bool], None]) -> None:
+        self.host = host
+        self.calls = Hypercalls(host)
+        self._page_responder = page_responder
+
+    def _caller(self) -> Partition:
+        principal = require("partition")
+        with self.host.lock:
+            return self.host.partition(principal.id)
+
+    def _run(self, build: Callable[[], hv.HvRequest]) -> tuple[HvAnswer | None, common_pb2.HvResult, int]:
+        """Run a typed hypercall: (answer, HvResult, reps completed)."""
+        caller = self._caller()
+        try:
+            try:
+                request = build()
+            except ValueError as exc:  # a field out of its C range
+                raise HvError(HvStatus.INVALID_PARAMETER, str(exc)) from exc
+            answer = self.calls.dispatch(caller, request)
+        except HvError as exc:
+            self.host.count(f"hv_status_{int(exc.hv_status):#x}")
+            return None, hv_result(exc.hv_status, str(exc)), exc.reps_completed
+        except PviommuError as exc:
+            return None, hv_result(exc.hv_status, str(exc)), 0
+        return answer, hv_result(HvStatus.SUCCESS), answer.reps_completed
+
+    def _reply(self, build: Callable[[], hv.HvRequest]) -> hypervisor_pb2.HvReply:
+        _, result, reps = self._run(build)
+        return hypervisor_pb2.HvReply(result=result, reps_completed=reps)
+
+    # -- hypercalls ----------------------------------------------------------
+    @grpc_errors
+    def GetIommuCapabilities(self, request: Any, context: grpc.ServicerContext) -> Any:
+        answer, result, _ = self._run(lambda: hv.GetIommuCapabilitiesInput(request.partition_id))
+        reply = hypervisor_pb2.GetIommuCapabilitiesReply(result=result)
+        if answer is not None and isinstance(answer.output, hv.GetIommuCapabilitiesOutput):
+            out = answer.output
+            reply.size, reply.max_iova_width, reply.max_pasid_width = out.size, out.max_iova_width, out.max_pasid_width
+            reply.iommu_cap, reply.pgsize_bitmap = out.iommu_cap, out.pgsize_bitmap
+        return reply
+
+    @grpc_errors
+    def GetLogicalDeviceProperty(self, request: Any, context: grpc.ServicerContext) -> Any:
+        answer, result, _ = self._run(lambda: hv.GetLogicalDevicePropertyInput(
+            request.partition_id, request.logical_device_id, request.code))
+        reply = hypervisor_pb2.GetLogicalDevicePropertyReply(result=result)
+        if answer is not None and isinstance(answer.output, hv.GetLogicalDevicePropertyOutput):
+            reply.device_iommu = answer.output.device_iommu
+        return reply
+
+    @grpc_errors
+    def CreateDeviceDomain(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def build() -> hv.HvRequest:
+            if request.flags & ~0x3:
+                raise HvError(HvStatus.INVALID_PARAMETER, f"create flags {request.flags:#x} has undefined bits")
+            return hv.CreateDeviceDomainInput(device_domain(request.device_domain),
+                                              bool(request.flags & 1), bool(request.flags & 2))
+        return self._reply(build)
+
+    @grpc_errors
+    def DeleteDeviceDomain(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._reply(lambda: hv.DeleteDeviceDomainInput(device_domain(request.device_domain)))
+
+    @grpc_errors
+    def AttachDeviceDomain(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._reply(lambda: hv.AttachDeviceDomainInput(
+            device_domain(request.device_domain), hv.HvDeviceId.from_u64(request.device_id)))
+
+    @grpc_errors
+    def DetachDeviceDomain(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._reply(lambda: hv.DetachDeviceDomainInput(
+            request.partition_id, hv.HvDeviceId.from_u64(request.device_id)))
+
+    @grpc_errors
+    def ConfigureDeviceDomain(self, request: Any, context: grpc.ServicerContext) -> Any:
+        s = request.settings
+        return self._reply(lambda: hv.ConfigureDeviceDomainInput(
+            device_domain(request.device_domain),
+            hv.DeviceDomainSettings(s.translation_enabled, s.blocked, int(s.first_stage_paging_mode),
+                                    Gpa(s.page_table_root))))
+
+    @grpc_errors
+    def FlushDeviceDomain(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def build() -> hv.HvRequest:
+            if request.flags:
+                raise HvError(HvStatus.INVALID_PARAMETER, f"flush flags {request.flags:#x}: no flag is defined")
+            return hv.FlushDeviceDomainInput(device_domain(request.device_domain))
+        return self._reply(build)
+
+    @grpc_errors
+    def FlushDeviceDomainList(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def build() -> hv.HvRequest:
+            if request.flags & ~hv.HV_FLUSH_DEVICE_DOMAIN_LIST_IOMMU_FORMAT:
+                raise HvError(HvStatus.INVALID_PARAMETER, f"flush-list flags {request.flags:#x} has undefined bits")
+            if not 1 <= len(request.list) <= hv.HV_MAX_REP_COUNT:
+                raise HvError(HvStatus.INVALID_HYPERCALL_INPUT, f"{len(request.list)} elements: 1..4095 allowed")
+            header = hv.FlushDeviceDomainListHeader(device_domain(request.device_domain),
+                                                    bool(request.flags & hv.HV_FLUSH_DEVICE_DOMAIN_LIST_IOMMU_FORMAT))
+            vas = tuple(hv.FlushVa(e.page_number, e.page_mask_shift) for e in request.list)
+            return hv.FlushDeviceDomainListRequest(header, vas)
+        return self._reply(build)
+
+    @grpc_errors
+    def MapDeviceGpaPages(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def build() -> hv.HvRequest:
+            if request.map_flags & ~int(hv.MapFlags.READABLE | hv.MapFlags.WRITABLE):
+                raise HvError(HvStatus.INVALID_PARAMETER, f"map_flags {request.map_flags:#x} has undefined bits")
+            if not 1 <= len(request.gpa_page_list) <= hv.HV_MAX_REP_COUNT:
+                raise HvError(HvStatus.INVALID_HYPERCALL_INPUT,
+                              f"{len(request.gpa_page_list)} pages: 1..4095 per call")
+            header = hv.MapDeviceGpaPagesHeader(device_domain(request.device_domain),
+                                                hv.MapFlags(request.map_flags), Iova(request.target_device_va_base))
+            return hv.MapDeviceGpaPagesRequest(header, tuple(request.gpa_page_list))
+        return self._reply(build)
+
+    @grpc_errors
+    def UnmapDeviceGpaPages(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def build() -> hv.HvRequest:
+            if not 1 <= request.page_count <= hv.HV_MAX_REP_COUNT:
+                raise HvError(HvStatus.INVALID_HYPERCALL_INPUT, f"page_count {request.page_count}: 1..4095 allowed")
+            return hv.UnmapDeviceGpaPagesRequest(
+                hv.UnmapDeviceGpaPagesInput(device_domain(request.device_domain),
+                                            Iova(request.target_device_va_base)), request.page_count)
+        return self._reply(build)
+
+    @grpc_errors
+    def HvCall(self, request: Any, context: grpc.ServicerContext) -> Any:
+        caller = self._caller()
+        code = request.input_value & 0xFFFF
+        try:
+            decoded = hv.decode_call(request.input_value, bytes(request.input))
+            answer = self.calls.dispatch(caller, decoded)
+            output = hv.encode_output(code, answer.output)
+            result = hv.HypercallResult(HvStatus.SUCCESS, answer.reps_completed)
+            message = ""
+        except HvError as exc:
+            self.host.count(f"hv_status_{int(exc.hv_status):#x}")
+            output, message = b"", str(exc)
+            result = hv.HypercallResult(exc.hv_status, exc.reps_completed)
+        except PviommuError as exc:
+            output, message = b"", str(exc)
+            result = hv.HypercallResult(exc.hv_status, 0)
+        return hypervisor_pb2.HvCallReply(result_value=result.encode(), output=output, message=message)
+
+    # -- the guest's view of its hardware --------------------------------------
+    @grpc_errors
+    def ListDevices(self, request: Any, context: grpc.ServicerContext) -> Any:
+        caller = self._caller()
+        with self.host.lock:
+            devs = [self.host.devices[d] for d in sorted(caller.devices) if d in self.host.devices]
+        return hypervisor_pb2.ListDevicesReply(devices=[
+            hypervisor_pb2.GuestDevice(logical_device_id=d.logical_device_id, name=d.name,
+                                       control_address=d.control_address, pci_vendor_id=d.pci_vendor_id,
+                                       pci_device_id=d.pci_device_id, behind_pviommu=True)
+            for d in devs])
+
+    @grpc_stream_errors
+    def StreamFaults(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        caller = self._caller()
+        log = caller.faults
+        assert log is not None
+        if not request.follow:
+            for e in log.snapshot(request.after_sequence):
+                yield fault_message(e)
+            return
+        for e in log.follow(request.after_sequence, context.is_active):
+            yield fault_message(e)
+
+    @grpc_errors
+    def PageResponse(self, request: Any, context: grpc.ServicerContext) -> Any:
+        caller = self._caller()
+        try:
+            self._page_responder(caller, request.logical_device_id, request.request_id, request.success)
+        except HvError as exc:
+            return hypervisor_pb2.HvReply(result=hv_result(exc.hv_status, str(exc)))
+        return hypervisor_pb2.HvReply(result=hv_result(HvStatus.SUCCESS))
+
+    @grpc_errors
+    def Ping(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return common_pb2.Empty()
+
+

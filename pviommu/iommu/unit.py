@@ -1,0 +1,253 @@
+"""The IOMMU unit a device emulator embeds (one per device process).
+
+``IommuUnit.translate(slot, iova, length, write)`` turns a DMA request into
+``DmaRuns``: host runs for the longest translatable prefix, physically
+contiguous pages coalesced into one run, and the fault that stopped it. Per
+page it looks in the IOTLB (tagged by the context's DID) and walks on a miss
+(``nested.NestedWalker``); contexts are read from bank 0 (``context``) and
+cached per slot until ``invalidate_context``.
+
+The hypervisor drives the invalidation entry points (global, domain, pages,
+context); each returns only when no later lookup can use what it dropped.
+Faults are counted by reason, logged (bounded) unless the context set FPD,
+and handed to ``on_fault`` if given; the device sees them in ``DmaRuns``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pviommu.addr import Hpa, Iova
+from pviommu.errors import PviommuError
+from pviommu.iommu.context import (
+    AW_LEVELS,
+    CONTEXT_ENTRY_SIZE,
+    FSPM_LEVELS,
+    MAX_SLOTS,
+    ContextEntry,
+    Pgtt,
+    context_hpa,
+)
+from pviommu.iommu.fault import FaultReason, FaultRecord
+from pviommu.iommu.iotlb import Iotlb, IotlbEntry
+from pviommu.iommu.nested import ExplainStep, NestedWalker, WalkFault, WalkOk
+from pviommu.mem.bank import HostMemory
+from pviommu.mem.dma import DmaRuns, Run
+
+_U64_LIMIT = 1 << 64
+
+
+@dataclass(slots=True)
+class UnitStats:
+    walks: int = 0
+    walk_reads: int = 0
+    context_reads: int = 0
+    context_hits: int = 0
+    translations: int = 0
+    faults: Counter[int] = field(default_factory=Counter)
+
+    @property
+    def reads_per_walk(self) -> float:
+        return self.walk_reads / self.walks if self.walks else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """Everything one translation looked at, for ``pviommu inspect``."""
+
+    slot: int
+    iova: Iova
+    write: bool
+    context: ContextEntry | None
+    cached: IotlbEntry | None
+    steps: list[ExplainStep]
+    result: WalkOk | WalkFault
+
+
+class _CtxFault(Exception):
+    def __init__(self, reason: FaultReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class BoundTranslator:
+    """One device's view of its unit: implements ``pviommu.mem.dma.DmaTranslator``."""
+
+    unit: IommuUnit
+    slot: int
+
+    def translate(self, iova: Iova, length: int, write: bool) -> DmaRuns:
+        return self.unit.translate(self.slot, iova, length, write)
+
+
+class IommuUnit:
+    """Context lookup, IOTLB, nested walk and fault records for the devices
+    whose slots it serves (any slot; the hypervisor decides who is where)."""
+
+    def __init__(
+        self,
+        host: HostMemory,
+        *,
+        iotlb_capacity: int = 8192,
+        fs_mgaw_lg2: int = 48,
+        fault_log_size: int = 1024,
+        on_fault: Callable[[FaultRecord], None] | None = None,
+    ) -> None:
+        self.host = host
+        self.iotlb = Iotlb(iotlb_capacity)
+        self.walker = NestedWalker(host, fs_mgaw_lg2=fs_mgaw_lg2)
+        self.stats = UnitStats()
+        self.faults: deque[FaultRecord] = deque(maxlen=fault_log_size)
+        self.on_fault = on_fault
+        self._contexts: dict[int, ContextEntry] = {}
+        self._ctx_generation = 0
+        self._lock = threading.Lock()  # contexts, stats, fault log
+
+    # -- device side ------------------------------------------------------------
+    def bind(self, slot: int) -> BoundTranslator:
+        return BoundTranslator(self, slot)
+
+    def translate(self, slot: int, iova: Iova, length: int, write: bool) -> DmaRuns:
+        """Host runs for ``[iova, iova + length)``; stops at the first fault."""
+        if length <= 0:
+            return DmaRuns()
+        with self._lock:
+            self.stats.translations += 1
+        try:
+            if iova < 0 or iova + length > _U64_LIMIT:
+                raise _CtxFault(FaultReason.BEYOND_HW_MAX, f"IOVA {iova:#x}+{length:#x} beyond 64 bits")
+            ctx = self.context(slot)
+        except _CtxFault as exc:
+            return DmaRuns([], self._fault(slot, 0, iova, write, exc.reason, exc.detail, fpd=False).to_dma_fault())
+        did, pos, end = ctx.did, int(iova), int(iova) + length
+        runs: list[Run] = []
+        run_hpa = run_len = 0
+        while pos < end:
+            entries = self.iotlb.lookup_run(did, pos, end, write)
+            if not entries:
+                generation = self.iotlb.generation
+                result = self.walker.walk(ctx, Iova(pos), write)
+                with self._lock:
+                    self.stats.walks += 1
+                    self.stats.walk_reads += result.reads
+                if isinstance(result, WalkFault):
+                    if run_len:
+                        runs.append(Run(Hpa(run_hpa), run_len))
+                    fault = self._fault(slot, did, Iova(pos), write, result.reason, result.detail, ctx.fpd)
+                    return DmaRuns(runs, fault.to_dma_fault())
+                entry = IotlbEntry(result.iova, result.hpa, result.size_lg2, result.read, result.write)
+                self.iotlb.insert(did, entry, generation)
+                entries = [entry]
+            for entry in entries:
+                off = pos - entry.iova
+                n = min(end - pos, (1 << entry.size_lg2) - off)
+                hpa = entry.hpa + off
+                if run_len and run_hpa + run_len == hpa:
+                    run_len += n
+                else:
+                    if run_len:
+                        runs.append(Run(Hpa(run_hpa), run_len))
+                    run_hpa, run_len = hpa, n
+                pos += n
+        runs.append(Run(Hpa(run_hpa), run_len))
+        return DmaRuns(runs)
+
+    # -- contexts -----------------------------------------------------------------
+    def context(self, slot: int) -> ContextEntry:
+        """The valid, present context of ``slot`` (cached), else ``_CtxFault``."""
+        cached = self._contexts.get(slot)
+        if cached is not None:
+            with self._lock:
+                self.stats.context_hits += 1
+            return cached
+        if not 0 <= slot < MAX_SLOTS:
+            raise _CtxFault(FaultReason.PASID_ENTRY_ACCESS, f"slot {slot} outside the context table")
+        generation = self._ctx_generation
+        try:
+            raw = self.host.read(context_hpa(slot), CONTEXT_ENTRY_SIZE)
+        except PviommuError as exc:
+            raise _CtxFault(FaultReason.PASID_ENTRY_ACCESS, f"context of slot {slot}: {exc}") from exc
+        ctx = ContextEntry.unpack(raw)
+        with self._lock:
+            self.stats.context_reads += 1
+        _validate(slot, ctx)
+        with self._lock:
+            if generation == self._ctx_generation:  # no invalidation raced the read
+                self._contexts[slot] = ctx
+        return ctx
+
+    # -- invalidation (hypervisor side) -------------------------------------------
+    def invalidate_all(self) -> int:
+        """Global IOTLB invalidation; returns entries dropped."""
+        return self.iotlb.invalidate_all()
+
+    def invalidate_domain(self, did: int) -> int:
+        return self.iotlb.invalidate_domain(did)
+
+    def invalidate_pages(self, did: int, addr: int, am: int) -> int:
+        """Page-selective: ``2**am`` 4 KiB pages from ``addr`` of domain ``did``."""
+        return self.iotlb.invalidate_pages(did, addr, am)
+
+    def invalidate_context(self, slot: int | None = None) -> None:
+        """Forget the cached context of ``slot`` (all slots if None). Call after
+        rewriting a present context entry, together with an IOTLB flush of the
+        old domain."""
+        with self._lock:
+            self._ctx_generation += 1
+            if slot is None:
+                self._contexts.clear()
+            else:
+                self._contexts.pop(slot, None)
+
+    # -- faults and inspection ----------------------------------------------------
+    def _fault(
+        self, slot: int, did: int, iova: Iova, write: bool, reason: FaultReason, detail: str, fpd: bool
+    ) -> FaultRecord:
+        record = FaultRecord(slot, did, iova, write, reason, detail)
+        with self._lock:
+            self.stats.faults[int(reason)] += 1
+            if not fpd:
+                self.faults.append(record)
+        if self.on_fault is not None and not fpd:
+            self.on_fault(record)
+        return record
+
+    def drain_faults(self) -> list[FaultRecord]:
+        """Fault records logged since the last drain, oldest first."""
+        with self._lock:
+            out = list(self.faults)
+            self.faults.clear()
+        return out
+
+    def explain(self, slot: int, iova: Iova, write: bool) -> Explanation:
+        """Walk ``iova`` recording every entry read, without touching the
+        IOTLB, counters or A/D bits."""
+        steps: list[ExplainStep] = []
+        try:
+            ctx = ContextEntry.unpack(self.host.read(context_hpa(slot), CONTEXT_ENTRY_SIZE))
+            _validate(slot, ctx)
+        except (_CtxFault, PviommuError, ValueError) as exc:
+            reason = exc.reason if isinstance(exc, _CtxFault) else FaultReason.PASID_ENTRY_ACCESS
+            return Explanation(slot, iova, write, None, None, steps, WalkFault(reason, str(exc), 0))
+        cached = self.iotlb.lookup(ctx.did, int(iova), write, count=False)
+        result = self.walker.walk(ctx, iova, write, steps, dry_run=True)
+        return Explanation(slot, iova, write, ctx, cached, steps, result)
+
+
+def _validate(slot: int, ctx: ContextEntry) -> None:
+    """The PASID-entry checks (VT-d 0x59-0x5B), in that order."""
+    if not ctx.present:
+        raise _CtxFault(
+            FaultReason.PASID_ENTRY_NOT_PRESENT, f"slot {slot}: context not present (blocked or unassigned)"
+        )
+    if ctx.reserved_bits:
+        raise _CtxFault(FaultReason.PASID_ENTRY_RESERVED, f"slot {slot}: reserved bits set in context")
+    if ctx.pgtt not in (Pgtt.SS_ONLY, Pgtt.NESTED) or ctx.aw not in AW_LEVELS:
+        raise _CtxFault(FaultReason.PASID_ENTRY_INVALID, f"slot {slot}: unsupported PGTT {ctx.pgtt} or AW {ctx.aw}")
+    if ctx.pgtt == Pgtt.NESTED and ctx.fspm not in FSPM_LEVELS:
+        raise _CtxFault(FaultReason.PASID_ENTRY_INVALID, f"slot {slot}: unsupported FSPM {ctx.fspm}")
