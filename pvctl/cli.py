@@ -57,6 +57,14 @@ def cmd_grpc(args: argparse.Namespace) -> int:
         return 2
     client = ReflectionClient(channel, metadata)  # type: ignore[arg-type]
     try:
+        if args.grpc_cmd == "health":
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            print(status)
+            return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
         if args.grpc_cmd == "list":
             if args.service:
                 svc = client.service(args.service)
@@ -194,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--connect-timeout", type=float, default=5.0)
     gp = gsub.add_parser("list", parents=[common], help="list services, or the methods of one")
     gp.add_argument("service", nargs="?")
+    gp = gsub.add_parser("health", parents=[common], help="standard gRPC health check; exit 0 if SERVING")
+    gp.add_argument("service", nargs="?", default="", help="service name ('' = the whole server)")
+    gp.add_argument("--timeout", type=float, default=5.0)
     gp = gsub.add_parser("describe", parents=[common], help="describe a service, method, message or enum")
     gp.add_argument("symbol")
     gp = gsub.add_parser("call", parents=[common], help="call a method with a JSON request; prints JSON")

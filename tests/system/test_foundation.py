@@ -59,6 +59,18 @@ def test_grpc_cli_calls_a_method_by_reflection_and_prints_json(hypervisor) -> No
     assert len(reply["token"]) >= 16
 
 
+def test_grpc_health_command_exits_zero_for_a_serving_server(hypervisor) -> None:
+    out = subprocess.run([sys.executable, "-m", "pvctl.cli", "grpc", "health", hypervisor.address],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "SERVING"
+
+
+def test_grpc_health_command_fails_fast_when_nothing_listens() -> None:
+    out = subprocess.run([sys.executable, "-m", "pvctl.cli", "grpc", "health", "127.0.0.1:1", "--connect-timeout", "1"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "no gRPC server answered" in out.stderr
+
+
 def test_grpc_cli_without_credential_fails_with_unauthenticated(hypervisor) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "pvctl.cli", "grpc", "call", hypervisor.address, "pviommu.v1.Admin/ListPartitions"],
@@ -78,7 +90,7 @@ def test_hypervisor_refuses_to_start_without_an_admin_token(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("argv", [[], ["run"], ["serve"], ["serve", "hypervisor"], ["serve", "guest"],
                                   ["serve", "dsa"], ["dmatest"], ["bench"], ["inspect"], ["grpc"],
-                                  ["grpc", "list"], ["grpc", "describe"], ["grpc", "call"]])
+                                  ["grpc", "list"], ["grpc", "health"], ["grpc", "describe"], ["grpc", "call"]])
 def test_every_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args([*argv, "--help"])

@@ -1,0 +1,204 @@
+"""``pviommu serve dsa``: one DSA device with its IOMMU unit, as a process.
+
+Start-up: serve gRPC, register with the hypervisor (admin credential; a
+stable instance GUID derived from the name, so a restarted device gets its
+logical id back), map the banks the hypervisor names, bind the device's DMA
+to the IOMMU unit at its slot, and -- in launcher setups such as
+docker-compose -- ask for assignment to a named partition. Faults and page
+requests go to the hypervisor from a background thread so engines never
+block on the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from dma_device.dsa.device import DsaDevice, DsaDeviceConfig
+from dma_device.rpc.servicer import DeviceState, DsaDeviceServicer, configure_groups
+from pviommu.abi.dsa import GenCap
+from pviommu.iommu.unit import IommuUnit
+from pviommu.log import bind_identity, configure, get_logger
+from pviommu.mem.bank import HostMemory
+from pviommu.mem.dma import DmaFault, DmaMemory
+from pviommu.rpc.auth import Principal, token_digest, tokens_equal
+from pviommu.rpc.client import connect
+from pviommu.rpc.server import Service, create_server
+from pviommu.v1 import admin_pb2, admin_pb2_grpc, common_pb2, dsa_pb2_grpc
+
+log = get_logger("dma_device")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--listen", default="127.0.0.1:50071", help="address to serve on (port 0 picks one)")
+    p.add_argument("--port-file", help="write the bound port here once serving")
+    p.add_argument("--hypervisor", required=False, default="127.0.0.1:50051", help="hypervisor address")
+    p.add_argument("--name", default="", help="device name (default: dsa-<hostname>-<pid>)")
+    p.add_argument("--advertise", help="address the hypervisor and guests use to reach this device "
+                                       "(default: the listen address with the bound port)")
+    p.add_argument("--admin-token-file", help="file with the host credential (default: $PVIOMMU_ADMIN_TOKEN)")
+    p.add_argument("--assign", help="ask the hypervisor to assign this device to the partition of this name")
+    p.add_argument("--engines", type=int, default=2, help="engines (worker threads)")
+    p.add_argument("--max-xfer-shift", type=int, default=31, help="GENCAP max transfer size = 2^shift")
+    p.add_argument("--page-request-timeout", type=float, default=2.0, help="seconds a BOF page request waits")
+
+
+def _admin_token(args: argparse.Namespace) -> str:
+    if args.admin_token_file:
+        return Path(args.admin_token_file).read_text().strip()
+    token = os.environ.get("PVIOMMU_ADMIN_TOKEN", "")
+    if not token:
+        raise SystemExit("pviommu serve dsa: set PVIOMMU_ADMIN_TOKEN or --admin-token-file")
+    return token
+
+
+class HypervisorLink:
+    """Faults and page requests to the hypervisor, off the engine threads."""
+
+    def __init__(self, channel: grpc.Channel, state: DeviceState, timeout: float) -> None:
+        self._stub = admin_pb2_grpc.DeviceHostStub(channel)
+        self._state = state
+        self._timeout = timeout
+        self._queue: queue.SimpleQueue[admin_pb2.ReportFaultRequest | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._pump, name="fault-reporter", daemon=True)
+        self._thread.start()
+        self.dropped = 0
+
+    def _pump(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                self._stub.ReportFault(item, timeout=5)
+            except grpc.RpcError as exc:
+                self.dropped += 1
+                log.warning("fault.report_failed", error=exc.code().name)
+
+    @staticmethod
+    def _request(fault: DmaFault, page_request: bool = False, request_id: int = 0) -> admin_pb2.ReportFaultRequest:
+        return admin_pb2.ReportFaultRequest(iova=fault.iova, write=fault.write, reason=fault.reason,
+                                            reason_name=fault.reason_name, detail=fault.detail,
+                                            page_request=page_request, request_id=request_id)
+
+    def on_fault(self, fault: DmaFault) -> None:
+        self._queue.put(self._request(fault))
+
+    def on_page_request(self, fault: DmaFault) -> bool | None:
+        """BOF: report a page request and block this engine until the guest
+        answers through the hypervisor (or the deadline passes: None)."""
+        rid, event, answer = self._state.new_page_request()
+        try:
+            self._stub.ReportFault(self._request(fault, True, rid), timeout=5)
+            if not event.wait(self._timeout):
+                return None
+            return answer[0]
+        except grpc.RpcError:
+            return None
+        finally:
+            self._state.finish_page_request(rid)
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+
+def run(args: argparse.Namespace) -> int:
+    configure()
+    name = args.name or f"dsa-{socket.gethostname()}-{os.getpid()}"
+    bind_identity(service="dsa", device_name=name)
+    token = _admin_token(args)
+    config = DsaDeviceConfig(gencap=GenCap(max_xfer_shift=args.max_xfer_shift), num_engines=args.engines,
+                             num_groups=min(4, args.engines), page_request_timeout=args.page_request_timeout)
+    device = DsaDevice(None, config)
+    configure_groups(device)
+    state = DeviceState(name, slot=-1, logical_device_id=0)
+    unit_box: dict[str, IommuUnit] = {}
+
+    def resolve(tok: str) -> Principal | None:
+        if tokens_equal(tok, token):
+            return Principal("host")
+        with state.lock:
+            if state.token_digest and token_digest(tok) == state.token_digest:
+                return Principal("partition", state.partition_id)
+        return None
+
+    # The servicer needs the unit, which needs the memory folder the hypervisor names.
+    class _Deferred(DsaDeviceServicer):
+        def __init__(self) -> None:
+            self.device, self.state = device, state
+
+        @property
+        def unit(self) -> IommuUnit:  # type: ignore[override]
+            return unit_box["unit"]
+
+    server = create_server(args.listen, [Service(_Deferred(), dsa_pb2_grpc.add_DsaDeviceServicer_to_server,
+                                                 "pviommu.v1.DsaDevice")], resolve=resolve)
+    host_part = args.listen.rsplit(":", 1)[0]
+    if host_part in ("0.0.0.0", "[::]", ""):
+        host_part = socket.gethostname()
+    advertise = args.advertise or f"{host_part}:{server.port}"
+
+    hv = connect(args.hypervisor, token, ready_timeout=30)
+    admin = admin_pb2_grpc.AdminStub(hv)
+    guid = uuid.uuid5(uuid.NAMESPACE_URL, f"pviommu-dsa:{name}").bytes
+    reg = admin.RegisterDevice(admin_pb2.RegisterDeviceRequest(
+        name=name, control_address=advertise, pci_vendor_id=0x8086, pci_device_id=0x0B25,
+        instance_guid=guid, pci_function=0), timeout=30)
+    if reg.result.status != 0:
+        raise SystemExit(f"registration refused: {reg.result.status_name}: {reg.result.message}")
+    state.slot, state.logical_device_id = reg.device.slot, reg.device.logical_device_id
+    bind_identity(device=f"{state.logical_device_id:#x}", slot=state.slot)
+    memory = HostMemory(Path(reg.memory_dir))
+    device_channel = connect(args.hypervisor, reg.device_token, ready_timeout=30)
+    link = HypervisorLink(device_channel, state, args.page_request_timeout)
+    unit = IommuUnit(memory)
+    unit_box["unit"] = unit
+    device.on_fault = link.on_fault
+    device.on_page_request = link.on_page_request
+    device.on_interrupt = state.publish_interrupt
+    device.bind(DmaMemory(memory, unit.bind(state.slot)))
+    log.info("dsa.serving", port=server.port, advertise=advertise, slot=state.slot, memory_dir=reg.memory_dir)
+
+    if args.assign:
+        _assign_when_ready(admin, state.logical_device_id, args.assign)
+    if args.port_file:
+        tmp = Path(args.port_file + ".tmp")
+        tmp.write_text(str(server.port))
+        tmp.rename(args.port_file)
+
+    def shutdown() -> None:
+        log.info("dsa.stopping")
+        server.health.enter_graceful_shutdown()
+        try:
+            admin.UnregisterDevice(admin_pb2.DeviceRequest(logical_device_id=state.logical_device_id), timeout=3)
+        except grpc.RpcError:
+            pass
+        device.close()
+        link.close()
+
+    server.wait_for_signal(on_stop=shutdown)
+    return 0
+
+
+def _assign_when_ready(admin: Any, logical: int, partition_name: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in admin.ListPartitions(common_pb2.Empty(), timeout=10).partitions:
+            if p.name == partition_name:
+                r = admin.AssignDevice(admin_pb2.AssignDeviceRequest(logical_device_id=logical,
+                                                                     partition_id=p.partition_id), timeout=30)
+                if r.result.status != 0:
+                    raise SystemExit(f"assignment refused: {r.result.status_name}: {r.result.message}")
+                log.info("dsa.assigned", partition=p.partition_id, partition_name=partition_name)
+                return
+        time.sleep(0.5)
+    raise SystemExit(f"no partition named {partition_name!r} appeared within {timeout}s")

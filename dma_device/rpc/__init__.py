@@ -1,0 +1,1 @@
+"""Thin gRPC layer over the DSA model and its IOMMU unit."""

@@ -1,0 +1,263 @@
+"""The ``pviommu.v1.DsaDevice`` service: MMIO, portals and interrupts of one
+DSA over gRPC, plus the host-side endpoints of its IOMMU unit.
+
+Glue only: the device model (``dma_device.dsa.device.DsaDevice``) knows no
+streams and the IOMMU unit (``pviommu.iommu.unit.IommuUnit``) knows no
+gRPC. Who may call what:
+
+* the assigned partition (its token's SHA-256 is pushed by the hypervisor on
+  assignment) may read capabilities, configure WQs, send commands, submit
+  descriptors and receive interrupts;
+* the host (the admin token) may do all that and also invalidate the IOTLB,
+  change the assignment and answer page requests.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from dma_device.dsa.device import DsaConfigError, DsaDevice
+from pviommu.abi.dsa import Cmd, WqCfg, opcap_words
+from pviommu.errors import PviommuError
+from pviommu.iommu.unit import IommuUnit
+from pviommu.log import get_logger
+from pviommu.rpc.auth import require
+from pviommu.rpc.status import grpc_errors, grpc_stream_errors
+from pviommu.v1 import common_pb2, dsa_pb2, dsa_pb2_grpc
+
+log = get_logger("dma_device.rpc")
+DESCRIPTOR_SIZE = 64
+
+
+class DeviceState:
+    """What the service knows besides the model: identity, owner, listeners."""
+
+    def __init__(self, name: str, slot: int, logical_device_id: int) -> None:
+        self.name = name
+        self.slot = slot
+        self.logical_device_id = logical_device_id
+        self.partition_id = 0
+        self.token_digest = b""
+        self.lock = threading.Lock()
+        self._listeners: list[queue.SimpleQueue[int | None]] = []
+        self._seq = itertools.count(1)
+        self.pending_pages: dict[int, tuple[threading.Event, list[bool]]] = {}
+        self._request_ids = itertools.count(1)
+
+    def publish_interrupt(self, handle: int) -> None:
+        with self.lock:
+            for q in self._listeners:
+                q.put(handle)
+
+    def subscribe(self) -> queue.SimpleQueue[int | None]:
+        q: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        with self.lock:
+            self._listeners.append(q)
+        return q
+
+    def unsubscribe(self, q: queue.SimpleQueue[int | None]) -> None:
+        with self.lock:
+            if q in self._listeners:
+                self._listeners.remove(q)
+
+    def next_sequence(self) -> int:
+        return next(self._seq)
+
+    def new_page_request(self) -> tuple[int, threading.Event, list[bool]]:
+        rid = next(self._request_ids)
+        event, answer = threading.Event(), [False]
+        with self.lock:
+            self.pending_pages[rid] = (event, answer)
+        return rid, event, answer
+
+    def finish_page_request(self, rid: int) -> None:
+        with self.lock:
+            self.pending_pages.pop(rid, None)
+
+
+def group_of(device: DsaDevice, wq_id: int) -> int:
+    """WQ ``w`` is in group ``w % groups``; engine ``e`` in group ``e % groups``."""
+    return wq_id % device.config.num_groups
+
+
+def configure_groups(device: DsaDevice) -> None:
+    """The fixed group layout, written once while the device is disabled."""
+    cfg = device.config
+    for g in range(cfg.num_groups):
+        device.configure_group(g, [w for w in range(cfg.num_wqs) if w % cfg.num_groups == g],
+                               [e for e in range(cfg.num_engines) if e % cfg.num_groups == g])
+
+
+def _wq_message(wq_id: int, cfg: WqCfg, enabled: bool, group: int) -> dsa_pb2.WqConfig:
+    return dsa_pb2.WqConfig(
+        wq_id=wq_id, dedicated=cfg.dedicated, size=cfg.wq_size, threshold=cfg.wq_thresh, priority=cfg.priority,
+        bof=cfg.bof, max_xfer_shift=cfg.max_xfer_shift, max_batch_shift=cfg.max_batch_shift, group_id=group,
+        enabled=enabled)
+
+
+class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
+    def __init__(self, device: DsaDevice, unit: IommuUnit, state: DeviceState) -> None:
+        self.device = device
+        self.unit = unit
+        self.state = state
+
+    # -- MMIO view -------------------------------------------------------------
+    @grpc_errors
+    def GetCapabilities(self, request: Any, context: grpc.ServicerContext) -> Any:
+        require("partition", "host")
+        d, cfg = self.device, self.device.config
+        words = opcap_words(d.opcap)
+        opcap = b"".join(w.to_bytes(8, "little") for w in words)
+        return dsa_pb2.DsaCapabilities(
+            version=d.version, gencap=d.gencap, wqcap=d.wqcap, grpcap=d.grpcap, engcap=d.engcap, opcap=opcap,
+            max_transfer_size=1 << cfg.gencap.max_xfer_shift, max_batch_size=1 << cfg.gencap.max_batch_shift,
+            num_wqs=cfg.num_wqs, num_engines=cfg.num_engines, num_groups=cfg.num_groups,
+            total_wq_size=cfg.total_wq_size, logical_device_id=self.state.logical_device_id, name=self.state.name)
+
+    @grpc_errors
+    def ListWqs(self, request: Any, context: grpc.ServicerContext) -> Any:
+        require("partition", "host")
+        out = []
+        for wq_id in range(self.device.config.num_wqs):
+            cfg = self.device.wqcfg(wq_id)
+            out.append(_wq_message(wq_id, cfg, int(cfg.wq_state) == 1, group_of(self.device, wq_id)))
+        return dsa_pb2.WqList(wqs=out)
+
+    @grpc_errors
+    def ConfigureWq(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Write WQCFG, as a driver does while the WQ is disabled. The group
+        layout is fixed at start-up (``group_of``); ``group_id`` is ignored."""
+        require("partition", "host")
+        cfg = WqCfg(wq_size=request.size, wq_thresh=request.threshold, dedicated=request.dedicated,
+                    bof=request.bof, priority=request.priority,
+                    max_xfer_shift=request.max_xfer_shift or 21, max_batch_shift=request.max_batch_shift or 5)
+        try:
+            self.device.configure_wq(request.wq_id, cfg)
+        except (DsaConfigError, ValueError) as exc:
+            return dsa_pb2.CommandStatus(error=1, message=str(exc))
+        return dsa_pb2.CommandStatus()
+
+    @grpc_errors
+    def Command(self, request: Any, context: grpc.ServicerContext) -> Any:
+        require("partition", "host")
+        try:
+            cmd = Cmd(request.command)
+        except ValueError:
+            return dsa_pb2.CommandStatus(error=1, message=f"unknown command {request.command}")
+        status = self.device.command(cmd, request.operand)
+        err = status & 0xFF
+        return dsa_pb2.CommandStatus(cmdsts=status, error=err, message="" if not err else f"CMDSTS error {err:#x}")
+
+    # -- portals ------------------------------------------------------------------
+    def _submit(self, sub: Any) -> dsa_pb2.SubmissionAck:
+        if len(sub.descriptor) != DESCRIPTOR_SIZE:
+            return dsa_pb2.SubmissionAck(tag=sub.tag, accepted=False,
+                                         error=f"a descriptor is {DESCRIPTOR_SIZE} bytes, got {len(sub.descriptor)}")
+        if not 0 <= sub.wq_id < self.device.config.num_wqs:
+            return dsa_pb2.SubmissionAck(tag=sub.tag, accepted=False, error=f"no WQ {sub.wq_id}")
+        try:
+            accepted = self.device.submit(sub.wq_id, bytes(sub.descriptor))
+        except (PviommuError, ValueError) as exc:
+            return dsa_pb2.SubmissionAck(tag=sub.tag, accepted=False, error=str(exc))
+        return dsa_pb2.SubmissionAck(tag=sub.tag, accepted=accepted)
+
+    def Portal(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            require("partition", "host")
+        except PviommuError as exc:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        for sub in request_iterator:
+            yield self._submit(sub)
+
+    @grpc_errors
+    def Submit(self, request: Any, context: grpc.ServicerContext) -> Any:
+        require("partition", "host")
+        return dsa_pb2.SubmitBatchReply(acks=[self._submit(s) for s in request.submissions])
+
+    @grpc_stream_errors
+    def StreamInterrupts(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        require("partition", "host")
+        q = self.state.subscribe()
+        context.add_callback(lambda: q.put(None))
+        try:
+            while context.is_active():
+                try:
+                    handle = q.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if handle is None:
+                    return
+                yield dsa_pb2.Interrupt(int_handle=handle, sequence=self.state.next_sequence())
+        finally:
+            self.state.unsubscribe(q)
+
+    @grpc_errors
+    def GetCounters(self, request: Any, context: grpc.ServicerContext) -> Any:
+        require("partition", "host")
+        snap = self.device.counters.snapshot()
+        counters: dict[str, int] = {}
+        for key, value in snap.items():
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    counters[f"{key}.{k}"] = int(v)
+            else:
+                counters[key] = int(value)
+        it = self.unit.iotlb.stats
+        for name in ("hits", "misses", "inserts", "evictions", "inv_global", "inv_domain", "inv_pages",
+                     "entries_dropped"):
+            counters[f"iotlb.{name}"] = int(getattr(it, name))
+        us = self.unit.stats
+        counters["iommu.walks"] = us.walks
+        counters["iommu.walk_reads"] = us.walk_reads
+        counters["iommu.translations"] = us.translations
+        for reason, n in us.faults.items():
+            counters[f"iommu.faults.{reason:#x}"] = n
+        return dsa_pb2.DeviceCounters(counters=counters)
+
+    # -- host side ---------------------------------------------------------------------
+    @grpc_errors
+    def Invalidate(self, request: Any, context: grpc.ServicerContext) -> Any:
+        require("host")
+        scope = request.scope
+        if scope == dsa_pb2.IommuInvalidation.GLOBAL:
+            self.unit.invalidate_all()
+        elif scope == dsa_pb2.IommuInvalidation.DOMAIN:
+            self.unit.invalidate_domain(request.tag)
+        elif scope == dsa_pb2.IommuInvalidation.PAGES:
+            self.unit.invalidate_pages(request.tag, request.address, request.address_mask)
+        else:
+            self.unit.invalidate_context(request.slot)
+        return dsa_pb2.CommandStatus()
+
+    @grpc_errors
+    def Assign(self, request: Any, context: grpc.ServicerContext) -> Any:
+        require("host")
+        with self.state.lock:
+            self.state.partition_id = request.partition_id
+            self.state.token_digest = bytes(request.token_sha256)
+        # A new owner starts with nothing queued from the previous one.
+        self.device.abort_all()
+        self.unit.invalidate_context(self.state.slot)
+        log.info("device.assigned", partition=request.partition_id)
+        return dsa_pb2.CommandStatus()
+
+    @grpc_errors
+    def ResolvePageRequest(self, request: Any, context: grpc.ServicerContext) -> Any:
+        require("host")
+        with self.state.lock:
+            pending = self.state.pending_pages.get(request.request_id)
+        if pending is None:
+            return dsa_pb2.CommandStatus(error=1, message=f"no page request {request.request_id} is pending")
+        event, answer = pending
+        answer[0] = request.success
+        event.set()
+        return dsa_pb2.CommandStatus()
+
+
+__all__ = ["DeviceState", "DsaDeviceServicer", "common_pb2"]
