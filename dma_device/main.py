@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from dma_device.dsa.device import DsaDevice, DsaDeviceConfig
 from dma_device.rpc.servicer import DeviceState, DsaDeviceServicer, configure_groups
@@ -142,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
 
     server = create_server(args.listen, [Service(_Deferred(), dsa_pb2_grpc.add_DsaDeviceServicer_to_server,
                                                  "pviommu.v1.DsaDevice")], resolve=resolve)
+    # Not ready until registered (and assigned, when asked): probes must wait.
+    for svc in ("", "pviommu.v1.DsaDevice"):
+        server.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
     host_part = args.listen.rsplit(":", 1)[0]
     if host_part in ("0.0.0.0", "[::]", ""):
         host_part = socket.gethostname()
@@ -170,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.assign:
         _assign_when_ready(admin, state.logical_device_id, args.assign)
+    for svc in ("", "pviommu.v1.DsaDevice"):
+        server.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
     if args.port_file:
         tmp = Path(args.port_file + ".tmp")
         tmp.write_text(str(server.port))

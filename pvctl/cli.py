@@ -116,6 +116,12 @@ def cmd_dmatest(args: argparse.Namespace) -> int:
     return run_remote_dmatest(args, _token_from(args))
 
 
+def cmd_scenario(args: argparse.Namespace) -> int:
+    from pvctl.scenario import run_cli
+
+    return run_cli(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from pvctl.bench import run_bench
 
@@ -179,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     add_dmatest_options(p)
     p.set_defaults(func=cmd_dmatest)
+
+    p = sub.add_parser("scenario", help="run the scripted scenario against a running system")
+    from pvctl.scenario import add_arguments as add_scenario_arguments
+
+    add_scenario_arguments(p)
+    p.set_defaults(func=cmd_scenario)
 
     p = sub.add_parser("bench", help="run the benchmark suite (ratios against same-run references)")
     p.add_argument("--json", action="store_true")

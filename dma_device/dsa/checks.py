@@ -104,8 +104,9 @@ class Limits:
     opcap: int
 
 
-def fail(status: DsaStatus, **kw: int | bytes) -> CompletionRecord:
-    return CompletionRecord(status=int(status), **kw)  # type: ignore[arg-type]
+def fail(status: DsaStatus, *, op_specific: bytes = bytes(16)) -> CompletionRecord:
+    """A record that reports only a status (and, for 0x11, invalid_flags)."""
+    return CompletionRecord(status=int(status), op_specific=op_specific)
 
 
 def overlaps(a: int, alen: int, b: int, blen: int) -> bool:

@@ -27,6 +27,7 @@ from dma_device.dsa.access import DeviceMemory
 from dma_device.dsa.checks import Limits, fail, overlaps, validate
 from dma_device.dsa.crc import crc32c_dsa
 from pviommu.abi.dsa import (
+    COMP_OP_SPECIFIC_SIZE,
     CRC_FLAG_READ_SEED,
     DELTA_ENTRY_SIZE,
     DESC_SIZE,
@@ -45,6 +46,7 @@ from pviommu.abi.dsa import (
 from pviommu.mem.dma import DmaFault
 
 CHUNK = 256 * 1024  # a multiple of 8 so COMPVAL patterns stay aligned per chunk
+_NO_OP = bytes(COMP_OP_SPECIFIC_SIZE)
 
 
 @dataclass(slots=True)
@@ -61,23 +63,25 @@ class OpContext:
 
 
 # -- helpers ---------------------------------------------------------------------
-def _fault(ctx: OpContext, fault: DmaFault, done: int, **kw: int | bytes) -> CompletionRecord:
+def _fault(ctx: OpContext, fault: DmaFault, done: int, *, result: int = 0,
+           op_specific: bytes = _NO_OP) -> CompletionRecord:
     code = DsaStatus.PAGE_FAULT_IR if ctx.mem.refused else DsaStatus.PAGE_FAULT_NOBOF
     status = int(code) | (STATUS_WRITE if fault.write else 0)
-    return CompletionRecord(status=status, bytes_completed=done,
-                            fault_addr=int(fault.iova), **kw)
+    return CompletionRecord(status=status, result=result, bytes_completed=done,
+                            fault_addr=int(fault.iova), op_specific=op_specific)
 
 
-def _ok(**kw: int | bytes) -> CompletionRecord:
-    return CompletionRecord(status=int(DsaStatus.SUCCESS), **kw)
+def _ok(*, result: int = 0, bytes_completed: int = 0, op_specific: bytes = _NO_OP) -> CompletionRecord:
+    return CompletionRecord(status=int(DsaStatus.SUCCESS), result=result,
+                            bytes_completed=bytes_completed, op_specific=op_specific)
 
 
-def _checked(d: Descriptor, result: int, **kw: int | bytes) -> CompletionRecord:
+def _checked(d: Descriptor, result: int, *, bytes_completed: int = 0) -> CompletionRecord:
     """COMPARE/COMPVAL: with the CR flag a result other than expected_res is
     "success with false predicate" (0x02), which fails a batch."""
     pred = bool(d.flags & DescFlags.CR) and result != d.expected_res
     status = DsaStatus.SUCCESS_PRED if pred else DsaStatus.SUCCESS
-    return CompletionRecord(status=int(status), result=result, **kw)
+    return CompletionRecord(status=int(status), result=result, bytes_completed=bytes_completed)
 
 
 def first_diff(a: bytes | memoryview, b: bytes | memoryview) -> int:
