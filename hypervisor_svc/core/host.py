@@ -150,6 +150,30 @@ class Host:
             self.count("partitions_destroyed")
             log.info("partition.destroyed", partition=pid)
 
+    def reset_partition(self, pid: int) -> Partition:
+        """A reboot of the guest: everything it set up is reclaimed, its RAM
+        is zeroed and its old credential stops working. Assignments stay."""
+        with self.lock:
+            part = self.partition(pid)
+            for dev_id in sorted(part.devices):
+                self._set_device_domain(self.devices[dev_id], None)
+            for dom in list(part.domains.values()):
+                self._drop_domain(part, dom)
+            part.bank.discard()
+            part.token = new_token()
+            if part.faults is not None:
+                part.faults.close()
+            part.faults = FaultLog(self.config.fault_log_size)
+            for dev_id in sorted(part.devices):
+                self._tell_assignment(self.devices[dev_id], pid, part.token)
+            self.count("partitions_reset")
+            log.info("partition.reset", partition=pid)
+            return part
+
+    def partition_by_name(self, name: str) -> Partition | None:
+        with self.lock:
+            return next((p for p in self.partitions.values() if p.name == name), None)
+
     # ------------------------------------------------------------------ devices
     def register_device(self, name: str, control_address: str, vendor: int, device_id: int,
                         instance_guid: bytes, function: int) -> Device:

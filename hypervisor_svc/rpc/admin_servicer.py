@@ -73,6 +73,16 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return _ok()
 
     @grpc_errors
+    def ResetPartition(self, request: Any, context: grpc.ServicerContext) -> Any:
+        require("admin")
+        try:
+            part = self.host.reset_partition(request.partition_id)
+        except HvError as exc:
+            return admin_pb2.CreatePartitionReply(result=hv_result(exc.hv_status, str(exc)))
+        return admin_pb2.CreatePartitionReply(result=hv_result(HvStatus.SUCCESS),
+                                              partition=partition_message(self.host, part), token=part.token)
+
+    @grpc_errors
     def ListPartitions(self, request: Any, context: grpc.ServicerContext) -> Any:
         require("admin")
         with self.host.lock:

@@ -136,6 +136,16 @@ class Bank:
         self._check(offset, 8)
         _U64.pack_into(self._map, offset, value)
 
+    def discard(self, offset: int = 0, length: int | None = None) -> None:
+        """Zero a page-aligned range and give its memory back (punch a hole:
+        MADV_REMOVE on tmpfs/ext4), so a reset guest does not pin its RAM."""
+        length = self.size - offset if length is None else length
+        self._check(offset, length)
+        try:
+            self._map.madvise(mmap.MADV_REMOVE, offset, length)
+        except (AttributeError, OSError):  # no hole punching here: write zeros
+            self.fill(offset, length, 0)
+
     def fill(self, offset: int, length: int, byte: int = 0) -> None:
         self._check(offset, length)
         self.view[offset : offset + length] = bytes([byte]) * length
