@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
+from prometheus_client import CollectorRegistry
 
 from dma_device.dsa.device import DsaDevice, DsaDeviceConfig
 from dma_device.rpc.servicer import DeviceState, DsaDeviceServicer, configure_groups
@@ -33,6 +34,7 @@ from pviommu.mem.bank import HostMemory
 from pviommu.mem.dma import DmaFault, DmaMemory
 from pviommu.rpc.auth import Principal, token_digest, tokens_equal
 from pviommu.rpc.client import connect
+from pviommu.rpc.metrics import CounterCollector, RpcMetricsInterceptor, serve_metrics
 from pviommu.rpc.server import Service, create_server
 from pviommu.v1 import admin_pb2, admin_pb2_grpc, common_pb2, dsa_pb2_grpc
 
@@ -50,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--assign", help="ask the hypervisor to assign this device to the partition of this name")
     p.add_argument("--engines", type=int, default=2, help="engines (worker threads)")
     p.add_argument("--max-xfer-shift", type=int, default=31, help="GENCAP max transfer size = 2^shift")
+    p.add_argument("--metrics-port", type=int, default=-1,
+                   help="serve Prometheus metrics on this port (0 picks one; default: off)")
     p.add_argument("--page-request-timeout", type=float, default=2.0, help="seconds a BOF page request waits")
 
 
@@ -141,8 +145,13 @@ def run(args: argparse.Namespace) -> int:
         def unit(self) -> IommuUnit:  # type: ignore[override]
             return unit_box["unit"]
 
+    registry = CollectorRegistry()
+    registry.register(CounterCollector("dsa", lambda: device_metrics(device, unit_box.get("unit")), labels={
+        "descriptors": ("opcode",), "completions": ("status",), "page_request_outcomes": ("outcome",),
+        "iommu_faults": ("reason",)}, gauges=frozenset({"iotlb_entries"})))
     server = create_server(args.listen, [Service(_Deferred(), dsa_pb2_grpc.add_DsaDeviceServicer_to_server,
-                                                 "pviommu.v1.DsaDevice")], resolve=resolve)
+                                                 "pviommu.v1.DsaDevice")], resolve=resolve,
+                           interceptors=[RpcMetricsInterceptor(registry, "dsa")])
     # Not ready until registered (and assigned, when asked): probes must wait.
     for svc in ("", "pviommu.v1.DsaDevice"):
         server.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -176,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
         _assign_when_ready(admin, state.logical_device_id, args.assign)
     for svc in ("", "pviommu.v1.DsaDevice"):
         server.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+    if args.metrics_port >= 0:
+        log.info("dsa.metrics", port=serve_metrics(args.metrics_port, registry))
     if args.port_file:
         tmp = Path(args.port_file + ".tmp")
         tmp.write_text(str(server.port))
@@ -193,6 +204,20 @@ def run(args: argparse.Namespace) -> int:
 
     server.wait_for_signal(on_stop=shutdown)
     return 0
+
+
+def device_metrics(device: DsaDevice, unit: IommuUnit | None) -> dict[str, Any]:
+    """The device's and its IOMMU unit's counters, for Prometheus."""
+    out: dict[str, Any] = dict(device.counters.snapshot())
+    if unit is not None:
+        st = unit.iotlb.stats
+        out.update({"iotlb_hits": st.hits, "iotlb_misses": st.misses, "iotlb_invalidations_global": st.inv_global,
+                    "iotlb_invalidations_domain": st.inv_domain, "iotlb_invalidations_pages": st.inv_pages,
+                    "iotlb_entries_dropped": st.entries_dropped, "iotlb_entries": len(unit.iotlb),
+                    "iommu_walks": unit.stats.walks, "iommu_walk_reads": unit.stats.walk_reads,
+                    "iommu_translations": unit.stats.translations,
+                    "iommu_faults": {f"{int(k):#x}": v for k, v in unit.stats.faults.items()}})
+    return out
 
 
 def _assign_when_ready(admin: Any, logical: int, partition_name: str, timeout: float = 120.0) -> None:

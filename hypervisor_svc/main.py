@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from hypervisor_svc.core.config import HypervisorConfig
 from hypervisor_svc.core.host import Host
 from hypervisor_svc.core.model import Partition
@@ -17,6 +19,7 @@ from hypervisor_svc.rpc.hypercall_servicer import HypervisorServicer
 from pviommu.abi.hv_status import HvStatus
 from pviommu.errors import HvError
 from pviommu.log import bind_identity, configure, get_logger
+from pviommu.rpc.metrics import CounterCollector, RpcMetricsInterceptor, serve_metrics
 from pviommu.rpc.server import RunningServer, Service, create_server
 from pviommu.v1 import admin_pb2_grpc, hypervisor_pb2_grpc
 
@@ -29,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--five-level", action="store_true", help="offer 5-level stage-1 paging (57-bit IOVA)")
     p.add_argument("--max-domains", type=int, default=64, help="device domains per partition")
     p.add_argument("--bank0-size", type=int, default=1 << 30, help="bytes of hypervisor memory (sparse)")
+    p.add_argument("--metrics-port", type=int, default=-1,
+                   help="serve Prometheus metrics on this port (0 picks one; default: off)")
     p.add_argument("--flush-timeout", type=float, default=5.0, help="seconds a unit has to acknowledge a flush")
 
 
@@ -65,12 +70,17 @@ def build(args: argparse.Namespace, listen: str | None = None) -> tuple[Host, Ru
         except Exception as exc:
             raise HvError(HvStatus.PAGE_REQUEST_INVALID, str(exc)) from exc
 
+    registry = CollectorRegistry()
+    registry.register(CounterCollector("hypervisor", host.metrics, labels={
+        "hypercalls": ("call", "status"), "faults_by_reason": ("reason",)},
+        gauges=frozenset({"partitions", "devices", "domains", "stage2_table_frames"})))
+    host.metrics_registry = registry
     server = create_server(listen or args.listen, [
         Service(HypervisorServicer(host, page_responder), hypervisor_pb2_grpc.add_HypervisorServicer_to_server,
                 "pviommu.v1.Hypervisor"),
         Service(AdminServicer(host), admin_pb2_grpc.add_AdminServicer_to_server, "pviommu.v1.Admin"),
         Service(DeviceHostServicer(host), admin_pb2_grpc.add_DeviceHostServicer_to_server, "pviommu.v1.DeviceHost"),
-    ], resolve=host.resolve, max_workers=32)
+    ], resolve=host.resolve, max_workers=32, interceptors=[RpcMetricsInterceptor(registry, "hypervisor")])
     return host, server, invalidator
 
 
@@ -81,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
     host, server, invalidator = build(args)
     log.info("hypervisor.serving", port=server.port, memory_dir=str(host.memory.directory),
              five_level=host.config.five_level)
+    if args.metrics_port >= 0:
+        port = serve_metrics(args.metrics_port, host.metrics_registry)
+        log.info("hypervisor.metrics", port=port)
     if args.port_file:
         tmp = Path(args.port_file + ".tmp")
         tmp.write_text(str(server.port))

@@ -17,7 +17,7 @@ import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from hypervisor_svc.core import stage2
 from hypervisor_svc.core.config import HypervisorConfig
@@ -79,8 +79,12 @@ class Host:
         self._next_partition = 1
         self._free_tags = list(range(MAX_TAG, 0, -1))
         self.stats: dict[str, int] = {}
+        self.hypercalls: dict[tuple[str, str], int] = {}
+        self.faults_by_reason: dict[str, int] = {}
         #: True when the service created the bank folder (and removes it on exit).
         self.owns_memory_dir = False
+        #: The Prometheus registry of the service (set by main; None in unit tests).
+        self.metrics_registry: Any = None
 
     # ------------------------------------------------------------------ identity
     def resolve(self, token: str) -> Principal | None:
@@ -97,6 +101,26 @@ class Host:
 
     def count(self, name: str, n: int = 1) -> None:
         self.stats[name] = self.stats.get(name, 0) + n
+
+    def count_call(self, call: str, status: int) -> None:
+        key = (call, HvStatus.name_of(status))
+        self.hypercalls[key] = self.hypercalls.get(key, 0) + 1
+
+    def count_fault(self, reason_name: str) -> None:
+        self.faults_by_reason[reason_name] = self.faults_by_reason.get(reason_name, 0) + 1
+
+    def metrics(self) -> dict[str, object]:
+        """What the Prometheus endpoint exports (see pviommu.rpc.metrics)."""
+        with self.lock:
+            return {
+                **self.stats,
+                "hypercalls": dict(self.hypercalls),
+                "faults_by_reason": dict(self.faults_by_reason),
+                "partitions": len(self.partitions),
+                "devices": len(self.devices),
+                "domains": sum(len(p.domains) for p in self.partitions.values()),
+                "stage2_table_frames": self.tables.allocated_frames(),
+            }
 
     # ------------------------------------------------------------------ partitions
     def create_partition(self, name: str, memory_bytes: int, holes: Iterable[tuple[int, int]] = (),

@@ -29,7 +29,7 @@ from hypervisor_svc.core.model import Device, Domain, Partition
 from pviommu.abi import hv
 from pviommu.abi.hv_status import HvStatus
 from pviommu.addr import PAGE_SHIFT, PAGE_SIZE, Gpa, Iova
-from pviommu.errors import HvError
+from pviommu.errors import HvError, PviommuError
 from pviommu.log import get_logger
 
 log = get_logger("hypercall")
@@ -59,10 +59,18 @@ class Hypercalls:
     # ------------------------------------------------------------------ dispatch
     def dispatch(self, caller: Partition, request: hv.HvRequest) -> HvAnswer:
         """Run one decoded hypercall for ``caller``."""
-        handler = getattr(self, "do_" + request.CODE.name.lower())
-        with self.host.lock:
-            answer: HvAnswer = handler(caller, request)
-        self.host.count(f"hypercall_{request.CODE.name.lower()}")
+        name = request.CODE.name
+        handler = getattr(self, "do_" + name.lower())
+        try:
+            with self.host.lock:
+                answer: HvAnswer = handler(caller, request)
+        except HvError as exc:
+            self.host.count_call(name, exc.hv_status)
+            raise
+        except PviommuError as exc:
+            self.host.count_call(name, exc.hv_status)
+            raise
+        self.host.count_call(name, HvStatus.SUCCESS)
         return answer
 
     # ------------------------------------------------------------------ checks
@@ -126,7 +134,7 @@ class Hypercalls:
         self._own(caller, req.partition_id)
         if req.code != hv.HV_LOGICAL_DEVICE_PROPERTY_PVIOMMU:
             raise HvError(HvStatus.UNKNOWN_PROPERTY, f"logical device property {req.code} is not known")
-        self._device(caller, hv.HvDeviceId(req.logical_device_id))
+        self._device(caller, hv.HvDeviceId.from_u64(req.logical_device_id))
         return HvAnswer(hv.GetLogicalDevicePropertyOutput(hv.HV_DEVICE_IOMMU_ENABLED))
 
     # ------------------------------------------------------------------ domains

@@ -196,6 +196,7 @@ class DeviceHostServicer(admin_pb2_grpc.DeviceHostServicer):
                 write=request.write, reason=request.reason, reason_name=request.reason_name, detail=request.detail,
                 domain_id=dev.domain_id, page_request=request.page_request, request_id=request.request_id)
             self.host.count("page_requests" if request.page_request else "faults")
+            self.host.count_fault(request.reason_name or f"{request.reason:#x}")
         log.info("fault.reported", partition=part.partition_id, device=dev.logical_device_id, iova=hex(request.iova),
                  write=request.write, reason=request.reason_name, page_request=request.page_request)
         return _ok()

@@ -70,15 +70,17 @@ def create_server(
     *,
     resolve: Callable[[str], Principal | None] | None = None,
     max_workers: int = 16,
+    interceptors: Iterable[grpc.ServerInterceptor] = (),
 ) -> RunningServer:
     """Bind ``address`` (``host:0`` picks a free port), add the services,
     health and reflection, start, and return the server and its port."""
-    interceptors: list[grpc.ServerInterceptor] = []
+    chain: list[grpc.ServerInterceptor] = []
     if resolve is not None:
-        interceptors.append(TokenAuthInterceptor(resolve))
+        chain.append(TokenAuthInterceptor(resolve))
+    chain.extend(interceptors)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
-        interceptors=interceptors,
+        interceptors=chain,
         options=SERVER_OPTIONS,
     )
     services = list(services)
