@@ -100,9 +100,9 @@ class Iotlb:
                             break
                     else:
                         break
-            if count:
+            if count:  # a miss is a lookup that found nothing (one walk follows)
                 self.stats.hits += len(out)
-                if not out or out[-1].iova + (1 << out[-1].size_lg2) < end:
+                if not out:
                     self.stats.misses += 1
             return out
 

@@ -41,8 +41,10 @@ from pviommu.pt.fmt.x86_64 import X86_64Format
 
 _EMPTY = EntryType.EMPTY
 _OA = EntryType.OA
-_R = Perm.READ
-_W = Perm.WRITE
+# permissions as plain ints inside the walk: IntFlag arithmetic is slow
+_R = int(Perm.READ)
+_W = int(Perm.WRITE)
+_PRIV = int(Perm.PRIV)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +130,7 @@ class NestedWalker:
             return WalkFault(fault.reason, fault.detail, st.reads)
 
     # -- stage 2 ----------------------------------------------------------------
-    def _s2(self, ctx: ContextEntry, gpa: int, st: _State, why: str) -> tuple[int, int, Perm]:
+    def _s2(self, ctx: ContextEntry, gpa: int, st: _State, why: str) -> tuple[int, int, int]:
         """(HPA, leaf size_lg2, R/W ANDed over the levels) of ``gpa``."""
         fmt = self._ss[ctx.s2_levels or 4]
         bank0 = self._bank0()
@@ -151,7 +153,7 @@ class NestedWalker:
             leaf = kind is _OA
             if entry & fmt.reserved_mask(level, leaf):
                 raise _Fault(FaultReason.SS_RESERVED, f"stage-2 entry {entry:#x} at level {level} has reserved bits")
-            perm &= fmt.entry_perm(entry, level)
+            perm &= int(fmt.entry_perm(entry, level))
             if leaf:
                 shift = 12 + 9 * level
                 return fmt.leaf_oa(entry, level) | (gpa & ((1 << shift) - 1)), shift, perm
@@ -205,8 +207,8 @@ class NestedWalker:
                 st.trace.append(ExplainStep("S1", level, iova, table_gpa, table_hpa, idx, entry, kind.name))
             if kind is _EMPTY:
                 raise _Fault(FaultReason.FS_NOT_PRESENT, f"IOVA {iova:#x}: P=0 at FS level {level}")
-            perm = fmt.entry_perm(entry, level)
-            if perm & Perm.PRIV:
+            perm = int(fmt.entry_perm(entry, level))
+            if perm & _PRIV:
                 raise _Fault(FaultReason.USER_SUPERVISOR, f"IOVA {iova:#x}: U/S=0 at FS level {level}")
             if write and not perm & _W:
                 raise _Fault(FaultReason.NO_WRITE, f"IOVA {iova:#x}: R/W=0 at FS level {level}")

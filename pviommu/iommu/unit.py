@@ -121,7 +121,7 @@ class IommuUnit:
         try:
             if iova < 0 or iova + length > _U64_LIMIT:
                 raise _CtxFault(FaultReason.BEYOND_HW_MAX, f"IOVA {iova:#x}+{length:#x} beyond 64 bits")
-            ctx = self.context(slot)
+            ctx = self._context(slot)
         except _CtxFault as exc:
             return DmaRuns([], self._fault(slot, 0, iova, write, exc.reason, exc.detail, fpd=False).to_dma_fault())
         did, pos, end = ctx.did, int(iova), int(iova) + length
@@ -158,7 +158,7 @@ class IommuUnit:
         return DmaRuns(runs)
 
     # -- contexts -----------------------------------------------------------------
-    def context(self, slot: int) -> ContextEntry:
+    def _context(self, slot: int) -> ContextEntry:
         """The valid, present context of ``slot`` (cached), else ``_CtxFault``."""
         cached = self._contexts.get(slot)
         if cached is not None:

@@ -87,7 +87,7 @@ class PageTable(Generic[V, OA, T]):
         *,
         table_addr: Callable[[int], T],
         out_addr: Callable[[int], OA],
-        pgsize_bitmap_: int | None = None,
+        page_sizes: int | None = None,
     ) -> None:
         self.fmt = fmt
         self._mem = mem
@@ -95,7 +95,7 @@ class PageTable(Generic[V, OA, T]):
         self._ta = table_addr
         self._out = out_addr
         full = pgsize_bitmap(fmt)
-        self.pgsize_bitmap = full if pgsize_bitmap_ is None else pgsize_bitmap_ & full
+        self.pgsize_bitmap = full if page_sizes is None else page_sizes & full
         if not self.pgsize_bitmap & PAGE_SIZE:
             raise ValueError("the page-size bitmap must include 4 KiB")
         self._root = int(frames.alloc_table())
@@ -291,22 +291,22 @@ class PageTable(Generic[V, OA, T]):
 
 # -- the three tables of the system -------------------------------------------
 def stage1_table(
-    fmt: PtFormat, ram: GuestRam, frames: FrameAllocator[Gpa], **kw: int | None
+    fmt: PtFormat, ram: GuestRam, frames: FrameAllocator[Gpa], page_sizes: int | None = None
 ) -> PageTable[Iova, Gpa, Gpa]:
     """A guest's stage-1 (IOVA -> GPA) table in its own RAM."""
-    return PageTable(fmt, ram, frames, table_addr=Gpa, out_addr=Gpa, **kw)
+    return PageTable(fmt, ram, frames, table_addr=Gpa, out_addr=Gpa, page_sizes=page_sizes)
 
 
 def stage2_table(
-    fmt: PtFormat, host: HostMemory, frames: FrameAllocator[Hpa], **kw: int | None
+    fmt: PtFormat, host: HostMemory, frames: FrameAllocator[Hpa], page_sizes: int | None = None
 ) -> PageTable[Gpa, Hpa, Hpa]:
     """The hypervisor's stage-2 (GPA -> HPA) table of a partition, in bank 0."""
-    return PageTable(fmt, host, frames, table_addr=Hpa, out_addr=Hpa, **kw)
+    return PageTable(fmt, host, frames, table_addr=Hpa, out_addr=Hpa, page_sizes=page_sizes)
 
 
 def direct_table(
-    fmt: PtFormat, host: HostMemory, frames: FrameAllocator[Hpa], **kw: int | None
+    fmt: PtFormat, host: HostMemory, frames: FrameAllocator[Hpa], page_sizes: int | None = None
 ) -> PageTable[Iova, Hpa, Hpa]:
     """A domain-private IOVA -> HPA table the hypervisor fills on map hypercalls
     (the emulated baseline), in bank 0."""
-    return PageTable(fmt, host, frames, table_addr=Hpa, out_addr=Hpa, **kw)
+    return PageTable(fmt, host, frames, table_addr=Hpa, out_addr=Hpa, page_sizes=page_sizes)

@@ -23,6 +23,9 @@ SNP = 1 << 11
 TM = 1 << 62
 ADDR_MASK = ((1 << 52) - 1) & ~((1 << TABLE_LG2) - 1)
 
+#: entry_perm by R/W bits, prebuilt: enum arithmetic per entry is slow
+_PERM_OF_RW = (Perm.NONE, Perm.READ, Perm.WRITE, Perm.READ | Perm.WRITE)
+
 #: AW field value of the PASID entry for each level count.
 AW_OF_LEVELS = {3: 1, 4: 2, 5: 3}
 LEVELS_OF_AW = {aw: levels for levels, aw in AW_OF_LEVELS.items()}
@@ -77,24 +80,16 @@ class VtdSsFormat:
         return entry & ADDR_MASK & ~((1 << (12 + 9 * level)) - 1)
 
     def entry_perm(self, entry: int, level: int) -> Perm:
-        perm = Perm.NONE
-        if entry & R:
-            perm |= Perm.READ
-        if entry & W:
-            perm |= Perm.WRITE
-        return perm
+        return _PERM_OF_RW[entry & (R | W)]
 
     def make_table(self, table_addr: int) -> int:
         return (table_addr & ADDR_MASK) | R | W
 
     def make_leaf(self, oa: int, level: int, perm: Perm) -> int:
-        if not perm & (Perm.READ | Perm.WRITE):
+        rw = int(perm) & 3  # Perm.READ = 1 = R, Perm.WRITE = 2 = W
+        if not rw:
             raise ValueError("a second-stage leaf needs READ or WRITE (R=W=0 means not present)")
-        entry = oa & ADDR_MASK
-        if perm & Perm.READ:
-            entry |= R
-        if perm & Perm.WRITE:
-            entry |= W
+        entry = (oa & ADDR_MASK) | rw
         if level:
             entry |= PS
         return entry

@@ -39,6 +39,23 @@ ADDR_MASK = ((1 << 52) - 1) & ~((1 << TABLE_LG2) - 1)  # bits 51:12
 _LEAF_LEVELS = (0, 1, 2)
 
 
+def _perm_of(key: int) -> Perm:
+    """Perm of an entry whose RW, US, XD bits are bits 0, 1, 2 of ``key``."""
+    perm = Perm.READ
+    if key & 1:
+        perm |= Perm.WRITE
+    if not key & 2:
+        perm |= Perm.PRIV
+    if not key & 4:
+        perm |= Perm.EXEC
+    return perm
+
+
+#: prebuilt: enum arithmetic per entry is slow in a walker's hot loop
+_PERMS = tuple(_perm_of(key) for key in range(8))
+_WRITE, _EXEC, _PRIV = (int(p) for p in (Perm.WRITE, Perm.EXEC, Perm.PRIV))
+
+
 class X86_64Format:
     """x86-64 4-level (48-bit) or 5-level (57-bit) paging."""
 
@@ -83,27 +100,21 @@ class X86_64Format:
         return entry & ADDR_MASK & ~((1 << (12 + 9 * level)) - 1)
 
     def entry_perm(self, entry: int, level: int) -> Perm:
-        perm = Perm.READ
-        if entry & RW:
-            perm |= Perm.WRITE
-        if not entry & XD:
-            perm |= Perm.EXEC
-        if not entry & US:
-            perm |= Perm.PRIV
-        return perm
+        return _PERMS[((entry >> 1) & 3) | ((entry >> 61) & 4)]
 
     def make_table(self, table_addr: int) -> int:
         return (table_addr & ADDR_MASK) | P | RW | US | A
 
     def make_leaf(self, oa: int, level: int, perm: Perm) -> int:
+        p = int(perm)
         entry = (oa & ADDR_MASK) | P | A
-        if not perm & Perm.PRIV:
+        if not p & _PRIV:
             entry |= US
-        if perm & Perm.WRITE:
+        if p & _WRITE:
             entry |= RW | D
         if level:
             entry |= PS
-        if not perm & Perm.EXEC:
+        if not p & _EXEC:
             entry |= XD
         return entry
 
