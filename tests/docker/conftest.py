@@ -114,7 +114,8 @@ class DockerHost:
                 if state["Status"] == "exited":
                     raise AssertionError(f"{name} exited:\n{c.logs(tail=50).decode(errors='replace')}")
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"{name} not healthy in {timeout}s:\n{c.logs(tail=50).decode(errors='replace')}")
+                    tail = c.logs(tail=50).decode(errors="replace")
+                    raise AssertionError(f"{name} not healthy in {timeout}s:\n{tail}")
                 time.sleep(0.5)
 
     def read_file(self, name: str, path: str) -> str:
