@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the services running until Ctrl-C")
     p.add_argument("--json", action="store_true", help="print a machine-readable result")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--lazy", action="store_true",
+                   help="guests batch IOTLB flushes (Linux DMA_FQ) instead of flushing on every unmap")
     add_dmatest_options(p)
     p.set_defaults(func=cmd_run)
 

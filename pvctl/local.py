@@ -183,7 +183,8 @@ def run_local(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     show_progress = console.is_terminal and not args.no_progress and not args.json
-    system = VirtualSystem(args.guests, args.devices, parse_size(args.memory), args.memory_dir)
+    system = VirtualSystem(args.guests, args.devices, parse_size(args.memory), args.memory_dir,
+                           guest_args=["--lazy"] if args.lazy else None)
     results: dict[int, guest_pb2.DmatestResult] = {}
     errors: dict[int, str] = {}
     try:

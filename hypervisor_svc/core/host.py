@@ -26,10 +26,10 @@ from hypervisor_svc.core.model import Device, Domain, Partition
 from pviommu.abi.hv import build_logical_device_id
 from pviommu.abi.hv_status import HvStatus
 from pviommu.addr import SZ_2M, Gpa
-from pviommu.errors import HvError
+from pviommu.errors import HvError, PviommuError
 from pviommu.iommu.context import CONTEXT_ENTRY_SIZE, ContextEntry, context_hpa
 from pviommu.log import get_logger
-from pviommu.mem.bank import HYPERVISOR_BANK, HostMemory
+from pviommu.mem.bank import BANK_WINDOW_LG2, HYPERVISOR_BANK, HostMemory
 from pviommu.rpc.auth import Principal, new_token, tokens_equal
 
 log = get_logger("hypervisor")
@@ -125,9 +125,10 @@ class Host:
     # ------------------------------------------------------------------ partitions
     def create_partition(self, name: str, memory_bytes: int, holes: Iterable[tuple[int, int]] = (),
                          read_only: Iterable[tuple[int, int]] = ()) -> Partition:
-        if memory_bytes <= 0 or memory_bytes % SZ_2M:
+        if memory_bytes <= 0 or memory_bytes % SZ_2M or memory_bytes >= 1 << BANK_WINDOW_LG2:
             raise HvError(HvStatus.INVALID_PARAMETER,
-                          f"memory size {memory_bytes:#x} must be a positive multiple of 2 MiB")
+                          f"memory size {memory_bytes:#x} must be a positive multiple of 2 MiB below "
+                          f"{1 << BANK_WINDOW_LG2:#x} (one bank window)")
         holes, read_only = list(holes), list(read_only)
         for gpa, size in [*holes, *read_only]:
             if gpa % 4096 or size % 4096 or size <= 0 or gpa + size > memory_bytes:
@@ -241,6 +242,14 @@ class Host:
                     dom.devices.discard(dev.logical_device_id)
                 part.devices.discard(dev.logical_device_id)
         self.tables.write_context(dev.slot, ContextEntry.blocked())
+        # A live unit still caches the old context and the domain's translations: make it drop
+        # them, or the forgotten device keeps DMA access (best effort: a gone unit caches nothing).
+        for scope, tag in [("context", 0), *(("domain", t) for t in sorted(dev.tags))]:
+            try:
+                self._invalidate(dev, scope, tag)
+            except PviommuError as exc:
+                log.warning("device.forget_unacknowledged", device=dev.logical_device_id, error=str(exc))
+                break
         del self.devices[dev.logical_device_id]
         log.info("device.forgotten", device=dev.logical_device_id, name=dev.name)
 

@@ -1,0 +1,203 @@
+"""The agent: one guest's driver stack assembled, with one plain method per
+API operation (the servicer only decodes and encodes around these).
+
+Owns: the guest's RAM (its bank only), the page allocator, the IOMMU driver,
+the DMA API and one DSA driver per device behind the pvIOMMU.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from guest_agent.dma.api import Direction, DmaApi, DmaMapping
+from guest_agent.dma.pages import GuestMemory
+from guest_agent.driver.domain import Domain, DomainKind, FlushMode, UnmapResult
+from guest_agent.driver.hypercalls import HvClient
+from guest_agent.driver.pviommu import DeviceState, PvIommu
+from guest_agent.driver.stats import Stats
+from guest_agent.dsa.dmatest import Dmatest, DmatestOutcome, DmatestParams
+from guest_agent.dsa.driver import DsaDriver, check_record_gpa, wait_completion
+from guest_agent.errors import DeviceCommandFailed, InvalidRequest, NotFound
+from pviommu.abi.dsa import COMP_SIZE, CompletionRecord
+from pviommu.addr import PAGE_SIZE, Gpa, Iova
+from pviommu.log import get_logger
+from pviommu.mem.bank import Bank, GuestRam
+
+log = get_logger("guest.agent")
+
+
+def open_bank(path: str | Path) -> Bank:
+    """Map this guest's own bank file (``bank-NNNNN.mem``; NNNNN = partition id)."""
+    p = Path(path)
+    m = re.search(r"(\d+)", p.stem)
+    index = int(m.group(1)) if m else 0
+    return Bank(p, index, p.stat().st_size)
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    accepted: bool
+    record: CompletionRecord | None
+
+
+class Agent:
+    """A guest's IOMMU driver, DMA layer and DSA drivers."""
+
+    def __init__(self, hv_channel: grpc.Channel, token: str, bank: Bank, *, mode: FlushMode = FlushMode.STRICT,
+                 allow_no_iommu: bool = False, reserved_low: int = 1 << 20) -> None:
+        self.token = token
+        self.bank = bank
+        self.partition_id = bank.index
+        self.ram = GuestRam(bank)
+        self.memory = GuestMemory(self.ram, reserved_low=reserved_low)
+        self.stats = Stats()
+        self.hv = HvClient(hv_channel)
+        self.iommu = PvIommu(self.hv, self.ram, self.memory.frames, self.stats, mode=mode,
+                             allow_no_iommu=allow_no_iommu)
+        self.dma = DmaApi(self.iommu, self.memory)
+        self.dsa: dict[int, DsaDriver] = {}
+        self._dsa_lock = threading.Lock()
+        self._mappings: dict[tuple[int, int], DmaMapping] = {}  # (domain id, bus address) -> mapping
+        self._map_lock = threading.Lock()
+
+    # -- life cycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        self.iommu.init()
+
+    def close(self) -> None:
+        for drv in list(self.dsa.values()):
+            drv.close()
+        self.iommu.shutdown()
+
+    # -- devices ---------------------------------------------------------------------------
+    def dsa_driver(self, logical_device_id: int) -> DsaDriver:
+        """The device's DSA driver, probed on first use (the device service
+        may come up after the agent)."""
+        dev = self.iommu.device(logical_device_id)
+        with self._dsa_lock:
+            drv = self.dsa.get(logical_device_id)
+            if drv is None:
+                drv = DsaDriver(dev.logical_device_id, dev.name, dev.control_address, self.token, self.ram, dev.index)
+                try:
+                    drv.probe()
+                except (grpc.RpcError, ConnectionError) as exc:
+                    drv.close()
+                    raise DeviceCommandFailed(f"device {dev.name} at {dev.control_address} did not answer: "
+                                              f"{exc}") from exc
+                self.dsa[logical_device_id] = drv
+            return drv
+
+    def channels(self) -> list[tuple[DsaDriver, DeviceState]]:
+        out = []
+        for dev in sorted(self.iommu.devices.values(), key=lambda d: d.index):
+            if not dev.behind_pviommu and self.iommu.geometry is not None:
+                continue
+            out.append((self.dsa_driver(dev.logical_device_id), dev))
+        return out
+
+    def target_domain(self, logical_device_id: int, domain_id: int) -> Domain:
+        if logical_device_id:
+            dev = self.iommu.device(logical_device_id)
+            return self.dma.domain_of(dev)
+        if domain_id:
+            return self.iommu.domain(domain_id)
+        raise InvalidRequest("name a device (logical_device_id) or a domain (domain_id)")
+
+    # -- memory ----------------------------------------------------------------------------
+    def alloc_buffer(self, size: int) -> tuple[Gpa, int]:
+        gpa = self.memory.alloc(size)
+        return gpa, size
+
+    def free_buffer(self, gpa: int) -> None:
+        self.memory.free(Gpa(gpa))
+
+    # -- map / unmap / flush ------------------------------------------------------------------
+    def map(self, logical_device_id: int, domain_id: int, gpa: int, size: int, direction: Direction,
+            iova: int = 0) -> DmaMapping:
+        dom = self.target_domain(logical_device_id, domain_id)
+        m = self.dma.map_in(dom, gpa, size, direction, Iova(iova) if iova else None)
+        with self._map_lock:
+            self._mappings[(dom.domain_id, m.dma_addr)] = m
+        return m
+
+    def unmap(self, logical_device_id: int, domain_id: int, iova: int, size: int, skip_flush: bool) -> UnmapResult:
+        dom = self.target_domain(logical_device_id, domain_id)
+        with self._map_lock:
+            m = self._mappings.pop((dom.domain_id, iova), None)
+        if m is not None:
+            return self.dma.unmap(m, skip_flush=skip_flush)
+        if iova % PAGE_SIZE:
+            raise NotFound(f"no mapping at IOVA {iova:#x} in domain {dom.domain_id}")
+        return dom.dma_unmap(Iova(iova), size, skip_flush=skip_flush)
+
+    def flush(self, logical_device_id: int, domain_id: int) -> None:
+        self.target_domain(logical_device_id, domain_id).flush()
+
+    # -- domains ----------------------------------------------------------------------------
+    def create_domain(self, kind: str) -> Domain:
+        try:
+            k = DomainKind(kind or "paging")
+        except ValueError as exc:
+            raise InvalidRequest(f"domain kind {kind!r}: 'paging' or 'baseline'") from exc
+        return self.iommu.new_domain(k)
+
+    def delete_domain(self, domain_id: int) -> None:
+        dom = self.iommu.domain(domain_id)
+        self.iommu.delete_domain(dom)
+        with self._map_lock:
+            for key in [k for k in self._mappings if k[0] == domain_id]:
+                del self._mappings[key]
+
+    def attach(self, domain_id: int, logical_device_id: int) -> None:
+        self.iommu.attach(self.iommu.device(logical_device_id), self.iommu.domain(domain_id))
+
+    def detach(self, logical_device_id: int) -> None:
+        self.iommu.detach(self.iommu.device(logical_device_id))
+
+    # -- descriptors --------------------------------------------------------------------------
+    def submit_descriptor(self, logical_device_id: int, wq_id: int | None, descriptor: bytes, wait: bool,
+                          timeout_ms: int, completion_gpa: int) -> SubmitResult:
+        drv = self.dsa_driver(logical_device_id)
+        if wait:
+            check_record_gpa(completion_gpa)
+            self.memory.check(completion_gpa, COMP_SIZE)
+        accepted = drv.submit(descriptor, wq_id)
+        if not accepted or not wait:
+            return SubmitResult(accepted, None)
+        rec = wait_completion(self.ram, Gpa(completion_gpa), (timeout_ms or 3000) / 1000)
+        return SubmitResult(True, rec)
+
+    # -- dmatest --------------------------------------------------------------------------------
+    def run_dmatest(self, params: DmatestParams, emit: Callable[[str], None] | None = None,
+                    progress: Callable[[int], None] | None = None,
+                    started: Callable[[Dmatest], None] | None = None) -> DmatestOutcome:
+        self.iommu.rescan()
+        test = Dmatest(self.iommu, self.dma, self.memory, self.channels(), params, emit, progress)
+        if started is not None:
+            started(test)
+        outcome = test.run()
+        log.info("dmatest.done", summary=outcome.summary, design=params.design, tests=outcome.tests,
+                 failures=outcome.failures)
+        return outcome
+
+    # -- stats ------------------------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        c = self.stats.snapshot()
+        for call, n in self.hv.counts.items():
+            c[f"hypercall_{call}"] = n
+        c["hypercalls"] = sum(n for k, n in self.hv.counts.items() if k != "refused")
+        c["table_frames"] = self.iommu.table_frames()
+        c["iova_allocated"] = self.iommu.iova_allocated()
+        c["frames_allocated"] = self.memory.frames.allocated_frames
+        c["buffers"] = self.memory.buffers
+        c["domains"] = len(self.iommu.domains)
+        c["pending_unmaps"] = sum(getattr(d, "pending", lambda: 0)() for d in self.iommu.domains.values())
+        for key in ("maps", "unmaps", "flushes", "flush_list"):
+            c.setdefault(key, 0)
+        return c

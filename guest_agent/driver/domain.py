@@ -1,0 +1,478 @@
+"""Domains of the guest driver: blocked, identity, paging (nested) and baseline.
+
+A domain owns what Linux splits between ``iommu_domain`` and the dma-iommu
+cookie: its translation (stage-1 table in guest RAM, or the hypervisor's S2
+table for the baseline), its IOVA allocator, and the rule for *when* an
+unmapped IOVA and the table pages that held it may be reused:
+
+* **strict** (``iommu.strict=1``): every unmap gathers its range and flushes
+  it before returning (FlushDeviceDomainList with the one power-of-two range
+  of ``gather.psi()``, or FlushDeviceDomain when that is refused or wide);
+  only then are the freed table pages and the IOVA released.
+* **lazy** (``IOMMU_DOMAIN_DMA_FQ``): unmaps queue ``(iova, freelist)`` and a
+  batch is flushed with one domain-wide flush every ``fq_size`` entries or
+  ``fq_timeout`` seconds; releases wait for that flush. This is what makes
+  map/unmap-heavy work (dmatest) cheap: one hypercall per batch.
+* ``skip_flush`` (API option): the range is unmapped but *not* flushed, so a
+  device may still hit the stale IOTLB entry. Its IOVA and table pages are
+  quarantined until an explicit ``flush()``; reusing them earlier would let
+  the device write into a new owner's memory.
+
+The order "flush, then free table pages, then release IOVA" is the one
+Linux's ``iommu_iotlb_sync`` + ``iommu_put_pages_list`` enforce: an IOMMU may
+still be walking a table page until the flush has completed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
+from typing import Any
+
+from guest_agent.driver.hypercalls import DomainSettings, HvClient
+from guest_agent.driver.iova import RCACHE_MAX_PAGES, IovaAllocator, roundup_pow_of_two
+from guest_agent.driver.stats import Stats
+from guest_agent.errors import HypercallFailed, InvalidRequest
+from pviommu.abi import hv
+from pviommu.addr import MSI_WINDOW_LAST, MSI_WINDOW_START, PAGE_SHIFT, PAGE_SIZE, Gpa, Iova
+from pviommu.log import get_logger
+from pviommu.mem.bank import GuestRam
+from pviommu.mem.frames import FrameAllocator
+from pviommu.pt.common import Perm, PtFeature
+from pviommu.pt.fmt.x86_64 import X86_64Format
+from pviommu.pt.gather import IotlbGather
+from pviommu.pt.walk import PageTable, stage1_table
+
+log = get_logger("guest.domain")
+
+#: Above this many pages a page-selective flush is replaced by a domain flush.
+PSI_MAX_PAGES = 512
+#: Lazy mode: flush after this many queued unmaps (Linux IOVA_FQ_SIZE) ...
+FQ_SIZE = 256
+#: ... or this long after the first queued one (Linux IOVA_FQ_TIMEOUT, 10 ms).
+FQ_TIMEOUT_S = 0.010
+
+
+class FlushMode(Enum):
+    STRICT = "strict"
+    LAZY = "lazy"
+
+
+class DomainKind(StrEnum):
+    BLOCKED = "blocked"
+    IDENTITY = "identity"
+    PAGING = "paging"
+    BASELINE = "baseline"
+    NONE = "none"  # no IOMMU (--allow-no-iommu): DMA addresses are GPAs
+
+
+@dataclass
+class UnmapResult:
+    unmapped: int
+    flushed: bool
+
+
+@dataclass
+class _Pending:
+    """An unmapped range waiting for the flush that makes it reusable."""
+
+    iova: Iova | None  # IOVA allocation to release (None: nothing to release)
+    gather: IotlbGather[Gpa] = field(default_factory=IotlbGather)
+
+
+def iova_pages(size: int) -> int:
+    """Pages of IOVA for a mapping of ``size`` bytes; dma-iommu rounds sizes
+    below the rcache limit to a power of two so freed blocks are reusable."""
+    pages = max(1, (size + PAGE_SIZE - 1) >> PAGE_SHIFT)
+    return roundup_pow_of_two(pages) if pages < RCACHE_MAX_PAGES else pages
+
+
+def in_msi_window(first: int, last: int) -> bool:
+    return first <= MSI_WINDOW_LAST and MSI_WINDOW_START <= last
+
+
+class Domain:
+    """Common state; subclasses implement the translation."""
+
+    kind: DomainKind
+    hv_type: int = hv.DeviceDomainType.S1
+    static = False
+
+    def __init__(self, domain_id: int, hvc: HvClient | None, stats: Stats) -> None:
+        self.domain_id = domain_id
+        self.hv = hvc
+        self.stats = stats
+        self.devices: set[int] = set()
+        self.mapped_bytes = 0
+        self.log = log.bind(domain=domain_id, kind=self.kind.value)
+
+    # -- DMA-API surface (overridden by translating domains) ---------------------
+    @property
+    def iovad(self) -> IovaAllocator | None:
+        return None
+
+    @property
+    def table_pages(self) -> int:
+        return 0
+
+    @property
+    def root_gpa(self) -> int:
+        return 0
+
+    def dma_map(self, gpa: Gpa, size: int, perm: Perm, iova: Iova | None = None) -> Iova:
+        """Map page-aligned ``[gpa, gpa+size)``; returns its IOVA."""
+        raise InvalidRequest(f"domain {self.domain_id} ({self.kind.value}) has no mappings")
+
+    def dma_unmap(self, iova: Iova, size: int, *, skip_flush: bool = False) -> UnmapResult:
+        raise InvalidRequest(f"domain {self.domain_id} ({self.kind.value}) has no mappings")
+
+    def flush(self) -> None:
+        """Domain-wide IOTLB flush; releases everything waiting for one."""
+        if self.hv is not None and self.kind is not DomainKind.NONE:
+            self.hv.flush_domain(self.hv_type, self.domain_id)
+            self.stats.add("flushes")
+
+    def translate(self, iova: Iova) -> Gpa | None:
+        return None
+
+    def destroy(self) -> None:
+        """Free guest memory after the hypervisor deleted the domain."""
+
+
+class BlockedDomain(Domain):
+    """translation_enabled=1, blocked=1: every DMA faults (the release domain)."""
+
+    kind = DomainKind.BLOCKED
+    static = True
+
+
+class IdentityDomain(Domain):
+    """translation_enabled=0: stage 1 bypassed, IOVA = GPA (one static domain,
+    as Jacob Pan noted: identity is hardware pass-through)."""
+
+    kind = DomainKind.IDENTITY
+    static = True
+
+    def dma_map(self, gpa: Gpa, size: int, perm: Perm, iova: Iova | None = None) -> Iova:
+        if iova is not None and int(iova) != int(gpa):
+            raise InvalidRequest("an identity domain maps IOVA = GPA only")
+        return Iova(gpa)
+
+    def dma_unmap(self, iova: Iova, size: int, *, skip_flush: bool = False) -> UnmapResult:
+        return UnmapResult(size, False)
+
+    def translate(self, iova: Iova) -> Gpa | None:
+        return Gpa(iova)
+
+
+class DirectDomain(IdentityDomain):
+    """No IOMMU at all (--allow-no-iommu): dma-direct, bus address = GPA."""
+
+    kind = DomainKind.NONE
+
+
+class _TranslatingDomain(Domain):
+    """A domain with an IOVA allocator and deferred reuse of unmapped ranges."""
+
+    def __init__(self, domain_id: int, hvc: HvClient, stats: Stats, iova_limit: int, mode: FlushMode) -> None:
+        super().__init__(domain_id, hvc, stats)
+        self._iovad = IovaAllocator(iova_limit)
+        self.mode = mode
+        self._lock = threading.Lock()
+        self._pending_lock = threading.Lock()
+        self._quarantine: list[_Pending] = []
+        self._fq: list[_Pending] = []
+        self._fq_cv = threading.Condition(self._pending_lock)
+        self._fq_first = 0.0
+        self._fq_thread: threading.Thread | None = None
+        self._closed = False
+        self._lengths: dict[int, int] = {}  # IOVA of each live mapping -> bytes mapped
+        self._inflight = 0  # unmaps taken off the queues whose flush has not finished
+
+    @property
+    def iovad(self) -> IovaAllocator:
+        return self._iovad
+
+    # -- allocation of IOVA ------------------------------------------------------------
+    def _take_iova(self, size: int, iova: Iova | None) -> Iova:
+        pages = iova_pages(size)
+        if iova is None:
+            return self._iovad.alloc(pages)
+        if iova % PAGE_SIZE:
+            raise InvalidRequest(f"IOVA {iova:#x} is not page aligned")
+        if in_msi_window(iova, iova + size - 1):
+            raise InvalidRequest(f"IOVA {iova:#x}+{size:#x} overlaps the MSI window "
+                                 f"{MSI_WINDOW_START:#x}-{MSI_WINDOW_LAST:#x}")
+        self._iovad.claim(iova, max(1, (size + PAGE_SIZE - 1) >> PAGE_SHIFT))
+        return iova
+
+    def _release(self, batch: list[_Pending]) -> None:
+        """After a flush covered ``batch``: free table pages, then IOVAs."""
+        for p in batch:
+            self._free_tables(p.gather)
+            if p.iova is not None:
+                self._iovad.free(p.iova)
+
+    def _free_tables(self, gather: IotlbGather[Gpa]) -> None:
+        """Nothing to free by default (the baseline's tables are the hypervisor's)."""
+
+    # -- flush -------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Domain-wide flush, then release every queued and quarantined range."""
+        with self._pending_lock:
+            batch = self._fq + self._quarantine
+            self._fq, self._quarantine = [], []
+            self._inflight += len(batch)
+        try:
+            super().flush()
+        except HypercallFailed:
+            with self._pending_lock:
+                self._quarantine.extend(batch)
+                self._inflight -= len(batch)
+            raise
+        self._release(batch)
+        with self._pending_lock:
+            self._inflight -= len(batch)
+        self.log.debug("domain.flushed", released=len(batch))
+
+    def pending(self) -> int:
+        """Unmapped ranges not yet reusable (queued + quarantined)."""
+        with self._pending_lock:
+            return len(self._fq) + len(self._quarantine) + self._inflight
+
+    def _defer(self, p: _Pending, skip_flush: bool) -> None:
+        with self._pending_lock:
+            if skip_flush:
+                self._quarantine.append(p)
+                self.stats.add("unmaps_skip_flush")
+                return
+            if not self._fq:
+                self._fq_first = time.monotonic()
+            self._fq.append(p)
+            full = len(self._fq) >= FQ_SIZE
+            if self._fq_thread is None:
+                self._fq_thread = threading.Thread(target=self._fq_loop, name=f"fq-{self.domain_id}", daemon=True)
+                self._fq_thread.start()
+            self._fq_cv.notify()
+        if full:
+            self._fq_flush()
+
+    def _fq_flush(self) -> None:
+        """Flush the lazy queue once (Linux fq_flush_timeout / queue full)."""
+        with self._pending_lock:
+            batch, self._fq = self._fq, []
+            self._inflight += len(batch)
+        if not batch:
+            return
+        try:
+            super().flush()
+        except HypercallFailed as exc:
+            self.log.warning("domain.fq_flush_failed", error=str(exc), entries=len(batch))
+            with self._pending_lock:
+                self._quarantine.extend(batch)
+                self._inflight -= len(batch)
+            return
+        self.stats.add("fq_batches")
+        self._release(batch)
+        with self._pending_lock:
+            self._inflight -= len(batch)
+
+    def _fq_loop(self) -> None:
+        while True:
+            with self._pending_lock:
+                while not self._fq and not self._closed:
+                    self._fq_cv.wait()
+                if self._closed:
+                    return
+                wait = self._fq_first + FQ_TIMEOUT_S - time.monotonic()
+                if wait > 0:
+                    self._fq_cv.wait(wait)
+                    continue
+            self._fq_flush()
+
+    def close(self) -> None:
+        """Flush what is queued and stop the flush-queue thread."""
+        with self._pending_lock:
+            self._closed = True
+            self._fq_cv.notify_all()
+        if self._fq_thread is not None:
+            self._fq_thread.join(2)
+
+    # -- map / unmap --------------------------------------------------------------------
+    def dma_map(self, gpa: Gpa, size: int, perm: Perm, iova: Iova | None = None) -> Iova:
+        if gpa % PAGE_SIZE or size <= 0:
+            raise InvalidRequest(f"map {gpa:#x}+{size:#x}: GPA must be page aligned and size > 0")
+        length = (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        base = self._take_iova(length, iova)
+        try:
+            self._map(base, gpa, length, perm)
+        except BaseException:
+            self._iovad.free(base, cached=False)
+            raise
+        with self._pending_lock:
+            self._lengths[int(base)] = length
+        self.stats.add("maps")
+        self.mapped_bytes += length
+        return base
+
+    def dma_unmap(self, iova: Iova, size: int, *, skip_flush: bool = False) -> UnmapResult:
+        """Unmap a mapping made by ``dma_map`` (from its start). Its IOVA is
+        released only when the whole mapping is gone and a flush covered it."""
+        if iova % PAGE_SIZE or size <= 0:
+            raise InvalidRequest(f"unmap {iova:#x}+{size:#x}: IOVA must be page aligned and size > 0")
+        length = (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        with self._pending_lock:
+            mapped = self._lengths.get(int(iova))
+            if mapped is None:
+                raise InvalidRequest(f"IOVA {iova:#x} is not the start of a mapping of domain {self.domain_id}")
+            whole = length >= mapped
+            if whole:
+                del self._lengths[int(iova)]
+        p = _Pending(iova if whole else None)
+        try:
+            unmapped, flushed = self._unmap(iova, length, p.gather, skip_flush)
+        except HypercallFailed:
+            with self._pending_lock:  # unmapped but not known flushed: never reuse until a flush
+                self._quarantine.append(p)
+            raise
+        self.stats.add("unmaps")
+        self.mapped_bytes -= unmapped
+        if flushed:
+            self._release([p])
+        else:
+            self._defer(p, skip_flush)
+        return UnmapResult(unmapped, flushed)
+
+    def _map(self, iova: Iova, gpa: Gpa, length: int, perm: Perm) -> None:
+        raise NotImplementedError
+
+    def _unmap(self, iova: Iova, length: int, gather: IotlbGather[Gpa], skip_flush: bool) -> tuple[int, bool]:
+        raise NotImplementedError
+
+
+class PagingDomain(_TranslatingDomain):
+    """A DMA domain whose stage-1 (IOVA -> GPA) table the guest builds in its RAM."""
+
+    kind = DomainKind.PAGING
+
+    def __init__(self, domain_id: int, hvc: HvClient, stats: Stats, *, ram: GuestRam,
+                 frames: FrameAllocator[Gpa], levels: int, pgsize_bitmap: int, iova_width: int,
+                 mode: FlushMode) -> None:
+        fmt = X86_64Format(levels=levels)
+        # x86-64 stage 1 is sign-extended: with bit (width-1) set an IOVA is
+        # non-canonical unless sign-extended, so DMA uses the lower half.
+        limit = 1 << (min(iova_width, fmt.vasz_lg2) - (1 if fmt.features & PtFeature.SIGN_EXTEND else 0))
+        super().__init__(domain_id, hvc, stats, limit, mode)
+        self.frames = frames
+        self.table: PageTable[Iova, Gpa, Gpa] = stage1_table(fmt, ram, frames, pgsize_bitmap)
+        self.levels = levels
+
+    @property
+    def table_pages(self) -> int:
+        return self.table.table_pages
+
+    @property
+    def root_gpa(self) -> int:
+        return int(self.table.root)
+
+    def settings(self) -> DomainSettings:
+        return DomainSettings(translation_enabled=True, blocked=False, five_level=self.levels == 5,
+                              page_table_root=int(self.table.root))
+
+    def _map(self, iova: Iova, gpa: Gpa, length: int, perm: Perm) -> None:
+        with self._lock:
+            self.table.map(iova, gpa, length, perm)
+
+    def _unmap(self, iova: Iova, length: int, gather: IotlbGather[Gpa], skip_flush: bool) -> tuple[int, bool]:
+        with self._lock:
+            unmapped = self.table.unmap(iova, length, gather)
+        if skip_flush or self.mode is FlushMode.LAZY:
+            return unmapped, False
+        self.flush_gather(gather)
+        return unmapped, True
+
+    def flush_gather(self, gather: IotlbGather[Gpa]) -> None:
+        """One page-selective flush of the gathered range; a domain flush when
+        it is wide or refused (the v1/v2 driver's fallback)."""
+        assert self.hv is not None
+        if gather.empty:
+            return
+        addr, am = gather.psi()
+        if 1 << am <= PSI_MAX_PAGES:
+            try:
+                self.hv.flush_domain_list(self.hv_type, self.domain_id, [(addr >> PAGE_SHIFT, am)])
+                self.stats.add("flush_list")
+                return
+            except HypercallFailed as exc:
+                self.stats.add("flush_list_refused")
+                self.log.info("domain.flush_list_refused", error=str(exc))
+        self.hv.flush_domain(self.hv_type, self.domain_id)
+        self.stats.add("flushes")
+
+    def _free_tables(self, gather: IotlbGather[Gpa]) -> None:
+        for table in gather.freelist:
+            self.frames.free_table(table)
+        gather.freelist = []
+
+    def translate(self, iova: Iova) -> Gpa | None:
+        with self._lock:
+            t = self.table.lookup(iova)
+        return None if t is None else t.oa
+
+    def destroy(self) -> None:
+        self.close()
+        with self._pending_lock:
+            batch, self._fq, self._quarantine = self._fq + self._quarantine, [], []
+        for p in batch:
+            self._free_tables(p.gather)
+        with self._lock:
+            self.table.destroy()
+
+
+class BaselineDomain(_TranslatingDomain):
+    """The emulated design: an S2 domain the hypervisor maps page by page
+    (MapDeviceGpaPages, one rep per 4 KiB page). The hypervisor owns the table
+    and flushes on unmap itself, so ``skip_flush`` cannot leave it stale."""
+
+    kind = DomainKind.BASELINE
+    hv_type = hv.DeviceDomainType.S2
+
+    def __init__(self, domain_id: int, hvc: HvClient, stats: Stats, *, iova_limit: int, mode: FlushMode) -> None:
+        super().__init__(domain_id, hvc, stats, iova_limit, FlushMode.STRICT)
+        self._pages: dict[int, tuple[int, int]] = {}  # iova page -> (gpa page, flags)
+
+    def _map(self, iova: Iova, gpa: Gpa, length: int, perm: Perm) -> None:
+        assert self.hv is not None
+        flags = (hv.MapFlags.READABLE if perm & Perm.READ else 0) | (hv.MapFlags.WRITABLE if perm & Perm.WRITE else 0)
+        n = length >> PAGE_SHIFT
+        first = gpa >> PAGE_SHIFT
+        self.hv.map_gpa_pages(self.domain_id, int(flags), iova, [first + i for i in range(n)])
+        self.stats.add("baseline_map_reps", n)
+        with self._lock:
+            for i in range(n):
+                self._pages[(iova >> PAGE_SHIFT) + i] = (first + i, int(flags))
+
+    def _unmap(self, iova: Iova, length: int, gather: IotlbGather[Gpa], skip_flush: bool) -> tuple[int, bool]:
+        assert self.hv is not None
+        n = length >> PAGE_SHIFT
+        self.hv.unmap_gpa_pages(self.domain_id, iova, n)
+        self.stats.add("baseline_unmap_reps", n)
+        with self._lock:
+            unmapped = sum(1 for i in range(n) if self._pages.pop((iova >> PAGE_SHIFT) + i, None) is not None)
+        return unmapped << PAGE_SHIFT, True
+
+    def translate(self, iova: Iova) -> Gpa | None:
+        with self._lock:
+            hit = self._pages.get(iova >> PAGE_SHIFT)
+        return None if hit is None else Gpa((hit[0] << PAGE_SHIFT) | (iova & (PAGE_SIZE - 1)))
+
+    def destroy(self) -> None:
+        self.close()
+
+
+def describe(d: Domain) -> dict[str, Any]:
+    """A plain summary (logs and the RPC layer)."""
+    return {"domain_id": d.domain_id, "kind": d.kind.value, "devices": sorted(d.devices),
+            "root_gpa": d.root_gpa, "mapped_bytes": d.mapped_bytes, "table_pages": d.table_pages}

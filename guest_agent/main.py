@@ -1,0 +1,154 @@
+"""``pviommu serve guest``: run one guest's agent.
+
+Maps only this guest's bank file, authenticates to the hypervisor (and to its
+devices) with the partition token, brings the IOMMU driver up (refusing to
+start without an IOMMU unless ``--allow-no-iommu``), then serves the
+``GuestAgent`` API to callers holding the same token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from guest_agent.agent import Agent, open_bank
+from guest_agent.driver.domain import FlushMode
+from guest_agent.errors import IommuAbsent
+from guest_agent.rpc.servicer import GuestAgentServicer
+from pviommu.errors import PviommuError
+from pviommu.log import bind_identity, configure, get_logger
+from pviommu.rpc.auth import Principal, tokens_equal
+from pviommu.rpc.client import connect
+from pviommu.rpc.server import RunningServer, Service, create_server
+from pviommu.v1 import guest_pb2_grpc
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--listen", default="127.0.0.1:50061", help="address to serve on (port 0 picks one)")
+    p.add_argument("--port-file", help="write the bound port here once serving")
+    p.add_argument("--hypervisor", required=True, help="address of the hypervisor service (host:port)")
+    p.add_argument("--bank-path", help="this guest's RAM bank file (from CreatePartition)")
+    p.add_argument("--token-file", help="file holding the partition token (default: $PVIOMMU_TOKEN)")
+    launcher = p.add_argument_group(
+        "launcher mode", "boot as a VM launcher would (docker-compose, Kubernetes): create this guest's partition "
+        "with the admin credential -- or, if it exists, reset it (a reboot) -- instead of taking a token and bank")
+    launcher.add_argument("--provision", metavar="NAME", help="partition name to create or reset")
+    launcher.add_argument("--memory", default="256M", help="RAM of a created partition (e.g. 256M, 1G)")
+    launcher.add_argument("--token-out", help="write the partition token here (for scripts and the scenario)")
+    launcher.add_argument("--admin-token-file", help="admin credential (default: $PVIOMMU_ADMIN_TOKEN)")
+    p.add_argument("--allow-no-iommu", action="store_true",
+                   help="run with untranslated DMA when no para-virtual IOMMU is offered (default: refuse)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--strict", dest="flush_mode", action="store_const", const="strict",
+                      help="flush the IOTLB on every unmap (default)")
+    mode.add_argument("--lazy", dest="flush_mode", action="store_const", const="lazy",
+                      help="batch IOTLB flushes (Linux DMA_FQ): IOVAs are reused only after the batch flush")
+    p.set_defaults(flush_mode="strict")
+
+
+def partition_token(args: argparse.Namespace) -> str:
+    if args.token_file:
+        return Path(args.token_file).read_text().strip()
+    token = os.environ.get("PVIOMMU_TOKEN", "")
+    if not token:
+        raise SystemExit("pviommu serve guest: set PVIOMMU_TOKEN or --token-file (there is no default credential)")
+    return token
+
+
+def provision(args: argparse.Namespace) -> tuple[str, str]:
+    """Create (or reset, if it exists) the partition named ``--provision``;
+    return its token and bank path. A reset reclaims everything a previous
+    boot set up (domains, attachments, faults) and zeroes the RAM."""
+    from pvctl.local import parse_size
+    from pviommu.v1 import admin_pb2, admin_pb2_grpc, common_pb2
+
+    admin_token = (Path(args.admin_token_file).read_text().strip() if args.admin_token_file
+                   else os.environ.get("PVIOMMU_ADMIN_TOKEN", ""))
+    if not admin_token:
+        raise SystemExit("pviommu serve guest --provision: set PVIOMMU_ADMIN_TOKEN or --admin-token-file")
+    channel = connect(args.hypervisor, admin_token, ready_timeout=60)
+    try:
+        admin = admin_pb2_grpc.AdminStub(channel)
+        existing = [p for p in admin.ListPartitions(common_pb2.Empty(), timeout=30).partitions
+                    if p.name == args.provision]
+        if existing:
+            reply = admin.ResetPartition(admin_pb2.PartitionRequest(partition_id=existing[0].partition_id), timeout=60)
+        else:
+            reply = admin.CreatePartition(admin_pb2.CreatePartitionRequest(
+                name=args.provision, memory_bytes=parse_size(args.memory)), timeout=60)
+        if reply.result.status != 0:
+            raise SystemExit(f"provisioning {args.provision} refused: {reply.result.status_name}: "
+                             f"{reply.result.message}")
+    finally:
+        channel.close()
+    if args.token_out:
+        out = Path(args.token_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(reply.token)
+        tmp.chmod(0o600)
+        tmp.rename(out)
+    return reply.token, reply.partition.bank_path
+
+
+def build(args: argparse.Namespace, token: str | None = None, listen: str | None = None) -> tuple[Agent, RunningServer]:
+    """Start the driver and its server (used by ``run`` and by tests)."""
+    token = token or partition_token(args)
+    channel = connect(args.hypervisor, token)
+    bank = open_bank(args.bank_path)
+    agent = Agent(channel, token, bank, mode=FlushMode(args.flush_mode), allow_no_iommu=args.allow_no_iommu)
+    bind_identity(partition=agent.partition_id)
+    try:
+        agent.start()
+    except BaseException:
+        channel.close()
+        bank.close()
+        raise
+
+    def resolve(candidate: str) -> Principal | None:
+        return Principal("partition", agent.partition_id) if tokens_equal(candidate, token) else None
+
+    server = create_server(listen or args.listen, [
+        Service(GuestAgentServicer(agent), guest_pb2_grpc.add_GuestAgentServicer_to_server, "pviommu.v1.GuestAgent"),
+    ], resolve=resolve, max_workers=32)
+    return agent, server
+
+
+def run(args: argparse.Namespace) -> int:
+    configure()
+    bind_identity(service="guest")
+    log = get_logger()
+    token = None
+    if args.provision:
+        token, args.bank_path = provision(args)
+    elif not args.bank_path:
+        print("pviommu serve guest: --bank-path (or --provision NAME) is required")
+        return 2
+    try:
+        agent, server = build(args, token)
+    except IommuAbsent as exc:
+        log.error("guest.no_iommu", error=str(exc))
+        print(f"pviommu serve guest: {exc}")
+        return 3
+    except (PviommuError, ConnectionError, FileNotFoundError) as exc:
+        log.error("guest.start_failed", error=str(exc))
+        print(f"pviommu serve guest: {exc}")
+        return 2
+    log.info("guest.serving", port=server.port, partition=agent.partition_id, mode=args.flush_mode,
+             devices=len(agent.iommu.devices))
+    if args.port_file:
+        tmp = Path(args.port_file + ".tmp")
+        tmp.write_text(str(server.port))
+        tmp.rename(args.port_file)
+
+    def shutdown() -> None:
+        log.info("guest.stopping")
+        server.health.enter_graceful_shutdown()
+        try:
+            agent.close()
+        except Exception as exc:  # keep shutting down
+            log.warning("guest.close_failed", error=str(exc))
+
+    server.wait_for_signal(on_stop=shutdown)
+    return 0

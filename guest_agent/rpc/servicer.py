@@ -1,0 +1,246 @@
+"""The ``pviommu.v1.GuestAgent`` service: glue between gRPC and ``Agent``.
+
+Each method requires the partition credential, decodes, calls the agent and
+encodes. Errors are ``PviommuError``s that escape to the ``grpc_errors``
+decorators (the one error -> gRPC mapping, HV status in the details); a
+refused hypercall therefore reaches the script as a clear error and the agent
+keeps serving.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from guest_agent.agent import Agent
+from guest_agent.dma.api import Direction
+from guest_agent.driver.domain import Domain, describe
+from guest_agent.dsa.dmatest import Dmatest, DmatestOutcome, DmatestParams
+from guest_agent.dsa.driver import status_name
+from pviommu.abi.hv import IommuCap
+from pviommu.log import get_logger
+from pviommu.rpc.auth import require
+from pviommu.rpc.status import grpc_errors, grpc_stream_errors
+from pviommu.v1 import common_pb2, guest_pb2, guest_pb2_grpc
+
+log = get_logger("guest.rpc")
+_DONE = object()
+
+
+def domain_message(d: Domain) -> guest_pb2.AgentDomain:
+    info = describe(d)
+    return guest_pb2.AgentDomain(domain_id=info["domain_id"], kind=info["kind"], devices=info["devices"],
+                                 root_gpa=info["root_gpa"], mapped_bytes=max(0, info["mapped_bytes"]),
+                                 table_pages=info["table_pages"])
+
+
+def dmatest_params(p: guest_pb2.DmatestParams) -> DmatestParams:
+    """Proto3 has no presence for scalars: 0 means "the default" where dmatest's default is not 0."""
+    return DmatestParams(
+        test_buf_size=p.test_buf_size or 16384, threads_per_chan=p.threads_per_chan or 1,
+        max_channels=p.max_channels, iterations=p.iterations, timeout=p.timeout or 3000,
+        noverify=p.noverify, norandom=p.norandom, alignment=p.alignment if p.alignment else -1,
+        transfer_size=p.transfer_size, polled=p.polled, design=p.design or "nested", seed=p.seed,
+        duration_s=p.duration_s)
+
+
+def dmatest_result(o: DmatestOutcome) -> guest_pb2.DmatestResult:
+    return guest_pb2.DmatestResult(
+        tests=o.tests, failures=o.failures, iops=o.iops, kb_per_s=o.kb_per_s, lines=o.lines, summary=o.summary,
+        runtime_s=o.runtime_s,
+        threads=[guest_pb2.DmatestThreadResult(thread=t.name, tests=t.tests, failures=t.failures,
+                                               iops=t.iops_fixpt / 256, kb_per_s=float(t.kbs), status=t.status)
+                 for t in o.threads])
+
+
+class GuestAgentServicer(guest_pb2_grpc.GuestAgentServicer):
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    @staticmethod
+    def _auth() -> None:
+        require("partition")
+
+    # -- inventory ---------------------------------------------------------------------
+    @grpc_errors
+    def GetIommuInfo(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._auth()
+        g = self.agent.iommu.geometry
+        info = guest_pb2.IommuInfo(present=g is not None, ram_bytes=self.agent.ram.size,
+                                   partition_id=self.agent.partition_id)
+        if g is not None:
+            info.iommu_cap, info.max_iova_width, info.iova_width = g.iommu_cap, g.max_iova_width, g.iova_width
+            info.pgsize_bitmap, info.five_level = g.pgsize_bitmap, bool(g.iommu_cap & IommuCap.S1_5LVL) and \
+                g.five_level
+        return info
+
+    @grpc_errors
+    def ListDevices(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._auth()
+        self.agent.iommu.rescan()
+        out = guest_pb2.AgentDevices()
+        for d in sorted(self.agent.iommu.devices.values(), key=lambda d: d.index):
+            dom = d.domain
+            out.devices.append(guest_pb2.AgentDevice(
+                logical_device_id=d.logical_device_id, name=d.name, control_address=d.control_address,
+                behind_pviommu=d.behind_pviommu, domain_id=dom.domain_id if dom else 0,
+                domain_kind=dom.kind.value if dom else "blocked"))
+        return out
+
+    @grpc_errors
+    def ListDomains(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._auth()
+        doms = sorted(self.agent.iommu.domains.values(), key=lambda d: d.domain_id)
+        return guest_pb2.AgentDomains(domains=[domain_message(d) for d in doms])
+
+    # -- memory ------------------------------------------------------------------------
+    @grpc_errors
+    def AllocBuffer(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._auth()
+        gpa, size = self.agent.alloc_buffer(request.size)
+        return guest_pb2.Buffer(gpa=gpa, size=size)
+
+    @grpc_errors
+    def FreeBuffer(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._auth()
+        self.agent.free_buffer(request.gpa)
+        return common_pb2.Empty()
+
+    @grpc_errors
+    def ReadMemory(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._auth()
+        return guest_pb2.Bytes(data=self.agent.memory.read(request.gpa, request.size))
+
+    @grpc_errors
+    def WriteMemory(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._auth()
+        self.agent.memory.write(request.gpa, bytes(request.data))
+        return common_pb2.Empty()
+
+    # -- mappings -----------------------------------------------------------------------
+    @grpc_errors
+    def Map(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._auth()
+        m = self.agent.map(request.logical_device_id, request.domain_id, request.gpa, request.size,
+                           Direction(request.direction), request.iova)
+        return guest_pb2.MapReply(iova=m.dma_addr, size=m.size)
+
+    @grpc_errors
+    def Unmap(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._auth()
+        r = self.agent.unmap(request.logical_device_id, request.domain_id, request.iova, request.size,
+                             request.skip_flush)
+        return guest_pb2.UnmapReply(unmapped=r.unmapped, flushed=r.flushed)
+
+    @grpc_errors
+    def Flush(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._auth()
+        self.agent.flush(request.logical_device_id, request.domain_id)
+        return common_pb2.Empty()
+
+    # -- domains -------------------------------------------------------------------------
+    @grpc_errors
+    def CreateDomain(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._auth()
+        return domain_message(self.agent.create_domain(request.kind))
+
+    @grpc_errors
+    def DeleteDomain(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._auth()
+        self.agent.delete_domain(request.domain_id)
+        return common_pb2.Empty()
+
+    @grpc_errors
+    def AttachDevice(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._auth()
+        self.agent.attach(request.domain_id, request.logical_device_id)
+        return common_pb2.Empty()
+
+    @grpc_errors
+    def DetachDevice(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._auth()
+        self.agent.detach(request.logical_device_id)
+        return common_pb2.Empty()
+
+    # -- device work ---------------------------------------------------------------------
+    @grpc_errors
+    def SubmitDescriptor(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._auth()
+        r = self.agent.submit_descriptor(request.logical_device_id, request.wq_id if request.wq_id else None,
+                                         bytes(request.descriptor), request.wait, request.timeout_ms,
+                                         request.completion_gpa)
+        reply = guest_pb2.DescriptorReply(accepted=r.accepted)
+        if r.record is not None:
+            reply.completion_record = r.record.pack()
+            reply.status = r.record.status
+            reply.status_name = status_name(r.record.status)
+        elif request.wait and r.accepted:
+            reply.status_name = "timeout"
+        return reply
+
+    @grpc_stream_errors
+    def RunDmatest(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        """Runs dmatest in a worker thread and streams its lines and progress;
+        a cancelled call stops the test threads."""
+        self._auth()
+        params = dmatest_params(request)
+        events: queue.Queue[object] = queue.Queue()
+        box: dict[str, Any] = {}
+        last_progress = [0]
+
+        def progress(done: int) -> None:
+            if done - last_progress[0] >= 25:
+                last_progress[0] = done
+                events.put(guest_pb2.DmatestEvent(progress=done))
+
+        def started(test: Dmatest) -> None:
+            box["test"] = test
+            context.add_callback(test.stop)
+
+        def work() -> None:
+            try:
+                box["outcome"] = self.agent.run_dmatest(
+                    params, emit=lambda line: events.put(guest_pb2.DmatestEvent(line=line)), progress=progress,
+                    started=started)
+            except BaseException as exc:
+                box["error"] = exc
+            finally:
+                events.put(_DONE)
+
+        threading.Thread(target=work, name="dmatest", daemon=True).start()
+        while True:
+            ev = events.get()
+            if ev is _DONE:
+                break
+            yield ev
+        if "error" in box:
+            raise box["error"]
+        outcome: DmatestOutcome = box["outcome"]
+        yield guest_pb2.DmatestEvent(progress=outcome.tests)
+        yield guest_pb2.DmatestEvent(result=dmatest_result(outcome))
+
+    @grpc_stream_errors
+    def StreamFaults(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        """Relay the hypervisor's fault stream of this partition."""
+        self._auth()
+        upstream = self.agent.hv.stream_faults(follow=request.follow)
+        cancel = getattr(upstream, "cancel", None)
+        if cancel is not None:
+            context.add_callback(cancel)
+        try:
+            for f in upstream:
+                yield guest_pb2.GuestFault(sequence=f.sequence, logical_device_id=f.logical_device_id, iova=f.iova,
+                                           write=f.write, reason=f.reason, reason_name=f.reason_name,
+                                           detail=f.detail)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                raise
+
+    @grpc_errors
+    def GetStats(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._auth()
+        return guest_pb2.AgentStats(counters=self.agent.counters())
