@@ -243,7 +243,13 @@ class Scenario:
         _check(after.code == DsaStatus.PAGE_FAULT_NOBOF,
                f"after the flush the copy should fault, got status {after.code:#x}")
         _check(after.fault_addr == m_dst.iova, f"fault address {after.fault_addr:#x} != unmapped IOVA {m_dst.iova:#x}")
-        faults = list(agent.StreamFaults(guest_pb2.FaultsRequest(follow=False), timeout=30))
+        # Devices report faults asynchronously (never from the DMA path): allow it a moment.
+        deadline = time.monotonic() + 10
+        while True:
+            faults = list(agent.StreamFaults(guest_pb2.FaultsRequest(follow=False), timeout=30))
+            if any(f.iova == m_dst.iova and f.write for f in faults) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         _check(any(f.iova == m_dst.iova and f.write for f in faults), "the fault is not in the guest's fault stream")
         for m in (m_src, m_rec):
             agent.Unmap(guest_pb2.UnmapRequest(logical_device_id=dev, iova=m.iova, size=m.size), timeout=30)

@@ -82,6 +82,13 @@ class DsaError(PviommuError):
         self.dsa_status = dsa_status
 
 
+class ServiceUnavailable(PviommuError):
+    """Another service this one depends on (the hypervisor, a device) did not
+    answer: the caller gets gRPC UNAVAILABLE naming it, not an opaque error."""
+
+    hv_status = HvStatus.TIME_OUT
+
+
 class DeviceUnavailable(PviommuError):
     """A device (or its IOMMU unit) did not answer in time."""
 

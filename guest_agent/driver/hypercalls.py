@@ -14,12 +14,14 @@ import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 from guest_agent.errors import HypercallFailed
 from pviommu.abi import hv
 from pviommu.abi.hv_status import HvStatus
+from pviommu.errors import ServiceUnavailable
 from pviommu.v1 import common_pb2, hypervisor_pb2, hypervisor_pb2_grpc
 
 SELF = hv.HV_PARTITION_ID_SELF
@@ -59,11 +61,34 @@ class GuestDeviceInfo:
     control_address: str
 
 
+class _Guarded:
+    """A stub whose calls raise ``ServiceUnavailable`` (gRPC UNAVAILABLE to our
+    own callers, naming the hypervisor) when the hypervisor does not answer,
+    instead of leaking a raw RpcError that would surface as UNKNOWN."""
+
+    def __init__(self, stub: Any) -> None:
+        self._stub = stub
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._stub, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except grpc.RpcError as exc:
+                code = exc.code()
+                raise ServiceUnavailable(
+                    f"the hypervisor did not answer {name}: {code.name if code else '?'}: {exc.details()}"
+                ) from exc
+
+        return call
+
+
 class HvClient:
     """Hypercalls of this partition. Thread-safe (gRPC stubs are)."""
 
-    def __init__(self, channel: grpc.Channel, *, timeout: float = 30.0) -> None:
-        self.stub = hypervisor_pb2_grpc.HypervisorStub(channel)
+    def __init__(self, channel: grpc.Channel, *, timeout: float = 10.0) -> None:
+        self.stub = _Guarded(hypervisor_pb2_grpc.HypervisorStub(channel))
         self.timeout = timeout
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -170,4 +195,6 @@ class HvClient:
     # -- faults ------------------------------------------------------------------
     def stream_faults(self, follow: bool, after: int = 0) -> Iterator[hypervisor_pb2.Fault]:
         """The hypervisor's fault log of this partition (a gRPC stream; cancel to stop)."""
-        return self.stub.StreamFaults(hypervisor_pb2.StreamFaultsRequest(after_sequence=after, follow=follow))
+        stream: Iterator[hypervisor_pb2.Fault] = self.stub.StreamFaults(
+            hypervisor_pb2.StreamFaultsRequest(after_sequence=after, follow=follow))
+        return stream

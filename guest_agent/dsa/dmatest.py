@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import grpc
+
 from guest_agent.dma.api import Direction, DmaApi, DmaMapping
 from guest_agent.dma.pages import GuestMemory
 from guest_agent.driver.domain import Domain, DomainKind
@@ -311,7 +313,11 @@ class Dmatest:
         except Exception as exc:  # a thread that dies still reports, as dmatest's does
             log.exception("dmatest.thread_failed", thread=res.name)
             res.status = -5  # -EIO
-            self.emit(f"dmatest: {res.name}: {type(exc).__name__}: {exc}")
+            # The test in flight did not pass (its device or hypervisor went away): a failure.
+            res.failures += 1
+            detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
+            self.emit(f"dmatest: {res.name}: result #{res.tests}: 'submit error' ({res.status}): "
+                      f"{type(exc).__name__}: {detail}")
         self.emit("dmatest: " + summary_line(res.name, res.tests, res.failures, res.runtime_us, res.total_len,
                                              res.status))
 

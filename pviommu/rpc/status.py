@@ -20,7 +20,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from pviommu.abi.hv_status import HvStatus
-from pviommu.errors import AuthError, DsaError, PviommuError
+from pviommu.errors import AuthError, DsaError, PviommuError, ServiceUnavailable
 
 DOMAIN = "pviommu.dev"
 
@@ -57,6 +57,8 @@ def grpc_code_of(error: PviommuError) -> grpc.StatusCode:
         return grpc.StatusCode.PERMISSION_DENIED
     if isinstance(error, DsaError):
         return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(error, ServiceUnavailable):
+        return grpc.StatusCode.UNAVAILABLE
     return HV_TO_GRPC.get(error.hv_status, grpc.StatusCode.UNKNOWN)
 
 

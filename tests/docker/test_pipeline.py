@@ -95,6 +95,7 @@ def test_a_restarted_guest_starts_clean_and_its_old_domains_are_reclaimed(docker
     try:
         pid = next(p.partition_id for p in admin.ListPartitions(common_pb2.Empty(), timeout=30).partitions
                    if p.name == "guest1")
+        assert agent.ListDevices(common_pb2.Empty(), timeout=30).devices  # probed (hot-plugged after boot)
         fresh = len(admin.ListDomains(admin_pb2.ListDomainsRequest(partition_id=pid), timeout=30).domains)
         agent.CreateDomain(guest_pb2.CreateDomainRequest(kind="paging"), timeout=30)
         agent.CreateDomain(guest_pb2.CreateDomainRequest(kind="paging"), timeout=30)
@@ -105,13 +106,14 @@ def test_a_restarted_guest_starts_clean_and_its_old_domains_are_reclaimed(docker
                           "--provision", "guest1", "--memory", "128M", "--token-out", "/banks/tokens/guest1.token",
                           port=50061)
         docker_host.wait_healthy("guest1")
+        ch2, agent2 = _agent(docker_host, "guest1")
+        assert agent2.ListDevices(common_pb2.Empty(), timeout=30).devices
         domains = admin.ListDomains(admin_pb2.ListDomainsRequest(partition_id=pid), timeout=30).domains
         assert len(domains) == fresh, "the old agent's extra domains survived the restart"
         with pytest.raises(grpc.RpcError) as exc:
             agent.GetIommuInfo(common_pb2.Empty(), timeout=10)  # old channel: old container is gone
         assert exc.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED,
                                     grpc.StatusCode.DEADLINE_EXCEEDED)
-        ch2, agent2 = _agent(docker_host, "guest1")
         try:
             assert agent2.GetIommuInfo(common_pb2.Empty(), timeout=30).present
         finally:
@@ -130,8 +132,7 @@ def test_stopping_the_hypervisor_makes_guest_calls_fail_fast_with_a_clear_error(
         with pytest.raises(grpc.RpcError) as exc:
             agent.Flush(guest_pb2.FlushRequest(logical_device_id=dev), timeout=60)
         assert time.monotonic() - started < 30, "the guest waited for a dead hypervisor"
-        assert exc.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    grpc.StatusCode.ABORTED), exc.value
+        assert exc.value.code() == grpc.StatusCode.UNAVAILABLE, exc.value
         assert "hypervisor" in (exc.value.details() or "").lower()
     finally:
         ch.close()
