@@ -118,6 +118,28 @@ class VirtualSystem:
         self.guests.append(guest)
         return guest
 
+    def restart_guest(self, guest: Guest) -> Guest:
+        """Reboot a guest: kill its agent if still running, reset its
+        partition (everything it set up is reclaimed, new token) and start a
+        new agent on the same RAM bank."""
+        from pviommu.v1 import admin_pb2 as _admin
+
+        assert self.hypervisor is not None
+        if guest.channel is not None:
+            guest.channel.close()
+        if guest.process is not None:
+            self.supervisor.kill(guest.process)
+        reply = self.admin.ResetPartition(_admin.PartitionRequest(partition_id=guest.partition_id), timeout=60)
+        if reply.result.status != 0:
+            raise RuntimeError(f"ResetPartition failed: {reply.result.status_name}: {reply.result.message}")
+        guest.token = reply.token
+        guest.process = self.supervisor.start(
+            f"guest{guest.index}-r", "guest", "--hypervisor", self.hypervisor.address, "--bank-path", guest.bank_path,
+            *self.guest_args, env={"PVIOMMU_TOKEN": guest.token},
+        )
+        guest.channel = connect(guest.process.address, guest.token)
+        return guest
+
     def _device_id(self, name: str, timeout: float = 15.0) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
