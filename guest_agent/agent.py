@@ -26,6 +26,7 @@ from guest_agent.dsa.driver import DsaDriver, check_record_gpa, wait_completion
 from guest_agent.errors import DeviceCommandFailed, InvalidRequest, NotFound
 from pviommu.abi.dsa import COMP_SIZE, CompletionRecord
 from pviommu.addr import PAGE_SIZE, Gpa, Iova
+from pviommu.errors import PviommuError
 from pviommu.log import get_logger
 from pviommu.mem.bank import Bank, GuestRam
 
@@ -69,8 +70,42 @@ class Agent:
     # -- life cycle ----------------------------------------------------------------------
     def start(self) -> None:
         self.iommu.init()
+        if self.iommu.geometry is not None:
+            self._prq = threading.Thread(target=self._page_requests, name="page-requests", daemon=True)
+            self._prq.start()
+
+    def _page_requests(self) -> None:
+        """Serve the devices' BOF page requests (the guest's IOPF handler):
+        map the faulting page when it lies in an on-demand range of the
+        device's domain, then answer through the hypervisor. Runs until the
+        hypervisor stream ends (shutdown or hypervisor gone)."""
+        try:
+            stream = self.hv.stream_faults(follow=True)
+            self._prq_stream = stream
+            for fault in stream:
+                if not fault.page_request:
+                    continue
+                ok = False
+                try:
+                    dev = self.iommu.device(fault.logical_device_id)
+                    dom = dev.domain
+                    resolve = getattr(dom, "resolve_page_request", None)
+                    ok = bool(resolve(fault.iova)) if resolve is not None else False
+                except PviommuError as exc:
+                    log.warning("page_request.failed", device=fault.logical_device_id, error=str(exc))
+                self.stats.add("page_requests_ok" if ok else "page_requests_refused")
+                try:
+                    self.hv.page_response(fault.logical_device_id, fault.request_id, ok)
+                except PviommuError as exc:
+                    log.warning("page_request.response_failed", device=fault.logical_device_id, error=str(exc))
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                log.warning("page_request.stream_ended", error=exc.code().name)
 
     def close(self) -> None:
+        stream = getattr(self, "_prq_stream", None)
+        if stream is not None:
+            stream.cancel()
         for drv in list(self.dsa.values()):
             drv.close()
         self.iommu.shutdown()
@@ -119,9 +154,12 @@ class Agent:
 
     # -- map / unmap / flush ------------------------------------------------------------------
     def map(self, logical_device_id: int, domain_id: int, gpa: int, size: int, direction: Direction,
-            iova: int = 0) -> DmaMapping:
+            iova: int = 0, on_demand: bool = False) -> DmaMapping:
         dom = self.target_domain(logical_device_id, domain_id)
-        m = self.dma.map_in(dom, gpa, size, direction, Iova(iova) if iova else None)
+        if on_demand:
+            m = self.dma.map_on_demand(dom, gpa, size, direction, Iova(iova) if iova else None)
+        else:
+            m = self.dma.map_in(dom, gpa, size, direction, Iova(iova) if iova else None)
         with self._map_lock:
             self._mappings[(dom.domain_id, m.dma_addr)] = m
         return m

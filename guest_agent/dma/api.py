@@ -79,6 +79,19 @@ class DmaApi:
         base = dom.dma_map(Gpa(gpa - offset), span, perm_of(direction), want)
         return DmaMapping(dom, base + offset, size, base, span)
 
+    def map_on_demand(self, dom: Domain, gpa: int, size: int, direction: Direction,
+                      iova: Iova | None = None) -> DmaMapping:
+        """Reserve an IOVA range whose pages the device faults in (page requests)."""
+        demand = getattr(dom, "dma_map_on_demand", None)
+        if demand is None:
+            raise InvalidRequest(f"domain {dom.domain_id} ({dom.kind.value}) cannot map on demand: paging domains only")
+        if size <= 0 or gpa % PAGE_SIZE:
+            raise InvalidRequest("an on-demand mapping needs a page-aligned GPA and a positive size")
+        self.memory.check(gpa, size)
+        span = (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        base = demand(Gpa(gpa), span, perm_of(direction), iova)
+        return DmaMapping(dom, int(base), size, base, span)
+
     def map_single(self, dev: DeviceState, gpa: int, size: int, direction: Direction) -> DmaMapping:
         return self.map_in(self.domain_of(dev), gpa, size, direction)
 

@@ -189,6 +189,8 @@ class _TranslatingDomain(Domain):
         self._fq_thread: threading.Thread | None = None
         self._closed = False
         self._lengths: dict[int, int] = {}  # IOVA of each live mapping -> bytes mapped
+        #: on-demand ranges (PagingDomain): IOVA base -> (GPA base, bytes, rights)
+        self._demand: dict[int, tuple[Gpa, int, Perm]] = {}
         self._inflight = 0  # unmaps taken off the queues whose flush has not finished
 
     @property
@@ -330,6 +332,7 @@ class _TranslatingDomain(Domain):
             whole = length >= mapped
             if whole:
                 del self._lengths[int(iova)]
+                self._demand.pop(int(iova), None)
         p = _Pending(iova if whole else None)
         try:
             unmapped, flushed = self._unmap(iova, length, p.gather, skip_flush)
@@ -384,6 +387,39 @@ class PagingDomain(_TranslatingDomain):
     def _map(self, iova: Iova, gpa: Gpa, length: int, perm: Perm) -> None:
         with self._lock:
             self.table.map(iova, gpa, length, perm)
+
+    # -- on-demand mappings (page requests) ----------------------------------------------
+    def dma_map_on_demand(self, gpa: Gpa, size: int, perm: Perm, iova: Iova | None = None) -> Iova:
+        """Reserve an IOVA range for ``[gpa, gpa+size)`` and map nothing: each
+        page is mapped when the device faults on it with BOF and its page
+        request reaches ``resolve_page_request`` (I/O page faults, as SVA/IOPF
+        drivers do). Unmapped like any mapping."""
+        if gpa % PAGE_SIZE or size <= 0:
+            raise InvalidRequest(f"map {gpa:#x}+{size:#x}: GPA must be page aligned and size > 0")
+        length = (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        base = self._take_iova(length, iova)
+        with self._pending_lock:
+            self._lengths[int(base)] = length
+            self._demand[int(base)] = (gpa, length, perm)
+        self.stats.add("maps_on_demand")
+        return base
+
+    def resolve_page_request(self, iova: int) -> bool:
+        """Map the page of ``iova`` if it lies in an on-demand range; True
+        when the page is (now) mapped, False when the request is invalid.
+        A non-present entry is never cached by the IOMMU, so no flush is due."""
+        page = iova & ~(PAGE_SIZE - 1)
+        with self._pending_lock:
+            hit = next(((b, g, n, p) for b, (g, n, p) in self._demand.items() if b <= page < b + n), None)
+        if hit is None:
+            return False
+        base, gpa, _length, perm = hit
+        with self._lock:
+            if self.table.lookup(Iova(page)) is None:
+                self.table.map(Iova(page), Gpa(gpa + page - base), PAGE_SIZE, perm)
+                self.mapped_bytes += PAGE_SIZE
+        self.stats.add("page_requests_resolved")
+        return True
 
     def _unmap(self, iova: Iova, length: int, gather: IotlbGather[Gpa], skip_flush: bool) -> tuple[int, bool]:
         with self._lock:

@@ -192,6 +192,11 @@ class HvClient:
             self._check("UnmapDeviceGpaPages", r.result, r.reps_completed)
             done += n
 
+    def page_response(self, logical_device_id: int, request_id: int, success: bool) -> None:
+        r = self.stub.PageResponse(hypervisor_pb2.PageResponseRequest(
+            logical_device_id=logical_device_id, request_id=request_id, success=success), timeout=self.timeout)
+        self._check("PageResponse", r.result)
+
     # -- faults ------------------------------------------------------------------
     def stream_faults(self, follow: bool, after: int = 0) -> Iterator[hypervisor_pb2.Fault]:
         """The hypervisor's fault log of this partition (a gRPC stream; cancel to stop)."""

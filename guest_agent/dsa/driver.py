@@ -169,7 +169,7 @@ class DsaDriver:
             return WqInfo(w.wq_id, w.dedicated, w.size)
         gencap = GenCap.decode(self.caps.gencap if self.caps else 0)
         cfg = dsa_pb2.WqConfig(wq_id=0, dedicated=True, size=DEFAULT_WQ_SIZE, threshold=0,
-                               priority=DEFAULT_WQ_PRIORITY, bof=False, max_xfer_shift=gencap.max_xfer_shift,
+                               priority=DEFAULT_WQ_PRIORITY, bof=True, max_xfer_shift=gencap.max_xfer_shift,
                                max_batch_shift=gencap.max_batch_shift, group_id=0)
         st = self.stub.ConfigureWq(cfg, timeout=10)
         if st.error == CmdErr.DEV_ENABLED:  # configuration needs the device disabled

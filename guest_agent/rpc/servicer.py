@@ -126,7 +126,7 @@ class GuestAgentServicer(guest_pb2_grpc.GuestAgentServicer):
     def Map(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._auth()
         m = self.agent.map(request.logical_device_id, request.domain_id, request.gpa, request.size,
-                           Direction(request.direction), request.iova)
+                           Direction(request.direction), request.iova, on_demand=request.on_demand)
         return guest_pb2.MapReply(iova=m.dma_addr, size=m.size)
 
     @grpc_errors
