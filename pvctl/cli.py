@@ -5,6 +5,7 @@
     pviommu dmatest ADDR             run dmatest in a running guest agent
     pviommu bench                    the benchmark suite
     pviommu inspect ...              look at domains, tables and walks
+    pviommu replay TRACE --hypervisor ADDR   replay a hypervisor trace against a fresh one
     pviommu grpc list|describe|call  reflection-based gRPC client
 
 Each service package exposes ``main.add_arguments(parser)`` and
@@ -116,6 +117,12 @@ def cmd_dmatest(args: argparse.Namespace) -> int:
     return run_remote_dmatest(args, _token_from(args))
 
 
+def cmd_guest(args: argparse.Namespace) -> int:
+    from pvctl.guest_cli import run_guest_cli
+
+    return run_guest_cli(args, _token_from(args))
+
+
 def cmd_scenario(args: argparse.Namespace) -> int:
     from pvctl.scenario import run_cli
 
@@ -132,6 +139,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from pvctl.inspect import run_inspect
 
     return run_inspect(args, _token_from(args))
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from pvctl.replay import run_replay
+
+    return run_replay(args, _token_from(args))
 
 
 def add_dmatest_options(p: argparse.ArgumentParser) -> None:
@@ -188,6 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_dmatest_options(p)
     p.set_defaults(func=cmd_dmatest)
 
+    from pvctl.guest_cli import OPERATIONS
+
+    p = sub.add_parser("guest", help="drive a running guest agent (map, unmap, alloc, submit, ...)",
+                       description="Operations of the GuestAgent API from a shell; fields as field=value. "
+                                   "Operations: " + ", ".join(OPERATIONS))
+    p.add_argument("address", help="guest agent address host:port")
+    p.add_argument("operation", choices=sorted(OPERATIONS))
+    p.add_argument("fields", nargs="*", metavar="field=value")
+    _add_token_args(p)
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.set_defaults(func=cmd_guest)
+
     p = sub.add_parser("scenario", help="run the scripted scenario against a running system")
     from pvctl.scenario import add_arguments as add_scenario_arguments
 
@@ -203,9 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="inspect a running hypervisor: partitions, devices, domains, walks")
     p.add_argument("address", help="hypervisor address host:port")
     _add_token_args(p)
-    p.add_argument("what", choices=["partitions", "devices", "domains", "stats", "faults"])
-    p.add_argument("--json", action="store_true")
+    from pvctl.inspect import add_arguments as add_inspect_arguments
+
+    add_inspect_arguments(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("replay", help="replay a hypervisor trace (serve hypervisor --trace) against a fresh one")
+    p.add_argument("trace", help="the JSON-lines trace file")
+    p.add_argument("--hypervisor", required=True, help="address of the (fresh) hypervisor host:port")
+    _add_token_args(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("grpc", help="reflection-based gRPC client (like grpcurl)")
     gsub = p.add_subparsers(dest="grpc_cmd", required=True, metavar="ACTION")

@@ -89,7 +89,8 @@ def test_hypervisor_refuses_to_start_without_an_admin_token(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("argv", [[], ["run"], ["serve"], ["serve", "hypervisor"], ["serve", "guest"],
-                                  ["serve", "dsa"], ["dmatest"], ["scenario"], ["bench"], ["inspect"], ["grpc"],
+                                  ["serve", "dsa"], ["dmatest"], ["guest"], ["scenario"], ["bench"], ["inspect"],
+                                  ["grpc"],
                                   ["grpc", "list"], ["grpc", "health"], ["grpc", "describe"], ["grpc", "call"]])
 def test_every_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
