@@ -32,7 +32,7 @@ from pviommu.iommu.unit import IommuUnit
 from pviommu.log import bind_identity, configure, get_logger
 from pviommu.mem.bank import HostMemory
 from pviommu.mem.dma import DmaFault, DmaMemory
-from pviommu.rpc.auth import Principal, token_digest, tokens_equal
+from pviommu.rpc.auth import Principal, admin_token_from, token_digest, tokens_equal
 from pviommu.rpc.client import connect
 from pviommu.rpc.metrics import CounterCollector, RpcMetricsInterceptor, serve_metrics
 from pviommu.rpc.server import Service, create_server
@@ -58,12 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _admin_token(args: argparse.Namespace) -> str:
-    if args.admin_token_file:
-        return Path(args.admin_token_file).read_text().strip()
-    token = os.environ.get("PVIOMMU_ADMIN_TOKEN", "")
-    if not token:
-        raise SystemExit("pviommu serve dsa: set PVIOMMU_ADMIN_TOKEN or --admin-token-file")
-    return token
+    return admin_token_from(args.admin_token_file, "pviommu serve dsa")
 
 
 class HypervisorLink:
@@ -187,10 +182,7 @@ def run(args: argparse.Namespace) -> int:
         server.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
     if args.metrics_port >= 0:
         log.info("dsa.metrics", port=serve_metrics(args.metrics_port, registry))
-    if args.port_file:
-        tmp = Path(args.port_file + ".tmp")
-        tmp.write_text(str(server.port))
-        tmp.rename(args.port_file)
+    server.write_port_file(args.port_file)
 
     def shutdown() -> None:
         log.info("dsa.stopping")

@@ -18,7 +18,7 @@ from guest_agent.errors import IommuAbsent
 from guest_agent.rpc.servicer import GuestAgentServicer
 from pviommu.errors import PviommuError
 from pviommu.log import bind_identity, configure, get_logger
-from pviommu.rpc.auth import Principal, tokens_equal
+from pviommu.rpc.auth import Principal, admin_token_from, tokens_equal
 from pviommu.rpc.client import connect
 from pviommu.rpc.server import RunningServer, Service, create_server
 from pviommu.v1 import guest_pb2_grpc
@@ -63,10 +63,7 @@ def provision(args: argparse.Namespace) -> tuple[str, str]:
     from pvctl.local import parse_size
     from pviommu.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
-    admin_token = (Path(args.admin_token_file).read_text().strip() if args.admin_token_file
-                   else os.environ.get("PVIOMMU_ADMIN_TOKEN", ""))
-    if not admin_token:
-        raise SystemExit("pviommu serve guest --provision: set PVIOMMU_ADMIN_TOKEN or --admin-token-file")
+    admin_token = admin_token_from(args.admin_token_file, "pviommu serve guest --provision")
     channel = connect(args.hypervisor, admin_token, ready_timeout=60)
     try:
         admin = admin_pb2_grpc.AdminStub(channel)
@@ -137,10 +134,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     log.info("guest.serving", port=server.port, partition=agent.partition_id, mode=args.flush_mode,
              devices=len(agent.iommu.devices))
-    if args.port_file:
-        tmp = Path(args.port_file + ".tmp")
-        tmp.write_text(str(server.port))
-        tmp.rename(args.port_file)
+    server.write_port_file(args.port_file)
 
     def shutdown() -> None:
         log.info("guest.stopping")

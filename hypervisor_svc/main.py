@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,12 +12,14 @@ from prometheus_client import CollectorRegistry
 from hypervisor_svc.core.config import HypervisorConfig
 from hypervisor_svc.core.host import Host
 from hypervisor_svc.core.model import Partition
+from hypervisor_svc.core.trace import TraceWriter
 from hypervisor_svc.rpc.admin_servicer import AdminServicer, DeviceHostServicer
 from hypervisor_svc.rpc.device_client import GrpcInvalidator
 from hypervisor_svc.rpc.hypercall_servicer import HypervisorServicer
 from pviommu.abi.hv_status import HvStatus
 from pviommu.errors import HvError
 from pviommu.log import bind_identity, configure, get_logger
+from pviommu.rpc.auth import admin_token_from
 from pviommu.rpc.metrics import CounterCollector, RpcMetricsInterceptor, serve_metrics
 from pviommu.rpc.server import RunningServer, Service, create_server
 from pviommu.v1 import admin_pb2_grpc, hypervisor_pb2_grpc
@@ -35,16 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=-1,
                    help="serve Prometheus metrics on this port (0 picks one; default: off)")
     p.add_argument("--flush-timeout", type=float, default=5.0, help="seconds a unit has to acknowledge a flush")
+    p.add_argument("--trace", help="append every hypercall, admin change and fault report to this file as JSON "
+                                   "lines (replay it with `pviommu replay`)")
 
 
 def admin_token(args: argparse.Namespace) -> str:
-    if args.admin_token_file:
-        return Path(args.admin_token_file).read_text().strip()
-    token = os.environ.get("PVIOMMU_ADMIN_TOKEN", "")
-    if not token:
-        raise SystemExit("pviommu serve hypervisor: set PVIOMMU_ADMIN_TOKEN or --admin-token-file "
-                         "(there is no default credential)")
-    return token
+    return admin_token_from(args.admin_token_file, "pviommu serve hypervisor")
 
 
 def build(args: argparse.Namespace, listen: str | None = None) -> tuple[Host, RunningServer, GrpcInvalidator]:
@@ -59,6 +56,8 @@ def build(args: argparse.Namespace, listen: str | None = None) -> tuple[Host, Ru
     memory_dir.mkdir(parents=True, exist_ok=True)
     host = Host(memory_dir, token, config, invalidator)
     host.owns_memory_dir = own_dir
+    if getattr(args, "trace", None):
+        host.trace = TraceWriter(args.trace, config)
 
     def page_responder(caller: Partition, logical: int, request_id: int, success: bool) -> None:
         with host.lock:
@@ -94,16 +93,15 @@ def run(args: argparse.Namespace) -> int:
     if args.metrics_port >= 0:
         port = serve_metrics(args.metrics_port, host.metrics_registry)
         log.info("hypervisor.metrics", port=port)
-    if args.port_file:
-        tmp = Path(args.port_file + ".tmp")
-        tmp.write_text(str(server.port))
-        tmp.rename(args.port_file)
+    server.write_port_file(args.port_file)
 
     def shutdown() -> None:
         log.info("hypervisor.stopping")
         server.health.enter_graceful_shutdown()
         host.close()
         invalidator.close()
+        if host.trace is not None:
+            host.trace.close()
         if host.owns_memory_dir:
             shutil.rmtree(host.memory.directory, ignore_errors=True)
 

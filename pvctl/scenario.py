@@ -272,13 +272,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    import os
+    from pviommu.rpc.auth import admin_token_from
 
-    admin = (Path(args.admin_token_file).read_text().strip() if args.admin_token_file
-             else os.environ.get("PVIOMMU_ADMIN_TOKEN", ""))
-    if not admin:
-        print("pviommu scenario: set PVIOMMU_ADMIN_TOKEN or --admin-token-file", file=sys.stderr)
-        return 2
+    admin = admin_token_from(args.admin_token_file, "pviommu scenario")
     guests = []
     for i, spec in enumerate(args.guest):
         addr, _, token_file = spec.partition("=")

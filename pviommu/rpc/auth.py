@@ -48,6 +48,21 @@ def tokens_equal(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
+ADMIN_TOKEN_ENV = "PVIOMMU_ADMIN_TOKEN"
+
+
+def admin_token_from(token_file: str | None, who: str) -> str:
+    """The admin credential from ``token_file`` or ``$PVIOMMU_ADMIN_TOKEN``;
+    exits with a clear message when neither gives one (there is no default)."""
+    import os
+    from pathlib import Path
+
+    token = Path(token_file).read_text().strip() if token_file else os.environ.get(ADMIN_TOKEN_ENV, "")
+    if not token:
+        raise SystemExit(f"{who}: set {ADMIN_TOKEN_ENV} or --admin-token-file (there is no default credential)")
+    return token
+
+
 def current_principal() -> Principal:
     """The authenticated caller of the current RPC (raises AuthError if none)."""
     principal = _current.get()

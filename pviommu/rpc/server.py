@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -44,6 +45,13 @@ class RunningServer:
     port: int
     health: health.HealthServicer
     names: list[str]
+
+    def write_port_file(self, path: str | None) -> None:
+        """Publish the bound port (atomically: a reader never sees half a number)."""
+        if path:
+            tmp = Path(path + ".tmp")
+            tmp.write_text(str(self.port))
+            tmp.rename(path)
 
     def stop(self, grace: float = 1.0) -> None:
         self.health.enter_graceful_shutdown()
