@@ -36,8 +36,10 @@ from pviommu.iommu.iotlb import Iotlb, IotlbEntry
 from pviommu.iommu.nested import ExplainStep, NestedWalker, WalkFault, WalkOk
 from pviommu.mem.bank import HostMemory
 from pviommu.mem.dma import DmaRuns, Run
+from pviommu.pt.fmt.x86_64 import X86_64Format
 
 _U64_LIMIT = 1 << 64
+_FS_FORMAT = X86_64Format(4)  # table_oa is the same for 4 and 5 levels
 
 
 @dataclass(slots=True)
@@ -55,6 +57,18 @@ class UnitStats:
 
 
 @dataclass(frozen=True, slots=True)
+class ExplainLevel:
+    """One stage-1 level of a nested walk: the stage-2 walk of its table
+    pointer (``s2``), then the stage-1 entry read (``s1``; None when the
+    stage-2 sub-walk or its checks faulted before the entry could be read)."""
+
+    level: int
+    table_gpa: int
+    s2: list[ExplainStep]
+    s1: ExplainStep | None
+
+
+@dataclass(frozen=True, slots=True)
 class Explanation:
     """Everything one translation looked at, for ``pviommu inspect``."""
 
@@ -65,6 +79,30 @@ class Explanation:
     cached: IotlbEntry | None
     steps: list[ExplainStep]
     result: WalkOk | WalkFault
+
+    def levels(self) -> tuple[list[ExplainLevel], list[ExplainStep]]:
+        """``steps`` grouped: the stage-1 levels (each with the stage-2 walk of
+        its table), and the final stage-2 walk of the output GPA (or of the
+        IOVA itself without stage 1). Stage-2 steps after a TABLE entry (or
+        before any entry) belong to the next level's table; after a leaf, to
+        the data page."""
+        nested = self.context is not None and self.context.pgtt == Pgtt.NESTED
+        levels: list[ExplainLevel] = []
+        pending: list[ExplainStep] = []
+        next_level = (self.context.fs_levels or 4) - 1 if nested and self.context is not None else -1
+        next_table = int(self.context.fsptptr) if nested and self.context is not None else 0
+        last_s1: ExplainStep | None = None
+        for step in self.steps:
+            if step.stage == "S2":
+                pending.append(step)
+            elif step.stage == "S1":
+                levels.append(ExplainLevel(step.level, step.table, pending, step))
+                pending, last_s1 = [], step
+                next_level, next_table = step.level - 1, _next_table(step)
+        if nested and pending and (last_s1 is None or last_s1.note == "TABLE"):
+            levels.append(ExplainLevel(next_level, next_table, pending, None))
+            pending = []
+        return levels, pending
 
 
 class _CtxFault(Exception):
@@ -227,16 +265,33 @@ class IommuUnit:
     def explain(self, slot: int, iova: Iova, write: bool) -> Explanation:
         """Walk ``iova`` recording every entry read, without touching the
         IOTLB, counters or A/D bits."""
-        steps: list[ExplainStep] = []
         try:
             ctx = ContextEntry.unpack(self.host.read(context_hpa(slot), CONTEXT_ENTRY_SIZE))
+        except (PviommuError, ValueError) as exc:
+            return Explanation(slot, iova, write, None, None, [],
+                               WalkFault(FaultReason.PASID_ENTRY_ACCESS, str(exc), 0))
+        return self.explain_context(ctx, iova, write, slot)
+
+    def explain_context(self, ctx: ContextEntry, iova: Iova, write: bool, slot: int = -1) -> Explanation:
+        """``explain`` for a context entry given by the caller (the hypervisor
+        asking what a device *would* see in a domain): the same checks, in the
+        same order, and the same walk as ``translate``."""
+        steps: list[ExplainStep] = []
+        if iova < 0 or iova >= _U64_LIMIT:
+            return Explanation(slot, iova, write, ctx, None, steps,
+                               WalkFault(FaultReason.BEYOND_HW_MAX, f"IOVA {iova:#x} beyond 64 bits", 0))
+        try:
             _validate(slot, ctx)
-        except (_CtxFault, PviommuError, ValueError) as exc:
-            reason = exc.reason if isinstance(exc, _CtxFault) else FaultReason.PASID_ENTRY_ACCESS
-            return Explanation(slot, iova, write, None, None, steps, WalkFault(reason, str(exc), 0))
+        except _CtxFault as exc:
+            return Explanation(slot, iova, write, ctx, None, steps, WalkFault(exc.reason, exc.detail, 0))
         cached = self.iotlb.lookup(ctx.did, int(iova), write, count=False)
         result = self.walker.walk(ctx, iova, write, steps, dry_run=True)
         return Explanation(slot, iova, write, ctx, cached, steps, result)
+
+
+def _next_table(step: ExplainStep) -> int:
+    """GPA of the next-level table a stage-1 TABLE entry points to."""
+    return _FS_FORMAT.table_oa(step.entry)
 
 
 def _validate(slot: int, ctx: ContextEntry) -> None:

@@ -29,11 +29,12 @@ there are no per-entry objects, so mapping 2 MiB as 512 pages takes ~1 ms.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from pviommu.addr import PAGE_SIZE, Gpa, Hpa, Iova
-from pviommu.errors import OutOfFrames, PageTableError
+from pviommu.errors import OutOfFrames, PageTableError, PviommuError
 from pviommu.mem.bank import GuestRam, HostMemory
 from pviommu.mem.frames import FrameAllocator
 from pviommu.pt.common import (
@@ -287,6 +288,117 @@ class PageTable(Generic[V, OA, T]):
         for table in list(self._count):
             self._frames.free_table(self._ta(table))
         self._count.clear()
+
+
+# -- reading any table: the inspection iterator ----------------------------------
+@dataclass(frozen=True, slots=True)
+class TableItem:
+    """One present entry met by ``TableIterator``, in VA order.
+
+    ``va`` is the first (canonical) VA of the item, ``table`` the address of
+    the table page holding the entry, ``oa`` the next table (TABLE) or the
+    first output address (OA), ``size_lg2`` the item's span, ``perm`` the
+    rights *effective* at this entry (R/W/EXEC ANDed and PRIV ORed from the
+    root down, as a walker applies them). ``error`` says why the next table
+    could not be read (it is not descended)."""
+
+    level: int
+    va: int
+    table: int
+    index: int
+    entry: int
+    type: EntryType
+    oa: int
+    size_lg2: int
+    perm: Perm
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class MappedRange:
+    """Leaves merged where VA and OA are both contiguous and the rights equal."""
+
+    va: int
+    oa: int
+    size: int
+    perm: Perm
+
+
+class TableIterator:
+    """Every present entry of the table rooted at ``root``, depth first in VA
+    order, read through ``read_u64`` alone -- so it reads tables nobody here
+    built (a guest's stage 1 from its RAM) as well as ``PageTable``'s own.
+
+    Hostile tables cannot make it loop or explode: it descends at most
+    ``levels`` steps, reads at most ``max_tables`` table pages (then stops and
+    sets ``truncated``), and a table it cannot read (``PviommuError`` from
+    ``read_u64``) is reported on the entry pointing to it."""
+
+    def __init__(self, fmt: PtFormat, read_u64: Callable[[int], int], root: int, *, max_tables: int = 4096) -> None:
+        self.fmt = fmt
+        self._rd = read_u64
+        self.root = root
+        self.max_tables = max_tables
+        self.tables_read = 0
+        self.truncated = False
+
+    def _canonical(self, va: int) -> int:
+        fmt = self.fmt
+        if fmt.features & PtFeature.SIGN_EXTEND and va >> (fmt.vasz_lg2 - 1) & 1:
+            return va | (((1 << 64) - 1) & ~((1 << fmt.vasz_lg2) - 1))
+        return va
+
+    def _read_table(self, table: int) -> list[int]:
+        if self.tables_read >= self.max_tables:
+            self.truncated = True
+            return []
+        self.tables_read += 1
+        return [self._rd(table + (idx << ENTRY_LG2)) for idx in range(1 << ITEMS_LG2)]
+
+    def __iter__(self) -> Iterator[TableItem]:
+        entries = self._read_table(self.root)  # an unreadable root raises: there is no tree
+        yield from self._table(self.root, entries, self.fmt.top_level, 0, Perm.READ | Perm.WRITE | Perm.EXEC)
+
+    def _table(self, table: int, entries: list[int], level: int, base: int, perm: Perm) -> Iterator[TableItem]:
+        fmt = self.fmt
+        shift = item_lg2(level)
+        for idx, entry in enumerate(entries):
+            kind = fmt.entry_type(entry, level)
+            if kind is _EMPTY:
+                continue
+            va = base | (idx << shift)
+            own = fmt.entry_perm(entry, level)
+            eff = (perm & own & (Perm.READ | Perm.WRITE | Perm.EXEC)) | ((perm | own) & Perm.PRIV)
+            if kind is _OA:
+                yield TableItem(level, self._canonical(va), table, idx, entry, kind, fmt.leaf_oa(entry, level),
+                                shift, eff)
+                continue
+            child = fmt.table_oa(entry)
+            try:
+                child_entries = self._read_table(child)
+            except PviommuError as exc:
+                yield TableItem(level, self._canonical(va), table, idx, entry, kind, child, shift, eff, str(exc))
+                continue
+            yield TableItem(level, self._canonical(va), table, idx, entry, kind, child, shift, eff)
+            if self.truncated:
+                return
+            yield from self._table(child, child_entries, level - 1, va, eff)
+
+
+def mapped_ranges(items: Iterator[TableItem] | list[TableItem]) -> list[MappedRange]:
+    """The leaves of ``items`` (in VA order) merged into ranges."""
+    out: list[MappedRange] = []
+    for it in items:
+        if it.type is not _OA:
+            continue
+        size = 1 << it.size_lg2
+        if out:
+            last = out[-1]
+            if last.va + last.size == it.va and last.oa + last.size == it.oa and last.perm == it.perm:
+                out[-1] = MappedRange(last.va, last.oa, last.size + size, last.perm)
+                continue
+        out.append(MappedRange(it.va, it.oa, size, it.perm))
+    return out
 
 
 # -- the three tables of the system -------------------------------------------
