@@ -23,6 +23,7 @@ from hypervisor_svc.core import stage2
 from hypervisor_svc.core.config import HypervisorConfig
 from hypervisor_svc.core.faults import FaultLog
 from hypervisor_svc.core.model import Device, Domain, Partition
+from hypervisor_svc.core.trace import TraceWriter
 from pviommu.abi.hv import build_logical_device_id
 from pviommu.abi.hv_status import HvStatus
 from pviommu.addr import SZ_2M, Gpa
@@ -85,6 +86,8 @@ class Host:
         self.owns_memory_dir = False
         #: The Prometheus registry of the service (set by main; None in unit tests).
         self.metrics_registry: Any = None
+        #: ``--trace FILE``: hypercalls, admin changes and faults as JSON lines (None: off).
+        self.trace: TraceWriter | None = None
 
     # ------------------------------------------------------------------ identity
     def resolve(self, token: str) -> Principal | None:

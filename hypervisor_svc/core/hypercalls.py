@@ -61,12 +61,17 @@ class Hypercalls:
         """Run one decoded hypercall for ``caller``."""
         name = request.CODE.name
         handler = getattr(self, "do_" + name.lower())
+        trace = self.host.trace
         try:
             with self.host.lock:
-                answer: HvAnswer = handler(caller, request)
-        except HvError as exc:
-            self.host.count_call(name, exc.hv_status)
-            raise
+                try:
+                    answer: HvAnswer = handler(caller, request)
+                except PviommuError as exc:  # HvError included
+                    if trace is not None:  # under the lock: trace lines in execution order
+                        trace.hypercall(caller, request, exc.hv_status, getattr(exc, "reps_completed", 0))
+                    raise
+                if trace is not None:
+                    trace.hypercall(caller, request, HvStatus.SUCCESS, answer.reps_completed)
         except PviommuError as exc:
             self.host.count_call(name, exc.hv_status)
             raise

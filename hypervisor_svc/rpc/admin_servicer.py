@@ -4,17 +4,21 @@ the work; refusals come back as an HvResult in the body."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 
 from hypervisor_svc.core.host import Host
+from hypervisor_svc.core.inspect import Dump, Explainer, dump_stage1, dump_stage2, perm_text
 from hypervisor_svc.core.model import Device, Partition
+from hypervisor_svc.core.trace import who
 from hypervisor_svc.rpc.hypercall_servicer import fault_message, hv_result
 from pviommu.abi.hv_status import HvStatus
 from pviommu.errors import HvError
-from pviommu.iommu.context import context_hpa
+from pviommu.iommu.context import ContextEntry, Pgtt, context_hpa
+from pviommu.iommu.nested import ExplainStep, WalkOk
+from pviommu.iommu.unit import Explanation
 from pviommu.log import get_logger
 from pviommu.rpc.auth import require
 from pviommu.rpc.status import grpc_errors, grpc_stream_errors
@@ -47,38 +51,68 @@ def _refused(exc: HvError) -> hypervisor_pb2.HvReply:
     return hypervisor_pb2.HvReply(result=hv_result(exc.hv_status, str(exc)))
 
 
+def _dev(d: Device) -> dict[str, Any]:
+    return {"id": d.logical_device_id, "name": d.name}
+
+
 class AdminServicer(admin_pb2_grpc.AdminServicer):
     def __init__(self, host: Host) -> None:
         self.host = host
+        self.explainer = Explainer(host)
+
+    # -- the trace (hypervisor_svc/core/trace.py) of admin changes ------------------
+    def _trace(self, op: str, status: int, **fields: Any) -> None:
+        if self.host.trace is not None:
+            self.host.trace.admin(op, status, **fields)
+
+    def _dev_ref(self, logical: int) -> dict[str, Any]:
+        d = self.host.devices.get(logical)
+        return _dev(d) if d is not None else {"id": logical, "name": ""}
+
+    def _change(self, op: str, fn: Callable[..., None], *args: int, **fields: Any) -> hypervisor_pb2.HvReply:
+        """Run one state change of ``Host`` and trace it with its status."""
+        with self.host.lock:
+            try:
+                fn(*args)
+            except HvError as exc:
+                self._trace(op, exc.hv_status, **fields)
+                return _refused(exc)
+            self._trace(op, HvStatus.SUCCESS, **fields)
+        return _ok()
 
     @grpc_errors
     def CreatePartition(self, request: Any, context: grpc.ServicerContext) -> Any:
         require("admin")
-        try:
-            part = self.host.create_partition(
-                request.name, request.memory_bytes,
-                [(r.gpa, r.size) for r in request.mmio_holes], [(r.gpa, r.size) for r in request.read_only])
-        except HvError as exc:
-            return admin_pb2.CreatePartitionReply(result=hv_result(exc.hv_status, str(exc)))
+        holes = [(r.gpa, r.size) for r in request.mmio_holes]
+        read_only = [(r.gpa, r.size) for r in request.read_only]
+        args = {"name": request.name, "memory_bytes": request.memory_bytes, "mmio_holes": holes,
+                "read_only": read_only}
+        with self.host.lock:  # the trace line and the change in one step (lines in execution order)
+            try:
+                part = self.host.create_partition(request.name, request.memory_bytes, holes, read_only)
+            except HvError as exc:
+                self._trace("create_partition", exc.hv_status, **args)
+                return admin_pb2.CreatePartitionReply(result=hv_result(exc.hv_status, str(exc)))
+            self._trace("create_partition", HvStatus.SUCCESS, partition=who(part), **args)
         return admin_pb2.CreatePartitionReply(result=hv_result(HvStatus.SUCCESS),
                                               partition=partition_message(self.host, part), token=part.token)
 
     @grpc_errors
     def DestroyPartition(self, request: Any, context: grpc.ServicerContext) -> Any:
         require("admin")
-        try:
-            self.host.destroy_partition(request.partition_id)
-        except HvError as exc:
-            return _refused(exc)
-        return _ok()
+        return self._change("destroy_partition", self.host.destroy_partition, request.partition_id,
+                            partition=who(self.host.partitions.get(request.partition_id), request.partition_id))
 
     @grpc_errors
     def ResetPartition(self, request: Any, context: grpc.ServicerContext) -> Any:
         require("admin")
-        try:
-            part = self.host.reset_partition(request.partition_id)
-        except HvError as exc:
-            return admin_pb2.CreatePartitionReply(result=hv_result(exc.hv_status, str(exc)))
+        with self.host.lock:
+            try:
+                part = self.host.reset_partition(request.partition_id)
+            except HvError as exc:
+                self._trace("reset_partition", exc.hv_status, partition=who(None, request.partition_id))
+                return admin_pb2.CreatePartitionReply(result=hv_result(exc.hv_status, str(exc)))
+            self._trace("reset_partition", HvStatus.SUCCESS, partition=who(part))
         return admin_pb2.CreatePartitionReply(result=hv_result(HvStatus.SUCCESS),
                                               partition=partition_message(self.host, part), token=part.token)
 
@@ -94,8 +128,14 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         require("admin")
         if not request.control_address:
             raise HvError(HvStatus.INVALID_PARAMETER, "control_address is required")
-        dev = self.host.register_device(request.name, request.control_address, request.pci_vendor_id,
-                                        request.pci_device_id, bytes(request.instance_guid), request.pci_function)
+        with self.host.lock:
+            dev = self.host.register_device(request.name, request.control_address, request.pci_vendor_id,
+                                            request.pci_device_id, bytes(request.instance_guid),
+                                            request.pci_function)
+            self._trace("register_device", HvStatus.SUCCESS, device=_dev(dev), slot=dev.slot,
+                        control_address=request.control_address, pci_vendor_id=request.pci_vendor_id,
+                        pci_device_id=request.pci_device_id, instance_guid=bytes(request.instance_guid).hex(),
+                        pci_function=request.pci_function)
         return admin_pb2.RegisterDeviceReply(
             result=hv_result(HvStatus.SUCCESS), device=device_message(dev), device_token=dev.token,
             memory_dir=str(self.host.memory.directory), context_table_hpa=context_hpa(0))
@@ -103,29 +143,21 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     @grpc_errors
     def UnregisterDevice(self, request: Any, context: grpc.ServicerContext) -> Any:
         require("admin")
-        try:
-            self.host.unregister_device(request.logical_device_id)
-        except HvError as exc:
-            return _refused(exc)
-        return _ok()
+        return self._change("unregister_device", self.host.unregister_device, request.logical_device_id,
+                            device=self._dev_ref(request.logical_device_id))
 
     @grpc_errors
     def AssignDevice(self, request: Any, context: grpc.ServicerContext) -> Any:
         require("admin")
-        try:
-            self.host.assign_device(request.logical_device_id, request.partition_id)
-        except HvError as exc:
-            return _refused(exc)
-        return _ok()
+        return self._change("assign_device", self.host.assign_device, request.logical_device_id,
+                            request.partition_id, device=self._dev_ref(request.logical_device_id),
+                            partition=who(self.host.partitions.get(request.partition_id), request.partition_id))
 
     @grpc_errors
     def UnassignDevice(self, request: Any, context: grpc.ServicerContext) -> Any:
         require("admin")
-        try:
-            self.host.unassign_device(request.logical_device_id)
-        except HvError as exc:
-            return _refused(exc)
-        return _ok()
+        return self._change("unassign_device", self.host.unassign_device, request.logical_device_id,
+                            device=self._dev_ref(request.logical_device_id))
 
     @grpc_errors
     def ListDevices(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -176,6 +208,85 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                     yield fault_message(e)
 
 
+    # -- inspection ------------------------------------------------------------------
+    @grpc_errors
+    def DumpStage2(self, request: Any, context: grpc.ServicerContext) -> Any:
+        require("admin")
+        try:
+            return dump_message(dump_stage2(self.host, request.partition_id))
+        except HvError as exc:
+            return admin_pb2.TableDump(result=hv_result(exc.hv_status, str(exc)))
+
+    @grpc_errors
+    def DumpStage1(self, request: Any, context: grpc.ServicerContext) -> Any:
+        require("admin")
+        try:
+            return dump_message(dump_stage1(self.host, request.partition_id, request.domain_id))
+        except HvError as exc:
+            return admin_pb2.TableDump(result=hv_result(exc.hv_status, str(exc)))
+
+    @grpc_errors
+    def ExplainIova(self, request: Any, context: grpc.ServicerContext) -> Any:
+        require("admin")
+        try:
+            exp = self.explainer.explain(request.partition_id, request.iova, request.write,
+                                         logical_device_id=request.logical_device_id, domain_id=request.domain_id)
+        except HvError as exc:
+            return admin_pb2.ExplainIovaReply(result=hv_result(exc.hv_status, str(exc)))
+        return explanation_message(exp)
+
+
+def dump_message(d: Dump) -> admin_pb2.TableDump:
+    return admin_pb2.TableDump(
+        result=hv_result(HvStatus.SUCCESS), format=d.format, input_space=d.input_space,
+        output_space=d.output_space, table_space=d.table_space, root=d.root, truncated=d.truncated,
+        tables_read=d.tables_read,
+        entries=[admin_pb2.TableEntry(level=i.level, va=i.va, table=i.table, index=i.index, entry=i.entry,
+                                      type=i.type.name, oa=i.oa, size_lg2=i.size_lg2, perm=perm_text(i.perm),
+                                      error=i.error) for i in d.items],
+        ranges=[admin_pb2.MappedRange(va=r.va, oa=r.oa, size=r.size, perm=perm_text(r.perm)) for r in d.ranges])
+
+
+def _step(s: ExplainStep) -> admin_pb2.WalkStep:
+    return admin_pb2.WalkStep(stage=s.stage, level=s.level, va=s.va, table=s.table, table_hpa=s.table_hpa,
+                              index=s.index, entry=s.entry, note=s.note)
+
+
+def _context_text(ctx: ContextEntry | None) -> str:
+    if ctx is None:
+        return "(unreadable)"
+    if not ctx.present:
+        return "present=0 (blocked or unassigned)"
+    pgtt = Pgtt(ctx.pgtt).name if ctx.pgtt in Pgtt._value2member_map_ else str(ctx.pgtt)
+    text = (f"present=1 pgtt={pgtt} did={ctx.did} aw={ctx.aw} ({ctx.s2_levels}-level S2) "
+            f"ssptptr={int(ctx.ssptptr):#x} owner_bank={ctx.owner_bank} fpd={int(ctx.fpd)}")
+    if ctx.pgtt == Pgtt.NESTED:
+        text += f" fspm={ctx.fspm} ({ctx.fs_levels}-level S1) fsptptr={int(ctx.fsptptr):#x}"
+    return text + (" RESERVED BITS SET" if ctx.reserved_bits else "")
+
+
+def explanation_message(exp: Explanation) -> admin_pb2.ExplainIovaReply:
+    ctx = exp.context
+    levels, final = exp.levels()
+    reply = admin_pb2.ExplainIovaReply(
+        result=hv_result(HvStatus.SUCCESS), slot=max(exp.slot, 0), context=_context_text(ctx),
+        did=ctx.did if ctx is not None else 0,
+        pgtt=Pgtt(ctx.pgtt).name if ctx is not None and ctx.pgtt in Pgtt._value2member_map_ else "",
+        steps=[_step(s) for s in exp.steps], final_stage2=[_step(s) for s in final],
+        levels=[admin_pb2.WalkLevel(level=lv.level, table_gpa=lv.table_gpa, stage2=[_step(s) for s in lv.s2],
+                                    stage1=_step(lv.s1) if lv.s1 is not None else None, has_stage1=lv.s1 is not None)
+                for lv in levels],
+        reads=exp.result.reads)
+    if isinstance(exp.result, WalkOk):
+        r = exp.result
+        reply.ok, reply.size_lg2, reply.readable, reply.writable = True, r.size_lg2, r.read, r.write
+        reply.hpa = int(r.hpa) + (int(exp.iova) - r.iova)
+    else:
+        reply.fault_reason, reply.fault_reason_name = int(exp.result.reason), exp.result.reason.name
+        reply.fault_detail = exp.result.detail
+    return reply
+
+
 class DeviceHostServicer(admin_pb2_grpc.DeviceHostServicer):
     """What an IOMMU unit tells the hypervisor: faults and page requests."""
 
@@ -197,6 +308,10 @@ class DeviceHostServicer(admin_pb2_grpc.DeviceHostServicer):
                 domain_id=dev.domain_id, page_request=request.page_request, request_id=request.request_id)
             self.host.count("page_requests" if request.page_request else "faults")
             self.host.count_fault(request.reason_name or f"{request.reason:#x}")
+            if self.host.trace is not None:
+                self.host.trace.fault(partition=who(part), device=_dev(dev), iova=request.iova, write=request.write,
+                                      reason=request.reason, reason_name=request.reason_name,
+                                      domain_id=dev.domain_id, page_request=request.page_request)
         log.info("fault.reported", partition=part.partition_id, device=dev.logical_device_id, iova=hex(request.iova),
                  write=request.write, reason=request.reason_name, page_request=request.page_request)
         return _ok()
