@@ -17,6 +17,7 @@ invalidation bumps the generation, so such late inserts are discarded.
 
 from __future__ import annotations
 
+import bisect
 import threading
 from dataclasses import dataclass, field
 
@@ -37,10 +38,33 @@ class IotlbEntry:
     write: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """``count`` entries of ``2**size_lg2`` bytes from ``iova``, contiguous in
+    IOVA and host address from ``hpa``; ``read``/``write`` hold for all."""
+
+    iova: int
+    hpa: int
+    size_lg2: int
+    count: int
+    read: bool
+    write: bool
+
+    @property
+    def end(self) -> int:
+        return self.iova + (self.count << self.size_lg2)
+
+
+#: Extents kept per domain before they are all dropped (like the entries' wholesale eviction).
+EXTENTS_PER_DOMAIN = 256
+
+
 @dataclass(slots=True)
 class _Domain:
     entries: dict[tuple[int, int], IotlbEntry] = field(default_factory=dict)
     sizes: list[int] = field(default_factory=list)  # sizes present, largest first
+    extent_starts: list[int] = field(default_factory=list)  # sorted
+    extents: dict[int, Extent] = field(default_factory=dict)  # by start IOVA
 
 
 @dataclass(slots=True)
@@ -106,6 +130,44 @@ class Iotlb:
                     self.stats.misses += 1
             return out
 
+    def lookup_extent(self, did: int, pos: int, end: int, write: bool) -> tuple[int, int] | None:
+        """``(hpa, bytes)`` for the prefix of ``[pos, end)`` that one extent
+        covers with the access allowed, or None (fall back to the entries)."""
+        with self._lock:
+            dom = self._domains.get(did)
+            if dom is None or not dom.extent_starts:
+                return None
+            i = bisect.bisect_right(dom.extent_starts, pos) - 1
+            if i < 0:
+                return None
+            ext = dom.extents[dom.extent_starts[i]]
+            if pos >= ext.end or not (ext.write if write else ext.read):
+                return None
+            n = min(end, ext.end) - pos
+            self.stats.hits += ((pos + n - 1) >> ext.size_lg2) - (pos >> ext.size_lg2) + 1
+            return ext.hpa + (pos - ext.iova), n
+
+    def insert_extent(self, did: int, ext: Extent, generation: int) -> bool:
+        """Remember ``ext`` (built from entries looked up or inserted since
+        ``generation``) unless an invalidation happened meanwhile."""
+        with self._lock:
+            dom = self._domains.get(did)
+            if generation != self._generation or dom is None:
+                return False
+            starts = dom.extent_starts
+            if len(starts) >= EXTENTS_PER_DOMAIN:
+                starts.clear()
+                dom.extents.clear()
+            i = bisect.bisect_right(starts, ext.iova) - 1
+            if i >= 0 and dom.extents[starts[i]].end > ext.iova:  # overlaps the one before
+                del dom.extents[starts.pop(i)]
+            i = bisect.bisect_left(starts, ext.iova)
+            while i < len(starts) and starts[i] < ext.end:  # and those it covers
+                del dom.extents[starts.pop(i)]
+            starts.insert(i, ext.iova)
+            dom.extents[ext.iova] = ext
+            return True
+
     def insert(self, did: int, entry: IotlbEntry, generation: int) -> bool:
         """Cache ``entry`` unless an invalidation happened since ``generation``."""
         with self._lock:
@@ -165,6 +227,9 @@ class Iotlb:
                 return 0
             dropped = 0
             entries = dom.entries
+            for xs in [x for x in dom.extent_starts if x <= last and dom.extents[x].end > start]:
+                dom.extent_starts.remove(xs)
+                del dom.extents[xs]
             for size_lg2 in dom.sizes:
                 first, final = start >> size_lg2, last >> size_lg2
                 if final - first + 1 <= len(entries):

@@ -32,7 +32,7 @@ from pviommu.iommu.context import (
     context_hpa,
 )
 from pviommu.iommu.fault import FaultReason, FaultRecord
-from pviommu.iommu.iotlb import Iotlb, IotlbEntry
+from pviommu.iommu.iotlb import Extent, Iotlb, IotlbEntry
 from pviommu.iommu.nested import ExplainStep, NestedWalker, WalkFault, WalkOk
 from pviommu.mem.bank import HostMemory
 from pviommu.mem.dma import DmaRuns, Run
@@ -163,12 +163,28 @@ class IommuUnit:
         except _CtxFault as exc:
             return DmaRuns([], self._fault(slot, 0, iova, write, exc.reason, exc.detail, fpd=False).to_dma_fault())
         did, pos, end = ctx.did, int(iova), int(iova) + length
+        iotlb = self.iotlb
+        generation0 = iotlb.generation
         runs: list[Run] = []
         run_hpa = run_len = 0
+        # The extent being built from consecutive same-size entries (see iotlb).
+        x_iova = x_hpa = x_lg2 = x_count = 0
+        x_read = x_write = True
         while pos < end:
-            entries = self.iotlb.lookup_run(did, pos, end, write)
+            hit = iotlb.lookup_extent(did, pos, end, write)
+            if hit is not None:
+                hpa, n = hit
+                if run_len and run_hpa + run_len == hpa:
+                    run_len += n
+                else:
+                    if run_len:
+                        runs.append(Run(Hpa(run_hpa), run_len))
+                    run_hpa, run_len = hpa, n
+                pos += n
+                continue
+            entries = iotlb.lookup_run(did, pos, end, write)
             if not entries:
-                generation = self.iotlb.generation
+                generation = iotlb.generation
                 result = self.walker.walk(ctx, Iova(pos), write)
                 with self._lock:
                     self.stats.walks += 1
@@ -179,7 +195,7 @@ class IommuUnit:
                     fault = self._fault(slot, did, Iova(pos), write, result.reason, result.detail, ctx.fpd)
                     return DmaRuns(runs, fault.to_dma_fault())
                 entry = IotlbEntry(result.iova, result.hpa, result.size_lg2, result.read, result.write)
-                self.iotlb.insert(did, entry, generation)
+                iotlb.insert(did, entry, generation)
                 entries = [entry]
             for entry in entries:
                 off = pos - entry.iova
@@ -192,6 +208,17 @@ class IommuUnit:
                         runs.append(Run(Hpa(run_hpa), run_len))
                     run_hpa, run_len = hpa, n
                 pos += n
+                size = x_count << x_lg2
+                if x_count and entry.size_lg2 == x_lg2 and entry.iova == x_iova + size and entry.hpa == x_hpa + size:
+                    x_count += 1
+                    x_read, x_write = x_read and entry.read, x_write and entry.write
+                else:
+                    if x_count >= 2:
+                        iotlb.insert_extent(did, Extent(x_iova, x_hpa, x_lg2, x_count, x_read, x_write), generation0)
+                    x_iova, x_hpa, x_lg2, x_count = entry.iova, int(entry.hpa), entry.size_lg2, 1
+                    x_read, x_write = entry.read, entry.write
+        if x_count >= 2:
+            iotlb.insert_extent(did, Extent(x_iova, x_hpa, x_lg2, x_count, x_read, x_write), generation0)
         runs.append(Run(Hpa(run_hpa), run_len))
         return DmaRuns(runs)
 
