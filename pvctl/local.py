@@ -87,32 +87,40 @@ class VirtualSystem:
             self.add_guest(g, step)
         return self
 
-    def add_guest(self, g: int, step: Any = None) -> Guest:
+    def add_partition(self, g: int, step: Any = None, name: str | None = None) -> Guest:
+        """A partition with its DSA devices started and assigned, but no guest
+        agent process (the benchmarks drive an in-process agent on it)."""
         step = step or (lambda msg: None)
         assert self.hypervisor is not None
         reply = self.admin.CreatePartition(
-            admin_pb2.CreatePartitionRequest(name=f"guest{g}", memory_bytes=self.memory_bytes), timeout=30
+            admin_pb2.CreatePartitionRequest(name=name or f"guest{g}", memory_bytes=self.memory_bytes), timeout=30
         )
         if reply.result.status != 0:
             raise RuntimeError(f"CreatePartition failed: {reply.result.status_name}: {reply.result.message}")
         guest = Guest(g, reply.partition.partition_id, reply.token, reply.partition.bank_path)
         for d in range(self.devices_per_guest):
-            name = f"dsa{g}.{d}"
-            step(f"starting {name}")
-            dev = self.supervisor.start(name, "dsa", "--hypervisor", self.hypervisor.address, "--name", name)
+            dname = f"dsa{g}.{d}"
+            step(f"starting {dname}")
+            dev = self.supervisor.start(dname, "dsa", "--hypervisor", self.hypervisor.address, "--name", dname)
             self.devices.append(dev)
-            logical = self._device_id(name)
+            logical = self._device_id(dname)
             r = self.admin.AssignDevice(
                 admin_pb2.AssignDeviceRequest(logical_device_id=logical, partition_id=guest.partition_id),
                 timeout=30,
             )
             if r.result.status != 0:
-                raise RuntimeError(f"AssignDevice {name} failed: {r.result.status_name}: {r.result.message}")
+                raise RuntimeError(f"AssignDevice {dname} failed: {r.result.status_name}: {r.result.message}")
             guest.devices.append(logical)
+        return guest
+
+    def add_guest(self, g: int, step: Any = None, extra_args: list[str] | None = None) -> Guest:
+        step = step or (lambda msg: None)
+        assert self.hypervisor is not None
+        guest = self.add_partition(g, step)
         step(f"starting guest{g}")
         guest.process = self.supervisor.start(
             f"guest{g}", "guest", "--hypervisor", self.hypervisor.address, "--bank-path", guest.bank_path,
-            *self.guest_args, env={"PVIOMMU_TOKEN": guest.token},
+            *self.guest_args, *(extra_args or []), env={"PVIOMMU_TOKEN": guest.token},
         )
         guest.channel = connect(guest.process.address, guest.token)
         self.guests.append(guest)
