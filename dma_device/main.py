@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 from dma_device.dsa.device import DsaDevice, DsaDeviceConfig
 from dma_device.rpc.servicer import DeviceState, DsaDeviceServicer, configure_groups
 from pviommu.abi.dsa import GenCap
+from pviommu.iommu.invq import QueueConsumer, apply_to_unit
 from pviommu.iommu.unit import IommuUnit
 from pviommu.log import bind_identity, configure, get_logger
 from pviommu.mem.bank import HostMemory
@@ -170,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
     link = HypervisorLink(device_channel, state, args.page_request_timeout)
     unit = IommuUnit(memory)
     unit_box["unit"] = unit
+    # Invalidations arrive through the queue in bank 0 (doorbell + wait status), RPC as the fallback.
+    queue = QueueConsumer(memory, state.slot, apply_to_unit(unit))
     device.on_fault = link.on_fault
     device.on_page_request = link.on_page_request
     device.on_interrupt = state.publish_interrupt
@@ -192,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
         except grpc.RpcError:
             pass
         device.close()
+        queue.close()
         link.close()
 
     server.wait_for_signal(on_stop=shutdown)

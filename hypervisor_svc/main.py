@@ -18,6 +18,7 @@ from hypervisor_svc.rpc.device_client import GrpcInvalidator
 from hypervisor_svc.rpc.hypercall_servicer import HypervisorServicer
 from pviommu.abi.hv_status import HvStatus
 from pviommu.errors import HvError
+from pviommu.iommu.invq import QueueHost
 from pviommu.log import bind_identity, configure, get_logger
 from pviommu.rpc.auth import admin_token_from
 from pviommu.rpc.metrics import CounterCollector, RpcMetricsInterceptor, serve_metrics
@@ -56,6 +57,7 @@ def build(args: argparse.Namespace, listen: str | None = None) -> tuple[Host, Ru
     memory_dir.mkdir(parents=True, exist_ok=True)
     host = Host(memory_dir, token, config, invalidator)
     host.owns_memory_dir = own_dir
+    invalidator.use_queues(QueueHost(host.memory))
     if getattr(args, "trace", None):
         host.trace = TraceWriter(args.trace, config)
 

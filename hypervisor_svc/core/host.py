@@ -29,6 +29,7 @@ from pviommu.abi.hv_status import HvStatus
 from pviommu.addr import SZ_2M, Gpa
 from pviommu.errors import HvError, PviommuError
 from pviommu.iommu.context import CONTEXT_ENTRY_SIZE, ContextEntry, context_hpa
+from pviommu.iommu.invq import reset_queue
 from pviommu.log import get_logger
 from pviommu.mem.bank import BANK_WINDOW_LG2, HYPERVISOR_BANK, HostMemory
 from pviommu.rpc.auth import Principal, new_token, tokens_equal
@@ -220,6 +221,7 @@ class Host:
                 guid = os.urandom(16)
                 logical = build_logical_device_id(guid, function & 7)
             dev = Device(logical, name, control_address, slot, new_token(), vendor or 0x8086, device_id or 0x0B25)
+            reset_queue(self.memory, slot)  # a new unit starts with an empty invalidation queue
             self.devices[logical] = dev
             self._write_context(dev, None)
             self.count("devices_registered")

@@ -14,6 +14,7 @@ from pviommu.abi.hv_status import HvStatus
 from pviommu.addr import PAGE_SIZE, SZ_2M, Gpa, Hpa, Iova
 from pviommu.errors import HvError
 from pviommu.iommu.context import CONTEXT_ENTRY_SIZE, ContextEntry, context_hpa, write_context
+from pviommu.iommu.invq import QUEUE_REGION_END
 from pviommu.mem.bank import Bank, HostMemory
 from pviommu.mem.frames import host_frames
 from pviommu.pt.common import Perm
@@ -43,7 +44,8 @@ def _segments(size: int, cuts: list[tuple[int, int]]) -> list[tuple[int, int]]:
 class HostTables:
     def __init__(self, memory: HostMemory, bank0: Bank, context_bytes: int) -> None:
         self.memory = memory
-        first = max(SZ_2M, (context_bytes + SZ_2M - 1) & ~(SZ_2M - 1))
+        # bank 0: context table, then the invalidation queues, then table frames
+        first = max(SZ_2M, (max(context_bytes, QUEUE_REGION_END) + SZ_2M - 1) & ~(SZ_2M - 1))
         self.frames = host_frames(bank0, first, bank0.size - first)
         self.fmt = VtdSsFormat(levels=S2_LEVELS)
 

@@ -14,6 +14,8 @@ import grpc
 
 from hypervisor_svc.core.model import Device
 from pviommu.errors import DeviceUnavailable
+from pviommu.iommu import invq
+from pviommu.iommu.invq import QueueHost
 from pviommu.rpc.auth import token_digest
 from pviommu.rpc.client import connect
 from pviommu.v1 import dsa_pb2, dsa_pb2_grpc
@@ -31,9 +33,16 @@ class DeviceLost(Exception):
 
 
 class GrpcInvalidator:
+    """Invalidations go through the unit's queue in shared memory when the
+    unit serves one (``pviommu.iommu.invq``: descriptors, a doorbell and an
+    invalidation-wait status write, like VT-d queued invalidation), else
+    through the device's ``Invalidate`` RPC. Assignment and page responses
+    are always RPCs."""
+
     def __init__(self, admin_token: str, timeout_s: float) -> None:
         self._token = admin_token
         self._timeout = timeout_s
+        self.queues: QueueHost | None = None
         self._stubs: dict[tuple[str, int], dsa_pb2_grpc.DsaDeviceStub] = {}
         self._channels: dict[tuple[str, int], grpc.Channel] = {}
         self._lock = threading.Lock()
@@ -61,7 +70,25 @@ class GrpcInvalidator:
         if reply.error:
             raise DeviceLost(f"device {device.name} refused {what}: {reply.message}")
 
+    def use_queues(self, queues: QueueHost) -> None:
+        self.queues = queues
+
     def invalidate(self, device: Device, scope: str, tag: int = 0, address: int = 0, mask: int = 0) -> None:
+        writer = self.queues.writer(device.slot) if self.queues is not None else None
+        if writer is not None:
+            if scope == "global":
+                desc = invq.iotlb_desc(invq.G_GLOBAL)
+            elif scope == "domain":
+                desc = invq.iotlb_desc(invq.G_DOMAIN, tag)
+            elif scope == "pages":
+                desc = invq.iotlb_desc(invq.G_PAGE, tag, address, mask)
+            else:
+                desc = invq.context_desc(device.slot)
+            try:
+                writer.submit([desc], self._timeout)
+            except invq.QueueUnavailable as exc:
+                raise DeviceLost(str(exc)) from exc
+            return
         req = dsa_pb2.IommuInvalidation(scope=SCOPES[scope], tag=tag, address=address, address_mask=mask,
                                         slot=device.slot)
         self._call(device, f"{scope} invalidation", self._stub(device).Invalidate, req)
@@ -76,6 +103,8 @@ class GrpcInvalidator:
         self._call(device, "page response", self._stub(device).ResolvePageRequest, req)
 
     def close(self) -> None:
+        if self.queues is not None:
+            self.queues.close()
         with self._lock:
             for ch in self._channels.values():
                 ch.close()
