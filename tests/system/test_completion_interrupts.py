@@ -1,0 +1,70 @@
+"""Completion interrupts over the wire: a descriptor with RCI makes the device
+raise its MSI (int_handle), which reaches the owning guest as an event on the
+device's interrupt stream -- and only callers holding the right credential
+may listen."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import grpc
+import pytest
+
+from pvctl.local import VirtualSystem
+from pviommu.abi.dsa import CompletionRecord, DescFlags, Descriptor, DsaStatus, Opcode
+from pviommu.rpc.client import connect
+from pviommu.v1 import common_pb2, dsa_pb2_grpc, guest_pb2
+
+pytestmark = [pytest.mark.system, pytest.mark.timeout(300)]
+
+
+def test_rci_descriptor_delivers_its_interrupt_handle_to_the_guests_stream() -> None:
+    with VirtualSystem(guests=1, devices_per_guest=1, memory_bytes=64 << 20) as system:
+        g = system.guests[0]
+        dev = g.devices[0]
+        address = next(d.control_address for d in g.stub.ListDevices(common_pb2.Empty(), timeout=30).devices
+                       if d.logical_device_id == dev)
+        channel = connect(address, g.token)
+        events: queue.Queue[int] = queue.Queue()
+        stream = dsa_pb2_grpc.DsaDeviceStub(channel).StreamInterrupts(common_pb2.Empty())
+        def listen() -> None:
+            try:
+                for irq in stream:
+                    events.put(irq.int_handle)
+            except grpc.RpcError as exc:  # cancelled at the end of the test
+                assert exc.code() == grpc.StatusCode.CANCELLED
+
+        listener = threading.Thread(target=listen, daemon=True)
+        listener.start()
+        try:
+            rec = g.stub.AllocBuffer(guest_pb2.AllocRequest(size=4096), timeout=30)
+            rec_map = g.stub.Map(guest_pb2.MapRequest(logical_device_id=dev, gpa=rec.gpa, size=4096,
+                                                      direction=guest_pb2.BIDIRECTIONAL), timeout=30)
+            desc = Descriptor(opcode=Opcode.NOOP, flags=int(DescFlags.CRAV | DescFlags.RCR | DescFlags.RCI),
+                              completion_addr=rec_map.iova, int_handle=3)
+            reply = g.stub.SubmitDescriptor(guest_pb2.DescriptorRequest(
+                logical_device_id=dev, descriptor=desc.pack(), wait=True, timeout_ms=10000,
+                completion_gpa=rec.gpa), timeout=60)
+            assert CompletionRecord.unpack(reply.completion_record).code == DsaStatus.SUCCESS
+            assert events.get(timeout=10) == 3
+            # an interrupt handle the device does not have is refused in the record, and raises nothing
+            bad = Descriptor(opcode=Opcode.NOOP, flags=int(DescFlags.CRAV | DescFlags.RCR | DescFlags.RCI),
+                             completion_addr=rec_map.iova, int_handle=200)
+            reply = g.stub.SubmitDescriptor(guest_pb2.DescriptorRequest(
+                logical_device_id=dev, descriptor=bad.pack(), wait=True, timeout_ms=10000,
+                completion_gpa=rec.gpa), timeout=60)
+            assert CompletionRecord.unpack(reply.completion_record).code == DsaStatus.INT_HANDLE_INVAL
+            with pytest.raises(queue.Empty):
+                events.get(timeout=1)
+        finally:
+            stream.cancel()
+            channel.close()
+        # another credential may not listen to this device's interrupts
+        stranger = connect(address, "not-a-partition-token")
+        try:
+            with pytest.raises(grpc.RpcError) as exc:
+                next(iter(dsa_pb2_grpc.DsaDeviceStub(stranger).StreamInterrupts(common_pb2.Empty(), timeout=10)))
+            assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        finally:
+            stranger.close()
