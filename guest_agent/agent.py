@@ -205,10 +205,12 @@ class Agent:
         if wait:
             check_record_gpa(completion_gpa)
             self.memory.check(completion_gpa, COMP_SIZE)
+            # a driver clears the record before submitting: status 0 = "not yet written"
+            self.ram.write(Gpa(completion_gpa), bytes(COMP_SIZE))
         accepted = drv.submit(descriptor, wq_id)
         if not accepted or not wait:
             return SubmitResult(accepted, None)
-        rec = wait_completion(self.ram, Gpa(completion_gpa), (timeout_ms or 3000) / 1000)
+        rec = wait_completion(self.ram, Gpa(completion_gpa), (timeout_ms or 3000) / 1000, drv.check_portal)
         return SubmitResult(True, rec)
 
     # -- dmatest --------------------------------------------------------------------------------

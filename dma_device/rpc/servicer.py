@@ -168,12 +168,20 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
         return dsa_pb2.SubmissionAck(tag=sub.tag, accepted=accepted)
 
     def Portal(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        """Descriptors in; an ack out for each one not marked ``posted``."""
         try:
             require("partition", "host")
         except PviommuError as exc:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         for sub in request_iterator:
-            yield self._submit(sub)
+            ack = self._submit(sub)
+            if not sub.posted:
+                yield ack
+            elif ack.error or not ack.accepted:
+                # A posted write has no ack to carry the refusal: end the stream.
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"posted submission {sub.tag} to WQ {sub.wq_id} refused: "
+                              f"{ack.error or 'the WQ is shared and did not accept it (post to a dedicated WQ)'}")
 
     @grpc_errors
     def Submit(self, request: Any, context: grpc.ServicerContext) -> Any:

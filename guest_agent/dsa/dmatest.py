@@ -414,7 +414,7 @@ class Dmatest:
                 if not accepted:
                     time.sleep(0.1)  # dmatest: msleep(100) after a submit error
                     return "submit error", -16
-                rec = wait_completion(self.memory.ram, rec_gpa, timeout_s)
+                rec = wait_completion(self.memory.ram, rec_gpa, timeout_s, drv.check_portal)
             finally:
                 drv.release_slot()
         finally:

@@ -7,10 +7,14 @@ After Linux idxd (reference dsa-dmatest.md sections 1-4):
   (dedicated, size 16, priority 10, group 0), enable the device and the WQ.
 * submission goes through a ``Portal`` stream, one per submitting thread (as
   each CPU writes its own portal). A dedicated WQ is MOVDIR64B: posted, no
-  feedback, and a descriptor arriving at a full WQ is dropped, so the driver
-  never has more than ``wq size`` descriptors outstanding (a semaphore, like
-  the kernel's descriptor pool sized to the WQ). A shared WQ is ENQCMDS:
-  ``accepted=false`` means retry, up to ``ENQCMDS_RETRIES`` (32) times.
+  feedback (the submission is marked ``posted`` and the device sends no ack),
+  and a descriptor arriving at a full WQ is dropped, so the driver never has
+  more than ``wq size`` descriptors outstanding (a semaphore, like the
+  kernel's descriptor pool sized to the WQ). A shared WQ is ENQCMDS: the
+  driver waits for the ack, ``accepted=false`` means retry, up to
+  ``ENQCMDS_RETRIES`` (32) times. A portal stream that breaks (the device
+  died, or it refused a posted write) is noticed by the next write or by a
+  completion wait on that thread, which raise the stream's error.
 * completion: the record lives in guest RAM (coherent DMA memory, mapped
   writable for the device); the device writes the status byte last, so the
   driver polls that one byte with short sleeps and backoff until it is
@@ -22,7 +26,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -43,6 +47,9 @@ ENQCMDS_RETRIES = 32
 DEFAULT_WQ_SIZE = 16
 DEFAULT_WQ_PRIORITY = 10
 _STOP = object()
+#: Completion polling (``wait_completion``): the sleep between polls, and for how long before backing off.
+POLL_SLEEP_S = 0.00005
+POLL_FAST_S = 0.003
 
 
 def status_name(code: int) -> str:
@@ -59,39 +66,57 @@ class WqInfo:
     size: int
 
 
-def wait_completion(ram: GuestRam, gpa: Gpa, timeout_s: float | None) -> CompletionRecord | None:
+def wait_completion(ram: GuestRam, gpa: Gpa, timeout_s: float | None,
+                    check: Callable[[], None] | None = None) -> CompletionRecord | None:
     """Poll the record's status byte until the device wrote it (None on timeout).
 
-    Spins briefly (a copy of a few KiB completes in tens of microseconds),
-    then sleeps with exponential backoff up to 1 ms, so an idle wait costs
-    little CPU and a fast completion is seen quickly."""
-    deadline = None if timeout_s is None or timeout_s < 0 else time.monotonic() + timeout_s
-    delay = 0.0
+    Yields a few times (``sleep(0)``: a pure spin would hold the GIL the
+    portal's sender thread needs), then polls every ``POLL_SLEEP_S`` (50 us)
+    for ``POLL_FAST_S`` (a descriptor's usual latency through the emulated
+    device is 0.3-3 ms), then backs off exponentially up to 1 ms, so a long
+    wait costs little CPU. Measured on 2 cores: a longer backoff from the
+    start overshot completions by up to half the wait, a pure spin starved
+    the device process. ``check`` (called before each sleep) raises when the
+    completion can no longer come, e.g. ``DsaDriver.check_portal`` when this
+    thread's portal stream broke."""
+    start = time.monotonic()
+    deadline = None if timeout_s is None or timeout_s < 0 else start + timeout_s
+    delay = POLL_SLEEP_S
     spins = 0
     view = ram.view(gpa, COMP_SIZE)
     try:
         while True:
             if view[0]:
                 return CompletionRecord.unpack(bytes(view))
-            if deadline is not None and time.monotonic() >= deadline:
-                return None
             spins += 1
-            if spins < 20:
+            if spins < 8:
                 time.sleep(0)
                 continue
-            delay = min(0.001, delay * 2 if delay else 0.00002)
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return None
+            if check is not None:
+                check()
+            if now - start > POLL_FAST_S:
+                delay = min(0.001, delay * 2)
             time.sleep(delay)
     finally:
         view.release()
 
 
 class PortalSession:
-    """One submitter's portal stream (bidirectional: descriptors in, acks out)."""
+    """One submitter's portal stream (bidirectional: descriptors in, acks of
+    the non-posted ones out)."""
 
     def __init__(self, stub: dsa_pb2_grpc.DsaDeviceStub) -> None:
-        self._q: queue.Queue[object] = queue.Queue()
+        self._q: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._tag = 0
+        self._closed = False
+        self._broken: BaseException | None = None
         self._acks: Iterator[dsa_pb2.SubmissionAck] = stub.Portal(self._requests())
+        add_done_callback = getattr(self._acks, "add_done_callback", None)
+        if add_done_callback is not None:
+            add_done_callback(self._ended)
 
     def _requests(self) -> Iterator[dsa_pb2.Submission]:
         while True:
@@ -101,8 +126,32 @@ class PortalSession:
             assert isinstance(item, dsa_pb2.Submission)
             yield item
 
+    def _ended(self, call: object) -> None:
+        """The stream ended (gRPC thread): unless we closed it, every later
+        write or completion wait on this portal raises."""
+        if self._closed:
+            return
+        if isinstance(call, grpc.RpcError):
+            self._broken = call
+        else:
+            self._broken = DeviceCommandFailed("the portal stream ended")
+
+    def check(self) -> None:
+        """Raise the stream's error if it broke."""
+        if self._broken is not None:
+            raise self._broken
+
+    def post(self, wq_id: int, descriptor: bytes) -> None:
+        """One posted portal write (MOVDIR64B): no ack, returns at once."""
+        if self._broken is not None:
+            raise self._broken
+        self._tag += 1
+        self._q.put(dsa_pb2.Submission(wq_id=wq_id, descriptor=descriptor, tag=self._tag, posted=True))
+
     def write(self, wq_id: int, descriptor: bytes) -> dsa_pb2.SubmissionAck:
-        """One portal write; returns its ack."""
+        """One non-posted portal write (ENQCMDS); returns its ack."""
+        if self._broken is not None:
+            raise self._broken
         self._tag += 1
         self._q.put(dsa_pb2.Submission(wq_id=wq_id, descriptor=descriptor, tag=self._tag))
         ack = next(self._acks)
@@ -111,6 +160,7 @@ class PortalSession:
         return ack
 
     def close(self) -> None:
+        self._closed = True
         self._q.put(_STOP)
         cancel = getattr(self._acks, "cancel", None)
         if cancel is not None:
@@ -208,13 +258,19 @@ class DsaDriver:
             self._slots.release()
 
     def submit(self, descriptor: bytes, wq_id: int | None = None) -> bool:
-        """Write one descriptor to the portal; False when a shared WQ refused it
-        ``ENQCMDS_RETRIES`` times (the caller reports a submit error)."""
+        """Write one descriptor to the portal. On this driver's dedicated WQ the
+        write is posted: it returns True at once, and the caller must hold a
+        slot (``acquire_slot``) and learn the outcome from the completion
+        record. Otherwise it waits for the ack; False when a shared WQ refused
+        it ``ENQCMDS_RETRIES`` times (the caller reports a submit error)."""
         if len(descriptor) != DESC_SIZE:
             raise InvalidRequest(f"a DSA descriptor is {DESC_SIZE} bytes, got {len(descriptor)}")
         assert self.wq is not None
         wq = self.wq.wq_id if wq_id is None else wq_id
         session = self.session()
+        if wq == self.wq.wq_id and self.wq.dedicated:
+            session.post(wq, descriptor)  # MOVDIR64B: posted, always "accepted"
+            return True
         for _ in range(ENQCMDS_RETRIES):
             ack = session.write(wq, descriptor)
             if ack.error:
@@ -223,6 +279,12 @@ class DsaDriver:
                 return True
         self.log.warning("dsa.enqcmds_retries_exhausted", wq=wq)
         return False
+
+    def check_portal(self) -> None:
+        """Raise if this thread's portal stream broke (for ``wait_completion``)."""
+        s: PortalSession | None = getattr(self._local, "session", None)
+        if s is not None:
+            s.check()
 
     def close(self) -> None:
         with self._lock:

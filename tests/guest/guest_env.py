@@ -103,7 +103,8 @@ class FakeDsa(dsa_pb2_grpc.DsaDeviceServicer):
 
     def Portal(self, request_iterator: Any, context: Any) -> Iterator[Any]:
         for sub in request_iterator:
-            yield dsa_pb2.SubmissionAck(tag=sub.tag, accepted=True)
+            if not sub.posted:
+                yield dsa_pb2.SubmissionAck(tag=sub.tag, accepted=True)
             threading.Thread(target=self.execute, args=(bytes(sub.descriptor),), daemon=True).start()
 
     def GetCounters(self, request: Any, context: Any) -> Any:
