@@ -11,6 +11,7 @@ address alignment (0x1c), dualcast page offsets (0x17), overlaps (0x16).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from dma_device.dsa import delta, dif
@@ -80,6 +81,12 @@ _OP_BYTES: dict[int, frozenset[int]] = {
     Opcode.DIF_UPDT: frozenset({0, 1, 2}) | frozenset(range(8, 24)),
 }
 
+#: The same as masks over bytes 40-63 read as one little-endian integer: the reserved bytes.
+_ALL_OP_BYTES = (1 << 8 * 24) - 1
+_RESERVED_OP_BYTES: dict[int, int] = {
+    op: _ALL_OP_BYTES & ~sum(0xFF << 8 * i for i in used) for op, used in _OP_BYTES.items()}
+_RCI = int(F.RCI)
+
 #: Opcodes whose src (@16) / dst (@24) / xfer_size (@32) fields are reserved.
 _NO_SRC = {Opcode.NOOP, Opcode.CFLUSH}
 _NO_DST = {Opcode.NOOP, Opcode.BATCH, Opcode.CRCGEN, Opcode.DIF_CHECK}
@@ -113,20 +120,30 @@ def overlaps(a: int, alen: int, b: int, blen: int) -> bool:
     return a < b + blen and b < a + alen
 
 
+@functools.lru_cache(maxsize=256)
+def allowed_flags(op: int, bof: bool, cc_mem: bool, cc_cache: bool, dest_readback: bool, drain_readback: bool) -> int:
+    """The flags ``op`` accepts given WQCFG.bof && GENCAP.bof and the GENCAP
+    cache-control and readback bits (a plain int, computed once per combination)."""
+    allowed = int(ALLOWED_FLAGS[op]) | _COMMON
+    if not bof:
+        allowed &= ~F.BOF  # WQCFG.bof=0: the BOF flag is reserved
+    if not cc_mem and op != Opcode.CFLUSH:
+        allowed &= ~F.CC
+    if not cc_cache and op == Opcode.CFLUSH:
+        allowed &= ~F.CC
+    if not dest_readback:
+        allowed &= ~F.DRDBK
+    if not drain_readback:
+        allowed &= ~(DRAIN_FLAG_READBACK_ADDR1 | DRAIN_FLAG_READBACK_ADDR2)
+    return int(allowed)
+
+
 def validate(d: Descriptor, lim: Limits) -> CompletionRecord | None:
     """The error record for ``d``, or None when it may execute."""
     op = d.opcode
-    allowed = int(ALLOWED_FLAGS[op]) | _COMMON
-    if not (lim.wq_bof and lim.gencap.block_on_fault):
-        allowed &= ~F.BOF  # WQCFG.bof=0: the BOF flag is reserved
-    if not lim.gencap.cache_control_mem and op != Opcode.CFLUSH:
-        allowed &= ~F.CC
-    if not lim.gencap.cache_control_cache and op == Opcode.CFLUSH:
-        allowed &= ~F.CC
-    if not lim.gencap.dest_readback:
-        allowed &= ~F.DRDBK
-    if not lim.gencap.drain_readback:
-        allowed &= ~(DRAIN_FLAG_READBACK_ADDR1 | DRAIN_FLAG_READBACK_ADDR2)
+    gc = lim.gencap
+    allowed = allowed_flags(op, lim.wq_bof and gc.block_on_fault, gc.cache_control_mem, gc.cache_control_cache,
+                            gc.dest_readback, gc.drain_readback)
     bad = d.flags & ~allowed
     if bad:
         return fail(DsaStatus.INVALID_FLAGS, op_specific=comp_op_u32(bad))
@@ -135,7 +152,7 @@ def validate(d: Descriptor, lim: Limits) -> CompletionRecord | None:
         return fail(DsaStatus.NOZERO_RESERVE)
     if lim.shared and d.priv and not lim.wq_priv:
         return fail(DsaStatus.PRIV_BAD)
-    if d.flags & F.RCI and d.int_handle >= lim.num_int_handles:
+    if d.flags & _RCI and d.int_handle >= lim.num_int_handles:
         return fail(DsaStatus.INT_HANDLE_INVAL)
     if op in _SIZED and not 0 < d.xfer_size <= lim.max_xfer:
         return fail(DsaStatus.XFER_ERANGE)
@@ -154,8 +171,7 @@ def _reserved_nonzero(d: Descriptor) -> bool:
         return True
     if op in _NO_XFER and d.xfer_size:
         return True
-    used = _OP_BYTES.get(op, frozenset())
-    if any(b for i, b in enumerate(d.op_specific) if i not in used):
+    if int.from_bytes(d.op_specific, "little") & _RESERVED_OP_BYTES.get(op, _ALL_OP_BYTES):
         return True
     if op in (Opcode.DIF_CHECK, Opcode.DIF_STRP, Opcode.DIF_INS, Opcode.DIF_UPDT):
         return bool(d.dif_flags & dif.DIF_FLAGS_RESERVED)

@@ -71,7 +71,12 @@ def _fault(ctx: OpContext, fault: DmaFault, done: int, *, result: int = 0,
                             fault_addr=int(fault.iova), op_specific=op_specific)
 
 
+_SUCCESS = CompletionRecord(status=int(DsaStatus.SUCCESS))  # immutable: shared by every plain success
+
+
 def _ok(*, result: int = 0, bytes_completed: int = 0, op_specific: bytes = _NO_OP) -> CompletionRecord:
+    if not result and not bytes_completed and op_specific is _NO_OP:
+        return _SUCCESS
     return CompletionRecord(status=int(DsaStatus.SUCCESS), result=result,
                             bytes_completed=bytes_completed, op_specific=op_specific)
 

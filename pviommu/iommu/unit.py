@@ -154,16 +154,23 @@ class IommuUnit:
         """Host runs for ``[iova, iova + length)``; stops at the first fault."""
         if length <= 0:
             return DmaRuns()
+        pos, end = int(iova), int(iova) + length
         with self._lock:
             self.stats.translations += 1
+            cached = self._contexts.get(slot)
+            if cached is not None:
+                self.stats.context_hits += 1
         try:
-            if iova < 0 or iova + length > _U64_LIMIT:
+            if pos < 0 or end > _U64_LIMIT:
                 raise _CtxFault(FaultReason.BEYOND_HW_MAX, f"IOVA {iova:#x}+{length:#x} beyond 64 bits")
-            ctx = self._context(slot)
+            ctx = cached if cached is not None else self._context(slot)
         except _CtxFault as exc:
             return DmaRuns([], self._fault(slot, 0, iova, write, exc.reason, exc.detail, fpd=False).to_dma_fault())
-        did, pos, end = ctx.did, int(iova), int(iova) + length
+        did = ctx.did
         iotlb = self.iotlb
+        hpa0 = iotlb.lookup_span(did, pos, end, write)
+        if hpa0 is not None:  # fast path: one extent or entry covers the whole request
+            return DmaRuns([Run(Hpa(hpa0), length)])
         generation0 = iotlb.generation
         runs: list[Run] = []
         run_hpa = run_len = 0

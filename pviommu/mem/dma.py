@@ -97,6 +97,26 @@ class DmaMemory:
             pos += len(view)
         return DmaResult(pos, tr.fault)
 
+    def write_record(self, iova: Iova, data: bytes | bytearray | memoryview) -> DmaResult:
+        """Write a record its reader polls by its first byte: one translation,
+        bytes ``1..`` first and byte 0 last, so a reader that sees byte 0 sees
+        the whole record. All or nothing: on a fault (a record lies in one
+        page, so the fault is at ``iova``) nothing is written."""
+        tr = self.translator.translate(iova, len(data), True)
+        if tr.fault is not None:
+            return DmaResult(0, tr.fault)
+        runs = tr.runs
+        if len(runs) == 1:
+            bank, offset = self.host.resolve(runs[0].hpa, len(data))
+            view = bank.view
+            view[offset + 1 : offset + len(data)] = data[1:]
+            view[offset] = data[0]
+            return DmaResult(len(data))
+        views = self._views(runs)  # a record across pages (not a DSA record: those are aligned)
+        _scatter([memoryview(data)[1:]], [v for v in _clip_front(views, 1)])
+        views[0][0] = data[0]
+        return DmaResult(len(data))
+
     def copy(self, src: Iova, dst: Iova, length: int) -> DmaResult:
         """memmove ``length`` bytes from ``src`` to ``dst`` (both IOVAs).
 
@@ -106,6 +126,13 @@ class DmaMemory:
         own overlap rules before calling this)."""
         rs = self.translator.translate(src, length, False)
         rd = self.translator.translate(dst, length, True)
+        if rs.fault is None and rd.fault is None and len(rs.runs) == 1 and len(rd.runs) == 1:
+            # One host run on each side (a warm buffer on large or contiguous pages).
+            # memoryview slice assignment is a C memmove (overlap-safe).
+            sbank, soff = self.host.resolve(rs.runs[0].hpa, length)
+            dbank, doff = self.host.resolve(rd.runs[0].hpa, length)
+            dbank.view[doff : doff + length] = sbank.view[soff : soff + length]
+            return DmaResult(length)
         limit = min(rs.done, rd.done)
         fault = None
         if limit < length:
@@ -127,6 +154,18 @@ def _clip(views: list[memoryview], limit: int) -> list[memoryview]:
             break
         out.append(v[:left])
         left -= len(out[-1])
+    return out
+
+
+def _clip_front(views: list[memoryview], skip: int) -> list[memoryview]:
+    """``views`` without their first ``skip`` bytes."""
+    out: list[memoryview] = []
+    for v in views:
+        if skip >= len(v):
+            skip -= len(v)
+            continue
+        out.append(v[skip:])
+        skip = 0
     return out
 
 

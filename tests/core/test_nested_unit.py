@@ -221,6 +221,61 @@ def test_dma_copy_through_unit_equals_reference_and_stops_at_unmapped_page(syste
     assert data == payload and fault is None
 
 
+class _RecordingView:
+    """A bank view that records the order of slice/byte stores."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+        self.stores: list[tuple[int, int]] = []
+
+    def __getitem__(self, key):  # type: ignore[no-untyped-def]
+        return self.view[key]
+
+    def __setitem__(self, key, value) -> None:  # type: ignore[no-untyped-def]
+        start, stop = (key.start, key.stop) if isinstance(key, slice) else (key, key + 1)
+        self.stores.append((start, stop - start))
+        self.view[key] = value
+
+
+def test_write_record_writes_byte_0_last_and_nothing_on_a_fault(system: NestedSystem) -> None:
+    system.s1.map(IOVA, Gpa(DATA), SZ_4K, RW)
+    system.s1.map(Iova(IOVA + SZ_4K), Gpa(DATA + SZ_4K), SZ_4K, Perm.READ)
+    dma = DmaMemory(system.host, system.unit.bind(SLOT))
+    record = bytes(range(1, 33))
+    bank = system.bank1
+    spy = _RecordingView(bank.view)
+    bank.view = spy  # type: ignore[assignment]
+    try:
+        res = dma.write_record(Iova(IOVA + 64), record)
+    finally:
+        bank.view = spy.view
+    off = DATA + 64
+    assert res.done == 32 and res.fault is None
+    assert spy.stores == [(off + 1, 31), (off, 1)]
+    assert system.ram.read(Gpa(off), 32) == record
+    before = system.ram.read(Gpa(DATA + SZ_4K), 64)
+    res = dma.write_record(Iova(IOVA + SZ_4K + 32), record)  # read-only page
+    assert res.done == 0 and res.fault is not None and res.fault.iova == IOVA + SZ_4K + 32 and res.fault.write
+    assert system.ram.read(Gpa(DATA + SZ_4K), 64) == before
+
+
+def test_single_run_copy_fast_path_is_a_memmove(system: NestedSystem) -> None:
+    """Warm, one run per side (2 MiB leaves): overlapping copies both ways equal memmove."""
+    big = Gpa(12 << 20)  # RW, 2 MiB stage-2 leaves
+    system.s1.map(IOVA, big, SZ_2M, RW)
+    payload = random.Random(9).randbytes(SZ_2M)
+    system.ram.write(big, payload)
+    dma = DmaMemory(system.host, system.unit.bind(SLOT))
+    dma.copy(IOVA, Iova(IOVA + 4096), 8192)  # warms the IOTLB
+    ref = bytearray(payload)
+    ref[4096:12288] = ref[0:8192]
+    for src, dst in ((0, 100), (200, 50)):
+        assert dma.copy(Iova(IOVA + src), Iova(IOVA + dst), 10000).done == 10000
+        ref[dst : dst + 10000] = bytes(ref[src : src + 10000])
+    assert system.ram.read(big, SZ_2M) == bytes(ref)
+    assert system.unit.translate(SLOT, IOVA, SZ_2M, False).runs[0].length == SZ_2M
+
+
 def test_faults_are_counted_logged_and_reported(system: NestedSystem) -> None:
     seen = []
     system.unit.on_fault = seen.append
