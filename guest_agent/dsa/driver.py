@@ -48,8 +48,8 @@ DEFAULT_WQ_SIZE = 16
 DEFAULT_WQ_PRIORITY = 10
 _STOP = object()
 #: Completion polling (``wait_completion``): the sleep between polls, and for how long before backing off.
-POLL_SLEEP_S = 0.00005
-POLL_FAST_S = 0.003
+POLL_SLEEP_S = 0.0001
+POLL_FAST_S = 0.002
 
 
 def status_name(code: int) -> str:
@@ -71,14 +71,16 @@ def wait_completion(ram: GuestRam, gpa: Gpa, timeout_s: float | None,
     """Poll the record's status byte until the device wrote it (None on timeout).
 
     Yields a few times (``sleep(0)``: a pure spin would hold the GIL the
-    portal's sender thread needs), then polls every ``POLL_SLEEP_S`` (50 us)
+    portal's sender thread needs), then polls every ``POLL_SLEEP_S`` (100 us)
     for ``POLL_FAST_S`` (a descriptor's usual latency through the emulated
     device is 0.3-3 ms), then backs off exponentially up to 1 ms, so a long
     wait costs little CPU. Measured on 2 cores: a longer backoff from the
     start overshot completions by up to half the wait, a pure spin starved
-    the device process. ``check`` (called before each sleep) raises when the
-    completion can no longer come, e.g. ``DsaDriver.check_portal`` when this
-    thread's portal stream broke."""
+    the portal's sender thread, 50 us sleeps cost more CPU than 100 us for
+    no lower latency (and several dmatest threads polling compete with the
+    device process for the two cores). ``check`` (called before each sleep)
+    raises when the completion can no longer come, e.g.
+    ``DsaDriver.check_portal`` when this thread's portal stream broke."""
     start = time.monotonic()
     deadline = None if timeout_s is None or timeout_s < 0 else start + timeout_s
     delay = POLL_SLEEP_S
