@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import struct
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -65,8 +66,15 @@ def test_after_unmap_with_flush_the_device_faults_on_the_old_iova(system: Virtua
     bad = _copy(s, dev, src, dst, rec_iova, rec_gpa)
     assert bad.status & 0x7F == DsaStatus.PAGE_FAULT_NOBOF
     assert struct.unpack_from("<Q", bad.completion_record, 8)[0] == dst
-    faults = list(s.StreamFaults(guest_pb2.FaultsRequest(follow=False), timeout=10))  # type: ignore[attr-defined]
-    assert any(f.iova == dst for f in faults)
+    # The device reports faults to the hypervisor asynchronously (a queue and a
+    # sender thread), so the record can be read before the fault arrives.
+    seen: list[int] = []
+    deadline = time.monotonic() + 10
+    while dst not in seen and time.monotonic() < deadline:
+        faults = s.StreamFaults(guest_pb2.FaultsRequest(follow=False), timeout=10)  # type: ignore[attr-defined]
+        seen += [f.iova for f in faults]
+        time.sleep(0.05)
+    assert dst in seen
 
 
 def test_with_skip_flush_the_device_still_reaches_the_old_page_until_flush(system: VirtualSystem) -> None:
