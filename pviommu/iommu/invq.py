@@ -234,6 +234,8 @@ class QueueConsumer:
         self._reply = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._stop = False
         self.processed = 0
+        self.errors = 0
+        self.last_error = ""
         _write_path(memory, self.base + 64, self.path)
         memory.write_u64(Hpa(self.base + 8), memory.read_u64(Hpa(self.base)))  # start at the current tail
         memory.write_u64(Hpa(self.base + 24), READY_MAGIC)
@@ -249,7 +251,11 @@ class QueueConsumer:
                 pass  # also drain without a doorbell: a lost datagram only delays
             except OSError:
                 return
-            self.drain()
+            try:
+                self.drain()
+            except Exception as exc:  # keep serving: a dead consumer would stall every flush
+                self.errors += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
 
     def drain(self) -> None:
         mem, base = self.memory, self.base
@@ -267,7 +273,10 @@ class QueueConsumer:
                     with contextlib.suppress(OSError):
                         self._reply.sendto(b"\1", ack)
             else:
-                self._apply(qw0, qw1)
+                try:
+                    self._apply(qw0, qw1)
+                finally:
+                    mem.write_u64(Hpa(base + 8), head)  # a bad descriptor is consumed, not retried forever
                 self.processed += 1
         mem.write_u64(Hpa(base + 8), head)
 
