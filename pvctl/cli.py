@@ -158,7 +158,9 @@ def add_dmatest_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--norandom", action="store_true")
     p.add_argument("--alignment", type=int, default=-1)
     p.add_argument("--transfer-size", type=int, default=0)
-    p.add_argument("--polled", action="store_true")
+    p.add_argument("--polled", action="store_true",
+                   help="poll completion records (default: descriptors raise completion interrupts and the "
+                        "wait wakes on them, as dmaengine's DMA_PREP_INTERRUPT)")
     p.add_argument("--design", choices=["nested", "baseline"], default="nested",
                    help="nested: guest stage-1 tables; baseline: map-by-hypercall stage-2 domain")
     p.add_argument("--seed", type=int, default=0)

@@ -26,7 +26,7 @@ from guest_agent.dma.api import Direction, DmaApi, DmaMapping
 from guest_agent.dma.pages import GuestMemory
 from guest_agent.driver.domain import Domain, DomainKind
 from guest_agent.driver.pviommu import DeviceState, PvIommu
-from guest_agent.dsa.driver import DsaDriver, wait_completion
+from guest_agent.dsa.driver import DsaDriver, wait_completion, wq_int_handle
 from guest_agent.errors import InvalidRequest
 from pviommu.abi.dsa import COMP_SIZE, DescFlags, Descriptor, DsaStatus, Opcode
 from pviommu.addr import PAGE_SIZE, Gpa
@@ -274,8 +274,6 @@ class Dmatest:
 
     def run(self) -> DmatestOutcome:
         p = self.params
-        if p.polled:
-            self.emit("dmatest: DMA_COMPLETION_NO_ORDER, polled disabled")
         self._prepare()
         try:
             threads: list[threading.Thread] = []
@@ -402,7 +400,14 @@ class Dmatest:
         slot = n % RECORDS_PER_PAGE
         rec_gpa = Gpa(records_gpa + slot * COMP_SIZE)
         self.memory.ram.write(rec_gpa, bytes(COMP_SIZE))
-        desc = Descriptor(opcode=Opcode.MEMMOVE, flags=int(DescFlags.CRAV | DescFlags.RCR),
+        # dmatest's flags: DMA_PREP_INTERRUPT unless polled. With it the descriptor asks for a
+        # completion interrupt (RCI, the WQ's vector as idxd sets it) and the wait wakes on the
+        # interrupt; polled, no interrupt is raised and the record is polled. (Linux turns polled
+        # off on idxd; here both work, and polled is the faster one through gRPC interrupts.)
+        irq = not self.params.polled and drv.wq is not None and drv.interrupts is not None
+        flags = DescFlags.CRAV | DescFlags.RCR | (DescFlags.RCI if irq else DescFlags(0))
+        desc = Descriptor(opcode=Opcode.MEMMOVE, flags=int(flags),
+                          int_handle=wq_int_handle(drv.wq.wq_id) if irq and drv.wq is not None else 0,
                           completion_addr=records.dma_addr + slot * COMP_SIZE,
                           src_addr=srcm.dma_addr + src_off, dst_addr=dstm.dma_addr + dst_off,
                           xfer_size=length).pack()
@@ -414,7 +419,8 @@ class Dmatest:
                 if not accepted:
                     time.sleep(0.1)  # dmatest: msleep(100) after a submit error
                     return "submit error", -16
-                rec = wait_completion(self.memory.ram, rec_gpa, timeout_s, drv.check_portal)
+                rec = wait_completion(self.memory.ram, rec_gpa, timeout_s, drv.check_portal,
+                                      drv.interrupts.wait if irq and drv.interrupts is not None else None)
             finally:
                 drv.release_slot()
         finally:

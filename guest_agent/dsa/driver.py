@@ -67,7 +67,8 @@ class WqInfo:
 
 
 def wait_completion(ram: GuestRam, gpa: Gpa, timeout_s: float | None,
-                    check: Callable[[], None] | None = None) -> CompletionRecord | None:
+                    check: Callable[[], None] | None = None,
+                    wake: Callable[[float], None] | None = None) -> CompletionRecord | None:
     """Poll the record's status byte until the device wrote it (None on timeout).
 
     Yields a few times (``sleep(0)``: a pure spin would hold the GIL the
@@ -80,7 +81,9 @@ def wait_completion(ram: GuestRam, gpa: Gpa, timeout_s: float | None,
     no lower latency (and several dmatest threads polling compete with the
     device process for the two cores). ``check`` (called before each sleep)
     raises when the completion can no longer come, e.g.
-    ``DsaDriver.check_portal`` when this thread's portal stream broke."""
+    ``DsaDriver.check_portal`` when this thread's portal stream broke.
+    ``wake(delay)`` replaces the sleep when completion interrupts are on: it
+    returns early when the device raised an interrupt (``Interrupts.wait``)."""
     start = time.monotonic()
     deadline = None if timeout_s is None or timeout_s < 0 else start + timeout_s
     delay = POLL_SLEEP_S
@@ -101,7 +104,10 @@ def wait_completion(ram: GuestRam, gpa: Gpa, timeout_s: float | None,
                 check()
             if now - start > POLL_FAST_S:
                 delay = min(0.001, delay * 2)
-            time.sleep(delay)
+            if wake is not None:
+                wake(delay)
+            else:
+                time.sleep(delay)
     finally:
         view.release()
 
@@ -169,6 +175,52 @@ class PortalSession:
             cancel()
 
 
+class Interrupts:
+    """The device's completion interrupts (its MSI writes, delivered as a
+    gRPC stream): a thread counts them and wakes every waiter, which then
+    checks its own completion record -- as idxd's interrupt thread scans its
+    pending list, since an interrupt names a vector, not a descriptor."""
+
+    def __init__(self, stub: dsa_pb2_grpc.DsaDeviceStub) -> None:
+        self._cv = threading.Condition()
+        self.count = 0
+        self.alive = True
+        self._stream = stub.StreamInterrupts(common_pb2.Empty())
+        self._thread = threading.Thread(target=self._listen, name="dsa-interrupts", daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        try:
+            for _irq in self._stream:
+                with self._cv:
+                    self.count += 1
+                    self._cv.notify_all()
+        except grpc.RpcError:
+            pass
+        finally:
+            with self._cv:
+                self.alive = False
+                self._cv.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        """Sleep up to ``timeout``, or until the next interrupt."""
+        with self._cv:
+            if self.alive:
+                self._cv.wait(timeout)
+            else:
+                time.sleep(timeout)
+
+    def close(self) -> None:
+        cancel = getattr(self._stream, "cancel", None)
+        if cancel is not None:
+            cancel()
+
+
+#: Completion interrupt handle of a WQ: MSI-X vector 0 is the device's misc vector, WQ i uses i + 1 (idxd).
+def wq_int_handle(wq_id: int) -> int:
+    return wq_id + 1
+
+
 class DsaDriver:
     """One DSA device as seen by this guest."""
 
@@ -189,6 +241,7 @@ class DsaDriver:
         self._local = threading.local()
         self._sessions: list[PortalSession] = []
         self._lock = threading.Lock()
+        self.interrupts: Interrupts | None = None
         self.log = log.bind(device=logical_device_id, name=name)
 
     @property
@@ -204,6 +257,7 @@ class DsaDriver:
         self.max_xfer = int(self.caps.max_transfer_size) or GenCap.decode(self.caps.gencap).max_xfer_size
         self.wq = self._setup_wq()
         self._slots = threading.BoundedSemaphore(self.wq.size) if self.wq.dedicated else None
+        self.interrupts = Interrupts(self.stub)
         self.log.info("dsa.probed", wq=self.wq.wq_id, dedicated=self.wq.dedicated, wq_size=self.wq.size,
                       max_xfer=self.max_xfer)
 
@@ -293,6 +347,8 @@ class DsaDriver:
             sessions, self._sessions = self._sessions, []
         for s in sessions:
             s.close()
+        if self.interrupts is not None:
+            self.interrupts.close()
         if self.channel is not None:
             self.channel.close()
 

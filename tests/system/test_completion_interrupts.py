@@ -68,3 +68,33 @@ def test_rci_descriptor_delivers_its_interrupt_handle_to_the_guests_stream() -> 
             assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
         finally:
             stranger.close()
+
+
+def test_dmatest_waits_by_interrupt_by_default_and_raises_none_when_polled() -> None:
+    from pvctl.local import run_dmatest_stream
+
+    with VirtualSystem(guests=1, devices_per_guest=1, memory_bytes=64 << 20) as system:
+        g = system.guests[0]
+        dev = g.devices[0]
+        address = next(d.control_address for d in g.stub.ListDevices(common_pb2.Empty(), timeout=30).devices
+                       if d.logical_device_id == dev)
+        channel = connect(address, g.token)
+        device = dsa_pb2_grpc.DsaDeviceStub(channel)
+
+        def interrupts() -> int:
+            return int(device.GetCounters(common_pb2.Empty(), timeout=30).counters["interrupts"])
+
+        try:
+            before = interrupts()
+            r = run_dmatest_stream(g.stub, guest_pb2.DmatestParams(test_buf_size=16384, threads_per_chan=1,
+                                                                   iterations=40, timeout=3000), timeout=120)
+            assert r.failures == 0 and r.tests == 40
+            assert interrupts() - before == 40
+            before = interrupts()
+            r = run_dmatest_stream(g.stub, guest_pb2.DmatestParams(test_buf_size=16384, threads_per_chan=1,
+                                                                   iterations=40, timeout=3000, polled=True),
+                                   timeout=120)
+            assert r.failures == 0 and r.tests == 40
+            assert interrupts() == before
+        finally:
+            channel.close()
