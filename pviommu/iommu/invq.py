@@ -136,9 +136,26 @@ class QueueWriter:
         self._ack = ack_sock
         self._ack_lock = ack_lock
         self._send = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._send.setblocking(False)
         self._seq = memory.read_u64(Hpa(self.base + 16)) & 0xFFFF_FFFF
         _write_path(memory, self.base + 320, ack_path)
         self._doorbell = _read_path(memory, self.base + 64)
+
+    def _ring(self) -> None:
+        """The doorbell. Non-blocking: a full socket queue means the unit has
+        doorbells pending and will drain the ring anyway."""
+        try:
+            self._send.sendto(b"\1", self._doorbell)
+        except BlockingIOError:
+            pass
+        except OSError as exc:  # refused / no such socket: the unit's process is gone
+            raise QueueUnavailable(f"slot {self.slot}: doorbell {self._doorbell} does not answer ({exc})") from exc
+
+    def _drain_acks(self) -> None:
+        self._ack.setblocking(False)
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while True:
+                self._ack.recv(64)
 
     @staticmethod
     def served(memory: HostMemory, slot: int) -> bool:
@@ -156,19 +173,21 @@ class QueueWriter:
         tail = mem.read_u64(Hpa(base))
         head = mem.read_u64(Hpa(base + 8))
         items = [*descs, wait_desc(self._seq, status_hpa)]
-        if tail - head + len(items) > RING_ENTRIES:
-            raise DeviceUnavailable(f"slot {self.slot}: invalidation queue full (unit stalled)")
+        deadline = time.monotonic() + timeout
+        while tail - head + len(items) > RING_ENTRIES:  # the unit is behind: wait for room
+            if time.monotonic() >= deadline:
+                raise DeviceUnavailable(f"slot {self.slot}: invalidation queue full for {timeout}s (unit stalled)")
+            self._ring()
+            time.sleep(0.001)
+            head = mem.read_u64(Hpa(base + 8))
         for qw0, qw1 in items:
             off = base + RING_OFFSET + (tail % RING_ENTRIES) * DESC_SIZE
             mem.write(Hpa(off), struct.pack("<QQ", qw0, qw1))
             tail += 1
         mem.write_u64(Hpa(base), tail)  # the tail register write
-        try:
-            self._send.sendto(b"\1", self._doorbell)
-        except OSError as exc:  # refused / no such socket: the unit's process is gone
-            raise QueueUnavailable(f"slot {self.slot}: doorbell {self._doorbell} does not answer ({exc})") from exc
-        deadline = time.monotonic() + timeout
         with self._ack_lock:
+            self._drain_acks()  # wake-ups of earlier waits that ended without reading them
+            self._ring()
             while (mem.read_u64(Hpa(status_hpa)) & 0xFFFF_FFFF) != self._seq:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -231,7 +250,9 @@ class QueueConsumer:
         self._apply = apply
         self.path = socket_path(memory.directory, f"invq-{slot:03d}-{os.getpid()}.sock")
         self._sock = _bind_dgram(self.path)
+        self._sock.settimeout(0.5)  # drain now and then even without a doorbell
         self._reply = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._reply.setblocking(False)  # an acknowledgement is only a wake-up: never block the unit on it
         self._stop = False
         self.processed = 0
         self.errors = 0
@@ -243,7 +264,6 @@ class QueueConsumer:
         self._thread.start()
 
     def _loop(self) -> None:
-        self._sock.settimeout(0.5)
         while not self._stop:
             try:
                 self._sock.recv(64)

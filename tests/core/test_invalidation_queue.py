@@ -100,6 +100,7 @@ def test_a_unit_whose_process_is_gone_is_reported_unavailable(memory: HostMemory
         # a crash: the socket is gone but the page still says "ready"
         consumer._stop = True
         consumer._sock.close()
+        consumer._reply.close()
         Path(consumer.path).unlink()
         with pytest.raises(invq.QueueUnavailable):
             w.submit([invq.iotlb_desc(invq.G_DOMAIN, 1)], 1.0)
