@@ -12,12 +12,13 @@ import argparse
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 
 from hypervisor_svc.core.host import Host
 from hypervisor_svc.main import add_arguments, build
@@ -326,6 +327,8 @@ class HvEnv:
         # Servers first: closing a channel to a live server waits ~0.2 s in grpc.
         self.server.stop(0)
         self.host.close()
+        if self.host.trace is not None:
+            self.host.trace.close()
         for fake in self.fakes:
             fake.stop()
         self.invalidator.close()
@@ -333,3 +336,20 @@ class HvEnv:
             ch.close()
         for m in self.memories:
             m.close()
+
+
+@pytest.fixture
+def make_hv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., HvEnv]]:
+    """``make_hv(*extra_args)`` starts a hypervisor built by ``main.build``; all
+    are stopped in teardown. Shared by the hypervisor and inspection tests."""
+    monkeypatch.setenv("PVIOMMU_ADMIN_TOKEN", ADMIN_TOKEN)
+    envs: list[HvEnv] = []
+
+    def make(*extra: str) -> HvEnv:
+        env = HvEnv.start(tmp_path / f"hv{len(envs)}", *extra)
+        envs.append(env)
+        return env
+
+    yield make
+    for env in reversed(envs):
+        env.close()
