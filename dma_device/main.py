@@ -213,6 +213,12 @@ def device_metrics(device: DsaDevice, unit: IommuUnit | None) -> dict[str, Any]:
                     "iommu_walks": unit.stats.walks, "iommu_walk_reads": unit.stats.walk_reads,
                     "iommu_translations": unit.stats.translations,
                     "iommu_faults": {f"{int(k):#x}": v for k, v in unit.stats.faults.items()}})
+        ps = unit.pscache
+        if ps is not None:  # paging-structure caches (pviommu.iommu.pscache)
+            out.update({"pscache_fs_hits": sum(ps.stats.fs_hits), "pscache_fs_misses": ps.stats.fs_misses,
+                        "pscache_table_hits": ps.stats.table_hits, "pscache_table_misses": ps.stats.table_misses,
+                        "pscache_evictions": ps.stats.evictions, "pscache_rewalks": ps.stats.rewalks,
+                        "pscache_entries": len(ps)})
     return out
 
 

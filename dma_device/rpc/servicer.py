@@ -220,6 +220,12 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
         for name in ("hits", "misses", "inserts", "evictions", "inv_global", "inv_domain", "inv_pages",
                      "entries_dropped"):
             counters[f"iotlb.{name}"] = int(getattr(it, name))
+        ps = self.unit.pscache
+        if ps is not None:
+            for name in ("table_hits", "table_misses", "fs_misses", "inserts", "late_inserts_dropped", "evictions",
+                         "rewalks", "entries_dropped"):
+                counters[f"pscache.{name}"] = int(getattr(ps.stats, name))
+            counters["pscache.fs_hits"] = sum(ps.stats.fs_hits)
         us = self.unit.stats
         counters["iommu.walks"] = us.walks
         counters["iommu.walk_reads"] = us.walk_reads

@@ -18,6 +18,16 @@ leaf for writes -- set only if clear, which needs stage-2 write access to the
 table page (0x77). Stage 2 ANDs R/W across its levels (0x79 for R=W=0,
 0x7A reserved); the final page needs R to read (0x86) and W to write (0x85).
 
+Paging-structure caches (``pscache``): ``translate`` passes the unit's
+cache; a walk then takes stage-1 table pages' stage-2 translations from it
+and starts below the lowest cached non-leaf stage-1 entry; a walk that
+succeeds inserts what it checked (entries only once their Accessed bit is
+set) with the generation read before it started, a faulting one nothing. A
+walk that took anything from the caches and faulted is done again from
+memory alone, so the caches never fault a request the tables allow.
+``reads`` counts only the entries actually read. Inspection (``dry_run``)
+never uses the caches: it shows the full walk.
+
 Memory safety against hostile guest tables: the walker reads stage-2 tables
 only inside bank 0 and stage-1 tables only at HPAs stage 2 produced, which
 must lie in the context's owner bank (never bank 0). Pointers outside RAM,
@@ -28,12 +38,13 @@ cannot loop because every walk descends exactly ``levels`` steps.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pviommu.addr import MSI_WINDOW_LAST, MSI_WINDOW_START, Hpa, Iova
 from pviommu.errors import HpaOutOfRange
 from pviommu.iommu.context import ContextEntry, Pgtt
 from pviommu.iommu.fault import FaultReason
+from pviommu.iommu.pscache import FsItem, PsCache, TableItem, fs_key
 from pviommu.mem.bank import HYPERVISOR_BANK, Bank, HostMemory, bank_index_of
 from pviommu.pt.common import EntryType, Perm
 from pviommu.pt.fmt.vtd_ss import VtdSsFormat
@@ -95,6 +106,14 @@ class _State:
     reads: int = 0
     trace: list[ExplainStep] | None = None
     dry_run: bool = False
+    cache: PsCache | None = None
+    #: look entries up in ``cache`` (off for the walk that confirms a fault)
+    lookup: bool = False
+    #: entries taken from ``cache``
+    hits: int = 0
+    #: what this walk found, inserted into ``cache`` when it ends
+    new_tables: list[TableItem] = field(default_factory=list)
+    new_fs: list[FsItem] = field(default_factory=list)
 
 
 class NestedWalker:
@@ -115,19 +134,44 @@ class NestedWalker:
         trace: list[ExplainStep] | None = None,
         *,
         dry_run: bool = False,
+        cache: PsCache | None = None,
     ) -> WalkOk | WalkFault:
         """Translate the page holding ``iova`` for a read or a write. ``ctx``
         must be present and valid (the unit checks it). ``dry_run`` leaves
-        A/D bits alone (inspection)."""
-        st = _State(trace=trace, dry_run=dry_run)
+        A/D bits alone (inspection) and ignores ``cache``; with ``cache`` the
+        walk uses and fills the paging-structure caches."""
+        if dry_run:
+            cache = None
+        generation = cache.generation if cache is not None else 0  # before anything is read
+        st = _State(trace=trace, dry_run=dry_run, cache=cache, lookup=cache is not None)
         try:
-            if ctx.pgtt == Pgtt.NESTED:
-                return self._nested(ctx, int(iova), write, st)
-            return self._final(ctx, int(iova), None, write, st)
+            result = self._walk(ctx, int(iova), write, st)
         except _Fault as fault:
-            if trace is not None:
-                trace.append(ExplainStep("out", -1, int(iova), 0, 0, 0, 0, f"fault {fault.reason.name}"))
-            return WalkFault(fault.reason, fault.detail, st.reads)
+            if cache is None or not st.hits:
+                if trace is not None:
+                    trace.append(ExplainStep("out", -1, int(iova), 0, 0, 0, 0, f"fault {fault.reason.name}"))
+                return WalkFault(fault.reason, fault.detail, st.reads)
+            # The path came (partly) from the caches and faulted: a cached entry
+            # may be stale (a guest that unlinked an emptied table and linked a
+            # new one for another IOVA before its deferred flush). Only the
+            # tables in memory may fault a request: walk again without lookups;
+            # the fresh entries it inserts replace the stale ones.
+            cache.count_rewalk()
+            st = _State(reads=st.reads, cache=cache)
+            try:
+                result = self._walk(ctx, int(iova), write, st)
+            except _Fault as fault2:
+                return WalkFault(fault2.reason, fault2.detail, st.reads)
+        # like the IOTLB, only a walk that succeeded leaves anything cached
+        if cache is not None and (st.new_tables or st.new_fs):
+            cache.insert(ctx.did, (int(ctx.ssptptr), ctx.s2_levels or 4), st.new_tables,
+                         (int(ctx.fsptptr), ctx.fs_levels or 4), st.new_fs, generation)
+        return result
+
+    def _walk(self, ctx: ContextEntry, iova: int, write: bool, st: _State) -> WalkOk:
+        if ctx.pgtt == Pgtt.NESTED:
+            return self._nested(ctx, iova, write, st)
+        return self._final(ctx, iova, None, write, st)
 
     # -- stage 2 ----------------------------------------------------------------
     def _s2(self, ctx: ContextEntry, gpa: int, st: _State, why: str) -> tuple[int, int, int]:
@@ -190,11 +234,33 @@ class NestedWalker:
         if not fmt.is_canonical(iova):
             raise _Fault(FaultReason.NON_CANONICAL, f"IOVA {iova:#x} is not canonical for {fmt.vasz_lg2} bits")
         table_gpa = int(ctx.fsptptr)
-        for level in range(fmt.top_level, -1, -1):
+        start = fmt.top_level
+        cache = st.cache
+        #: writes allowed by every stage-1 entry from the top down to here
+        path_w = True
+        #: every entry above (and at) this level has its A bit known set
+        cacheable = cache is not None
+        lookup = st.lookup
+        did, s2_tag = ctx.did, (int(ctx.ssptptr), ctx.s2_levels or 4)
+        if cache is not None and lookup:
+            hit = cache.lookup_fs(did, (table_gpa, fmt.top_level + 1), iova, write)
+            if hit is not None:
+                start, table_gpa, path_w = hit
+                st.hits += 1
+        for level in range(start, -1, -1):
             top = level == fmt.top_level
             why = f"FS level {level} table at GPA {table_gpa:#x}"
             self._gpa_fits(ctx, table_gpa, FaultReason.FS_BEYOND_MGAW, why)
-            table_hpa, _, s2perm = self._s2(ctx, table_gpa, st, why)
+            if cache is None:
+                table_hpa, _, s2perm = self._s2(ctx, table_gpa, st, why)
+            else:
+                cached = cache.lookup_table(did, s2_tag, table_gpa) if lookup else None
+                if cached is None:
+                    table_hpa, _, s2perm = self._s2(ctx, table_gpa, st, why)
+                    st.new_tables.append((table_gpa, (table_hpa, s2perm)))
+                else:
+                    table_hpa, s2perm = cached
+                    st.hits += 1
             if not s2perm & _R:
                 reason = FaultReason.SS_NO_READ_FS_TOP if top else FaultReason.SS_NO_READ_FS
                 raise _Fault(reason, f"stage 2 denies reading the {why}")
@@ -210,8 +276,10 @@ class NestedWalker:
             perm = int(fmt.entry_perm(entry, level))
             if perm & _PRIV:
                 raise _Fault(FaultReason.USER_SUPERVISOR, f"IOVA {iova:#x}: U/S=0 at FS level {level}")
-            if write and not perm & _W:
-                raise _Fault(FaultReason.NO_WRITE, f"IOVA {iova:#x}: R/W=0 at FS level {level}")
+            if not perm & _W:
+                if write:
+                    raise _Fault(FaultReason.NO_WRITE, f"IOVA {iova:#x}: R/W=0 at FS level {level}")
+                path_w = False
             leaf = kind is _OA
             if entry & fmt.reserved_mask(level, leaf):
                 raise _Fault(FaultReason.FS_RESERVED, f"FS entry {entry:#x} at level {level} has reserved bits")
@@ -223,11 +291,15 @@ class NestedWalker:
                     current = bank.read_u64(off)
                     if current == entry:
                         bank.write_u64(off, entry | ad)
+                    else:  # A not set by us: neither this entry nor those below may be cached
+                        cacheable = False
             if leaf:
                 shift = 12 + 9 * level
                 gpa = fmt.leaf_oa(entry, level) | (iova & ((1 << shift) - 1))
                 return self._final(ctx, iova, (gpa, shift), write, st)
             table_gpa = fmt.table_oa(entry)
+            if cacheable:
+                st.new_fs.append((fs_key(iova, level), (table_gpa, path_w)))
         raise AssertionError("level 0 holds only leaves")
 
     def _final(self, ctx: ContextEntry, iova: int, s1: tuple[int, int] | None, write: bool, st: _State) -> WalkOk:

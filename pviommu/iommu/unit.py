@@ -4,11 +4,15 @@
 ``DmaRuns``: host runs for the longest translatable prefix, physically
 contiguous pages coalesced into one run, and the fault that stopped it. Per
 page it looks in the IOTLB (tagged by the context's DID) and walks on a miss
-(``nested.NestedWalker``); contexts are read from bank 0 (``context``) and
-cached per slot until ``invalidate_context``.
+(``nested.NestedWalker``, helped by the paging-structure caches of
+``pscache``, also tagged by DID; ``pscache=False`` turns them off); contexts
+are read from bank 0 (``context``) and cached per slot until
+``invalidate_context``.
 
 The hypervisor drives the invalidation entry points (global, domain, pages,
 context); each returns only when no later lookup can use what it dropped.
+Every one of them also drops paging-structure entries (all of them, or all
+of the DID for domain- and page-selective ones), before the IOTLB's.
 Faults are counted by reason, logged (bounded) unless the context set FPD,
 and handed to ``on_fault`` if given; the device sees them in ``DmaRuns``.
 """
@@ -34,6 +38,7 @@ from pviommu.iommu.context import (
 from pviommu.iommu.fault import FaultReason, FaultRecord
 from pviommu.iommu.iotlb import Extent, Iotlb, IotlbEntry
 from pviommu.iommu.nested import ExplainStep, NestedWalker, WalkFault, WalkOk
+from pviommu.iommu.pscache import PsCache
 from pviommu.mem.bank import HostMemory
 from pviommu.mem.dma import DmaRuns, Run
 from pviommu.pt.fmt.x86_64 import X86_64Format
@@ -135,9 +140,12 @@ class IommuUnit:
         fs_mgaw_lg2: int = 48,
         fault_log_size: int = 1024,
         on_fault: Callable[[FaultRecord], None] | None = None,
+        pscache: bool = True,
     ) -> None:
         self.host = host
         self.iotlb = Iotlb(iotlb_capacity)
+        #: paging-structure caches; None = every IOTLB miss is a full walk
+        self.pscache: PsCache | None = PsCache() if pscache else None
         self.walker = NestedWalker(host, fs_mgaw_lg2=fs_mgaw_lg2)
         self.stats = UnitStats()
         self.faults: deque[FaultRecord] = deque(maxlen=fault_log_size)
@@ -192,7 +200,7 @@ class IommuUnit:
             entries = iotlb.lookup_run(did, pos, end, write)
             if not entries:
                 generation = iotlb.generation
-                result = self.walker.walk(ctx, Iova(pos), write)
+                result = self.walker.walk(ctx, Iova(pos), write, cache=self.pscache)
                 with self._lock:
                     self.stats.walks += 1
                     self.stats.walk_reads += result.reads
@@ -254,21 +262,35 @@ class IommuUnit:
         return ctx
 
     # -- invalidation (hypervisor side) -------------------------------------------
+    # The paging-structure caches go first: a walk that read the IOTLB's new
+    # generation then cannot have used a structure entry the flush dropped.
     def invalidate_all(self) -> int:
-        """Global IOTLB invalidation; returns entries dropped."""
+        """Global invalidation (IOTLB and paging-structure caches); returns
+        IOTLB entries dropped."""
+        if self.pscache is not None:
+            self.pscache.invalidate_all()
         return self.iotlb.invalidate_all()
 
     def invalidate_domain(self, did: int) -> int:
+        if self.pscache is not None:
+            self.pscache.invalidate_domain(did)
         return self.iotlb.invalidate_domain(did)
 
     def invalidate_pages(self, did: int, addr: int, am: int) -> int:
-        """Page-selective: ``2**am`` 4 KiB pages from ``addr`` of domain ``did``."""
+        """Page-selective: ``2**am`` 4 KiB pages from ``addr`` of domain
+        ``did``; every paging-structure entry of ``did`` goes too (the guest
+        may have freed table pages, VT-d PSI with IH=0)."""
+        if self.pscache is not None:
+            self.pscache.invalidate_domain(did, pages=True)
         return self.iotlb.invalidate_pages(did, addr, am)
 
     def invalidate_context(self, slot: int | None = None) -> None:
         """Forget the cached context of ``slot`` (all slots if None). Call after
         rewriting a present context entry, together with an IOTLB flush of the
-        old domain."""
+        old domain. Drops every paging-structure entry too (the slot's
+        tables may have changed under the same DID)."""
+        if self.pscache is not None:
+            self.pscache.invalidate_all(context=True)
         with self._lock:
             self._ctx_generation += 1
             if slot is None:
