@@ -18,6 +18,8 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +28,19 @@ from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry
 
 from dma_device.dsa.device import DsaDevice, DsaDeviceConfig
-from dma_device.rpc.servicer import DeviceState, DsaDeviceServicer, configure_groups
+from dma_device.ownership import Ownership
+from dma_device.rpc.servicer import DeviceInfo, DsaDeviceServicer, configure_groups
 from pviommu.abi.dsa import GenCap
-from pviommu.iommu.invq import QueueConsumer, apply_to_unit
+from pviommu.abi.invq import Invalidation, OwnerFence, QueueItem
 from pviommu.iommu.unit import IommuUnit
 from pviommu.log import bind_identity, configure, get_logger
 from pviommu.mem.bank import HostMemory
 from pviommu.mem.dma import DmaFault, DmaMemory
-from pviommu.rpc.auth import Principal, admin_token_from, token_digest, tokens_equal
+from pviommu.rpc.auth import Principal, admin_token_from, tokens_equal
 from pviommu.rpc.client import connect
 from pviommu.rpc.metrics import CounterCollector, RpcMetricsInterceptor, serve_metrics
-from pviommu.rpc.server import Service, create_server
+from pviommu.rpc.server import RunningServer, Service, create_server
+from pviommu.shm.invq import QueueConsumer
 from pviommu.v1 import admin_pb2, admin_pb2_grpc, common_pb2, dsa_pb2_grpc
 
 log = get_logger("dma_device")
@@ -63,15 +67,20 @@ def _admin_token(args: argparse.Namespace) -> str:
 
 
 class HypervisorLink:
-    """Faults and page requests to the hypervisor, off the engine threads."""
+    """Faults and page requests to the hypervisor, off the engine threads;
+    and a heartbeat, which lets the hypervisor resynchronise this unit after
+    it failed to confirm something in time."""
 
-    def __init__(self, channel: grpc.Channel, state: DeviceState, timeout: float) -> None:
+    def __init__(self, channel: grpc.Channel, own: Ownership, timeout: float, heartbeat_s: float = 2.0) -> None:
         self._stub = admin_pb2_grpc.DeviceHostStub(channel)
-        self._state = state
+        self._own = own
         self._timeout = timeout
         self._queue: queue.SimpleQueue[admin_pb2.ReportFaultRequest | None] = queue.SimpleQueue()
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._pump, name="fault-reporter", daemon=True)
         self._thread.start()
+        self._beat = threading.Thread(target=self._heartbeat, args=(heartbeat_s,), name="heartbeat", daemon=True)
+        self._beat.start()
         self.dropped = 0
 
     def _pump(self) -> None:
@@ -85,35 +94,78 @@ class HypervisorLink:
                 self.dropped += 1
                 log.warning("fault.report_failed", error=exc.code().name)
 
+    def _heartbeat(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            try:
+                self._stub.Heartbeat(common_pb2.Empty(), timeout=10)
+            except grpc.RpcError as exc:
+                log.debug("heartbeat.failed", error=exc.code().name)
+
     @staticmethod
     def _request(fault: DmaFault, page_request: bool = False, request_id: int = 0) -> admin_pb2.ReportFaultRequest:
         return admin_pb2.ReportFaultRequest(iova=fault.iova, write=fault.write, reason=fault.reason,
                                             reason_name=fault.reason_name, detail=fault.detail,
-                                            page_request=page_request, request_id=request_id)
+                                            page_request=page_request, request_id=request_id, epoch=fault.epoch)
 
     def on_fault(self, fault: DmaFault) -> None:
         self._queue.put(self._request(fault))
 
     def on_page_request(self, fault: DmaFault) -> bool | None:
         """BOF: report a page request and block this engine until the guest
-        answers through the hypervisor (or the deadline passes: None)."""
-        rid, event, answer = self._state.new_page_request()
+        answers through the hypervisor, the deadline passes or the owner
+        changes (None: no answer)."""
+        rid, pending = self._own.new_page_request(fault.epoch)
         try:
             self._stub.ReportFault(self._request(fault, True, rid), timeout=5)
-            if not event.wait(self._timeout):
+            if not pending.answered.wait(self._timeout):
                 return None
-            return answer[0]
+            return pending.answer
         except grpc.RpcError:
             return None
         finally:
-            self._state.finish_page_request(rid)
+            self._own.finish_page_request(rid)
 
     def close(self) -> None:
+        self._stop.set()
         self._queue.put(None)
 
 
-def run(args: argparse.Namespace) -> int:
-    configure()
+@dataclass
+class DeviceService:
+    """One running DSA device: its server, model, IOMMU unit and queue."""
+
+    server: RunningServer
+    device: DsaDevice
+    info: DeviceInfo
+    unit: IommuUnit
+    own: Ownership
+    queue: QueueConsumer
+    link: HypervisorLink
+    admin: Any
+    registry: CollectorRegistry
+    #: called with every item the hypervisor sent through the queue, after it was handled (tests)
+    observers: list[Callable[[QueueItem], None]] = field(default_factory=list)
+
+    def shutdown(self) -> None:
+        """Unregister, stop the engines, the queue and the links (the server stays)."""
+        self.server.health.enter_graceful_shutdown()
+        try:
+            self.admin.UnregisterDevice(admin_pb2.DeviceRequest(logical_device_id=self.info.logical_device_id),
+                                        timeout=3)
+        except grpc.RpcError:
+            pass
+        self.device.close()
+        self.queue.close()
+        self.link.close()
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server.stop(0.5)
+
+
+def build(args: argparse.Namespace, listen: str | None = None) -> DeviceService:
+    """Serve, register with the hypervisor, map the banks and start the unit
+    and its queue (used by ``run`` and by the test kits)."""
     name = args.name or f"dsa-{socket.gethostname()}-{os.getpid()}"
     bind_identity(service="dsa", device_name=name)
     token = _admin_token(args)
@@ -121,37 +173,39 @@ def run(args: argparse.Namespace) -> int:
                              num_groups=min(4, args.engines), page_request_timeout=args.page_request_timeout)
     device = DsaDevice(None, config)
     configure_groups(device)
-    state = DeviceState(name, slot=-1, logical_device_id=0)
-    unit_box: dict[str, IommuUnit] = {}
+    info = DeviceInfo(name)
+    box: dict[str, Any] = {}
 
     def resolve(tok: str) -> Principal | None:
         if tokens_equal(tok, token):
             return Principal("host")
-        with state.lock:
-            if state.token_digest and token_digest(tok) == state.token_digest:
-                return Principal("partition", state.partition_id)
-        return None
+        own: Ownership | None = box.get("own")
+        return own.authorize(tok) if own is not None else None
 
     # The servicer needs the unit, which needs the memory folder the hypervisor names.
     class _Deferred(DsaDeviceServicer):
         def __init__(self) -> None:
-            self.device, self.state = device, state
+            self.device, self.info = device, info
 
         @property
         def unit(self) -> IommuUnit:  # type: ignore[override]
-            return unit_box["unit"]
+            return box["unit"]  # type: ignore[no-any-return]
+
+        @property
+        def own(self) -> Ownership:  # type: ignore[override]
+            return box["own"]  # type: ignore[no-any-return]
 
     registry = CollectorRegistry()
-    registry.register(CounterCollector("dsa", lambda: device_metrics(device, unit_box.get("unit")), labels={
+    registry.register(CounterCollector("dsa", lambda: device_metrics(device, box.get("unit")), labels={
         "descriptors": ("opcode",), "completions": ("status",), "page_request_outcomes": ("outcome",),
         "iommu_faults": ("reason",)}, gauges=frozenset({"iotlb_entries"})))
-    server = create_server(args.listen, [Service(_Deferred(), dsa_pb2_grpc.add_DsaDeviceServicer_to_server,
-                                                 "pviommu.v1.DsaDevice")], resolve=resolve,
+    server = create_server(listen or args.listen, [Service(_Deferred(), dsa_pb2_grpc.add_DsaDeviceServicer_to_server,
+                                                           "pviommu.v1.DsaDevice")], resolve=resolve,
                            interceptors=[RpcMetricsInterceptor(registry, "dsa")])
     # Not ready until registered (and assigned, when asked): probes must wait.
     for svc in ("", "pviommu.v1.DsaDevice"):
         server.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
-    host_part = args.listen.rsplit(":", 1)[0]
+    host_part = (listen or args.listen).rsplit(":", 1)[0]
     if host_part in ("0.0.0.0", "[::]", ""):
         host_part = socket.gethostname()
     advertise = args.advertise or f"{host_part}:{server.port}"
@@ -164,41 +218,54 @@ def run(args: argparse.Namespace) -> int:
         instance_guid=guid, pci_function=0), timeout=30)
     if reg.result.status != 0:
         raise SystemExit(f"registration refused: {reg.result.status_name}: {reg.result.message}")
-    state.slot, state.logical_device_id = reg.device.slot, reg.device.logical_device_id
-    bind_identity(device=f"{state.logical_device_id:#x}", slot=state.slot)
+    info.slot, info.logical_device_id = reg.device.slot, reg.device.logical_device_id
+    bind_identity(device=f"{info.logical_device_id:#x}", slot=info.slot)
     memory = HostMemory(Path(reg.memory_dir))
-    device_channel = connect(args.hypervisor, reg.device_token, ready_timeout=30)
-    link = HypervisorLink(device_channel, state, args.page_request_timeout)
     unit = IommuUnit(memory)
-    unit_box["unit"] = unit
-    # Invalidations arrive through the queue in bank 0 (doorbell + wait status), RPC as the fallback.
-    queue = QueueConsumer(memory, state.slot, apply_to_unit(unit))
+    own = Ownership(memory, info.slot, device)
+    box["unit"], box["own"] = unit, own
+    device_channel = connect(args.hypervisor, reg.device_token, ready_timeout=30)
+    link = HypervisorLink(device_channel, own, args.page_request_timeout)
+
+    observers: list[Callable[[QueueItem], None]] = []
+
+    def handle(item: QueueItem) -> None:
+        """Everything the hypervisor sends the unit comes through its queue."""
+        if isinstance(item, Invalidation):
+            item.apply(unit)
+        elif isinstance(item, OwnerFence):
+            own.fence(item.epoch)
+        else:
+            own.answer(item.request_id, item.code)
+        for observe in observers:
+            observe(item)
+
+    queue_consumer = QueueConsumer(memory, info.slot, handle)
     device.on_fault = link.on_fault
     device.on_page_request = link.on_page_request
-    device.on_interrupt = state.publish_interrupt
-    device.bind(DmaMemory(memory, unit.bind(state.slot)))
-    log.info("dsa.serving", port=server.port, advertise=advertise, slot=state.slot, memory_dir=reg.memory_dir)
+    device.on_interrupt = own.publish_interrupt
+    device.bind(DmaMemory(memory, unit.bind(info.slot)))
+    log.info("dsa.serving", port=server.port, advertise=advertise, slot=info.slot, memory_dir=reg.memory_dir)
 
-    if args.assign:
-        _assign_when_ready(admin, state.logical_device_id, args.assign)
+    if getattr(args, "assign", None):
+        _assign_when_ready(admin, info.logical_device_id, args.assign)
     for svc in ("", "pviommu.v1.DsaDevice"):
         server.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+    return DeviceService(server, device, info, unit, own, queue_consumer, link, admin, registry, observers)
+
+
+def run(args: argparse.Namespace) -> int:
+    configure()
+    svc = build(args)
     if args.metrics_port >= 0:
-        log.info("dsa.metrics", port=serve_metrics(args.metrics_port, registry))
-    server.write_port_file(args.port_file)
+        log.info("dsa.metrics", port=serve_metrics(args.metrics_port, svc.registry))
+    svc.server.write_port_file(args.port_file)
 
     def shutdown() -> None:
         log.info("dsa.stopping")
-        server.health.enter_graceful_shutdown()
-        try:
-            admin.UnregisterDevice(admin_pb2.DeviceRequest(logical_device_id=state.logical_device_id), timeout=3)
-        except grpc.RpcError:
-            pass
-        device.close()
-        queue.close()
-        link.close()
+        svc.shutdown()
 
-    server.wait_for_signal(on_stop=shutdown)
+    svc.server.wait_for_signal(on_stop=shutdown)
     return 0
 
 

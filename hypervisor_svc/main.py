@@ -11,14 +11,10 @@ from prometheus_client import CollectorRegistry
 
 from hypervisor_svc.core.config import HypervisorConfig
 from hypervisor_svc.core.host import Host
-from hypervisor_svc.core.model import Partition
 from hypervisor_svc.core.trace import TraceWriter
 from hypervisor_svc.rpc.admin_servicer import AdminServicer, DeviceHostServicer
-from hypervisor_svc.rpc.device_client import GrpcInvalidator
+from hypervisor_svc.rpc.device_client import QueueLink
 from hypervisor_svc.rpc.hypercall_servicer import HypervisorServicer
-from pviommu.abi.hv_status import HvStatus
-from pviommu.errors import HvError
-from pviommu.iommu.invq import QueueHost
 from pviommu.log import bind_identity, configure, get_logger
 from pviommu.rpc.auth import admin_token_from
 from pviommu.rpc.metrics import CounterCollector, RpcMetricsInterceptor, serve_metrics
@@ -45,31 +41,21 @@ def admin_token(args: argparse.Namespace) -> str:
     return admin_token_from(args.admin_token_file, "pviommu serve hypervisor")
 
 
-def build(args: argparse.Namespace, listen: str | None = None) -> tuple[Host, RunningServer, GrpcInvalidator]:
+def build(args: argparse.Namespace, listen: str | None = None) -> tuple[Host, RunningServer, QueueLink]:
     """Create the host and its server (used by ``run`` and by tests)."""
     token = admin_token(args)
     config = HypervisorConfig(five_level=args.five_level, max_domains_per_partition=args.max_domains,
                               bank0_bytes=args.bank0_size, flush_timeout_s=args.flush_timeout,
                               max_iova_width=57 if args.five_level else 48)
-    invalidator = GrpcInvalidator(token, config.flush_timeout_s)
     own_dir = not args.memory_dir
     memory_dir = Path(args.memory_dir or tempfile.mkdtemp(prefix="pviommu-banks-"))
     memory_dir.mkdir(parents=True, exist_ok=True)
-    host = Host(memory_dir, token, config, invalidator)
+    host = Host(memory_dir, token, config)
+    link = QueueLink(host.memory, config.flush_timeout_s)
+    host.link = link
     host.owns_memory_dir = own_dir
-    invalidator.use_queues(QueueHost(host.memory))
     if getattr(args, "trace", None):
         host.trace = TraceWriter(args.trace, config)
-
-    def page_responder(caller: Partition, logical: int, request_id: int, success: bool) -> None:
-        with host.lock:
-            dev = host.devices.get(logical)
-            if dev is None or dev.partition_id != caller.partition_id:
-                raise HvError(HvStatus.ACCESS_DENIED, f"device {logical:#x} is not the caller's")
-        try:
-            invalidator.resolve_page_request(dev, request_id, success)
-        except Exception as exc:
-            raise HvError(HvStatus.PAGE_REQUEST_INVALID, str(exc)) from exc
 
     registry = CollectorRegistry()
     registry.register(CounterCollector("hypervisor", host.metrics, labels={
@@ -77,19 +63,19 @@ def build(args: argparse.Namespace, listen: str | None = None) -> tuple[Host, Ru
         gauges=frozenset({"partitions", "devices", "domains", "stage2_table_frames"})))
     host.metrics_registry = registry
     server = create_server(listen or args.listen, [
-        Service(HypervisorServicer(host, page_responder), hypervisor_pb2_grpc.add_HypervisorServicer_to_server,
+        Service(HypervisorServicer(host), hypervisor_pb2_grpc.add_HypervisorServicer_to_server,
                 "pviommu.v1.Hypervisor"),
         Service(AdminServicer(host), admin_pb2_grpc.add_AdminServicer_to_server, "pviommu.v1.Admin"),
         Service(DeviceHostServicer(host), admin_pb2_grpc.add_DeviceHostServicer_to_server, "pviommu.v1.DeviceHost"),
     ], resolve=host.resolve, max_workers=32, interceptors=[RpcMetricsInterceptor(registry, "hypervisor")])
-    return host, server, invalidator
+    return host, server, link
 
 
 def run(args: argparse.Namespace) -> int:
     configure()
     bind_identity(service="hypervisor")
     log = get_logger()
-    host, server, invalidator = build(args)
+    host, server, link = build(args)
     log.info("hypervisor.serving", port=server.port, memory_dir=str(host.memory.directory),
              five_level=host.config.five_level)
     if args.metrics_port >= 0:
@@ -101,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("hypervisor.stopping")
         server.health.enter_graceful_shutdown()
         host.close()
-        invalidator.close()
+        link.close()
         if host.trace is not None:
             host.trace.close()
         if host.owns_memory_dir:

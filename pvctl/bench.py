@@ -165,7 +165,8 @@ def bench_dma_engine(report: Report, quick: bool) -> None:
     from dma_device.dsa import DsaDevice
     from pviommu.abi.dsa import CompletionRecord, DescFlags, Descriptor, DsaStatus, Opcode, WqCfg
     from pviommu.addr import SZ_4K, Gpa, Iova
-    from pviommu.iommu.context import CONTEXT_TABLE_END, ContextEntry, write_context
+    from pviommu.iommu.context import ContextEntry, write_context
+    from pviommu.iommu.owner import OWNER_TABLE_END, OwnerRecord, write_owner
     from pviommu.iommu.unit import IommuUnit
     from pviommu.mem.bank import GuestRam, HostMemory
     from pviommu.mem.dma import DmaMemory
@@ -186,7 +187,7 @@ def bench_dma_engine(report: Report, quick: bool) -> None:
             ram_size = 4 * span + 8 * MiB
             bank1 = host.create_bank(1, ram_size)
             s2 = stage2_table(VtdSsFormat(4), host,
-                              host_frames(bank0, CONTEXT_TABLE_END, 32 * MiB - CONTEXT_TABLE_END))
+                              host_frames(bank0, OWNER_TABLE_END, 32 * MiB - OWNER_TABLE_END))
             s2.map(Gpa(0), bank1.hpa_of(0), ram_size, RW)  # 2 MiB stage-2 leaves, as the hypervisor builds
             ram = GuestRam(bank1)
             s1 = stage1_table(X86_64Format(4), ram, guest_frames(ram, 0, 8 * MiB))
@@ -203,7 +204,8 @@ def bench_dma_engine(report: Report, quick: bool) -> None:
             pattern = bytes(range(256)) * (span // 256)
             ram.write(Gpa(gsrc4), pattern)
             ram.write(Gpa(gsrc2), pattern)
-            write_context(host, 1, ContextEntry.nested(1, s1.root, 4, s2.root, 4, owner_bank=1))
+            write_owner(host, 1, OwnerRecord(epoch=1, partition_id=1, owner_bank=1))
+            write_context(host, 1, ContextEntry.nested(1, s1.root, 4, s2.root, 4))
             unit = IommuUnit(host)
             device = DsaDevice(DmaMemory(host, unit.bind(1)))
             device.configure_wq(0, WqCfg(wq_size=16, dedicated=True))

@@ -93,3 +93,15 @@ class DeviceUnavailable(PviommuError):
     """A device (or its IOMMU unit) did not answer in time."""
 
     hv_status = HvStatus.TIME_OUT
+
+
+class UnitStalled(DeviceUnavailable):
+    """An IOMMU unit that is alive (its queue is served) did not confirm in
+    time: it may still hold what it was asked to drop, so it is not in sync."""
+
+
+class UnitGone(PviommuError):
+    """No process serves the unit any more (its doorbell is refused): it
+    holds no translations and never will again."""
+
+    hv_status = HvStatus.INVALID_DEVICE_STATE

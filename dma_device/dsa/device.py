@@ -24,7 +24,14 @@ Model (reference/dsa-dmatest.md section 4):
   bytes 1..31 first and the status byte last, so a poller that sees a nonzero
   status sees the whole record. A record write that faults is CRA_XLAT:
   counted (``cr_faults``), reported to ``on_fault`` and SWERR, no interrupt.
-  With RCI the interrupt (``on_interrupt(int_handle)``) follows the record.
+  With RCI the interrupt (``on_interrupt(int_handle, epoch)``) follows the record.
+* Ownership epochs: every submission carries the epoch of the owner it
+  came from (``submit(..., epoch=)``); with a ``current_epoch`` hook, an
+  engine throws away (counted as ``aborted_epoch``, no record) a descriptor
+  whose epoch is no longer current, and ``end_epochs_except`` drops the
+  queued ones of other epochs and waits for the running ones, so nothing of
+  a previous owner runs once the device confirmed the change. Faults, page
+  requests and interrupts carry the epoch of their descriptor.
 * Memory: the device is bound to a ``DmaMemory`` or a provider of one per
   PASID. An unbound device (not attached to any IOMMU domain) sees every
   address as blocked: each access faults, including the completion record
@@ -39,7 +46,7 @@ import functools
 import itertools
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -157,6 +164,7 @@ class Counters:
         self.dropped_full = 0  # dedicated WQ overflow (MOVDIR64B dropped)
         self.dropped_disabled = 0  # dedicated WQ (or device) not enabled
         self.aborted = 0  # queued descriptors thrown away by an abort/reset
+        self.aborted_epoch = 0  # descriptors of a previous owner thrown away (no record)
 
     def add(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -184,7 +192,7 @@ class Counters:
                 "page_request_outcomes": dict(self.page_request_outcomes),
                 **{k: getattr(self, k) for k in (
                     "bytes", "faults", "cr_faults", "page_requests", "interrupts", "submitted",
-                    "retries", "dropped_full", "dropped_disabled", "aborted")},
+                    "retries", "dropped_full", "dropped_disabled", "aborted", "aborted_epoch")},
             }
 
 
@@ -203,8 +211,9 @@ class _WorkQueue:
     wq_id: int
     cfg: WqCfg = field(default_factory=WqCfg)
     state: WqState = WqState.DISABLED
-    queue: collections.deque[tuple[int, Descriptor]] = field(default_factory=collections.deque)
-    running: set[int] = field(default_factory=set)
+    queue: collections.deque[tuple[int, Descriptor, int]] = field(default_factory=collections.deque)
+    #: seq -> epoch of the descriptors an engine is running
+    running: dict[int, int] = field(default_factory=dict)
     limits: tuple[WqCfg, Limits] | None = None  # (the WQCFG they were built from, Limits)
 
 
@@ -219,9 +228,10 @@ class DsaDevice:
 
     Hooks (assign at construction or later; all run on engine threads):
 
-    * ``on_interrupt(int_handle)`` after a record requested with RCI is written;
+    * ``on_interrupt(int_handle, epoch)`` after a record requested with RCI is written;
     * ``on_fault(DmaFault)`` for every translation fault (data, descriptor list,
-      completion record), so the hypervisor can queue it for the guest;
+      completion record; ``DmaFault.epoch`` is the descriptor's), so the
+      hypervisor can queue it for the guest;
     * ``on_page_request(DmaFault) -> bool | None`` when a descriptor with BOF
       (on a WQ with WQCFG.bof) faults: True = page is now present, retry;
       False = refused (completes with PAGE_FAULT_IR 0x04); None, an
@@ -233,7 +243,7 @@ class DsaDevice:
 
     def __init__(self, memory: DmaMemory | MemoryProvider | None = None,
                  config: DsaDeviceConfig | None = None, *,
-                 on_interrupt: Callable[[int], None] | None = None,
+                 on_interrupt: Callable[[int, int], None] | None = None,
                  on_fault: Callable[[DmaFault], None] | None = None,
                  on_page_request: Callable[[DmaFault], bool | None] | None = None,
                  on_error: Callable[[SwError], None] | None = None) -> None:
@@ -242,6 +252,8 @@ class DsaDevice:
         self.on_fault = on_fault
         self.on_page_request = on_page_request
         self.on_error = on_error
+        #: the owner's current epoch (None: epochs are not checked)
+        self.current_epoch: Callable[[], int] | None = None
         self.counters = Counters()
         self.swerr: collections.deque[SwError] = collections.deque(maxlen=64)
         self._provider: MemoryProvider | None = None
@@ -528,7 +540,7 @@ class DsaDevice:
 
     # ---- portal --------------------------------------------------------------------
     def submit(self, wq_id: int, desc: bytes | bytearray | memoryview | Descriptor,
-               portal: Portal = Portal.UNLIMITED) -> bool:
+               portal: Portal = Portal.UNLIMITED, *, epoch: int = 0) -> bool:
         """Write one 64-byte descriptor to WQ ``wq_id``'s portal.
 
         Returns False only for a shared WQ that did not accept it (ENQCMD
@@ -541,7 +553,7 @@ class DsaDevice:
             limit = wq.cfg.wq_thresh if portal is Portal.LIMITED else wq.cfg.wq_size
             full = len(wq.queue) >= limit
             if enabled and not full:
-                wq.queue.append((next(self._seq), d))
+                wq.queue.append((next(self._seq), d, epoch))
                 self._cv.notify_all()
                 accepted = True
             else:
@@ -557,17 +569,38 @@ class DsaDevice:
         self._sw_error(SwError(int(DsaStatus.NONE), wq_id, d.opcode, None, reason=reason))
         return True
 
-    def execute_now(self, wq_id: int, desc: bytes | bytearray | memoryview | Descriptor) -> CompletionRecord:
+    def execute_now(self, wq_id: int, desc: bytes | bytearray | memoryview | Descriptor,
+                    epoch: int = 0) -> CompletionRecord:
         """Run one descriptor of WQ ``wq_id`` on the caller's thread, as an
         engine would (same checks, ops, record write), without queueing it:
         the engine's own cost without the thread hand-off (benchmarks)."""
         d = desc if isinstance(desc, Descriptor) else Descriptor.unpack(desc)
         wq = self._wq(wq_id)
         pasid = (wq.cfg.pasid if wq.cfg.pasid_en else None) if wq.cfg.dedicated else d.pasid
-        return self._run(d, wq, self._memory_for(pasid), next(self._seq), pasid, in_batch=False)
+        return self._run(d, wq, self._memory_for(pasid), next(self._seq), pasid, epoch, in_batch=False)
+
+    def end_epochs_except(self, epoch: int, timeout: float = 10.0) -> int:
+        """An owner change: drop every queued descriptor of another epoch (no
+        record: its owner is gone) and wait up to ``timeout`` for the running
+        ones of other epochs to finish (their translations fault from now
+        on). Returns the number dropped."""
+        with self._cv:
+            dropped = 0
+            for wq in self._wqs:
+                keep = [item for item in wq.queue if item[2] == epoch]
+                dropped += len(wq.queue) - len(keep)
+                wq.queue = collections.deque(keep)
+            self._cv.notify_all()
+            done = self._cv.wait_for(lambda: all(e == epoch for wq in self._wqs for e in wq.running.values()),
+                                     timeout)
+        if dropped:
+            self.counters.add("aborted_epoch", dropped)
+        if not done:
+            log.warning("dsa.fence_running_left", epoch=epoch)
+        return dropped
 
     # ---- engines -------------------------------------------------------------------
-    def _pick(self, engine: int) -> tuple[_WorkQueue, int, Descriptor] | None:
+    def _pick(self, engine: int) -> tuple[_WorkQueue, int, Descriptor, int] | None:
         gid = self._engine_group.get(engine)
         if gid is None:
             return None
@@ -581,9 +614,9 @@ class DsaDevice:
                 best = wq
         if best is None:
             return None
-        seq, d = best.queue.popleft()
-        best.running.add(seq)
-        return best, seq, d
+        seq, d, epoch = best.queue.popleft()
+        best.running[seq] = epoch
+        return best, seq, d, epoch
 
     def _engine_loop(self, engine: int) -> None:
         while True:
@@ -595,15 +628,19 @@ class DsaDevice:
                     item = self._pick(engine)
                     if item is None:
                         self._cv.wait()
-            wq, seq, d = item
+            wq, seq, d, epoch = item
             try:
+                current = self.current_epoch
+                if current is not None and current() != epoch:  # its owner is gone: no record, no DMA
+                    self.counters.add("aborted_epoch")
+                    continue
                 pasid = (wq.cfg.pasid if wq.cfg.pasid_en else None) if wq.cfg.dedicated else d.pasid
-                self._run(d, wq, self._memory_for(pasid), seq, pasid, in_batch=False)
+                self._run(d, wq, self._memory_for(pasid), seq, pasid, epoch, in_batch=False)
             except Exception:  # a model bug must not kill the engine
                 log.exception("dsa.engine_error", engine=engine, wq=wq.wq_id)
             finally:
                 with self._cv:
-                    wq.running.discard(seq)
+                    wq.running.pop(seq, None)
                     self._cv.notify_all()
 
     def _limits(self, wq: _WorkQueue) -> Limits:
@@ -632,7 +669,7 @@ class DsaDevice:
         with self._cv:
             self._cv.wait_for(lambda: not any(s < seq for s in wq.running))
 
-    def _run(self, d: Descriptor, wq: _WorkQueue, dma: DmaMemory, seq: int, pasid: int | None,
+    def _run(self, d: Descriptor, wq: _WorkQueue, dma: DmaMemory, seq: int, pasid: int | None, epoch: int,
              *, in_batch: bool) -> CompletionRecord:
         """Execute one descriptor (or batch entry) and complete it."""
         self.counters.count("descriptors", d.opcode)
@@ -642,12 +679,16 @@ class DsaDevice:
             self.counters.count("completions", rec.code)
             self._sw_error(SwError(rec.code, wq.wq_id, d.opcode, pasid, d.completion_addr))
             return rec
+        def report(fault: DmaFault) -> None:
+            self._report_fault(fault, epoch)
+
         mem = DeviceMemory(dma, block_on_fault=bool(d.flags & _BOF) and wq.cfg.bof,
-                           page_request=self._page_request, on_fault=self._report_fault)
+                           page_request=lambda fault: self._page_request(replace(fault, epoch=epoch)),
+                           on_fault=report)
         ctx = OpContext(
             mem=mem,
             limits=self._limits(wq),
-            run_batch_entry=lambda sub: self._run(sub, wq, dma, seq, pasid, in_batch=True),
+            run_batch_entry=lambda sub: self._run(sub, wq, dma, seq, pasid, epoch, in_batch=True),
             drain=(lambda: None) if in_batch else (lambda: self._wait_drain(wq, seq)),
         )
         try:
@@ -655,11 +696,11 @@ class DsaDevice:
         except Exception:
             log.exception("dsa.op_error", opcode=d.opcode)
             rec = fail(DsaStatus.HW_ERR1)
-        self._complete(d, rec, dma, wq, pasid)
+        self._complete(d, rec, dma, wq, pasid, epoch)
         return rec
 
     def _complete(self, d: Descriptor, rec: CompletionRecord, dma: DmaMemory, wq: _WorkQueue,
-                  pasid: int | None) -> None:
+                  pasid: int | None, epoch: int) -> None:
         code = rec.status & STATUS_MASK
         if code == _SUCCESS:
             self.counters.completed(code, d.xfer_size if d.opcode in _DATA_OPS else 0)
@@ -675,21 +716,21 @@ class DsaDevice:
             res = dma.write_record(Iova(d.completion_addr), rec.pack())  # status byte last
             if res.fault is not None:
                 self.counters.add("cr_faults")
-                self._report_fault(res.fault)
+                self._report_fault(res.fault, epoch)
                 self._sw_error(SwError(int(DsaStatus.CRA_XLAT), wq.wq_id, d.opcode, pasid,
                                        int(res.fault.iova)))
                 return
         if d.flags & _RCI and code != DsaStatus.INT_HANDLE_INVAL:
             self.counters.add("interrupts")
             if self.on_interrupt is not None:
-                self.on_interrupt(d.int_handle)
+                self.on_interrupt(d.int_handle, epoch)
 
     # ---- faults and errors -----------------------------------------------------------
-    def _report_fault(self, fault: DmaFault) -> None:
+    def _report_fault(self, fault: DmaFault, epoch: int) -> None:
         self.counters.add("faults")
         log.debug("dsa.fault", iova=hex(fault.iova), write=fault.write, reason=fault.reason_name)
         if self.on_fault is not None:
-            self.on_fault(fault)
+            self.on_fault(replace(fault, epoch=epoch))
 
     def _page_request(self, fault: DmaFault) -> PageRequestOutcome:
         """Send a page request and wait up to ``page_request_timeout``."""

@@ -5,29 +5,31 @@ Glue only: the device model (``dma_device.dsa.device.DsaDevice``) knows no
 streams and the IOMMU unit (``pviommu.iommu.unit.IommuUnit``) knows no
 gRPC. Who may call what:
 
-* the assigned partition (its token's SHA-256 is pushed by the hypervisor on
-  assignment) may read capabilities, configure WQs, send commands, submit
-  descriptors and receive interrupts;
-* the host (the admin token) may do all that and also invalidate the IOTLB,
-  change the assignment and answer page requests.
+* the owning partition (its token's SHA-256 is in the slot's owner record in
+  bank 0, written by the hypervisor) may read capabilities, configure WQs,
+  send commands, submit descriptors and receive interrupts -- every
+  submission is checked against the record, so a session opened under a
+  previous owner ends at its next call (``dma_device.ownership``);
+* the host (the admin token) may do all that too. Invalidations, ownership
+  fences and page responses come through the invalidation queue, not here.
 """
 
 from __future__ import annotations
 
-import itertools
 import queue
-import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from dma_device.dsa.device import DsaConfigError, DsaDevice
+from dma_device.ownership import Ownership
 from pviommu.abi.dsa import Cmd, WqCfg, opcap_words
-from pviommu.errors import PviommuError
+from pviommu.errors import AuthError, PviommuError
 from pviommu.iommu.unit import IommuUnit
 from pviommu.log import get_logger
-from pviommu.rpc.auth import require
+from pviommu.rpc.auth import Principal, require
 from pviommu.rpc.status import grpc_errors, grpc_stream_errors
 from pviommu.v1 import common_pb2, dsa_pb2, dsa_pb2_grpc
 
@@ -35,50 +37,13 @@ log = get_logger("dma_device.rpc")
 DESCRIPTOR_SIZE = 64
 
 
-class DeviceState:
-    """What the service knows besides the model: identity, owner, listeners."""
+@dataclass
+class DeviceInfo:
+    """Who this device is (set once it registered with the hypervisor)."""
 
-    def __init__(self, name: str, slot: int, logical_device_id: int) -> None:
-        self.name = name
-        self.slot = slot
-        self.logical_device_id = logical_device_id
-        self.partition_id = 0
-        self.token_digest = b""
-        self.lock = threading.Lock()
-        self._listeners: list[queue.SimpleQueue[int | None]] = []
-        self._seq = itertools.count(1)
-        self.pending_pages: dict[int, tuple[threading.Event, list[bool]]] = {}
-        self._request_ids = itertools.count(1)
-
-    def publish_interrupt(self, handle: int) -> None:
-        with self.lock:
-            for q in self._listeners:
-                q.put(handle)
-
-    def subscribe(self) -> queue.SimpleQueue[int | None]:
-        q: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-        with self.lock:
-            self._listeners.append(q)
-        return q
-
-    def unsubscribe(self, q: queue.SimpleQueue[int | None]) -> None:
-        with self.lock:
-            if q in self._listeners:
-                self._listeners.remove(q)
-
-    def next_sequence(self) -> int:
-        return next(self._seq)
-
-    def new_page_request(self) -> tuple[int, threading.Event, list[bool]]:
-        rid = next(self._request_ids)
-        event, answer = threading.Event(), [False]
-        with self.lock:
-            self.pending_pages[rid] = (event, answer)
-        return rid, event, answer
-
-    def finish_page_request(self, rid: int) -> None:
-        with self.lock:
-            self.pending_pages.pop(rid, None)
+    name: str
+    slot: int = -1
+    logical_device_id: int = 0
 
 
 def group_of(device: DsaDevice, wq_id: int) -> int:
@@ -102,15 +67,21 @@ def _wq_message(wq_id: int, cfg: WqCfg, enabled: bool, group: int) -> dsa_pb2.Wq
 
 
 class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
-    def __init__(self, device: DsaDevice, unit: IommuUnit, state: DeviceState) -> None:
+    def __init__(self, device: DsaDevice, unit: IommuUnit, info: DeviceInfo, own: Ownership) -> None:
         self.device = device
         self.unit = unit
-        self.state = state
+        self.info = info
+        self.own = own
+
+    def _caller(self) -> tuple[Principal, int]:
+        """The caller and the epoch its call runs under (refused once ended)."""
+        principal = require("partition", "host")
+        return principal, self.own.check(principal)
 
     # -- MMIO view -------------------------------------------------------------
     @grpc_errors
     def GetCapabilities(self, request: Any, context: grpc.ServicerContext) -> Any:
-        require("partition", "host")
+        self._caller()
         d, cfg = self.device, self.device.config
         words = opcap_words(d.opcap)
         opcap = b"".join(w.to_bytes(8, "little") for w in words)
@@ -118,11 +89,11 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
             version=d.version, gencap=d.gencap, wqcap=d.wqcap, grpcap=d.grpcap, engcap=d.engcap, opcap=opcap,
             max_transfer_size=1 << cfg.gencap.max_xfer_shift, max_batch_size=1 << cfg.gencap.max_batch_shift,
             num_wqs=cfg.num_wqs, num_engines=cfg.num_engines, num_groups=cfg.num_groups,
-            total_wq_size=cfg.total_wq_size, logical_device_id=self.state.logical_device_id, name=self.state.name)
+            total_wq_size=cfg.total_wq_size, logical_device_id=self.info.logical_device_id, name=self.info.name)
 
     @grpc_errors
     def ListWqs(self, request: Any, context: grpc.ServicerContext) -> Any:
-        require("partition", "host")
+        self._caller()
         out = []
         for wq_id in range(self.device.config.num_wqs):
             cfg = self.device.wqcfg(wq_id)
@@ -145,7 +116,7 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
 
     @grpc_errors
     def Command(self, request: Any, context: grpc.ServicerContext) -> Any:
-        require("partition", "host")
+        self._caller()
         try:
             cmd = Cmd(request.command)
         except ValueError:
@@ -155,26 +126,32 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
         return dsa_pb2.CommandStatus(cmdsts=status, error=err, message="" if not err else f"CMDSTS error {err:#x}")
 
     # -- portals ------------------------------------------------------------------
-    def _submit(self, sub: Any) -> dsa_pb2.SubmissionAck:
+    def _submit(self, sub: Any, epoch: int) -> dsa_pb2.SubmissionAck:
         if len(sub.descriptor) != DESCRIPTOR_SIZE:
             return dsa_pb2.SubmissionAck(tag=sub.tag, accepted=False,
                                          error=f"a descriptor is {DESCRIPTOR_SIZE} bytes, got {len(sub.descriptor)}")
         if not 0 <= sub.wq_id < self.device.config.num_wqs:
             return dsa_pb2.SubmissionAck(tag=sub.tag, accepted=False, error=f"no WQ {sub.wq_id}")
         try:
-            accepted = self.device.submit(sub.wq_id, bytes(sub.descriptor))
+            accepted = self.device.submit(sub.wq_id, bytes(sub.descriptor), epoch=epoch)
         except (PviommuError, ValueError) as exc:
             return dsa_pb2.SubmissionAck(tag=sub.tag, accepted=False, error=str(exc))
         return dsa_pb2.SubmissionAck(tag=sub.tag, accepted=accepted)
 
     def Portal(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-        """Descriptors in; an ack out for each one not marked ``posted``."""
+        """Descriptors in; an ack out for each one not marked ``posted``. Each
+        submission is checked against the owner record: the stream ends
+        (PERMISSION_DENIED) at the first one after its owner lost the device."""
         try:
-            require("partition", "host")
+            principal, _ = self._caller()
         except PviommuError as exc:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         for sub in request_iterator:
-            ack = self._submit(sub)
+            try:
+                epoch = self.own.check(principal)
+            except AuthError as exc:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+            ack = self._submit(sub, epoch)
             if not sub.posted:
                 yield ack
             elif ack.error or not ack.accepted:
@@ -185,13 +162,15 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
 
     @grpc_errors
     def Submit(self, request: Any, context: grpc.ServicerContext) -> Any:
-        require("partition", "host")
-        return dsa_pb2.SubmitBatchReply(acks=[self._submit(s) for s in request.submissions])
+        _, epoch = self._caller()
+        return dsa_pb2.SubmitBatchReply(acks=[self._submit(s, epoch) for s in request.submissions])
 
     @grpc_stream_errors
     def StreamInterrupts(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        require("partition", "host")
-        q = self.state.subscribe()
+        """The completion interrupts of this epoch's descriptors; ends when the
+        device changes owner."""
+        _, epoch = self._caller()
+        q = self.own.subscribe(epoch)
         context.add_callback(lambda: q.put(None))
         try:
             while context.is_active():
@@ -201,13 +180,13 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
                     continue
                 if handle is None:
                     return
-                yield dsa_pb2.Interrupt(int_handle=handle, sequence=self.state.next_sequence())
+                yield dsa_pb2.Interrupt(int_handle=handle, sequence=self.own.next_sequence())
         finally:
-            self.state.unsubscribe(q)
+            self.own.unsubscribe(q)
 
     @grpc_errors
     def GetCounters(self, request: Any, context: grpc.ServicerContext) -> Any:
-        require("partition", "host")
+        self._caller()
         snap = self.device.counters.snapshot()
         counters: dict[str, int] = {}
         for key, value in snap.items():
@@ -234,44 +213,5 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
             counters[f"iommu.faults.{reason:#x}"] = n
         return dsa_pb2.DeviceCounters(counters=counters)
 
-    # -- host side ---------------------------------------------------------------------
-    @grpc_errors
-    def Invalidate(self, request: Any, context: grpc.ServicerContext) -> Any:
-        require("host")
-        scope = request.scope
-        if scope == dsa_pb2.IommuInvalidation.GLOBAL:
-            self.unit.invalidate_all()
-        elif scope == dsa_pb2.IommuInvalidation.DOMAIN:
-            self.unit.invalidate_domain(request.tag)
-        elif scope == dsa_pb2.IommuInvalidation.PAGES:
-            self.unit.invalidate_pages(request.tag, request.address, request.address_mask)
-        else:
-            self.unit.invalidate_context(request.slot)
-        return dsa_pb2.CommandStatus()
 
-    @grpc_errors
-    def Assign(self, request: Any, context: grpc.ServicerContext) -> Any:
-        require("host")
-        with self.state.lock:
-            self.state.partition_id = request.partition_id
-            self.state.token_digest = bytes(request.token_sha256)
-        # A new owner starts with nothing queued from the previous one.
-        self.device.abort_all()
-        self.unit.invalidate_context(self.state.slot)
-        log.info("device.assigned", partition=request.partition_id)
-        return dsa_pb2.CommandStatus()
-
-    @grpc_errors
-    def ResolvePageRequest(self, request: Any, context: grpc.ServicerContext) -> Any:
-        require("host")
-        with self.state.lock:
-            pending = self.state.pending_pages.get(request.request_id)
-        if pending is None:
-            return dsa_pb2.CommandStatus(error=1, message=f"no page request {request.request_id} is pending")
-        event, answer = pending
-        answer[0] = request.success
-        event.set()
-        return dsa_pb2.CommandStatus()
-
-
-__all__ = ["DeviceState", "DsaDeviceServicer", "common_pb2"]
+__all__ = ["DeviceInfo", "DsaDeviceServicer", "common_pb2"]

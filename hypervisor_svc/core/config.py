@@ -23,6 +23,8 @@ class HypervisorConfig:
     flush_timeout_s: float = 5.0
     #: Faults kept per partition (oldest dropped first).
     fault_log_size: int = 4096
+    #: Unanswered page requests remembered per device (beyond: not delivered, the engine gives up).
+    max_page_requests_per_device: int = 1024
 
     @property
     def iova_width(self) -> int:

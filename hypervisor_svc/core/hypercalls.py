@@ -17,7 +17,19 @@ Statuses chosen where the reference is silent (see docs/security.md):
     domain with devices -> INVALID_DEVICE_STATE;
   * a stage-1 root that is not a page of the caller's RAM -> INVALID_PARAMETER;
     5-level paging without the capability -> INVALID_PARAMETER;
-  * more domains than the limit -> INSUFFICIENT_DEVICE_DOMAINS.
+  * more domains than the limit -> INSUFFICIENT_DEVICE_DOMAINS;
+  * a device whose IOMMU unit is gone (no process serves it) -> INVALID_DEVICE_STATE.
+
+A refused call changes nothing, HV_STATUS_TIME_OUT included: every handler
+checks before it changes, and the changes that need a unit's confirmation
+(context writes, flushes before freeing) are undone when the confirmation
+does not come in time (``Host.set_device_domain``, ``reconfigure_domain``,
+``delete_domain``; the baseline unmap re-maps what it removed). Only the
+device's sync state remembers it: a unit that did not confirm is UNSYNCED and
+is resynchronised before it may serve another partition. A unit whose
+process is gone holds nothing, so it is skipped and the call succeeds.
+Hypercalls of one partition run one at a time (``Partition.lock``); other
+partitions' calls do not wait for them.
 """
 
 from __future__ import annotations
@@ -63,7 +75,7 @@ class Hypercalls:
         handler = getattr(self, "do_" + name.lower())
         trace = self.host.trace
         try:
-            with self.host.lock:
+            with caller.lock:
                 try:
                     answer: HvAnswer = handler(caller, request)
                 except PviommuError as exc:  # HvError included
@@ -157,7 +169,7 @@ class Hypercalls:
             try:
                 dom.table = self.host.tables.new_baseline_table()
             except Exception:
-                self.host._free_tags.append(tag)
+                self.host.free_tag(tag)
                 raise
             dom.configured = True
             dom.translation_enabled = True
@@ -170,7 +182,7 @@ class Hypercalls:
         if dom.devices:
             raise HvError(HvStatus.INVALID_DEVICE_STATE,
                           f"domain {dom.domain_id} still has {len(dom.devices)} device(s) attached; detach first")
-        self.host._drop_domain(caller, dom)
+        self.host.delete_domain(caller, dom)
         log.info("domain.deleted", partition=caller.partition_id, domain=dom.domain_id)
         return HvAnswer()
 
@@ -180,7 +192,7 @@ class Hypercalls:
         if dev.domain_id:
             raise HvError(HvStatus.DEVICE_ALREADY_IN_DOMAIN,
                           f"device {dev.logical_device_id:#x} is in domain {dev.domain_id}; detach it first")
-        self.host._set_device_domain(dev, dom)
+        self.host.set_device_domain(caller, dev, dom)
         log.info("domain.attached", partition=caller.partition_id, domain=dom.domain_id, device=dev.logical_device_id)
         return HvAnswer()
 
@@ -189,7 +201,7 @@ class Hypercalls:
         dev = self._device(caller, req.device_id)
         if not dev.domain_id:
             raise HvError(HvStatus.INVALID_DEVICE_STATE, f"device {dev.logical_device_id:#x} is in no domain")
-        self.host._set_device_domain(dev, None)
+        self.host.set_device_domain(caller, dev, None)
         log.info("domain.detached", partition=caller.partition_id, device=dev.logical_device_id)
         return HvAnswer()
 
@@ -207,12 +219,14 @@ class Hypercalls:
                 raise _invalid(f"stage-1 root {root:#x} is not page aligned")
             if not caller.gpa_backed(root, PAGE_SIZE):
                 raise _invalid(f"stage-1 root {root:#x} is not in partition {caller.partition_id}'s RAM")
-        dom.configured = True
-        dom.translation_enabled = s.translation_enabled
-        dom.blocked = s.blocked
-        dom.five_level = five
-        dom.root = Gpa(int(s.page_table_root)) if s.translation_enabled else Gpa(0)
-        self.host.refresh_domain_contexts(caller, dom)
+        def apply(d: Domain) -> None:
+            d.configured = True
+            d.translation_enabled = s.translation_enabled
+            d.blocked = s.blocked
+            d.five_level = five
+            d.root = Gpa(int(s.page_table_root)) if s.translation_enabled else Gpa(0)
+
+        self.host.reconfigure_domain(caller, dom, apply)
         log.info("domain.configured", partition=caller.partition_id, domain=dom.domain_id,
                  translation=s.translation_enabled, blocked=s.blocked, five_level=five, root=hex(dom.root))
         return HvAnswer()
@@ -220,7 +234,7 @@ class Hypercalls:
     # ------------------------------------------------------------------ flushes
     def do_flush_device_domain(self, caller: Partition, req: hv.FlushDeviceDomainInput) -> HvAnswer:
         dom = self._domain(caller, req.device_domain)
-        self.host.flush_tag(dom.tag)
+        self.host.flush_domain(caller, dom)
         return HvAnswer()
 
     def do_flush_device_domain_list(self, caller: Partition, req: hv.FlushDeviceDomainListRequest) -> HvAnswer:
@@ -233,8 +247,12 @@ class Hypercalls:
                 raise HvError(HvStatus.INVALID_PARAMETER,
                               f"element {done}: page {va.page_number:#x} is not aligned to 2^{va.page_mask_shift}")
             done += 1
-        for va in req.flush_vas[req.rep_start:]:
-            self.host.flush_pages(dom.tag, va.page_number << PAGE_SHIFT, va.page_mask_shift)
+        try:  # every element in one batch, one wait per unit
+            self.host.flush_pages(caller, dom, [(va.page_number << PAGE_SHIFT, va.page_mask_shift)
+                                                for va in req.flush_vas[req.rep_start:]])
+        except HvError as exc:
+            exc.reps_completed = req.rep_start  # none is known done
+            raise
         return HvAnswer(reps_completed=done)
 
     # ------------------------------------------------------------------ baseline map/unmap
@@ -277,14 +295,24 @@ class Hypercalls:
             raise _invalid(f"target_device_va_base {base:#x} is not page aligned")
         start = base + req.rep_start * PAGE_SIZE
         count = req.rep_count - req.rep_start
-        unmapped, freed = self.host.tables.unmap_baseline(dom.table, Iova(start), count * PAGE_SIZE)
-        dom.mapped_pages -= unmapped // PAGE_SIZE
+        table = dom.table
+        removed = [(Iova(start + i * PAGE_SIZE), tr) for i in range(count)
+                   if (tr := table.lookup(Iova(start + i * PAGE_SIZE))) is not None]
+        unmapped, freed = self.host.tables.unmap_baseline(table, Iova(start), count * PAGE_SIZE)
         # The hypervisor owns this table, so it flushes before freeing its pages.
         mask = max(0, (count - 1).bit_length())
         aligned = start & ~((PAGE_SIZE << mask) - 1)
-        if aligned + (PAGE_SIZE << mask) < start + count * PAGE_SIZE:
-            self.host.flush_tag(dom.tag)
-        else:
-            self.host.flush_pages(dom.tag, aligned, mask)
+        try:
+            if aligned + (PAGE_SIZE << mask) < start + count * PAGE_SIZE:
+                self.host.flush_domain(caller, dom)
+            else:
+                self.host.flush_pages(caller, dom, [(aligned, mask)])
+        except HvError as exc:  # not confirmed: put the mappings back, as if nothing happened
+            for iova, tr in removed:
+                table.map(iova, tr.oa, 1 << tr.size_lg2, tr.perm)
+            self.host.tables.free_gathered(freed)
+            exc.reps_completed = req.rep_start
+            raise
+        dom.mapped_pages -= unmapped // PAGE_SIZE
         self.host.tables.free_gathered(freed)
         return HvAnswer(reps_completed=req.rep_count)

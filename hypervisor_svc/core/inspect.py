@@ -119,4 +119,4 @@ class Explainer:
                 raise HvError(HvStatus.INVALID_PARAMETER, "name a device or a domain")
             part = host.partition(partition_id)
             ctx = host.context_for(part, _domain(part, domain_id))
-            return self.unit.explain_context(ctx, Iova(iova), write)
+            return self.unit.explain_context(ctx, Iova(iova), write, part.bank.index)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from hypervisor_svc.core.faults import FaultLog
@@ -44,12 +46,28 @@ class Partition:
     domains: dict[int, Domain] = field(default_factory=dict)
     devices: set[int] = field(default_factory=set)
     faults: FaultLog | None = None
+    #: Serialises everything that touches this partition's domains, devices and
+    #: contexts: its hypercalls and the admin changes that concern it. Unit
+    #: waits happen under it (a stalled unit stalls only its own partition).
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def gpa_backed(self, gpa: int, length: int = 1) -> bool:
         """True when every byte of ``[gpa, gpa+length)`` is RAM (not a hole)."""
         if gpa < 0 or gpa + length > self.memory_bytes:
             return False
         return not any(gpa < h + n and h < gpa + length for h, n in self.holes)
+
+
+class Sync(Enum):
+    """Whether the hypervisor knows what the device's IOMMU unit holds."""
+
+    #: every invalidation and fence sent was confirmed
+    SYNCED = "synced"
+    #: alive, but something sent was not confirmed in time: it may hold stale
+    #: translations or sessions, so it is handed to no new owner before a resync
+    UNSYNCED = "unsynced"
+    #: no process serves the unit: it holds nothing; it comes back by re-registering
+    LOST = "lost"
 
 
 @dataclass
@@ -65,4 +83,14 @@ class Device:
     domain_id: int = 0  # attached domain in the partition's id space, 0 = none (blocked)
     #: IOTLB tags the unit may hold entries for (flushes go only where needed).
     tags: set[int] = field(default_factory=set)
-    reachable: bool = True
+    sync: Sync = Sync.SYNCED
+    #: the ownership epoch last published in the slot's owner record
+    epoch: int = 0
+    #: page requests delivered to the owner and not answered yet: request id -> (partition, epoch)
+    page_requests: dict[int, tuple[int, int]] = field(default_factory=dict)
+    #: one ownership change or resync at a time
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+
+    @property
+    def reachable(self) -> bool:
+        return self.sync is not Sync.LOST

@@ -14,13 +14,14 @@ from pviommu.abi.hv_status import HvStatus
 from pviommu.addr import PAGE_SIZE, SZ_2M, Gpa, Hpa, Iova
 from pviommu.errors import HvError
 from pviommu.iommu.context import CONTEXT_ENTRY_SIZE, ContextEntry, context_hpa, write_context
-from pviommu.iommu.invq import QUEUE_REGION_END
+from pviommu.iommu.owner import OWNER_TABLE_END
 from pviommu.mem.bank import Bank, HostMemory
 from pviommu.mem.frames import host_frames
 from pviommu.pt.common import Perm
 from pviommu.pt.fmt.vtd_ss import VtdSsFormat
 from pviommu.pt.gather import IotlbGather
 from pviommu.pt.walk import PageTable, direct_table, stage2_table
+from pviommu.shm.invq import QUEUE_REGION_END
 
 #: Stage-2 levels: 4 (48-bit GPA), VT-d AW = 2.
 S2_LEVELS = 4
@@ -42,10 +43,10 @@ def _segments(size: int, cuts: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 class HostTables:
-    def __init__(self, memory: HostMemory, bank0: Bank, context_bytes: int) -> None:
+    def __init__(self, memory: HostMemory, bank0: Bank) -> None:
         self.memory = memory
-        # bank 0: context table, then the invalidation queues, then table frames
-        first = max(SZ_2M, (max(context_bytes, QUEUE_REGION_END) + SZ_2M - 1) & ~(SZ_2M - 1))
+        # bank 0: context table, owner records, then the invalidation queues, then table frames
+        first = max(SZ_2M, (max(OWNER_TABLE_END, QUEUE_REGION_END) + SZ_2M - 1) & ~(SZ_2M - 1))
         self.frames = host_frames(bank0, first, bank0.size - first)
         self.fmt = VtdSsFormat(levels=S2_LEVELS)
 
@@ -110,6 +111,10 @@ class HostTables:
 
     def read_context_raw(self, slot: int) -> bytes:
         return self.memory.read(context_hpa(slot), CONTEXT_ENTRY_SIZE)
+
+    def write_context_raw(self, slot: int, raw: bytes) -> None:
+        """Put back an entry read with ``read_context_raw`` (same write order)."""
+        write_context(self.memory, slot, ContextEntry.unpack(raw))
 
     def allocated_frames(self) -> int:
         return self.frames.allocated_frames

@@ -39,7 +39,7 @@ def device_message(d: Device) -> admin_pb2.Device:
     return admin_pb2.Device(
         logical_device_id=d.logical_device_id, name=d.name, control_address=d.control_address, slot=d.slot,
         partition_id=d.partition_id, domain_id=d.domain_id, reachable=d.reachable,
-        pci_vendor_id=d.pci_vendor_id, pci_device_id=d.pci_device_id,
+        pci_vendor_id=d.pci_vendor_id, pci_device_id=d.pci_device_id, sync=d.sync.value, epoch=d.epoch,
     )
 
 
@@ -69,9 +69,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         d = self.host.devices.get(logical)
         return _dev(d) if d is not None else {"id": logical, "name": ""}
 
-    def _change(self, op: str, fn: Callable[..., None], *args: int, **fields: Any) -> hypervisor_pb2.HvReply:
+    def _change(self, op: str, fn: Callable[..., object], *args: int, **fields: Any) -> hypervisor_pb2.HvReply:
         """Run one state change of ``Host`` and trace it with its status."""
-        with self.host.lock:
+        with self.host.admin_lock:
             try:
                 fn(*args)
             except HvError as exc:
@@ -87,7 +87,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         read_only = [(r.gpa, r.size) for r in request.read_only]
         args = {"name": request.name, "memory_bytes": request.memory_bytes, "mmio_holes": holes,
                 "read_only": read_only}
-        with self.host.lock:  # the trace line and the change in one step (lines in execution order)
+        with self.host.admin_lock:  # the trace line and the change in one step (lines in execution order)
             try:
                 part = self.host.create_partition(request.name, request.memory_bytes, holes, read_only)
             except HvError as exc:
@@ -106,7 +106,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     @grpc_errors
     def ResetPartition(self, request: Any, context: grpc.ServicerContext) -> Any:
         require("admin")
-        with self.host.lock:
+        with self.host.admin_lock:
             try:
                 part = self.host.reset_partition(request.partition_id)
             except HvError as exc:
@@ -128,7 +128,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         require("admin")
         if not request.control_address:
             raise HvError(HvStatus.INVALID_PARAMETER, "control_address is required")
-        with self.host.lock:
+        with self.host.admin_lock:
             dev = self.host.register_device(request.name, request.control_address, request.pci_vendor_id,
                                             request.pci_device_id, bytes(request.instance_guid),
                                             request.pci_function)
@@ -157,6 +157,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     def UnassignDevice(self, request: Any, context: grpc.ServicerContext) -> Any:
         require("admin")
         return self._change("unassign_device", self.host.unassign_device, request.logical_device_id,
+                            device=self._dev_ref(request.logical_device_id))
+
+    @grpc_errors
+    def ResyncDevice(self, request: Any, context: grpc.ServicerContext) -> Any:
+        require("admin")
+        return self._change("resync_device", self.host.resync_device, request.logical_device_id,
                             device=self._dev_ref(request.logical_device_id))
 
     @grpc_errors
@@ -259,7 +265,7 @@ def _context_text(ctx: ContextEntry | None) -> str:
         return "present=0 (blocked or unassigned)"
     pgtt = Pgtt(ctx.pgtt).name if ctx.pgtt in Pgtt._value2member_map_ else str(ctx.pgtt)
     text = (f"present=1 pgtt={pgtt} did={ctx.did} aw={ctx.aw} ({ctx.s2_levels}-level S2) "
-            f"ssptptr={int(ctx.ssptptr):#x} owner_bank={ctx.owner_bank} fpd={int(ctx.fpd)}")
+            f"ssptptr={int(ctx.ssptptr):#x} fpd={int(ctx.fpd)}")
     if ctx.pgtt == Pgtt.NESTED:
         text += f" fspm={ctx.fspm} ({ctx.fs_levels}-level S1) fsptptr={int(ctx.fsptptr):#x}"
     return text + (" RESERVED BITS SET" if ctx.reserved_bits else "")
@@ -296,12 +302,11 @@ class DeviceHostServicer(admin_pb2_grpc.DeviceHostServicer):
     @grpc_errors
     def ReportFault(self, request: Any, context: grpc.ServicerContext) -> Any:
         principal = require("device")
+        dev = self.host.device(principal.id)
+        part = self.host.fault_owner(dev, request.epoch, request.page_request, request.request_id)
+        if part is None or part.faults is None:  # unowned, or a previous owner's: counted, delivered to nobody
+            return _ok()
         with self.host.lock:
-            dev = self.host.device(principal.id)
-            part = self.host.partitions.get(dev.partition_id)
-            if part is None or part.faults is None:
-                self.host.count("faults_unowned")
-                return _ok()
             part.faults.append(
                 partition_id=part.partition_id, logical_device_id=dev.logical_device_id, iova=request.iova,
                 write=request.write, reason=request.reason, reason_name=request.reason_name, detail=request.detail,
@@ -319,6 +324,5 @@ class DeviceHostServicer(admin_pb2_grpc.DeviceHostServicer):
     @grpc_errors
     def Heartbeat(self, request: Any, context: grpc.ServicerContext) -> Any:
         principal = require("device")
-        with self.host.lock:
-            self.host.device(principal.id).reachable = True
+        self.host.heartbeat(principal.id)
         return _ok()

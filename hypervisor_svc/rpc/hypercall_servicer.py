@@ -52,10 +52,9 @@ def fault_message(e: FaultEntry) -> hypervisor_pb2.Fault:
 
 
 class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
-    def __init__(self, host: Host, page_responder: Callable[[Partition, int, int, bool], None]) -> None:
+    def __init__(self, host: Host) -> None:
         self.host = host
         self.calls = Hypercalls(host)
-        self._page_responder = page_responder
 
     def _caller(self) -> Partition:
         principal = require("partition")
@@ -224,7 +223,7 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
     def PageResponse(self, request: Any, context: grpc.ServicerContext) -> Any:
         caller = self._caller()
         try:
-            self._page_responder(caller, request.logical_device_id, request.request_id, request.success)
+            self.host.answer_page_request(caller, request.logical_device_id, request.request_id, request.success)
         except HvError as exc:
             return hypervisor_pb2.HvReply(result=hv_result(exc.hv_status, str(exc)))
         return hypervisor_pb2.HvReply(result=hv_result(HvStatus.SUCCESS))

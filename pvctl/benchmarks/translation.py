@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from pviommu.addr import SZ_2M, SZ_4K, Gpa, Iova
-from pviommu.iommu.context import CONTEXT_TABLE_END, ContextEntry, write_context
+from pviommu.iommu.context import ContextEntry, write_context
+from pviommu.iommu.owner import OWNER_TABLE_END, OwnerRecord, write_owner
 from pviommu.iommu.unit import IommuUnit
 from pviommu.mem.bank import GuestRam, HostMemory
 from pviommu.mem.dma import DmaMemory
@@ -69,7 +70,7 @@ def run(quick: bool = False) -> dict[str, Any]:
 def _run(host: HostMemory, min_time: float) -> dict[str, Any]:
     bank0 = host.create_bank(0, 16 * MiB)
     bank1 = host.create_bank(1, 64 * MiB)
-    s2 = stage2_table(VtdSsFormat(4), host, host_frames(bank0, CONTEXT_TABLE_END, 16 * MiB - CONTEXT_TABLE_END))
+    s2 = stage2_table(VtdSsFormat(4), host, host_frames(bank0, OWNER_TABLE_END, 16 * MiB - OWNER_TABLE_END))
     for gpa in range(0, 8 * MiB, SZ_4K):  # 4K stage-2 leaves: full-depth nested walks
         s2.map(Gpa(gpa), bank1.hpa_of(gpa), SZ_4K, RW)
     s2.map(Gpa(8 * MiB), bank1.hpa_of(8 * MiB), 56 * MiB, RW)  # 2M stage-2 leaves
@@ -81,7 +82,8 @@ def _run(host: HostMemory, min_time: float) -> dict[str, Any]:
     s1.map(IOVA_2M_DST, Gpa(20 * MiB), SZ_2M, RW)
     ram.write(Gpa(4 * MiB), bytes(range(256)) * (MiB // 256))
     ram.write(Gpa(16 * MiB), bytes(range(256)) * (MiB // 256))
-    write_context(host, SLOT, ContextEntry.nested(DID, s1.root, 4, s2.root, 4, owner_bank=1))
+    write_owner(host, SLOT, OwnerRecord(epoch=1, partition_id=1, owner_bank=1))
+    write_context(host, SLOT, ContextEntry.nested(DID, s1.root, 4, s2.root, 4))
     unit = IommuUnit(host)
     pages = [Iova(IOVA_4K_SRC + i * SZ_4K) for i in range(256)]
 

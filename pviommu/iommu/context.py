@@ -16,10 +16,12 @@ unit faults ``PASID_ENTRY_RESERVED``)::
          and 4 pass-through are refused as invalid), bits 63:12 SSPTPTR (HPA)
     qw1  bits 15:0 DID (the IOTLB tag)
     qw2  bits 3:2 FSPM (0 = 4-level, 1 = 5-level), bits 63:12 FSPTPTR (GPA)
-    qw3  bits 15:0 OWNER_BANK (software field in a reserved qword: the bank
-         index of the partition's RAM; stage-2 output outside it faults, as
-         a second fence behind the hypervisor's tables; 0 = no check)
-    qw4-qw7  reserved
+    qw3-qw7  reserved
+
+The hypervisor's software bookkeeping about a slot (its owner, the owner's
+RAM bank that stage-2 output must land in, the ownership epoch) lives beside
+the table, in the owner records of ``pviommu.iommu.owner``, never in these
+hardware-shaped entries.
 
 Modes the hypervisor writes (see the constructors):
 
@@ -75,7 +77,6 @@ class Pgtt(IntEnum):
 QW0_VALID = 0x1 | 0x2 | (0x7 << 2) | (0x7 << 6) | _PTR_MASK
 QW1_VALID = 0xFFFF
 QW2_VALID = (0x3 << 2) | _PTR_MASK
-QW3_VALID = 0xFFFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +91,6 @@ class ContextEntry:
     did: int = 0
     fspm: int = 0
     fsptptr: Gpa = _NO_GPA
-    owner_bank: int = 0
     #: words with bits outside the layout (decode only; pack never sets them)
     reserved_bits: bool = False
 
@@ -100,19 +100,17 @@ class ContextEntry:
         return cls()
 
     @classmethod
-    def identity(cls, did: int, s2_root: Hpa, s2_levels: int, owner_bank: int) -> ContextEntry:
-        return cls(True, False, _aw(s2_levels), Pgtt.SS_ONLY, s2_root, did, owner_bank=owner_bank)
+    def identity(cls, did: int, s2_root: Hpa, s2_levels: int) -> ContextEntry:
+        return cls(True, False, _aw(s2_levels), Pgtt.SS_ONLY, s2_root, did)
 
     @classmethod
-    def s2_only(cls, did: int, root: Hpa, levels: int, owner_bank: int) -> ContextEntry:
-        return cls(True, False, _aw(levels), Pgtt.SS_ONLY, root, did, owner_bank=owner_bank)
+    def s2_only(cls, did: int, root: Hpa, levels: int) -> ContextEntry:
+        return cls(True, False, _aw(levels), Pgtt.SS_ONLY, root, did)
 
     @classmethod
-    def nested(
-        cls, did: int, fs_root: Gpa, fs_levels: int, s2_root: Hpa, s2_levels: int, owner_bank: int
-    ) -> ContextEntry:
+    def nested(cls, did: int, fs_root: Gpa, fs_levels: int, s2_root: Hpa, s2_levels: int) -> ContextEntry:
         fspm = {v: k for k, v in FSPM_LEVELS.items()}[fs_levels]
-        return cls(True, False, _aw(s2_levels), Pgtt.NESTED, s2_root, did, fspm, fs_root, owner_bank)
+        return cls(True, False, _aw(s2_levels), Pgtt.NESTED, s2_root, did, fspm, fs_root)
 
     # -- derived ---------------------------------------------------------------
     @property
@@ -127,21 +125,20 @@ class ContextEntry:
     def pack(self) -> bytes:
         for name, value, bits in (
             ("aw", self.aw, 3), ("pgtt", self.pgtt, 3), ("did", self.did, 16),
-            ("fspm", self.fspm, 2), ("owner_bank", self.owner_bank, 16),
+            ("fspm", self.fspm, 2),
         ):  # fmt: skip
             if not 0 <= value < 1 << bits:
                 raise ValueError(f"context field {name}={value:#x} does not fit {bits} bits")
         qw0 = int(self.present) | int(self.fpd) << 1 | self.aw << 2 | self.pgtt << 6
         qw0 |= self.ssptptr & _PTR_MASK
         qw2 = self.fspm << 2 | (self.fsptptr & _PTR_MASK)
-        return _WORDS.pack(qw0, self.did, qw2, self.owner_bank, 0, 0, 0, 0)
+        return _WORDS.pack(qw0, self.did, qw2, 0, 0, 0, 0, 0)
 
     @classmethod
     def unpack(cls, data: bytes | bytearray | memoryview) -> ContextEntry:
         qw = _WORDS.unpack(bytes(data))
         reserved = bool(
-            qw[0] & ~QW0_VALID or qw[1] & ~QW1_VALID or qw[2] & ~QW2_VALID or qw[3] & ~QW3_VALID
-            or any(qw[4:])
+            qw[0] & ~QW0_VALID or qw[1] & ~QW1_VALID or qw[2] & ~QW2_VALID or any(qw[3:])
         )  # fmt: skip
         return cls(
             present=bool(qw[0] & 1),
@@ -152,7 +149,6 @@ class ContextEntry:
             did=qw[1] & 0xFFFF,
             fspm=(qw[2] >> 2) & 3,
             fsptptr=Gpa(qw[2] & _PTR_MASK),
-            owner_bank=qw[3] & 0xFFFF,
             reserved_bits=reserved,
         )
 

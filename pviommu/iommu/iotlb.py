@@ -99,6 +99,12 @@ class Iotlb:
     def __len__(self) -> int:
         return self._count
 
+    def bump_generation(self) -> None:
+        """Refuse every insert of a walk that started before now (a context
+        invalidation: what was walked under the old context must not land)."""
+        with self._lock:
+            self._generation += 1
+
     def lookup(self, did: int, iova: int, write: bool = False, *, count: bool = True) -> IotlbEntry | None:
         """The cached entry holding ``iova`` that allows the access, or None
         (a miss: the caller walks). ``count=False`` peeks (inspection)."""

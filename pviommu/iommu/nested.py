@@ -103,6 +103,8 @@ class _Fault(Exception):
 
 @dataclass(slots=True)
 class _State:
+    #: the bank stage-2 output must lie in (the slot's owner record)
+    owner_bank: int = -1
     reads: int = 0
     trace: list[ExplainStep] | None = None
     dry_run: bool = False
@@ -133,8 +135,10 @@ class NestedWalker:
         write: bool,
         trace: list[ExplainStep] | None = None,
         *,
+        owner_bank: int,
         dry_run: bool = False,
         cache: PsCache | None = None,
+        generation: int | None = None,
     ) -> WalkOk | WalkFault:
         """Translate the page holding ``iova`` for a read or a write. ``ctx``
         must be present and valid (the unit checks it). ``dry_run`` leaves
@@ -142,8 +146,9 @@ class NestedWalker:
         walk uses and fills the paging-structure caches."""
         if dry_run:
             cache = None
-        generation = cache.generation if cache is not None else 0  # before anything is read
-        st = _State(trace=trace, dry_run=dry_run, cache=cache, lookup=cache is not None)
+        if cache is not None and generation is None:
+            generation = cache.generation  # before anything is read
+        st = _State(owner_bank, trace=trace, dry_run=dry_run, cache=cache, lookup=cache is not None)
         try:
             result = self._walk(ctx, int(iova), write, st)
         except _Fault as fault:
@@ -157,13 +162,13 @@ class NestedWalker:
             # tables in memory may fault a request: walk again without lookups;
             # the fresh entries it inserts replace the stale ones.
             cache.count_rewalk()
-            st = _State(reads=st.reads, cache=cache)
+            st = _State(owner_bank, reads=st.reads, cache=cache)
             try:
                 result = self._walk(ctx, int(iova), write, st)
             except _Fault as fault2:
                 return WalkFault(fault2.reason, fault2.detail, st.reads)
         # like the IOTLB, only a walk that succeeded leaves anything cached
-        if cache is not None and (st.new_tables or st.new_fs):
+        if cache is not None and generation is not None and (st.new_tables or st.new_fs):
             cache.insert(ctx.did, (int(ctx.ssptptr), ctx.s2_levels or 4), st.new_tables,
                          (int(ctx.fsptptr), ctx.fs_levels or 4), st.new_fs, generation)
         return result
@@ -210,10 +215,10 @@ class NestedWalker:
         except HpaOutOfRange as exc:
             raise _Fault(FaultReason.SS_BAD_ROOT, "bank 0 is not mapped") from exc
 
-    def _host(self, ctx: ContextEntry, hpa: int, length: int, why: str) -> tuple[Bank, int]:
+    def _host(self, st: _State, hpa: int, length: int, why: str) -> tuple[Bank, int]:
         """Bank and offset of stage-2 output ``hpa``: must be the owner's RAM."""
         index = bank_index_of(Hpa(hpa))
-        if index <= HYPERVISOR_BANK or (ctx.owner_bank and index != ctx.owner_bank):
+        if index <= HYPERVISOR_BANK or index != st.owner_bank:
             raise _Fault(FaultReason.SS_ACCESS, f"stage 2 gave HPA {hpa:#x} outside the partition ({why})")
         try:
             bank = self.host.bank(index)
@@ -265,7 +270,7 @@ class NestedWalker:
                 reason = FaultReason.SS_NO_READ_FS_TOP if top else FaultReason.SS_NO_READ_FS
                 raise _Fault(reason, f"stage 2 denies reading the {why}")
             idx = fmt.index(iova, level)
-            bank, off = self._host(ctx, table_hpa + (idx << 3), 8, why)
+            bank, off = self._host(st, table_hpa + (idx << 3), 8, why)
             entry = bank.read_u64(off)
             st.reads += 1
             kind = fmt.entry_type(entry, level)
@@ -319,7 +324,7 @@ class NestedWalker:
             raise _Fault(FaultReason.NO_READ, f"stage 2 denies reading GPA {gpa:#x}")
         shift = min(s1_lg2, s2_lg2)
         low = iova & ((1 << shift) - 1)
-        self._host(ctx, hpa - low, 1 << shift, f"data page of IOVA {iova:#x}")
+        self._host(st, hpa - low, 1 << shift, f"data page of IOVA {iova:#x}")
         if st.trace is not None:
             st.trace.append(ExplainStep("out", 0, gpa, 0, hpa, 0, 0, f"HPA {hpa:#x}, 2^{shift} page"))
         return WalkOk(iova - low, Hpa(hpa - low), shift, bool(perm & _R), write, st.reads)

@@ -38,6 +38,7 @@ from pviommu.iommu.context import (
 from pviommu.iommu.fault import FaultReason, FaultRecord
 from pviommu.iommu.iotlb import Extent, Iotlb, IotlbEntry
 from pviommu.iommu.nested import ExplainStep, NestedWalker, WalkFault, WalkOk
+from pviommu.iommu.owner import OwnerRecord, OwnerTable
 from pviommu.iommu.pscache import PsCache
 from pviommu.mem.bank import HostMemory
 from pviommu.mem.dma import DmaRuns, Run
@@ -47,12 +48,24 @@ _U64_LIMIT = 1 << 64
 _FS_FORMAT = X86_64Format(4)  # table_oa is the same for 4 and 5 levels
 
 
+@dataclass(frozen=True, slots=True)
+class BoundContext:
+    """A slot's context entry with the owner record it was read under: the
+    unit uses it only while the slot's ownership epoch is still ``epoch``."""
+
+    entry: ContextEntry
+    owner_bank: int
+    epoch: int
+
+
 @dataclass(slots=True)
 class UnitStats:
     walks: int = 0
     walk_reads: int = 0
     context_reads: int = 0
     context_hits: int = 0
+    #: translations that found the slot's ownership epoch moved (every cache dropped)
+    epoch_changes: int = 0
     translations: int = 0
     faults: Counter[int] = field(default_factory=Counter)
 
@@ -150,7 +163,8 @@ class IommuUnit:
         self.stats = UnitStats()
         self.faults: deque[FaultRecord] = deque(maxlen=fault_log_size)
         self.on_fault = on_fault
-        self._contexts: dict[int, ContextEntry] = {}
+        self.owners = OwnerTable(host)
+        self._contexts: dict[int, BoundContext] = {}
         self._ctx_generation = 0
         self._lock = threading.Lock()  # contexts, stats, fault log
 
@@ -159,27 +173,33 @@ class IommuUnit:
         return BoundTranslator(self, slot)
 
     def translate(self, slot: int, iova: Iova, length: int, write: bool) -> DmaRuns:
-        """Host runs for ``[iova, iova + length)``; stops at the first fault."""
+        """Host runs for ``[iova, iova + length)``; stops at the first fault.
+
+        The IOTLB and paging-structure generations are taken before the
+        context is looked up, so nothing walked under a context that an
+        invalidation (of any scope, context included) dropped meanwhile is
+        ever inserted; the slot's ownership epoch is checked on every call,
+        so no cached context or translation outlives a change of owner."""
         if length <= 0:
             return DmaRuns()
         pos, end = int(iova), int(iova) + length
+        iotlb = self.iotlb
+        generation0 = iotlb.generation
+        ps = self.pscache
+        ps_generation = ps.generation if ps is not None else 0
         with self._lock:
             self.stats.translations += 1
-            cached = self._contexts.get(slot)
-            if cached is not None:
-                self.stats.context_hits += 1
         try:
             if pos < 0 or end > _U64_LIMIT:
                 raise _CtxFault(FaultReason.BEYOND_HW_MAX, f"IOVA {iova:#x}+{length:#x} beyond 64 bits")
-            ctx = cached if cached is not None else self._context(slot)
+            bound = self._context(slot)
         except _CtxFault as exc:
             return DmaRuns([], self._fault(slot, 0, iova, write, exc.reason, exc.detail, fpd=False).to_dma_fault())
+        ctx = bound.entry
         did = ctx.did
-        iotlb = self.iotlb
         hpa0 = iotlb.lookup_span(did, pos, end, write)
         if hpa0 is not None:  # fast path: one extent or entry covers the whole request
             return DmaRuns([Run(Hpa(hpa0), length)])
-        generation0 = iotlb.generation
         runs: list[Run] = []
         run_hpa = run_len = 0
         # The extent being built from consecutive same-size entries (see iotlb).
@@ -199,8 +219,8 @@ class IommuUnit:
                 continue
             entries = iotlb.lookup_run(did, pos, end, write)
             if not entries:
-                generation = iotlb.generation
-                result = self.walker.walk(ctx, Iova(pos), write, cache=self.pscache)
+                result = self.walker.walk(ctx, Iova(pos), write, owner_bank=bound.owner_bank, cache=ps,
+                                          generation=ps_generation)
                 with self._lock:
                     self.stats.walks += 1
                     self.stats.walk_reads += result.reads
@@ -210,7 +230,7 @@ class IommuUnit:
                     fault = self._fault(slot, did, Iova(pos), write, result.reason, result.detail, ctx.fpd)
                     return DmaRuns(runs, fault.to_dma_fault())
                 entry = IotlbEntry(result.iova, result.hpa, result.size_lg2, result.read, result.write)
-                iotlb.insert(did, entry, generation)
+                iotlb.insert(did, entry, generation0)
                 entries = [entry]
             for entry in entries:
                 off = pos - entry.iova
@@ -238,28 +258,49 @@ class IommuUnit:
         return DmaRuns(runs)
 
     # -- contexts -----------------------------------------------------------------
-    def _context(self, slot: int) -> ContextEntry:
-        """The valid, present context of ``slot`` (cached), else ``_CtxFault``."""
-        cached = self._contexts.get(slot)
-        if cached is not None:
-            with self._lock:
-                self.stats.context_hits += 1
-            return cached
+    def _context(self, slot: int) -> BoundContext:
+        """The valid, present context of ``slot`` under its current owner
+        (cached while the ownership epoch holds), else ``_CtxFault``."""
         if not 0 <= slot < MAX_SLOTS:
             raise _CtxFault(FaultReason.PASID_ENTRY_ACCESS, f"slot {slot} outside the context table")
+        try:
+            epoch = self.owners.epoch(slot)
+        except PviommuError as exc:
+            raise _CtxFault(FaultReason.PASID_ENTRY_ACCESS, f"owner record of slot {slot}: {exc}") from exc
+        cached = self._contexts.get(slot)
+        if cached is not None:
+            if cached.epoch == epoch:
+                with self._lock:
+                    self.stats.context_hits += 1
+                return cached
+            self._epoch_moved(slot)
         generation = self._ctx_generation
         try:
+            record = self.owners.read(slot)
             raw = self.host.read(context_hpa(slot), CONTEXT_ENTRY_SIZE)
+            moved = self.owners.epoch(slot) != record.epoch
         except PviommuError as exc:
             raise _CtxFault(FaultReason.PASID_ENTRY_ACCESS, f"context of slot {slot}: {exc}") from exc
+        if moved:  # the owner changed while we read: the next request reads again
+            raise _CtxFault(FaultReason.PASID_ENTRY_NOT_PRESENT, f"slot {slot}: ownership changing")
         ctx = ContextEntry.unpack(raw)
         with self._lock:
             self.stats.context_reads += 1
         _validate(slot, ctx)
+        _check_owner(slot, record)
+        bound = BoundContext(ctx, record.owner_bank, record.epoch)
         with self._lock:
             if generation == self._ctx_generation:  # no invalidation raced the read
-                self._contexts[slot] = ctx
-        return ctx
+                self._contexts[slot] = bound
+        return bound
+
+    def _epoch_moved(self, slot: int) -> None:
+        """The slot changed owner since its context was cached: nothing walked
+        or cached before may be used (its IOTLB tags may be reused)."""
+        with self._lock:
+            self.stats.epoch_changes += 1
+        self.invalidate_context(slot)
+        self.invalidate_all()
 
     # -- invalidation (hypervisor side) -------------------------------------------
     # The paging-structure caches go first: a walk that read the IOTLB's new
@@ -291,6 +332,7 @@ class IommuUnit:
         tables may have changed under the same DID)."""
         if self.pscache is not None:
             self.pscache.invalidate_all(context=True)
+        self.iotlb.bump_generation()  # a walk under the old context inserts nothing
         with self._lock:
             self._ctx_generation += 1
             if slot is None:
@@ -322,16 +364,24 @@ class IommuUnit:
         """Walk ``iova`` recording every entry read, without touching the
         IOTLB, counters or A/D bits."""
         try:
+            record = self.owners.read(slot)
             ctx = ContextEntry.unpack(self.host.read(context_hpa(slot), CONTEXT_ENTRY_SIZE))
         except (PviommuError, ValueError) as exc:
             return Explanation(slot, iova, write, None, None, [],
                                WalkFault(FaultReason.PASID_ENTRY_ACCESS, str(exc), 0))
-        return self.explain_context(ctx, iova, write, slot)
+        try:
+            _check_owner(slot, record)
+        except _CtxFault as exc:
+            if ctx.present:
+                return Explanation(slot, iova, write, ctx, None, [], WalkFault(exc.reason, exc.detail, 0))
+        return self.explain_context(ctx, iova, write, record.owner_bank, slot)
 
-    def explain_context(self, ctx: ContextEntry, iova: Iova, write: bool, slot: int = -1) -> Explanation:
+    def explain_context(self, ctx: ContextEntry, iova: Iova, write: bool, owner_bank: int,
+                        slot: int = -1) -> Explanation:
         """``explain`` for a context entry given by the caller (the hypervisor
-        asking what a device *would* see in a domain): the same checks, in the
-        same order, and the same walk as ``translate``."""
+        asking what a device *would* see in a domain of the partition whose RAM
+        is bank ``owner_bank``): the same checks, in the same order, and the
+        same walk as ``translate``."""
         steps: list[ExplainStep] = []
         if iova < 0 or iova >= _U64_LIMIT:
             return Explanation(slot, iova, write, ctx, None, steps,
@@ -341,13 +391,21 @@ class IommuUnit:
         except _CtxFault as exc:
             return Explanation(slot, iova, write, ctx, None, steps, WalkFault(exc.reason, exc.detail, 0))
         cached = self.iotlb.lookup(ctx.did, int(iova), write, count=False)
-        result = self.walker.walk(ctx, iova, write, steps, dry_run=True)
+        result = self.walker.walk(ctx, iova, write, steps, owner_bank=owner_bank, dry_run=True)
         return Explanation(slot, iova, write, ctx, cached, steps, result)
 
 
 def _next_table(step: ExplainStep) -> int:
     """GPA of the next-level table a stage-1 TABLE entry points to."""
     return _FS_FORMAT.table_oa(step.entry)
+
+
+def _check_owner(slot: int, record: OwnerRecord) -> None:
+    """A slot with no owner, or quarantined, translates nothing whatever its
+    context says (the owner record is the second fence behind the context)."""
+    if not record.owned or record.owner_bank <= 0:
+        why = "quarantined (not synchronised)" if record.quarantined else "assigned to no partition"
+        raise _CtxFault(FaultReason.PASID_ENTRY_NOT_PRESENT, f"slot {slot}: device {why}")
 
 
 def _validate(slot: int, ctx: ContextEntry) -> None:

@@ -89,8 +89,8 @@ class Bank:
             return True
 
     def close(self) -> None:
-        self.view.release()
         try:
+            self.view.release()
             self._map.close()
         except BufferError:  # a caller still holds a sub-view; the OS unmaps at exit
             pass
@@ -178,6 +178,15 @@ class HostMemory:
             bank.unlink()
         else:
             bank_path(self.directory, index).unlink(missing_ok=True)
+
+    def drop_stale(self) -> list[int]:
+        """Unmap every partition bank whose file was removed or replaced (its
+        partition was destroyed): a device keeps no destroyed RAM mapped."""
+        with self._lock:
+            stale = [i for i, b in self._banks.items() if i != 0 and b.is_stale()]
+        for index in stale:
+            self.forget(index)
+        return stale
 
     def forget(self, index: int) -> None:
         """Unmap bank ``index`` in this process (its owner destroyed it)."""

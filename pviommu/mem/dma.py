@@ -39,6 +39,8 @@ class DmaFault:
     reason: int
     reason_name: str
     detail: str = ""
+    #: the ownership epoch of the descriptor that faulted (set by the device)
+    epoch: int = 0
 
 
 @dataclass(slots=True)

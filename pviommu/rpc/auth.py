@@ -34,6 +34,9 @@ class Principal:
     kind: str  # "admin" | "partition" | "device" | "host"
     id: int = 0
     name: str = ""
+    #: for a partition's credential at a device: the ownership epoch it was
+    #: accepted under (the device refuses it once the epoch moved)
+    epoch: int = 0
 
 
 def new_token() -> str:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pviommu.addr import SZ_2M, SZ_4K, Gpa, Hpa, Iova
-from pviommu.iommu.context import CONTEXT_TABLE_END, ContextEntry, write_context
+from pviommu.iommu.context import ContextEntry, write_context
+from pviommu.iommu.owner import OWNER_TABLE_END, OwnerRecord, write_owner
 from pviommu.iommu.unit import IommuUnit
 from pviommu.mem.bank import Bank, GuestRam, HostMemory
 from pviommu.mem.frames import FrameAllocator, guest_frames, host_frames
@@ -54,12 +55,15 @@ class NestedSystem:
     def hpa(self, gpa: int) -> Hpa:
         return self.bank1.hpa_of(gpa)
 
-    def install(self, slot: int, entry: ContextEntry) -> None:
+    def install(self, slot: int, entry: ContextEntry, owner_bank: int = 1) -> None:
+        """Write ``entry`` at ``slot`` with partition ``owner_bank`` (bank =
+        partition id here) as the slot's owner."""
+        write_owner(self.host, slot, OwnerRecord(epoch=1, partition_id=owner_bank, owner_bank=owner_bank))
         write_context(self.host, slot, entry)
         self.unit.invalidate_context(slot)
 
     def nested_ctx(self, root: Gpa | None = None, did: int = DID) -> ContextEntry:
-        return ContextEntry.nested(did, self.s1.root if root is None else root, 4, self.s2.root, 4, 1)
+        return ContextEntry.nested(did, self.s1.root if root is None else root, 4, self.s2.root, 4)
 
     def new_unit(self) -> IommuUnit:
         self.unit = IommuUnit(self.host)
@@ -76,7 +80,7 @@ def build_system(
     bank2 = host.create_bank(2, p2_ram)
     # something recognisable in partition 2, to prove it is never touched
     bank2.write(0, bytes(range(256)) * (p2_ram // 256 // 64))
-    s2_frames = host_frames(bank0, CONTEXT_TABLE_END, bank0_size - CONTEXT_TABLE_END)
+    s2_frames = host_frames(bank0, OWNER_TABLE_END, bank0_size - OWNER_TABLE_END)
     s2 = stage2_table(VtdSsFormat(4), host, s2_frames)
     for gpa in range(0, SMALL_END, SZ_4K):  # 4K leaves: full-depth walks
         s2.map(Gpa(gpa), bank1.hpa_of(gpa), SZ_4K, RW)

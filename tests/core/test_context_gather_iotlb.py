@@ -23,29 +23,31 @@ GPA_ROOT = Gpa(0x3000)
 
 # -- context entries ----------------------------------------------------------------
 def test_nested_context_packs_to_hand_computed_bytes() -> None:
-    entry = ContextEntry.nested(0x1234, GPA_ROOT, 5, HPA_ROOT, 4, owner_bank=2)
+    entry = ContextEntry.nested(0x1234, GPA_ROOT, 5, HPA_ROOT, 4)
     # qw0: P | AW=2 (<<2) | PGTT=3 (<<6) | SSPTPTR = 0x1 | 0x8 | 0xC0 | root
     qw0 = 0x100_0000_5000 | 0xC9
     qw2 = 0x3000 | (1 << 2)  # FSPM=1 (5-level)
-    assert entry.pack() == struct.pack("<8Q", qw0, 0x1234, qw2, 2, 0, 0, 0, 0)
+    assert entry.pack() == struct.pack("<8Q", qw0, 0x1234, qw2, 0, 0, 0, 0, 0)  # qw3..qw7 reserved (zero)
     assert ContextEntry.unpack(entry.pack()) == entry
     assert entry.fs_levels == 5 and entry.s2_levels == 4
 
 
 def test_identity_and_s2_only_are_pgtt_2_and_blocked_is_all_zero() -> None:
-    ident = ContextEntry.identity(5, HPA_ROOT, 3, owner_bank=1)
-    qw0, did, qw2, bank = struct.unpack_from("<4Q", ident.pack())
+    ident = ContextEntry.identity(5, HPA_ROOT, 3)
+    qw0, did, qw2, qw3 = struct.unpack_from("<4Q", ident.pack())
     assert qw0 == 0x100_0000_5000 | 0x1 | (1 << 2) | (Pgtt.SS_ONLY << 6) and did == 5 and qw2 == 0
-    assert bank == 1
-    assert ContextEntry.s2_only(5, HPA_ROOT, 3, 1).pack() == ident.pack()
+    assert qw3 == 0
+    assert ContextEntry.s2_only(5, HPA_ROOT, 3).pack() == ident.pack()
     assert ContextEntry.blocked().pack() == bytes(CONTEXT_ENTRY_SIZE)
 
 
 def test_unpack_flags_bits_outside_the_layout_as_reserved() -> None:
-    raw = bytearray(ContextEntry.identity(1, HPA_ROOT, 4, 1).pack())
+    raw = bytearray(ContextEntry.identity(1, HPA_ROOT, 4).pack())
     assert not ContextEntry.unpack(raw).reserved_bits
-    raw[40] = 1  # qw5
-    assert ContextEntry.unpack(raw).reserved_bits
+    for offset in (24, 40):  # qw3 (a software field lived here once) and qw5
+        bad = bytearray(raw)
+        bad[offset] = 1
+        assert ContextEntry.unpack(bad).reserved_bits
 
 
 def test_context_table_fits_before_the_stage2_frames() -> None:

@@ -166,7 +166,7 @@ def test_context_faults_blocked_unassigned_invalid_reserved(system: NestedSystem
     assert reason(system, 0, slot=40) is FaultReason.PASID_ENTRY_NOT_PRESENT
     system.install(41, ContextEntry.blocked())
     assert reason(system, 0, slot=41) is FaultReason.PASID_ENTRY_NOT_PRESENT
-    bad = ContextEntry(True, False, 2, 4, system.s2.root, 3, owner_bank=1)  # PGTT pass-through
+    bad = ContextEntry(True, False, 2, 4, system.s2.root, 3)  # PGTT pass-through
     system.install(42, bad)
     assert reason(system, 0, slot=42) is FaultReason.PASID_ENTRY_INVALID
     system.install(43, system.nested_ctx())
@@ -176,7 +176,7 @@ def test_context_faults_blocked_unassigned_invalid_reserved(system: NestedSystem
 
 
 def test_identity_context_uses_iova_as_gpa_through_stage2(system: NestedSystem) -> None:
-    system.install(7, ContextEntry.identity(11, system.s2.root, 4, 1))
+    system.install(7, ContextEntry.identity(11, system.s2.root, 4))
     runs = system.unit.translate(7, Iova(DATA + 0x123), 16, True)
     assert runs.fault is None and runs.runs[0].hpa == system.hpa(DATA + 0x123)
     assert reason(system, HOLE[0], slot=7) is FaultReason.SS_NOT_PRESENT
@@ -189,7 +189,7 @@ def test_s2_only_domain_translates_iova_straight_to_hpa(system: NestedSystem) ->
 
     table = direct_table(VtdSsFormat(4), system.host, system.s2_frames)
     table.map(Iova(0x10000), system.hpa(DATA), 2 * SZ_4K, RW)
-    system.install(8, ContextEntry.s2_only(12, table.root, 4, 1))
+    system.install(8, ContextEntry.s2_only(12, table.root, 4))
     runs = system.unit.translate(8, Iova(0x10000), 2 * SZ_4K, False)
     assert runs.fault is None and runs.runs[0].hpa == system.hpa(DATA) and len(runs.runs) == 1
     assert reason(system, 0x12000, slot=8) is FaultReason.SS_NOT_PRESENT

@@ -84,7 +84,7 @@ class Rig:
         self.dma = DmaMemory(self.host, self.iommu)
         self.interrupts: list[int] = []
         self.faults: list[DmaFault] = []
-        self.device = DsaDevice(self.dma, config, on_interrupt=self.interrupts.append,
+        self.device = DsaDevice(self.dma, config, on_interrupt=lambda handle, epoch: self.interrupts.append(handle),
                                 on_fault=self.faults.append)
         self._next = PAGE_SIZE  # keep IOVA 0 unused
         if enable:

@@ -177,7 +177,7 @@ def test_drain_completes_after_earlier_descriptors(tmp_path: Path) -> None:
 def test_rci_interrupt_follows_record(rig: Rig) -> None:
     seen: list[tuple[int, int]] = []
     comp = rig.comp()
-    rig.device.on_interrupt = lambda h: seen.append((h, rig.record(comp).code))
+    rig.device.on_interrupt = lambda h, epoch: seen.append((h, rig.record(comp).code))
     rig.device.submit(DEDICATED_WQ, Descriptor(opcode=Opcode.NOOP, flags=F | DescFlags.RCI,
                                                completion_addr=comp, int_handle=2))
     rig.settle()

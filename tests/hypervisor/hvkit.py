@@ -22,11 +22,14 @@ import pytest
 
 from hypervisor_svc.core.host import Host
 from hypervisor_svc.main import add_arguments, build
+from pviommu.abi.invq import Invalidation, OwnerFence, QueueItem
+from pviommu.iommu.owner import read_owner
 from pviommu.iommu.unit import IommuUnit
 from pviommu.mem.bank import GuestRam, HostMemory
 from pviommu.rpc.client import connect
-from pviommu.rpc.server import RunningServer, Service, create_server
-from pviommu.v1 import admin_pb2, admin_pb2_grpc, common_pb2, dsa_pb2, dsa_pb2_grpc, hypervisor_pb2, hypervisor_pb2_grpc
+from pviommu.rpc.server import RunningServer
+from pviommu.shm.invq import QueueConsumer
+from pviommu.v1 import admin_pb2, admin_pb2_grpc, common_pb2, hypervisor_pb2, hypervisor_pb2_grpc
 
 ADMIN_TOKEN = "hv-tests-admin-" + os.urandom(8).hex()
 SELF = 0xFFFF_FFFF_FFFF_FFFF
@@ -60,7 +63,6 @@ DETACH, DELETE, CONFIGURE = 0x00C4, 0x00C5, 0x00CE
 FLUSH, FLUSH_LIST = 0x00D0, 0x00D1
 GET_CAPS, GET_PROPERTY = 0x0125, 0x0127
 
-# Scope enum of dsa.proto IommuInvalidation
 SCOPE_NAMES = {0: "global", 1: "domain", 2: "pages", 3: "context"}
 
 
@@ -71,50 +73,43 @@ def hv_args(*extra: str) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------
-# A fake DSA device: only Invalidate and Assign, backed by a real IOMMU unit
+# A fake DSA device: a real IOMMU unit serving the real invalidation queue of each slot
+# registered with it, recording what arrives
 # ------------------------------------------------------------------------------------------
-class FakeUnitServicer(dsa_pb2_grpc.DsaDeviceServicer):
-    """Implements the host side of DsaDevice (Invalidate, Assign) over a real
-    ``IommuUnit``; the other methods stay UNIMPLEMENTED (the base class)."""
+class UnitRecorder:
+    """What the hypervisor sent the unit, and knobs to make the unit slow or
+    stuck. The unit is a real ``IommuUnit``; the queue is the real one."""
 
     def __init__(self, memory_dir: Path) -> None:
         self.memory = HostMemory(memory_dir)
         self.unit = IommuUnit(self.memory)
         self.invalidations: list[tuple[str, int, int, int, int]] = []
+        #: one per ownership fence: (slot, owner partition id, owner token digest) as the record says
         self.assigns: list[tuple[int, int, bytes]] = []
-        #: seconds each Invalidate waits before doing its work (a slow unit)
+        #: seconds each invalidation waits before doing its work (a slow unit)
         self.delay = 0.0
-        #: when set, Invalidate blocks until ``release`` is set (a unit that never answers)
+        #: when set, the unit blocks on the next item until ``release`` is set (a unit that never answers)
         self.hang = threading.Event()
         self.release = threading.Event()
         self.done_at: list[float] = []
         self._lock = threading.Lock()
 
-    def Invalidate(self, request: Any, context: grpc.ServicerContext) -> Any:
-        scope = SCOPE_NAMES[request.scope]
-        with self._lock:
-            self.invalidations.append((scope, request.tag, request.address, request.address_mask, request.slot))
+    def handle(self, slot: int, item: QueueItem) -> None:
         if self.hang.is_set():
             self.release.wait(10)
-        if self.delay:
-            time.sleep(self.delay)
-        if scope == "global":
-            self.unit.invalidate_all()
-        elif scope == "domain":
-            self.unit.invalidate_domain(request.tag)
-        elif scope == "pages":
-            self.unit.invalidate_pages(request.tag, request.address, request.address_mask)
-        else:
-            self.unit.invalidate_context(request.slot)
-        with self._lock:
-            self.done_at.append(time.monotonic())
-        return dsa_pb2.CommandStatus()
-
-    def Assign(self, request: Any, context: grpc.ServicerContext) -> Any:
-        with self._lock:
-            self.assigns.append((request.slot, request.partition_id, bytes(request.token_sha256)))
-        self.unit.invalidate_context(request.slot)
-        return dsa_pb2.CommandStatus()
+        if isinstance(item, Invalidation):
+            with self._lock:
+                self.invalidations.append((SCOPE_NAMES[int(item.scope)], item.did, item.addr, item.am,
+                                           slot if item.slot is None else item.slot))
+            if self.delay:
+                time.sleep(self.delay)
+            item.apply(self.unit)
+            with self._lock:
+                self.done_at.append(time.monotonic())
+        elif isinstance(item, OwnerFence):
+            rec = read_owner(self.memory, slot)
+            with self._lock:
+                self.assigns.append((slot, rec.partition_id, rec.token_sha256))
 
     def scopes(self) -> list[str]:
         with self._lock:
@@ -122,23 +117,32 @@ class FakeUnitServicer(dsa_pb2_grpc.DsaDeviceServicer):
 
 
 class FakeDevice:
+    """Stands in for a DSA's IOMMU side: one queue consumer per slot it serves."""
+
     def __init__(self, memory_dir: Path) -> None:
-        self.servicer = FakeUnitServicer(memory_dir)
-        self.server: RunningServer = create_server(
-            "127.0.0.1:0", [Service(self.servicer, dsa_pb2_grpc.add_DsaDeviceServicer_to_server,
-                                    "pviommu.v1.DsaDevice")], max_workers=8)
-        self.address = f"127.0.0.1:{self.server.port}"
+        self.servicer = UnitRecorder(memory_dir)
+        self.consumers: dict[int, QueueConsumer] = {}
+        self.address = "127.0.0.1:1"  # nothing dials it: the hypervisor reaches units through their queues
         self.stopped = False
 
     @property
     def unit(self) -> IommuUnit:
         return self.servicer.unit
 
+    def serve(self, slot: int) -> None:
+        old = self.consumers.pop(slot, None)
+        if old is not None:
+            old.close()
+        self.consumers[slot] = QueueConsumer(self.servicer.memory, slot,
+                                             lambda item, s=slot: self.servicer.handle(s, item))
+
     def stop(self) -> None:
+        """The device's process is gone: nobody serves its queues any more."""
         if not self.stopped:
             self.stopped = True
             self.servicer.release.set()
-            self.server.server.stop(None).wait()
+            for c in self.consumers.values():
+                c.close()
             self.servicer.memory.close()
 
 
@@ -245,7 +249,7 @@ class HvEnv:
     memory_dir: Path
     host: Host
     server: RunningServer
-    invalidator: Any
+    link: Any
     admin: admin_pb2_grpc.AdminStub
     channels: list[grpc.Channel] = field(default_factory=list)
     fakes: list[FakeDevice] = field(default_factory=list)
@@ -255,9 +259,9 @@ class HvEnv:
     @classmethod
     def start(cls, tmp: Path, *extra: str) -> HvEnv:
         memory_dir = tmp / "banks"
-        host, server, invalidator = build(hv_args("--memory-dir", str(memory_dir), *extra), "127.0.0.1:0")
+        host, server, link = build(hv_args("--memory-dir", str(memory_dir), *extra), "127.0.0.1:0")
         ch = connect(f"127.0.0.1:{server.port}", ADMIN_TOKEN)
-        env = cls(memory_dir, host, server, invalidator, admin_pb2_grpc.AdminStub(ch))
+        env = cls(memory_dir, host, server, link, admin_pb2_grpc.AdminStub(ch))
         env.channels.append(ch)
         return env
 
@@ -303,6 +307,7 @@ class HvEnv:
             name=name, control_address=fake.address, instance_guid=guid or os.urandom(16), pci_function=function))
         assert r.result.status == SUCCESS, r.result.message
         logical = r.device.logical_device_id
+        fake.serve(r.device.slot)
         if guest is not None:
             a = self.admin.AssignDevice(admin_pb2.AssignDeviceRequest(logical_device_id=logical,
                                                                       partition_id=guest.pid))
@@ -331,7 +336,7 @@ class HvEnv:
             self.host.trace.close()
         for fake in self.fakes:
             fake.stop()
-        self.invalidator.close()
+        self.link.close()
         for ch in self.channels:
             ch.close()
         for m in self.memories:

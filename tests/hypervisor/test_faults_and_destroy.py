@@ -14,8 +14,24 @@ from pviommu.v1 import admin_pb2, admin_pb2_grpc, common_pb2, hypervisor_pb2, hy
 INVALID_PARTITION_ID = 0xD
 
 
-def device_host(hv: HvEnv, token: str) -> admin_pb2_grpc.DeviceHostStub:
-    return admin_pb2_grpc.DeviceHostStub(hv.channel(token))
+class DeviceHost:
+    """A device's DeviceHost channel; faults are reported under its current epoch (as a device does)."""
+
+    def __init__(self, hv: HvEnv, token: str) -> None:
+        self.stub = admin_pb2_grpc.DeviceHostStub(hv.channel(token))
+        principal = hv.host.resolve(token)
+        self.dev = hv.host.devices.get(principal.id) if principal is not None else None
+
+    @property
+    def epoch(self) -> int:
+        return self.dev.epoch if self.dev is not None else 0
+
+    def ReportFault(self, request: admin_pb2.ReportFaultRequest, timeout: float) -> None:
+        self.stub.ReportFault(request, timeout=timeout)
+
+
+def device_host(hv: HvEnv, token: str) -> DeviceHost:
+    return DeviceHost(hv, token)
 
 
 def admin_faults(hv: HvEnv, pid: int = 0, after: int = 0) -> list[hypervisor_pb2.Fault]:
@@ -23,11 +39,12 @@ def admin_faults(hv: HvEnv, pid: int = 0, after: int = 0) -> list[hypervisor_pb2
                                       timeout=CALL_TIMEOUT))
 
 
-def report(stub: admin_pb2_grpc.DeviceHostStub, iova: int, write: bool = True, reason: int = 0x5) -> None:
-    r = stub.ReportFault(admin_pb2.ReportFaultRequest(iova=iova, write=write, reason=reason,
-                                                      reason_name="FS_WRITE", detail="test"),
-                         timeout=CALL_TIMEOUT)
-    assert r.result.status == SUCCESS
+def report(dh: DeviceHost, iova: int, write: bool = True, reason: int = 0x5, epoch: int | None = None) -> int:
+    r = dh.stub.ReportFault(admin_pb2.ReportFaultRequest(iova=iova, write=write, reason=reason,
+                                                         reason_name="FS_WRITE", detail="test",
+                                                         epoch=dh.epoch if epoch is None else epoch),
+                            timeout=CALL_TIMEOUT)
+    return int(r.result.status)
 
 
 # ------------------------------------------------------------------------------------------
@@ -38,7 +55,7 @@ def test_reported_fault_goes_to_the_owning_partition_only(hv: HvEnv) -> None:
     dev, token, _ = hv.device("d", g)
     hv.device("hd", h)
     assert g.create(3) == SUCCESS and g.configure(3, MiB) == SUCCESS and g.attach(3, dev) == SUCCESS
-    report(device_host(hv, token), 0xDEAD_B000)
+    assert report(device_host(hv, token), 0xDEAD_B000) == SUCCESS
     faults = g.faults()
     assert len(faults) == 1
     f = faults[0]
@@ -57,7 +74,7 @@ def test_fault_stream_resumes_after_a_sequence(hv: HvEnv) -> None:
     _, token, _ = hv.device("d", g)
     stub = device_host(hv, token)
     for i in range(3):
-        report(stub, 0x1000 * (i + 1))
+        assert report(stub, 0x1000 * (i + 1)) == SUCCESS
     assert [f.iova for f in g.faults()] == [0x1000, 0x2000, 0x3000]
     assert [f.iova for f in g.faults(after=2)] == [0x3000]
     assert [f.iova for f in admin_faults(hv, after=1)] == [0x2000, 0x3000]
@@ -76,7 +93,7 @@ def test_following_stream_delivers_a_fault_reported_later(hv: HvEnv) -> None:
 
     t = threading.Thread(target=read)
     t.start()
-    report(device_host(hv, token), 0x7000)
+    assert report(device_host(hv, token), 0x7000) == SUCCESS
     t.join(5)
     stream.cancel()
     assert got == [0x7000]
@@ -85,7 +102,7 @@ def test_following_stream_delivers_a_fault_reported_later(hv: HvEnv) -> None:
 def test_fault_of_an_unassigned_device_reaches_nobody(hv: HvEnv) -> None:
     g = hv.partition()
     _, token, _ = hv.device("loose")
-    report(device_host(hv, token), 0x5000)
+    assert report(device_host(hv, token), 0x5000) == SUCCESS
     assert g.faults() == [] and admin_faults(hv) == []
     assert hv.host.stats.get("faults_unowned") == 1
 
@@ -159,7 +176,7 @@ def test_reset_partition_reclaims_domains_zeroes_ram_and_rotates_the_token(hv: H
     slot = hv.admin_devices()[dev].slot
     assert g.create(1) == SUCCESS and g.configure(1, MiB) == SUCCESS and g.attach(1, dev) == SUCCESS
     assert g.create(2, dtype=S2) == SUCCESS and g.map(2, 0, [5, 6]) == (SUCCESS, 2)
-    report(device_host(hv, dev_token), 0x1000)
+    assert report(device_host(hv, dev_token), 0x1000) == SUCCESS
     ram = g.ram(hv.host_memory())
     ram.write(0x3000, b"secret")
 

@@ -5,7 +5,7 @@ context entries), ``Hypercalls`` for the guest's side, a real ``IommuUnit``
 over its own mapping of the bank files, and a real ``DsaDevice`` whose every
 DMA goes through that unit. The only test-owned pieces are
 
-* ``InProcInvalidator``: the hypervisor's invalidations delivered to the unit
+* ``InProcLink``: the hypervisor's invalidations delivered to the unit
   by a direct call instead of gRPC (same entry points the device service uses);
 * ``RefWalker``: an independent, deliberately plain x86-64-over-stage-2 walker
   written from the Intel SDM / VT-d rules (not from ``pviommu.iommu.nested``),
@@ -27,7 +27,7 @@ import os
 import random
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +43,7 @@ from hypervisor_svc.core.model import Device, Partition
 from pviommu.abi import hv
 from pviommu.abi.dsa import COMP_SIZE, DESC_SIZE, CompletionRecord, DescFlags, Descriptor, DsaStatus, Opcode, WqCfg
 from pviommu.abi.hv_status import HvStatus
+from pviommu.abi.invq import Invalidation, QueueItem
 from pviommu.addr import Gpa, Hpa, Iova
 from pviommu.errors import HvError
 from pviommu.iommu.fault import FaultReason
@@ -264,31 +265,25 @@ class RefWalker:
 # ==========================================================================================
 # In-process invalidation and the recording translator
 # ==========================================================================================
-class InProcInvalidator:
-    """The host's ``Invalidator`` delivered straight to one ``IommuUnit``."""
+class InProcLink:
+    """The host's ``UnitLink`` delivered straight to one ``IommuUnit``
+    (ownership fences are counted; this rig's device has one owner)."""
 
     def __init__(self) -> None:
         self.unit: IommuUnit | None = None
         self.calls: collections.Counter[str] = collections.Counter()
 
-    def invalidate(self, device: Device, scope: str, tag: int = 0, address: int = 0, mask: int = 0) -> None:
-        self.calls[scope] += 1
-        unit = self.unit
-        if unit is None:
-            return
-        if scope == "global":
-            unit.invalidate_all()
-        elif scope == "domain":
-            unit.invalidate_domain(tag)
-        elif scope == "pages":
-            unit.invalidate_pages(tag, address, mask)
-        else:
-            unit.invalidate_context(device.slot)
+    def submit(self, device: Device, items: Sequence[QueueItem]) -> None:
+        for item in items:
+            self.calls[item.scope.name.lower() if isinstance(item, Invalidation) else type(item).__name__] += 1
+            if self.unit is not None and isinstance(item, Invalidation):
+                item.apply(self.unit)
 
-    def assign(self, device: Device, partition_id: int, token: str | None) -> None:
-        self.calls["assign"] += 1
-        if self.unit is not None:
-            self.unit.invalidate_context(device.slot)
+    def post(self, device: Device, items: Sequence[QueueItem]) -> None:
+        self.submit(device, items)
+
+    def forget(self, device: Device) -> None:
+        pass
 
 
 @dataclass
@@ -362,7 +357,7 @@ class DsaRig:
     device's DMA goes DsaDevice -> RecordingTranslator -> IommuUnit -> banks."""
 
     def __init__(self, tmp: Path, *, five_level: bool = False, wq_bof: bool = True, large: bool = True) -> None:
-        self.inval = InProcInvalidator()
+        self.inval = InProcLink()
         self.host = Host(tmp, "robustness-admin-" + os.urandom(6).hex(),
                          HypervisorConfig(five_level=five_level, bank0_bytes=BANK0,
                                           max_iova_width=57 if five_level else 48), self.inval)

@@ -1,0 +1,206 @@
+"""The invalidation queue's packed layouts: the per-unit queue page in bank 0
+and its 128-bit descriptors (VT-d 6.5.2 queued invalidation, plus two
+descriptors this model adds), decoded into typed queue items.
+
+Queue page (one per device slot, at ``QUEUE_REGION_OFFSET + slot * QUEUE_PAGE``
+in bank 0)::
+
+    +0     u64 tail      written by the hypervisor: next descriptor index
+    +8     u64 head      written by the unit: descriptors consumed
+    +16    u64 status    the last invalidation-wait status data the unit wrote
+    +24    u64 ready     READY_MAGIC while a unit serves the queue
+    +64    char[256]     the unit's doorbell socket path (NUL-padded)
+    +320   char[256]     the hypervisor's acknowledgement socket path
+    +1024  RING_ENTRIES x 16-byte descriptors (a ring)
+
+Descriptors (qw0 bits 3:0 = type):
+
+* 1 context-cache invalidation: G bits 5:4 (1 global, 3 device), SID bits 47:32 (the slot);
+* 2 IOTLB invalidation: G bits 5:4 (1 global, 2 domain, 3 page), DID bits 31:16;
+  qw1: AM bits 5:0, ADDR bits 63:12;
+* 5 invalidation wait: SW bit 5, status data bits 63:32; qw1: status address (HPA);
+* 9 page group response (VT-d's type, pviommu's fields): response code bits 63:60
+  (0 success, 1 invalid request, 0xF failure), SID bits 47:32; qw1: the 64-bit
+  page-request id the unit gave the request (VT-d carries a 9-bit group index);
+* 0xF ownership fence (pviommu's own, no VT-d equivalent): qw1 the slot's
+  ownership epoch the hypervisor just published; the device ends every session
+  and in-flight descriptor of any other epoch before it consumes the next
+  descriptor (so a following wait acknowledges the fence).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Protocol
+
+# -- the queue page --------------------------------------------------------------------
+QUEUE_REGION_OFFSET = 64 * 1024
+QUEUE_PAGE = 4096
+TAIL_OFFSET = 0
+HEAD_OFFSET = 8
+STATUS_OFFSET = 16
+READY_OFFSET = 24
+DOORBELL_PATH_OFFSET = 64
+ACK_PATH_OFFSET = 320
+PATH_FIELD = 256
+RING_OFFSET = 1024
+DESC_SIZE = 16
+RING_ENTRIES = (QUEUE_PAGE - RING_OFFSET) // DESC_SIZE
+READY_MAGIC = 0x5156_4950_5649_4F4D  # "MOIVPIVQ"
+
+_DESC = struct.Struct("<QQ")
+
+
+class DescType(IntEnum):
+    CONTEXT = 1
+    IOTLB = 2
+    WAIT = 5
+    PAGE_RESPONSE = 9
+    OWNER_FENCE = 0xF
+
+
+class Scope(IntEnum):
+    """What an invalidation drops in a unit."""
+
+    GLOBAL = 0  # every IOTLB and paging-structure entry
+    DOMAIN = 1  # every entry of one DID
+    PAGES = 2  # 2**am pages of one DID from addr
+    CONTEXT = 3  # one slot's cached context (all slots when slot is None)
+
+
+class InvalidationTarget(Protocol):
+    """What an IOMMU unit offers the queue (``pviommu.iommu.unit.IommuUnit``)."""
+
+    def invalidate_all(self) -> int: ...
+
+    def invalidate_domain(self, did: int) -> int: ...
+
+    def invalidate_pages(self, did: int, addr: int, am: int) -> int: ...
+
+    def invalidate_context(self, slot: int | None = None) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Invalidation:
+    """One invalidation, in the granularities of the VT-d descriptors."""
+
+    scope: Scope
+    did: int = 0
+    addr: int = 0
+    am: int = 0
+    slot: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.did <= 0xFFFF:
+            raise ValueError(f"DID {self.did:#x} does not fit 16 bits")
+        if not 0 <= self.am <= 52 or self.addr & 0xFFF or not 0 <= self.addr < 1 << 64:
+            raise ValueError(f"page invalidation {self.addr:#x}/{self.am} is not a 4 KiB aligned block")
+
+    @classmethod
+    def everything(cls) -> Invalidation:
+        return cls(Scope.GLOBAL)
+
+    @classmethod
+    def domain(cls, did: int) -> Invalidation:
+        return cls(Scope.DOMAIN, did)
+
+    @classmethod
+    def pages(cls, did: int, addr: int, am: int) -> Invalidation:
+        return cls(Scope.PAGES, did, addr, am)
+
+    @classmethod
+    def context(cls, slot: int | None) -> Invalidation:
+        return cls(Scope.CONTEXT, slot=slot)
+
+    def apply(self, unit: InvalidationTarget) -> None:
+        if self.scope is Scope.GLOBAL:
+            unit.invalidate_all()
+        elif self.scope is Scope.DOMAIN:
+            unit.invalidate_domain(self.did)
+        elif self.scope is Scope.PAGES:
+            unit.invalidate_pages(self.did, self.addr, self.am)
+        else:
+            unit.invalidate_context(self.slot)
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerFence:
+    """End everything of every ownership epoch but ``epoch`` (see module doc)."""
+
+    epoch: int
+
+
+class PageResponseCode(IntEnum):
+    SUCCESS = 0
+    INVALID = 1
+    FAILURE = 0xF
+
+
+@dataclass(frozen=True, slots=True)
+class PageResponse:
+    """The answer to one page request (block-on-fault)."""
+
+    slot: int
+    request_id: int
+    code: PageResponseCode
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Invalidation wait: write ``data`` at ``status_hpa`` once everything before is done."""
+
+    data: int
+    status_hpa: int
+
+
+QueueItem = Invalidation | OwnerFence | PageResponse
+
+_G_GLOBAL, _G_DOMAIN, _G_PAGE, _G_DEVICE = 1, 2, 3, 3
+
+
+def encode(item: QueueItem | Wait) -> tuple[int, int]:
+    """The two quadwords of ``item``'s descriptor."""
+    if isinstance(item, Invalidation):
+        if item.scope is Scope.CONTEXT:
+            if item.slot is None:
+                return DescType.CONTEXT | _G_GLOBAL << 4, 0
+            return DescType.CONTEXT | _G_DEVICE << 4 | (item.slot & 0xFFFF) << 32, 0
+        g = {Scope.GLOBAL: _G_GLOBAL, Scope.DOMAIN: _G_DOMAIN, Scope.PAGES: _G_PAGE}[item.scope]
+        return DescType.IOTLB | g << 4 | item.did << 16, item.am | item.addr
+    if isinstance(item, Wait):
+        return DescType.WAIT | 1 << 5 | (item.data & 0xFFFF_FFFF) << 32, item.status_hpa
+    if isinstance(item, PageResponse):
+        return DescType.PAGE_RESPONSE | (item.slot & 0xFFFF) << 32 | int(item.code) << 60, item.request_id
+    return DescType.OWNER_FENCE, item.epoch
+
+
+def decode(qw0: int, qw1: int) -> QueueItem | Wait:
+    """The item a descriptor carries; ValueError for one this model does not know."""
+    kind, g = qw0 & 0xF, (qw0 >> 4) & 3
+    if kind == DescType.CONTEXT:
+        return Invalidation.context(None if g == _G_GLOBAL else (qw0 >> 32) & 0xFFFF)
+    if kind == DescType.IOTLB:
+        did = (qw0 >> 16) & 0xFFFF
+        if g == _G_GLOBAL:
+            return Invalidation.everything()
+        if g == _G_DOMAIN:
+            return Invalidation.domain(did)
+        if g == _G_PAGE:
+            return Invalidation.pages(did, qw1 & ~0xFFF, qw1 & 0x3F)
+    elif kind == DescType.WAIT:
+        return Wait(qw0 >> 32, qw1)
+    elif kind == DescType.PAGE_RESPONSE:
+        return PageResponse((qw0 >> 32) & 0xFFFF, qw1, PageResponseCode(qw0 >> 60))
+    elif kind == DescType.OWNER_FENCE:
+        return OwnerFence(qw1)
+    raise ValueError(f"unknown invalidation descriptor {qw0:#018x} {qw1:#018x}")
+
+
+def pack(item: QueueItem | Wait) -> bytes:
+    return _DESC.pack(*encode(item))
+
+
+def unpack(raw: bytes | bytearray | memoryview) -> QueueItem | Wait:
+    return decode(*_DESC.unpack(raw))

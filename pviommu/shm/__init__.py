@@ -1,0 +1,1 @@
+"""Shared-memory transports of the core floor: queues, rings and doorbells between processes."""
