@@ -321,3 +321,10 @@ def test_a_device_that_dies_mid_run_gives_dmatest_results_and_the_summary(guest:
     kinds = {what for _, _, what, _ in results(bg.lines)}
     assert kinds and kinds <= {"prep error", "submit error", "data error", "test timed out"}, kinds
     assert summaries(bg.lines) == {"dma0chan0-copy0": (60, r.failures, 0)}
+
+
+def test_buffers_the_guest_cannot_allocate_end_the_thread_with_minus_enomem(guest: Guest) -> None:
+    r, lines = run(guest.stub, iterations=3, test_buf_size=1 << 30)  # the guest has 64 MiB
+    assert summaries(lines) == {"dma0chan0-copy0": (0, 0, -12)} and r.tests == 0
+    r, _ = run(guest.stub, iterations=2)
+    assert (r.tests, r.failures) == (2, 0)  # nothing leaked or broken
