@@ -21,7 +21,7 @@ from guest_agent.driver.domain import Domain, DomainKind, FlushMode, UnmapResult
 from guest_agent.driver.hypercalls import HvClient
 from guest_agent.driver.pviommu import DeviceState, PvIommu
 from guest_agent.driver.stats import Stats
-from guest_agent.dsa.dmatest import Dmatest, DmatestOutcome, DmatestParams
+from guest_agent.dsa.dmatest import Dmatest, DmatestOutcome, DmatestParams, select_devices
 from guest_agent.dsa.driver import DsaDriver, check_record_gpa, wait_completion
 from guest_agent.errors import DeviceCommandFailed, InvalidRequest, NotFound
 from pviommu.abi.dsa import COMP_SIZE, CompletionRecord
@@ -217,13 +217,21 @@ class Agent:
     def run_dmatest(self, params: DmatestParams, emit: Callable[[str], None] | None = None,
                     progress: Callable[[int], None] | None = None,
                     started: Callable[[Dmatest], None] | None = None) -> DmatestOutcome:
+        """dmatest over the channels its ``channel``/``device`` parameters select;
+        only those devices are probed (a dead device that was not asked for
+        does not stop the run)."""
         self.iommu.rescan()
-        test = Dmatest(self.iommu, self.dma, self.memory, self.channels(), params, emit, progress)
+        devices = [d for d in sorted(self.iommu.devices.values(), key=lambda d: d.index)
+                   if d.behind_pviommu or self.iommu.geometry is None]  # the devices channels() offers
+        selected = select_devices(devices, params)
+        channels = [(self.dsa_driver(d.logical_device_id), d) for d in selected]
+        test = Dmatest(self.iommu, self.dma, self.memory, channels, params, emit, progress,
+                       misconfigured=bool(params.channel) and not selected)
         if started is not None:
             started(test)
         outcome = test.run()
         log.info("dmatest.done", summary=outcome.summary, design=params.design, tests=outcome.tests,
-                 failures=outcome.failures)
+                 failures=outcome.failures, stopped=test.stopped)
         return outcome
 
     # -- stats ------------------------------------------------------------------------------------

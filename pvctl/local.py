@@ -189,6 +189,8 @@ def dmatest_params(args: argparse.Namespace) -> guest_pb2.DmatestParams:
         max_channels=args.max_channels, iterations=args.iterations, timeout=args.timeout,
         noverify=args.noverify, norandom=args.norandom, alignment=args.alignment,
         transfer_size=args.transfer_size, polled=args.polled, design=args.design, seed=args.seed,
+        verbose=getattr(args, "verbose", False), channel=getattr(args, "channel", ""),
+        device=getattr(args, "device", ""),
     )
 
 

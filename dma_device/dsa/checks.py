@@ -3,7 +3,8 @@
 Order (one status per descriptor, the first rule broken wins):
 completion record alignment (0x1b, checked by the device since it decides
 whether a record can be written at all), opcode (0x10), flags (0x11, with the
-offending bits in ``invalid_flags``), reserved fields (0x12), privilege (0x1d),
+offending bits in ``invalid_flags``: each opcode's own set of bits 0-23, see
+``ALLOWED_FLAGS``), reserved fields (0x12), privilege (0x1d),
 interrupt handle (0x19), transfer size (0x13), then op-specific rules:
 batch list alignment (0x18) and count (0x14), delta record sizes (0x15),
 address alignment (0x1c), dualcast page offsets (0x17), overlaps (0x16).
@@ -27,6 +28,7 @@ from pviommu.abi.dsa import (
     DRAIN_FLAG_SUPPRESS_TCA_READBACK,
     DRAIN_FLAG_SUPPRESS_TCB_READBACK,
     DUALCAST_FLAG_DEST2_STEERING,
+    FLAGS_MASK,
     CompletionRecord,
     DescFlags,
     Descriptor,
@@ -36,34 +38,46 @@ from pviommu.abi.dsa import (
     comp_op_u32,
 )
 
+# Plain ints throughout: ``~DescFlags.X`` would complement only within the
+# IntFlag's defined members (bits 0-15) and silently drop bits 16-23.
 F = DescFlags
+FENCE, BOF, CR, CC = int(F.FENCE), int(F.BOF), int(F.CR), int(F.CC)
+A1, A2, A3 = int(F.ADDR1_TCS), int(F.ADDR2_TCS), int(F.ADDR3_TCS)
+STORD, DRDBK, DSTS = int(F.STORD), int(F.DRDBK), int(F.DSTS)
 #: Flags every opcode accepts (completion record / interrupt control).
-_COMMON = F.CRAV | F.RCR | F.RCI | F.CR_TCS | F.CRSTS
-_WRITES = F.CC | F.STORD | F.DRDBK | F.DSTS
+_COMMON = int(F.CRAV | F.RCR | F.RCI | F.CR_TCS | F.CRSTS)
+#: The write-side flags of operations that write a destination.
+_WRITES = CC | STORD | DRDBK | DSTS
 _CRC = CRC_FLAG_READ_SEED | CRC_FLAG_BYPASS_CRC_INV_REF | CRC_FLAG_BYPASS_DATA_REF
+_DRAIN_READBACK = DRAIN_FLAG_READBACK_ADDR1 | DRAIN_FLAG_READBACK_ADDR2
+_DRAIN = _DRAIN_READBACK | DRAIN_FLAG_SUPPRESS_TCA_READBACK | DRAIN_FLAG_SUPPRESS_TCB_READBACK
 
-#: Per-opcode flags (DML flags.hpp; reference section 1). BOF and FENCE are
-#: reserved on BATCH and DRAIN (accel-config never sets them there).
+#: Per-opcode flags, bits 0-23. Bits 0-15 as Intel DML lists them per operation
+#: (include/dml/detail/common/flags.hpp: nop_flag ... cache_flush_flag); bits
+#: 16-23 are each operation's own (specific_flags.hpp; CRC also accel-config
+#: test/dsa.h and SPDK idxd_spec.h), reserved for every other opcode. Linux
+#: idxd.h names bits 0-15 only. BOF and FENCE are not listed for BATCH and
+#: DRAIN (accel-config never sets them there either).
 ALLOWED_FLAGS: dict[int, int] = {
-    Opcode.NOOP: F.FENCE,
-    Opcode.BATCH: F.ADDR1_TCS,
-    Opcode.DRAIN: F.ADDR1_TCS | F.ADDR2_TCS | DRAIN_FLAG_READBACK_ADDR1 | DRAIN_FLAG_READBACK_ADDR2
-    | DRAIN_FLAG_SUPPRESS_TCA_READBACK | DRAIN_FLAG_SUPPRESS_TCB_READBACK,
-    Opcode.MEMMOVE: F.FENCE | F.BOF | F.ADDR1_TCS | F.ADDR2_TCS | _WRITES,
-    Opcode.MEMFILL: F.FENCE | F.BOF | F.ADDR2_TCS | _WRITES,
-    Opcode.COMPARE: F.FENCE | F.BOF | F.CR | F.ADDR1_TCS | F.ADDR2_TCS,
-    Opcode.COMPVAL: F.FENCE | F.BOF | F.CR | F.ADDR1_TCS,
-    Opcode.CR_DELTA: F.FENCE | F.BOF | F.CR | F.ADDR1_TCS | F.ADDR2_TCS | F.ADDR3_TCS | _WRITES,
-    Opcode.AP_DELTA: F.FENCE | F.BOF | F.ADDR1_TCS | F.ADDR2_TCS | _WRITES,
-    Opcode.DUALCAST: F.FENCE | F.BOF | F.ADDR1_TCS | F.ADDR2_TCS | F.ADDR3_TCS | _WRITES
-    | DUALCAST_FLAG_DEST2_STEERING,
-    Opcode.CRCGEN: F.FENCE | F.BOF | F.ADDR1_TCS | F.ADDR2_TCS | _CRC,
-    Opcode.COPY_CRC: F.FENCE | F.BOF | F.ADDR1_TCS | F.ADDR2_TCS | F.ADDR3_TCS | _WRITES | _CRC,
-    Opcode.DIF_CHECK: F.FENCE | F.BOF | F.ADDR1_TCS,
-    Opcode.DIF_INS: F.FENCE | F.BOF | F.ADDR1_TCS | F.ADDR2_TCS | _WRITES,
-    Opcode.DIF_STRP: F.FENCE | F.BOF | F.ADDR1_TCS | F.ADDR2_TCS | _WRITES,
-    Opcode.DIF_UPDT: F.FENCE | F.BOF | F.ADDR1_TCS | F.ADDR2_TCS | _WRITES,
-    Opcode.CFLUSH: F.FENCE | F.BOF | F.CC | F.ADDR1_TCS | F.ADDR2_TCS,
+    Opcode.NOOP: FENCE,
+    Opcode.BATCH: A1,
+    Opcode.DRAIN: A1 | A2 | _DRAIN,
+    Opcode.MEMMOVE: FENCE | BOF | A1 | A2 | _WRITES,
+    Opcode.MEMFILL: FENCE | BOF | A2 | _WRITES,
+    Opcode.COMPARE: FENCE | BOF | CR | A1 | A2,
+    Opcode.COMPVAL: FENCE | BOF | CR | A1,
+    Opcode.CR_DELTA: FENCE | BOF | CR | A1 | A2 | A3 | _WRITES,
+    Opcode.AP_DELTA: FENCE | BOF | A1 | A2 | _WRITES,
+    Opcode.DUALCAST: FENCE | BOF | A1 | A2 | A3 | _WRITES | DUALCAST_FLAG_DEST2_STEERING,
+    # CRC generation reads address 1 (source) and address 3 (the seed); it writes nothing.
+    Opcode.CRCGEN: FENCE | BOF | A1 | A3 | _CRC,
+    Opcode.COPY_CRC: FENCE | BOF | A1 | A2 | A3 | _WRITES | _CRC,
+    Opcode.DIF_CHECK: FENCE | BOF | A1,
+    Opcode.DIF_INS: FENCE | BOF | A1 | A2 | _WRITES,
+    Opcode.DIF_STRP: FENCE | BOF | A1 | A2 | _WRITES,
+    Opcode.DIF_UPDT: FENCE | BOF | A1 | A2 | _WRITES,
+    # Cache flush names its range in the destination field (address 2).
+    Opcode.CFLUSH: FENCE | BOF | A2 | _WRITES,
 }
 
 #: Bytes 40-63 (index = offset - 40) that each opcode uses; the rest are reserved.
@@ -123,19 +137,22 @@ def overlaps(a: int, alen: int, b: int, blen: int) -> bool:
 @functools.lru_cache(maxsize=256)
 def allowed_flags(op: int, bof: bool, cc_mem: bool, cc_cache: bool, dest_readback: bool, drain_readback: bool) -> int:
     """The flags ``op`` accepts given WQCFG.bof && GENCAP.bof and the GENCAP
-    cache-control and readback bits (a plain int, computed once per combination)."""
-    allowed = int(ALLOWED_FLAGS[op]) | _COMMON
+    cache-control and readback bits (a plain int, computed once per combination).
+
+    Each capability gates only the flags it governs: GENCAP.dest_readback the
+    Destination Readback flag (bit 14) of the operations that have it,
+    GENCAP.drain_readback DRAIN's readback-address flags (bits 16-17, which on
+    CRCGEN/COPY_CRC are read-CRC-seed and bypass-CRC-inversion instead)."""
+    allowed = ALLOWED_FLAGS[op] | _COMMON
     if not bof:
-        allowed &= ~F.BOF  # WQCFG.bof=0: the BOF flag is reserved
-    if not cc_mem and op != Opcode.CFLUSH:
-        allowed &= ~F.CC
-    if not cc_cache and op == Opcode.CFLUSH:
-        allowed &= ~F.CC
+        allowed &= ~BOF  # WQCFG.bof=0: the BOF flag is reserved
+    if not (cc_cache if op == Opcode.CFLUSH else cc_mem):
+        allowed &= ~CC
     if not dest_readback:
-        allowed &= ~F.DRDBK
-    if not drain_readback:
-        allowed &= ~(DRAIN_FLAG_READBACK_ADDR1 | DRAIN_FLAG_READBACK_ADDR2)
-    return int(allowed)
+        allowed &= ~DRDBK
+    if op == Opcode.DRAIN and not drain_readback:
+        allowed &= ~_DRAIN_READBACK
+    return allowed & FLAGS_MASK
 
 
 def validate(d: Descriptor, lim: Limits) -> CompletionRecord | None:
@@ -180,6 +197,8 @@ def _reserved_nonzero(d: Descriptor) -> bool:
 
 def _op_rules(d: Descriptor, lim: Limits) -> CompletionRecord | None:
     op, n = d.opcode, d.xfer_size
+    # inf: the seed is a u32 read from seed_addr; a 4-byte alignment rule is assumed (SPDK points
+    # seed_addr at a previous record's crc_val, accel-config at a 32-byte aligned u64: both satisfy it).
     if op in (Opcode.CRCGEN, Opcode.COPY_CRC) and d.flags & CRC_FLAG_READ_SEED and d.seed_addr % 4:
         return fail(DsaStatus.ADDR_ALIGN)
     if op == Opcode.BATCH:

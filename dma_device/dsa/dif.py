@@ -5,10 +5,31 @@ an 8-byte tuple: guard (CRC-16 T10-DIF of the block) big-endian u16, application
 tag big-endian u16, reference tag big-endian u32. The reference tag increments
 per block unless "fixed"; the application tag is fixed unless "incrementing".
 
-Source flags follow reference/dsa-dmatest.md section 2 (0x20 guard check
-disable, 0x40 ref check disable, 0x80 fixed ref, 0x10 incrementing app tag, F
-detect bits 0-3). Application tag mask: a 1 bit is not compared (accel-config
-checks with mask 0 and expects every bit compared).
+Flag values (checked against Intel DML include/dml/dmldefs.h
+DML_DIF_FLAG_* and specific_flags.hpp dif_source_flag/dif_destination_flag):
+DIF flags bits 1:0 block size, 0x04 invert CRC seed (guard starts at 0xFFFF),
+0x08 invert CRC result; source flags 0x01 all-F detect error enable, 0x02
+all-F detect, 0x04 application-tag F detect, 0x08 application+reference-tag
+F detect, 0x10 incrementing application tag, 0x20 guard check disable, 0x40
+reference check disable, 0x80 fixed reference tag; destination flags 0x08
+application-tag pass-through, 0x10 incrementing application tag, 0x20 guard
+pass-through, 0x40 reference pass-through, 0x80 fixed reference tag (bits
+0-2 reserved).
+
+Meanings, and where they were checked:
+* application-tag F detect skips every check of a block whose application
+  tag is 0xFFFF, application+reference F detect of a block whose tags are
+  0xFFFF/0xFFFFFFFF (SPDK lib/idxd idxd_get_source_dif_flags: "all DIF checks
+  are disabled when ..."; DML dml_dif.c does the same);
+* application tag mask: a 1 bit is not compared, 0xFFFF disables the
+  application tag check (SPDK idxd_get_app_tag_mask). DML's software path
+  reads the mask inverted; SPDK, which drives the hardware, is followed;
+* all-F detect: with the error bit, a block whose 8 tuple bytes are all 0xFF
+  fails with DIF status 0x08 (DML); without it the block is skipped like the
+  other F detects (inf: DML's software path then checks the block as usual);
+* the insert/update application tag mask is reported in the completion
+  record but not applied to the generated tag (inf: DML's software path
+  writes ``seed & ~mask``; no hardware-facing source was found).
 """
 
 from __future__ import annotations

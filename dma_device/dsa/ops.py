@@ -117,6 +117,9 @@ def op_noop(d: Descriptor, ctx: OpContext) -> CompletionRecord:
 
 
 def op_drain(d: Descriptor, ctx: OpContext) -> CompletionRecord:
+    """Complete after every earlier descriptor of the WQ. Its readback flags
+    (bits 16-19, validated in checks) ask for reads that make earlier writes
+    visible; memory here is coherent, so they change nothing (inf)."""
     ctx.drain()
     return _ok()
 

@@ -1,15 +1,45 @@
 """dmatest, after Linux ``drivers/dma/dmatest.c`` (reference dsa-dmatest.md section 6).
 
-Per channel ``threads_per_chan`` threads named ``<chan>-copy<N>``; each owns a
-source and a destination buffer of ``test_buf_size`` bytes and, per test:
-picks ``len``/``src_off``/``dst_off`` as dmatest does, fills both buffers with
-the counter patterns, maps them through the DMA API (``dma_map_page`` per
-test, source TO_DEVICE and destination FROM_DEVICE, so every test exercises
-map, unmap and the IOTLB flush policy), submits one MEMMOVE, waits for its
-completion record, unmaps, and verifies the whole of both buffers. Messages,
-result and summary lines are dmatest's, word for word; the runtime excludes
-fill and verify time as dmatest's does. With a seed the run is deterministic
-(each thread has its own ``random.Random``).
+A run is dmatest's sysfs sequence: the parameters are written, then ``run=1``.
+Without ``channel`` it prints "No channels configured, continue with any" and
+takes every channel (``dma<N>chan0``, one per DSA device) that ``device``
+matches, up to ``max_channels``; a ``channel`` that matches none prints
+"Channel misconfigured, can't continue" and runs nothing. Per channel,
+``threads_per_chan`` threads named ``<chan>-copy<N>``; each owns a source and a
+destination buffer of ``test_buf_size`` bytes and, per test: picks
+``len``/``src_off``/``dst_off`` as dmatest does, fills both buffers with the
+counter patterns, maps them through the DMA API (``dma_map_page`` per test:
+source TO_DEVICE, destination BIDIRECTIONAL as dmatest does to force
+writeback/invalidate), submits one MEMMOVE, waits for its completion, unmaps,
+and verifies the whole of both buffers. Messages, result lines, per-thread
+summaries and counters are dmatest's, word for word; the runtime excludes
+fill and verify time as dmatest's does.
+
+How each outcome maps to dmatest's, with the idxd driver underneath:
+* ``iterations=0`` runs until stopped (``stop()``: the gRPC StopDmatest or a
+  cancelled call, as writing ``run=0``); ``timeout`` is in ms, negative waits
+  forever, 0 checks the completion once and does not wait;
+* a mapping that fails is "src/dst mapping error" (-ENOMEM, dma_mapping_error);
+* a transfer over the WQ's max, or a WQ that is gone (this thread's portal
+  broke), is "prep error" (idxd's prep returns NULL); a refused or failed
+  portal write is "submit error"; both sleep 100 ms, as dmatest does;
+* no completion within ``timeout`` is "test timed out"; the descriptor keeps
+  its WQ slot until its record arrives (idxd frees a descriptor only then);
+* a completion with an error status is not a dmatest failure by itself: idxd's
+  tx_status answers DMA_OUT_OF_ORDER, which dmatest accepts on a
+  DMA_COMPLETION_NO_ORDER device, so the data check decides ("data error", or
+  a pass with ``noverify``). A descriptor whose portal broke while it was in
+  flight counts as completed likewise (idxd aborts outstanding descriptors
+  when the device halts). The DSA status goes to the agent's log;
+* a bad parameter is dmatest's message and the thread's summary, not a refused
+  run: ``transfer_size`` not below the buffer ends each thread after counting
+  one test; a buffer smaller than the alignment ends it with 0 tests and (-12).
+Departures, kept on purpose: ``polled`` works (Linux turns it off on idxd with
+"DMA_COMPLETION_NO_ORDER, polled disabled") and waits ``timeout`` like the
+interrupt path; ``design``, ``seed`` and ``duration_s`` are pviommu's; the
+aggregate over every thread (``aggregate_line``) is a pviommu addition and says
+so. With a seed the run is deterministic (each thread has its own
+``random.Random``).
 """
 
 from __future__ import annotations
@@ -26,45 +56,75 @@ from guest_agent.dma.api import Direction, DmaApi, DmaMapping
 from guest_agent.dma.pages import GuestMemory
 from guest_agent.driver.domain import Domain, DomainKind
 from guest_agent.driver.pviommu import DeviceState, PvIommu
+from guest_agent.dsa.dmatest_format import (
+    FIXPT_SHIFT,
+    MAX_ERROR_COUNT,
+    PATTERN_COPY,
+    PATTERN_COUNT_MASK,
+    PATTERN_DST,
+    PATTERN_OVERWRITE,
+    PATTERN_SRC,
+    Patterns,
+    aggregate_line,
+    kbs,
+    mismatch_line,
+    persec,
+    result_line,
+    summary_line,
+    verify,
+)
 from guest_agent.dsa.driver import DsaDriver, wait_completion, wq_int_handle
 from guest_agent.errors import InvalidRequest
-from pviommu.abi.dsa import COMP_SIZE, DescFlags, Descriptor, DsaStatus, Opcode
+from pviommu.abi.dsa import COMP_SIZE, CompletionRecord, DescFlags, Descriptor, DsaStatus, Opcode
 from pviommu.addr import PAGE_SIZE, Gpa
 from pviommu.errors import PviommuError
 from pviommu.log import get_logger
 
 log = get_logger("guest.dmatest")
+__all__ = ["FIXPT_SHIFT", "MAX_ERROR_COUNT", "PATTERN_COPY", "PATTERN_COUNT_MASK", "PATTERN_DST", "PATTERN_OVERWRITE",
+           "PATTERN_SRC", "Dmatest", "DmatestOutcome", "DmatestParams", "Patterns", "ThreadResult", "aggregate_line",
+           "chan_name", "kbs", "mismatch_line", "persec", "result_line", "select_devices", "summary_line", "verify"]
 
-PATTERN_SRC = 0x80
-PATTERN_DST = 0x00
-PATTERN_COPY = 0x40
-PATTERN_OVERWRITE = 0x20
-PATTERN_COUNT_MASK = 0x1F
-MAX_ERROR_COUNT = 32
-FIXPT_SHIFT = 8
 #: Completion records per thread (one 4 KiB coherent page of 32-byte records);
 #: rotating them keeps a late record of a timed-out test from being read as the next one's.
 RECORDS_PER_PAGE = PAGE_SIZE // COMP_SIZE
-UINT_MAX = 0xFFFF_FFFF
+ENOMEM = 12
+EIO = 5
+#: idxd sets no copy_align: alignment -1 means 2^0.
+COPY_ALIGN = 0
+#: dmatest's msleep(100) after a prep or submit error.
+ERROR_SLEEP_S = 0.1
+#: After a stop, how long a test still waits for its completion (a stuck one would hold the run forever).
+STOP_GRACE_S = 1.0
+#: Failures of the DSA transport (a dead device, a broken portal stream) and of the hypervisor.
+DEVICE_ERRORS: tuple[type[BaseException], ...] = (grpc.RpcError, PviommuError, ConnectionError, OSError)
+
+
+def chan_name(index: int) -> str:
+    """The dmaengine channel name of DSA device ``index`` (as ``DsaDriver.chan_name``)."""
+    return f"dma{index}chan0"
 
 
 @dataclass
 class DmatestParams:
-    """The module parameters (names kept)."""
+    """The module parameters (names and defaults kept), then pviommu's own."""
 
     test_buf_size: int = 16384
+    channel: str = ""
+    device: str = ""
     threads_per_chan: int = 1
     max_channels: int = 0
-    iterations: int = 0
-    timeout: int = 3000  # ms, -1 = infinite
+    iterations: int = 0  # 0 = until stopped
+    timeout: int = 3000  # ms, negative = infinite, 0 = no wait
     noverify: bool = False
     norandom: bool = False
+    verbose: bool = False
     alignment: int = -1
     transfer_size: int = 0
     polled: bool = False
-    design: str = "nested"
-    seed: int = 0
-    duration_s: float = 0.0
+    design: str = "nested"  # pviommu: "nested" | "baseline"
+    seed: int = 0  # pviommu
+    duration_s: float = 0.0  # pviommu: also stop each thread after this long
 
 
 @dataclass
@@ -89,7 +149,7 @@ class ThreadResult:
 class DmatestOutcome:
     threads: list[ThreadResult]
     lines: list[str]
-    summary: str
+    summary: str  # aggregate_line: a pviommu addition
     runtime_s: float
     tests: int = 0
     failures: int = 0
@@ -97,91 +157,14 @@ class DmatestOutcome:
     kb_per_s: float = 0.0
 
 
-# -- dmatest.c arithmetic ------------------------------------------------------------------
-def persec(runtime_us: int, val: int) -> int:
-    """``dmatest_persec``: val per second in 8-bit fixed point."""
-    per_sec = 1_000_000
-    if runtime_us <= 0:
-        return 0
-    while runtime_us > UINT_MAX:  # drop precision until runtime is 32 bits
-        runtime_us >>= 1
-        per_sec <<= 1
-    per_sec *= val
-    return (per_sec << FIXPT_SHIFT) // runtime_us
+def select_devices(devices: list[DeviceState], params: DmatestParams) -> list[DeviceState]:
+    """dmatest's channel filter (``channel`` and ``device`` names, "" = any), then ``max_channels``."""
+    out = [d for d in devices if (not params.channel or chan_name(d.index) == params.channel)
+           and (not params.device or d.name == params.device)]
+    return out[:params.max_channels] if params.max_channels else out
 
 
-def kbs(runtime_us: int, total_len: int) -> int:
-    """``dmatest_KBs``."""
-    return persec(runtime_us, total_len >> 10) >> FIXPT_SHIFT
-
-
-def summary_line(name: str, tests: int, failures: int, runtime_us: int, total_len: int, ret: int = 0) -> str:
-    iops = persec(runtime_us, tests)
-    frac = ((iops & 0xFF) * 100) >> FIXPT_SHIFT
-    return (f"{name}: summary {tests} tests, {failures} failures {iops >> FIXPT_SHIFT}.{frac:02d} iops "
-            f"{kbs(runtime_us, total_len)} KB/s ({ret})")
-
-
-def result_line(name: str, n: int, err: str, src_off: int, dst_off: int, length: int, data: int) -> str:
-    return (f"dmatest: {name}: result #{n}: '{err}' with src_off=0x{src_off:x} dst_off=0x{dst_off:x} "
-            f"len=0x{length:x} ({data})")
-
-
-# -- patterns -----------------------------------------------------------------------------
-class Patterns:
-    """The counter patterns of one buffer size, precomputed as byte strings
-    (byte i = base | (~i & 0x1f)) so fill and verify run at memcpy speed."""
-
-    def __init__(self, buf_size: int) -> None:
-        ctr = bytes((~i) & PATTERN_COUNT_MASK for i in range(buf_size))
-        self.src = ctr.translate(bytes((b | PATTERN_SRC) & 0xFF for b in range(256)))
-        self.src_copy = ctr.translate(bytes((b | PATTERN_SRC | PATTERN_COPY) & 0xFF for b in range(256)))
-        self.dst = ctr.translate(bytes((b | PATTERN_DST) & 0xFF for b in range(256)))
-        self.dst_over = ctr.translate(bytes((b | PATTERN_DST | PATTERN_OVERWRITE) & 0xFF for b in range(256)))
-
-    def src_image(self, off: int, length: int) -> bytes:
-        return self.src[:off] + self.src_copy[off:off + length] + self.src[off + length:]
-
-    def dst_image(self, off: int, length: int) -> bytes:
-        return self.dst[:off] + self.dst_over[off:off + length] + self.dst[off + length:]
-
-    def dst_expected(self, src_off: int, dst_off: int, length: int) -> bytes:
-        return self.dst[:dst_off] + self.src_copy[src_off:src_off + length] + self.dst[dst_off + length:]
-
-
-def verify(buf: bytes, start: int, end: int, counter: int, pattern: int, is_srcbuf: bool,
-           thread: str, emit: Callable[[str], None]) -> int:
-    """``dmatest_verify`` over ``buf[start:end]`` with its mismatch messages."""
-    errors = 0
-    for i in range(start, end):
-        actual = buf[i]
-        expected = pattern | ((~counter) & PATTERN_COUNT_MASK)
-        if actual != expected:
-            if errors < MAX_ERROR_COUNT:
-                emit(mismatch_line(actual, pattern, i, counter, is_srcbuf, thread))
-            errors += 1
-        counter += 1
-    if errors > MAX_ERROR_COUNT:
-        emit(f"dmatest: {thread}: {errors - MAX_ERROR_COUNT} errors suppressed")
-    return errors
-
-
-def mismatch_line(actual: int, pattern: int, index: int, counter: int, is_srcbuf: bool, thread: str) -> str:
-    """``dmatest_mismatch``."""
-    diff = actual ^ pattern
-    expected = pattern | ((~counter) & PATTERN_COUNT_MASK)
-    if is_srcbuf:
-        what = f"srcbuf[0x{index:x}] overwritten!"
-    elif pattern & PATTERN_COPY and diff & (PATTERN_COPY | PATTERN_OVERWRITE):
-        what = f"dstbuf[0x{index:x}] not copied!"
-    elif diff & PATTERN_SRC:
-        what = f"dstbuf[0x{index:x}] was copied!"
-    else:
-        what = f"dstbuf[0x{index:x}] mismatch!"
-    return f"dmatest: {thread}: {what} Expected {expected:02x}, got {actual:02x}"
-
-
-# -- the run --------------------------------------------------------------------------------
+# -- the run ------------------------------------------------------------------------------------
 @dataclass
 class Channel:
     driver: DsaDriver
@@ -191,12 +174,30 @@ class Channel:
     results: list[ThreadResult] = field(default_factory=list)
 
 
+@dataclass
+class _Slots:
+    """One thread's completion records, and the descriptors that timed out
+    (each still holds a WQ slot until the device writes its record)."""
+
+    page: DmaMapping
+    gpa: Gpa
+    late: dict[int, Gpa] = field(default_factory=dict)
+    _next: int = 0
+
+    def take(self) -> int | None:
+        for _ in range(RECORDS_PER_PAGE):
+            self._next = (self._next + 1) % RECORDS_PER_PAGE
+            if self._next not in self.late:
+                return self._next
+        return None  # every record of this thread still awaits a late completion
+
+
 class Dmatest:
-    """One dmatest run over the given channels."""
+    """One dmatest run over the given channels (already filtered by ``select_devices``)."""
 
     def __init__(self, iommu: PvIommu, dma: DmaApi, memory: GuestMemory, channels: list[tuple[DsaDriver, DeviceState]],
                  params: DmatestParams, emit: Callable[[str], None] | None = None,
-                 progress: Callable[[int], None] | None = None) -> None:
+                 progress: Callable[[int], None] | None = None, *, misconfigured: bool = False) -> None:
         self.iommu = iommu
         self.dma = dma
         self.memory = memory
@@ -207,37 +208,18 @@ class Dmatest:
         self._lines_lock = threading.Lock()
         self._done = 0
         self._stop = threading.Event()
-        chans = channels if not params.max_channels else channels[:params.max_channels]
-        self.channels = [Channel(d, dev) for d, dev in chans]
-        self._check()
-        self.patterns = Patterns(params.test_buf_size)
+        self._stopped_at = 0.0
+        self.misconfigured = misconfigured
+        self.channels = [] if misconfigured else [Channel(d, dev) for d, dev in channels]
+        if params.design not in ("nested", "baseline", ""):
+            raise InvalidRequest(f"dmatest: design {params.design!r} is not 'nested' or 'baseline'")
+        self._patterns: Patterns | None = None  # built once a thread holds its buffers (sizes are the user's)
 
     def emit(self, line: str) -> None:
         with self._lines_lock:
             self.lines.append(line)
         if self._emit_cb is not None:
             self._emit_cb(line)
-
-    def _check(self) -> None:
-        p = self.params
-        if not self.channels:
-            raise InvalidRequest("dmatest: no DSA channel is available in this guest")
-        if p.test_buf_size <= 0:
-            raise InvalidRequest("dmatest: test_buf_size must be > 0")
-        if p.iterations <= 0 and p.duration_s <= 0:
-            raise InvalidRequest("dmatest: give iterations > 0 or duration_s > 0 (a run must end)")
-        if p.transfer_size and p.transfer_size >= p.test_buf_size:
-            raise InvalidRequest(f"{p.transfer_size}-byte transfer size must be lower than "
-                                 f"{p.test_buf_size}-buffer size")
-        align = max(0, p.alignment)
-        if 1 << align > p.test_buf_size:
-            raise InvalidRequest(f"{p.test_buf_size}-byte buffer too small for {1 << align}-byte alignment")
-        if p.design not in ("nested", "baseline", ""):
-            raise InvalidRequest(f"dmatest: design {p.design!r} is not 'nested' or 'baseline'")
-        for ch in self.channels:
-            if ch.driver.max_xfer and min(p.test_buf_size, p.transfer_size or p.test_buf_size) > ch.driver.max_xfer:
-                raise InvalidRequest(f"dmatest: {p.test_buf_size}-byte buffers exceed {ch.driver.name}'s "
-                                     f"max transfer of {ch.driver.max_xfer} bytes")
 
     def _progress(self) -> None:
         with self._lines_lock:
@@ -246,8 +228,22 @@ class Dmatest:
         if self._progress_cb is not None:
             self._progress_cb(done)
 
+    @property
+    def patterns(self) -> Patterns:
+        with self._lines_lock:
+            if self._patterns is None:
+                self._patterns = Patterns(self.params.test_buf_size)
+            return self._patterns
+
     def stop(self) -> None:
-        self._stop.set()
+        """dmatest's ``run=0``: every thread ends after its current test."""
+        if not self._stop.is_set():
+            self._stopped_at = time.monotonic()
+            self._stop.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
 
     # -- set-up per design ------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -269,11 +265,15 @@ class Dmatest:
                 else:
                     self.iommu.detach(ch.device)
                 self.iommu.delete_domain(ch.test_domain)
-            except PviommuError as exc:
+            except DEVICE_ERRORS as exc:
                 log.warning("dmatest.restore_failed", device=ch.device.logical_device_id, error=str(exc))
 
     def run(self) -> DmatestOutcome:
         p = self.params
+        if self.misconfigured:
+            self.emit("dmatest: Channel misconfigured, can't continue")
+        elif not p.channel:
+            self.emit("dmatest: No channels configured, continue with any")
         self._prepare()
         try:
             threads: list[threading.Thread] = []
@@ -299,7 +299,7 @@ class Dmatest:
         failures = sum(r.failures for r in results)
         total_len = sum(r.total_len for r in results)
         runtime_us = max((r.runtime_us for r in results), default=0)
-        summary = summary_line("dmatest", tests, failures, runtime_us, total_len)
+        summary = aggregate_line(len(results), tests, failures, runtime_us, total_len)
         iops = persec(runtime_us, tests) / (1 << FIXPT_SHIFT)
         return DmatestOutcome(results, list(self.lines), summary, wall, tests, failures, iops,
                               float(kbs(runtime_us, total_len)))
@@ -307,132 +307,229 @@ class Dmatest:
     # -- one thread --------------------------------------------------------------------------
     def _thread_main(self, ch: Channel, index: int, res: ThreadResult) -> None:
         try:
-            self._thread(ch, index, res)
-        except Exception as exc:  # a thread that dies still reports, as dmatest's does
+            res.status = self._thread(ch, index, res)
+        except Exception:  # a bug, not a device failure (those are results): the summary still comes
             log.exception("dmatest.thread_failed", thread=res.name)
-            res.status = -5  # -EIO
-            # The test in flight did not pass (its device or hypervisor went away): a failure.
-            res.failures += 1
-            detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
-            self.emit(f"dmatest: {res.name}: result #{res.tests}: 'submit error' ({res.status}): "
-                      f"{type(exc).__name__}: {detail}")
+            res.status = -EIO
         self.emit("dmatest: " + summary_line(res.name, res.tests, res.failures, res.runtime_us, res.total_len,
                                              res.status))
 
-    def _thread(self, ch: Channel, index: int, res: ThreadResult) -> None:
-        p, drv, dev, pat = self.params, ch.driver, ch.device, self.patterns
+    def _thread(self, ch: Channel, index: int, res: ThreadResult) -> int:
+        """dmatest_func; returns its ``ret`` for the summary."""
+        p, drv, dev = self.params, ch.driver, ch.device
+        buf_size = p.test_buf_size
+        align = p.alignment & 0xFF if p.alignment >= 0 else COPY_ALIGN  # a u8 in dmatest
+        if 1 << align > buf_size:
+            self.emit(f"dmatest: {buf_size}-byte buffer too small for {1 << align}-byte alignment")
+            return -ENOMEM
+        allocated: list[Gpa] = []
+        try:
+            allocated.append(self.memory.alloc(buf_size))
+            allocated.append(self.memory.alloc(buf_size))
+            page = self.dma.alloc_coherent(dev, PAGE_SIZE)
+        except DEVICE_ERRORS as exc:
+            log.warning("dmatest.alloc_failed", thread=res.name, error=str(exc))
+            for gpa in allocated:
+                self.memory.free(gpa)
+            return -ENOMEM
+        src, dst = allocated
+        pat = self.patterns
+        slots = _Slots(page.mapping, page.gpa)
         ram = self.memory.ram
         rng = random.Random(f"{p.seed}:{drv.index}:{index}")
-        buf_size = p.test_buf_size
-        align = max(0, p.alignment)  # idxd sets no copy_align: -1 means 0
-        timeout_s = None if p.timeout < 0 else p.timeout / 1000
-        src = self.memory.alloc(buf_size)
-        dst = self.memory.alloc(buf_size)
-        records = self.dma.alloc_coherent(dev, PAGE_SIZE)
         filltime = comparetime = 0.0
         deadline = time.perf_counter() + p.duration_s if p.duration_s > 0 else None
         started = time.perf_counter()
         try:
-            while not self._stop.is_set():
-                if p.iterations and res.tests >= p.iterations:
-                    break
+            while not self._stop.is_set() and not (p.iterations and res.tests >= p.iterations):
                 if deadline is not None and time.perf_counter() >= deadline:
                     break
                 res.tests += 1
                 n = res.tests
                 if p.transfer_size:
+                    if p.transfer_size >= buf_size:
+                        self.emit(f"dmatest: {p.transfer_size}-byte transfer size must be lower than "
+                                  f"{buf_size}-buffer size")
+                        break
                     length = p.transfer_size
                 elif p.norandom:
                     length = buf_size
                 else:
                     length = rng.randrange(1 << 32) % buf_size + 1
-                if not p.transfer_size:
+                if not p.transfer_size:  # do not alter a transfer size the user chose
                     length = (length >> align) << align or 1 << align
                 res.total_len += length
                 if p.norandom:
                     src_off = dst_off = 0
                 else:
-                    src_off = rng.randrange(1 << 32) % (buf_size - length + 1)
-                    dst_off = rng.randrange(1 << 32) % (buf_size - length + 1)
-                    src_off = (src_off >> align) << align
-                    dst_off = (dst_off >> align) << align
+                    src_off = rng.randrange(1 << 32) % (buf_size - length + 1) >> align << align
+                    dst_off = rng.randrange(1 << 32) % (buf_size - length + 1) >> align << align
                 if not p.noverify:
                     t0 = time.perf_counter()
                     ram.write(src, pat.src_image(src_off, length))
                     ram.write(dst, pat.dst_image(dst_off, length))
                     filltime += time.perf_counter() - t0
-                err = self._one(drv, dev, src, dst, records.mapping, records.gpa, n, src_off, dst_off, length,
-                                timeout_s)
+                err = self._one(drv, dev, src, dst, slots, src_off, dst_off, length)
                 if err is not None:
                     res.failures += 1
                     self.emit(result_line(res.name, n, err[0], src_off, dst_off, length, err[1]))
-                    self._progress()
-                    continue
-                if not p.noverify:
+                elif p.noverify:
+                    self._passed(res.name, n, src_off, dst_off, length)
+                else:
                     t0 = time.perf_counter()
                     errors = self._verify(res.name, src, dst, src_off, dst_off, length)
                     comparetime += time.perf_counter() - t0
                     if errors:
                         res.failures += 1
                         self.emit(result_line(res.name, n, "data error", src_off, dst_off, length, errors))
+                    else:
+                        self._passed(res.name, n, src_off, dst_off, length)
                 self._progress()
         finally:
             runtime = time.perf_counter() - started - filltime - comparetime
             res.runtime_us = max(0, int(runtime * 1_000_000))
-            self.dma.free_coherent(records)
-            self.memory.free(src)
-            self.memory.free(dst)
+            self._release_late(drv, slots, res.name)
+            try:
+                self.dma.free_coherent(page)
+            except DEVICE_ERRORS as exc:
+                log.warning("dmatest.free_failed", thread=res.name, error=str(exc))
+            for gpa in allocated:
+                self.memory.free(gpa)
+        return 0
 
-    def _one(self, drv: DsaDriver, dev: DeviceState, src: Gpa, dst: Gpa, records: DmaMapping, records_gpa: Gpa,
-             n: int, src_off: int, dst_off: int, length: int, timeout_s: float | None) -> tuple[str, int] | None:
-        """Map, submit, wait, unmap one test; the failure (text, value) or None."""
+    def _passed(self, thread: str, n: int, src_off: int, dst_off: int, length: int) -> None:
+        if self.params.verbose:  # verbose_result(); pr_debug otherwise
+            self.emit(result_line(thread, n, "test passed", src_off, dst_off, length, 0))
+
+    # -- one test ------------------------------------------------------------------------------
+    def _one(self, drv: DsaDriver, dev: DeviceState, src: Gpa, dst: Gpa, slots: _Slots, src_off: int, dst_off: int,
+             length: int) -> tuple[str, int] | None:
+        """Map, submit, wait, unmap one test: the failure (text, value), or None once the
+        descriptor completed (the data check then decides)."""
+        buf_size = self.params.test_buf_size
         try:
-            srcm = self.dma.map_single(dev, src, self.params.test_buf_size, Direction.TO_DEVICE)
-        except PviommuError as exc:
+            srcm = self.dma.map_single(dev, src, buf_size, Direction.TO_DEVICE)
+        except DEVICE_ERRORS as exc:
             log.warning("dmatest.map_failed", which="src", error=str(exc))
-            return "src mapping error", 0
+            return "src mapping error", -ENOMEM
         try:
-            dstm = self.dma.map_single(dev, dst, self.params.test_buf_size, Direction.FROM_DEVICE)
-        except PviommuError as exc:
-            self.dma.unmap(srcm)
+            # "map with DMA_BIDIRECTIONAL to force writeback/invalidate"
+            dstm = self.dma.map_single(dev, dst, buf_size, Direction.BIDIRECTIONAL)
+        except DEVICE_ERRORS as exc:
+            self._unmap(srcm)
             log.warning("dmatest.map_failed", which="dst", error=str(exc))
-            return "dst mapping error", 0
-        slot = n % RECORDS_PER_PAGE
-        rec_gpa = Gpa(records_gpa + slot * COMP_SIZE)
+            return "dst mapping error", -ENOMEM
+        try:
+            return self._transfer(drv, slots, srcm.dma_addr + src_off, dstm.dma_addr + dst_off, length)
+        finally:
+            self._unmap(srcm)
+            self._unmap(dstm)
+
+    def _unmap(self, m: DmaMapping) -> None:
+        try:
+            self.dma.unmap(m)
+        except DEVICE_ERRORS as exc:  # dma_unmap_page cannot fail; the agent's log says why this one did
+            log.warning("dmatest.unmap_failed", iova=hex(m.dma_addr), error=str(exc))
+
+    def _error_pause(self) -> None:
+        self._stop.wait(ERROR_SLEEP_S)
+
+    def _transfer(self, drv: DsaDriver, slots: _Slots, src_iova: int, dst_iova: int,
+                  length: int) -> tuple[str, int] | None:
+        p = self.params
+        if drv.max_xfer and length > drv.max_xfer:  # idxd_dma_submit_memcpy returns NULL
+            self._error_pause()
+            return "prep error", 0
+        if not self._acquire(drv, slots):
+            self._error_pause()
+            return "prep error", 0
+        slot = slots.take()
+        if slot is None:
+            drv.release_slot()
+            self._error_pause()
+            return "prep error", 0
+        rec_gpa = Gpa(slots.gpa + slot * COMP_SIZE)
         self.memory.ram.write(rec_gpa, bytes(COMP_SIZE))
-        # dmatest's flags: DMA_PREP_INTERRUPT unless polled. With it the descriptor asks for a
-        # completion interrupt (RCI, the WQ's vector as idxd sets it) and the wait wakes on the
-        # interrupt; polled, no interrupt is raised and the record is polled. (Linux turns polled
-        # off on idxd; here both work, and polled is the faster one through gRPC interrupts.)
-        irq = not self.params.polled and drv.wq is not None and drv.interrupts is not None
+        # dmatest's flags: DMA_PREP_INTERRUPT unless polled; idxd then asks for a completion
+        # interrupt (RCI, on the WQ's vector) and the wait wakes on the interrupt.
+        irq = not p.polled and drv.wq is not None and drv.interrupts is not None
         flags = DescFlags.CRAV | DescFlags.RCR | (DescFlags.RCI if irq else DescFlags(0))
         desc = Descriptor(opcode=Opcode.MEMMOVE, flags=int(flags),
                           int_handle=wq_int_handle(drv.wq.wq_id) if irq and drv.wq is not None else 0,
-                          completion_addr=records.dma_addr + slot * COMP_SIZE,
-                          src_addr=srcm.dma_addr + src_off, dst_addr=dstm.dma_addr + dst_off,
-                          xfer_size=length).pack()
+                          completion_addr=slots.page.dma_addr + slot * COMP_SIZE,
+                          src_addr=src_iova, dst_addr=dst_iova, xfer_size=length).pack()
         try:
-            if not drv.acquire_slot(timeout_s):
-                return "submit error", -16  # -EBUSY
-            try:
-                accepted = drv.submit(desc)
-                if not accepted:
-                    time.sleep(0.1)  # dmatest: msleep(100) after a submit error
-                    return "submit error", -16
-                rec = wait_completion(self.memory.ram, rec_gpa, timeout_s, drv.check_portal,
-                                      drv.interrupts.wait if irq and drv.interrupts is not None else None)
-            finally:
-                drv.release_slot()
-        finally:
-            self.dma.unmap(srcm)
-            self.dma.unmap(dstm)
+            accepted = drv.submit(desc)
+        except DEVICE_ERRORS as exc:
+            drv.release_slot()
+            log.warning("dmatest.submit_failed", error=str(exc))
+            self._error_pause()
+            return "submit error", 0
+        if not accepted:
+            drv.release_slot()
+            self._error_pause()
+            return "submit error", 0
+        try:
+            rec = self._wait(drv, rec_gpa, irq)
+        except _StopWaiting:
+            rec = None
+        except DEVICE_ERRORS as exc:  # the portal broke with the descriptor in flight: aborted, as idxd does
+            drv.release_slot()
+            log.warning("dmatest.descriptor_aborted", error=str(exc))
+            return None
         if rec is None:
+            slots.late[slot] = rec_gpa  # its slot comes back when the record does
             return "test timed out", 0
+        drv.release_slot()
         if rec.code != DsaStatus.SUCCESS:
             log.warning("dmatest.completion_error", status=hex(rec.status), bytes_completed=rec.bytes_completed,
                         fault_addr=hex(rec.fault_addr))
-            return "completion error status", 0
         return None
+
+    def _acquire(self, drv: DsaDriver, slots: _Slots) -> bool:
+        """A free descriptor of the WQ (idxd_alloc_desc blocks for one): False when the
+        WQ is gone (this thread's portal broke) or the run was stopped meanwhile."""
+        while True:
+            self._sweep(drv, slots)
+            try:
+                drv.check_portal()
+            except DEVICE_ERRORS as exc:
+                log.warning("dmatest.wq_gone", error=str(exc))
+                return False
+            if drv.acquire_slot(0.05):
+                return True
+            if self._stop.is_set():
+                return False
+
+    def _sweep(self, drv: DsaDriver, slots: _Slots) -> None:
+        """Give back the WQ slots of late descriptors whose records arrived."""
+        for slot, gpa in list(slots.late.items()):
+            if self.memory.ram.read(gpa, 1)[0]:
+                del slots.late[slot]
+                drv.release_slot()
+
+    def _release_late(self, drv: DsaDriver, slots: _Slots, thread: str) -> None:
+        self._sweep(drv, slots)
+        if slots.late:
+            log.warning("dmatest.late_descriptors", thread=thread, count=len(slots.late))
+        for _ in slots.late:
+            drv.release_slot()
+        slots.late.clear()
+
+    def _wait(self, drv: DsaDriver, rec_gpa: Gpa, irq: bool) -> CompletionRecord | None:
+        """The completion record, or None after ``timeout`` ms (negative: no limit, 0: one look)."""
+        timeout_ms = self.params.timeout
+        if timeout_ms == 0:  # wait_event_timeout(..., 0): the condition is evaluated once
+            view = self.memory.ram.read(rec_gpa, COMP_SIZE)
+            return CompletionRecord.unpack(view) if view[0] else None
+
+        def check() -> None:
+            drv.check_portal()
+            if self._stop.is_set() and time.monotonic() - self._stopped_at > STOP_GRACE_S:
+                raise _StopWaiting
+
+        wake = drv.interrupts.wait if irq and drv.interrupts is not None else None
+        return wait_completion(self.memory.ram, rec_gpa, None if timeout_ms < 0 else timeout_ms / 1000, check, wake)
 
     def _verify(self, thread: str, src: Gpa, dst: Gpa, src_off: int, dst_off: int, length: int) -> int:
         """The six dmatest_verify calls; a fast whole-buffer compare first."""
@@ -450,3 +547,7 @@ class Dmatest:
         errors += verify(dbuf, dst_off, dst_off + length, src_off, PATTERN_SRC | PATTERN_COPY, False, thread, e)
         errors += verify(dbuf, dst_off + length, buf_size, dst_off + length, PATTERN_DST, False, thread, e)
         return errors
+
+
+class _StopWaiting(Exception):
+    """The run was stopped and the completion did not come within STOP_GRACE_S."""

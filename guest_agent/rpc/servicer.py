@@ -9,6 +9,7 @@ keeps serving.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections.abc import Iterator
@@ -39,12 +40,17 @@ def domain_message(d: Domain) -> guest_pb2.AgentDomain:
 
 
 def dmatest_params(p: guest_pb2.DmatestParams) -> DmatestParams:
-    """Proto3 has no presence for scalars: 0 means "the default" where dmatest's default is not 0."""
+    """The optional fields take dmatest's default only when unset, so timeout=0 (no wait),
+    test_buf_size=0 or threads_per_chan=0 keep the meaning they have in dmatest."""
+    d = DmatestParams()
     return DmatestParams(
-        test_buf_size=p.test_buf_size or 16384, threads_per_chan=p.threads_per_chan or 1,
-        max_channels=p.max_channels, iterations=p.iterations, timeout=p.timeout or 3000,
-        noverify=p.noverify, norandom=p.norandom, alignment=p.alignment if p.alignment else -1,
-        transfer_size=p.transfer_size, polled=p.polled, design=p.design or "nested", seed=p.seed,
+        test_buf_size=p.test_buf_size if p.HasField("test_buf_size") else d.test_buf_size,
+        channel=p.channel, device=p.device,
+        threads_per_chan=p.threads_per_chan if p.HasField("threads_per_chan") else d.threads_per_chan,
+        max_channels=p.max_channels, iterations=p.iterations,
+        timeout=p.timeout if p.HasField("timeout") else d.timeout, noverify=p.noverify, norandom=p.norandom,
+        verbose=p.verbose, alignment=p.alignment if p.HasField("alignment") else d.alignment,
+        transfer_size=p.transfer_size, polled=p.polled, design=p.design or d.design, seed=p.seed,
         duration_s=p.duration_s)
 
 
@@ -57,9 +63,20 @@ def dmatest_result(o: DmatestOutcome) -> guest_pb2.DmatestResult:
                  for t in o.threads])
 
 
+class _Run:
+    """A dmatest run in progress, for StopDmatest (which may come before its threads start)."""
+
+    def __init__(self) -> None:
+        self.test: Dmatest | None = None
+        self.stop_requested = False
+
+
 class GuestAgentServicer(guest_pb2_grpc.GuestAgentServicer):
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
+        self._runs: dict[int, _Run] = {}
+        self._runs_lock = threading.Lock()
+        self._run_ids = itertools.count(1)
 
     @staticmethod
     def _auth() -> None:
@@ -184,10 +201,13 @@ class GuestAgentServicer(guest_pb2_grpc.GuestAgentServicer):
 
     @grpc_stream_errors
     def RunDmatest(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        """Runs dmatest in a worker thread and streams its lines and progress;
-        a cancelled call stops the test threads."""
+        """Runs dmatest in a worker thread and streams its run id, lines and
+        progress, then the result. StopDmatest ends it as dmatest's run=0 does
+        (summaries and result still come); a cancelled call stops it too."""
         self._auth()
         params = dmatest_params(request)
+        run_id = next(self._run_ids)
+        run = _Run()
         events: queue.Queue[object] = queue.Queue()
         box: dict[str, Any] = {}
         last_progress = [0]
@@ -198,8 +218,12 @@ class GuestAgentServicer(guest_pb2_grpc.GuestAgentServicer):
                 events.put(guest_pb2.DmatestEvent(progress=done))
 
         def started(test: Dmatest) -> None:
-            box["test"] = test
+            with self._runs_lock:
+                run.test = test
+                stop_now = run.stop_requested
             context.add_callback(test.stop)
+            if stop_now:
+                test.stop()
 
         def work() -> None:
             try:
@@ -211,17 +235,37 @@ class GuestAgentServicer(guest_pb2_grpc.GuestAgentServicer):
             finally:
                 events.put(_DONE)
 
-        threading.Thread(target=work, name="dmatest", daemon=True).start()
-        while True:
-            ev = events.get()
-            if ev is _DONE:
-                break
-            yield ev
+        with self._runs_lock:
+            self._runs[run_id] = run
+        try:
+            yield guest_pb2.DmatestEvent(run_id=run_id)
+            threading.Thread(target=work, name=f"dmatest-{run_id}", daemon=True).start()
+            while True:
+                ev = events.get()
+                if ev is _DONE:
+                    break
+                yield ev
+        finally:
+            with self._runs_lock:
+                self._runs.pop(run_id, None)
         if "error" in box:
             raise box["error"]
         outcome: DmatestOutcome = box["outcome"]
         yield guest_pb2.DmatestEvent(progress=outcome.tests)
         yield guest_pb2.DmatestEvent(result=dmatest_result(outcome))
+
+    @grpc_errors
+    def StopDmatest(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """dmatest's ``echo 0 > run``: stop one run (or, with run_id 0, every run of this guest)."""
+        self._auth()
+        with self._runs_lock:
+            runs = [r for i, r in self._runs.items() if request.run_id in (0, i)]
+            for r in runs:
+                r.stop_requested = True
+        for r in runs:
+            if r.test is not None:
+                r.test.stop()
+        return guest_pb2.DmatestStopReply(stopped=len(runs))
 
     @grpc_stream_errors
     def StreamFaults(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:

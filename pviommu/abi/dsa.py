@@ -77,15 +77,20 @@ class DescFlags(IntFlag):
     DSTS = 0x8000
 
 
-# Op-specific flag bits 16-23 (accel-config dsa.h, DML flags.hpp).
-CRC_FLAG_READ_SEED = 0x10000  #: CRCGEN/COPY_CRC: read the seed from seed_addr
+# Op-specific flag bits 16-23: each operation's own, reserved on every other
+# opcode. Linux idxd.h defines none for DSA (it names bits 0-15, and IAX's
+# 16-21); values from Intel DML include/dml/detail/common/specific_flags.hpp
+# (crc_specific_flag, drain_specific_flag, dualcast_specific_flag, as bits
+# 0-7 of descriptor byte 6), the CRC ones also in accel-config test/dsa.h and
+# SPDK include/spdk/idxd_spec.h (IDXD_FLAG_CRC_READ_CRC_SEED = 1 << 16).
+CRC_FLAG_READ_SEED = 0x10000  #: CRCGEN/COPY_CRC: read the u32 seed at seed_addr (the crc_seed field is unused)
 CRC_FLAG_BYPASS_CRC_INV_REF = 0x20000  #: no seed/result inversion and no result reflection
-CRC_FLAG_BYPASS_DATA_REF = 0x40000  #: feed data bytes unreflected
-DRAIN_FLAG_READBACK_ADDR1 = 0x10000
-DRAIN_FLAG_READBACK_ADDR2 = 0x20000
-DRAIN_FLAG_SUPPRESS_TCA_READBACK = 0x40000
-DRAIN_FLAG_SUPPRESS_TCB_READBACK = 0x80000
-DUALCAST_FLAG_DEST2_STEERING = 0x10000
+CRC_FLAG_BYPASS_DATA_REF = 0x40000  #: feed data bytes unreflected (MSB first)
+DRAIN_FLAG_READBACK_ADDR1 = 0x10000  #: DRAIN: readback address 1 (@16) valid; needs GENCAP.drain_readback
+DRAIN_FLAG_READBACK_ADDR2 = 0x20000  #: DRAIN: readback address 2 (@24) valid; needs GENCAP.drain_readback
+DRAIN_FLAG_SUPPRESS_TCA_READBACK = 0x40000  #: DRAIN: suppress the implicit readback on traffic class A
+DRAIN_FLAG_SUPPRESS_TCB_READBACK = 0x80000  #: DRAIN: suppress the implicit readback on traffic class B
+DUALCAST_FLAG_DEST2_STEERING = 0x10000  #: DUALCAST: destination 2 steering-tag selector
 FLAGS_MASK = 0xFFFFFF
 
 
@@ -670,7 +675,8 @@ class CmdErr(IntEnum):
     MAX_BATCH_SIZE = 0x27
     MAX_XFER_SIZE = 0x28
     DIS_DEV_EN = 0x31
-    WQ_NOT_EN = 0x32
+    DEV_NOT_EN = 0x32  # registers.h IDXD_CMDSTS_ERR_DEV_NOT_EN (disable/drain/abort/reset WQ errors)
+    WQ_NOT_EN = 0x32  # the earlier name here, kept as an alias
     INVAL_INT_IDX = 0x41
     NO_HANDLE = 0x42
 

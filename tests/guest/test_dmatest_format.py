@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+from guest_agent.driver.pviommu import DeviceState
 from guest_agent.dsa.dmatest import (
     PATTERN_COPY,
     PATTERN_DST,
     PATTERN_SRC,
+    DmatestParams,
     Patterns,
+    aggregate_line,
+    chan_name,
     kbs,
     mismatch_line,
     persec,
     result_line,
+    select_devices,
     summary_line,
     verify,
 )
+from guest_agent.dsa.driver import DsaDriver
 
 
 def test_summary_line_uses_8_bit_fixed_point_iops_and_kb_per_second() -> None:
@@ -49,3 +55,40 @@ def test_verify_prints_at_most_32_lines_then_suppresses() -> None:
     lines: list[str] = []
     errors = verify(bytes(100), 0, 100, 0, PATTERN_SRC, True, "t", lines.append)
     assert errors == 100 and len(lines) == 33 and lines[-1] == "dmatest: t: 68 errors suppressed"
+
+
+def test_result_line_prints_a_negative_value_signed_as_dmatest_does_for_error_values() -> None:
+    assert result_line("dma0chan0-copy0", 2, "src mapping error", 0, 0x10, 0x20, -12) == \
+        "dmatest: dma0chan0-copy0: result #2: 'src mapping error' with src_off=0x0 dst_off=0x10 len=0x20 (-12)"
+
+
+def test_summary_line_carries_the_thread_return_value() -> None:
+    assert summary_line("dma0chan0-copy0", 0, 0, 0, 0, -12) == \
+        "dma0chan0-copy0: summary 0 tests, 0 failures 0.00 iops 0 KB/s (-12)"
+
+
+def test_the_aggregate_line_is_labelled_as_not_dmatest_and_cannot_be_taken_for_a_summary() -> None:
+    line = aggregate_line(2, 200, 1, 1_000_000, 200 * 1024)
+    assert line == "pviommu aggregate of 2 threads (not a dmatest line): 200 tests, 1 failures 200.00 iops 200 KB/s"
+    assert not line.startswith("dmatest") and ": summary " not in line
+    assert aggregate_line(1, 1, 0, 1_000_000, 0).startswith("pviommu aggregate of 1 thread (")
+
+
+def test_channel_names_are_the_drivers_dmaengine_names() -> None:
+    drv = DsaDriver(1, "dsa0", "127.0.0.1:1", "t", None, index=3)  # type: ignore[arg-type]
+    assert chan_name(3) == drv.chan_name == "dma3chan0"
+
+
+def _dev(index: int, name: str) -> DeviceState:
+    return DeviceState(logical_device_id=100 + index, name=name, control_address="", index=index)
+
+
+def test_select_devices_filters_by_channel_and_device_then_takes_max_channels() -> None:
+    devs = [_dev(0, "a"), _dev(1, "b"), _dev(2, "c")]
+    pick = lambda **kw: [d.name for d in select_devices(devs, DmatestParams(**kw))]  # noqa: E731
+    assert pick() == ["a", "b", "c"]
+    assert pick(channel="dma1chan0") == ["b"]
+    assert pick(device="c") == ["c"]
+    assert pick(channel="dma1chan0", device="c") == []
+    assert pick(max_channels=2) == ["a", "b"]
+    assert pick(channel="dma9chan0") == []
