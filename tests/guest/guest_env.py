@@ -21,6 +21,7 @@ from dma_device.main import build as build_device
 from guest_agent.agent import Agent, open_bank
 from guest_agent.driver.domain import FlushMode
 from hypervisor_svc.main import build as build_hypervisor
+from pviommu.abi.dsa import CompletionRecord, Descriptor
 from pviommu.abi.invq import Invalidation, QueueItem
 from pviommu.iommu.unit import IommuUnit
 from pviommu.rpc.auth import new_token
@@ -60,6 +61,25 @@ class FakeDevice:
     @property
     def unit(self) -> IommuUnit:
         return self.service.unit
+
+    @property
+    def server(self) -> RunningServer:
+        return self.service.server
+
+    @property
+    def executed(self) -> int:
+        """Descriptors the device completed (any status)."""
+        return sum(self.service.device.counters.snapshot()["completions"].values())
+
+    def never_complete(self, monkeypatch: Any) -> None:
+        """The device runs descriptors but never writes a record or raises an interrupt."""
+        monkeypatch.setattr(self.service.device, "_complete", lambda *args: None)
+
+    def complete_every_descriptor_with(self, monkeypatch: Any, status: int) -> None:
+        """Every descriptor completes with ``status`` (fault address = its destination) and moves nothing."""
+        def execute(d: Descriptor, ctx: Any, *, in_batch: bool) -> CompletionRecord:
+            return CompletionRecord(status=status, fault_addr=d.dst_addr)
+        monkeypatch.setattr("dma_device.dsa.device.execute", execute)
 
 
 @dataclass

@@ -21,9 +21,6 @@ from guest_env import FakeDevice, HvEnv
 from guest_agent.agent import Agent
 from guest_agent.dma.api import Direction
 from guest_agent.main import build
-from pviommu.abi.dsa import CompletionRecord, Descriptor
-from pviommu.addr import Iova
-from pviommu.mem.dma import DmaMemory
 from pviommu.rpc.client import connect
 from pviommu.rpc.server import RunningServer
 from pviommu.v1 import guest_pb2, guest_pb2_grpc
@@ -201,7 +198,7 @@ def test_cancelling_the_call_stops_the_test_threads(guest: Guest) -> None:
     bg = Background(guest.stub, iterations=0)
     bg.wait_progress(25)
     bg.call.cancel()
-    fake = guest.devices[0].servicer
+    fake = guest.devices[0]
     deadline = time.monotonic() + 20
     while True:
         before = fake.executed
@@ -213,7 +210,7 @@ def test_cancelling_the_call_stops_the_test_threads(guest: Guest) -> None:
 
 def test_stop_ends_a_test_waiting_forever_on_a_device_that_never_completes(guest: Guest,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(guest.devices[0].servicer, "execute", lambda raw: None)
+    guest.devices[0].never_complete(monkeypatch)
     bg = Background(guest.stub, iterations=0, timeout=-1)
     bg.wait_line("dmatest: Started 1 threads using dma0chan0")
     time.sleep(0.5)
@@ -287,21 +284,11 @@ def test_source_is_mapped_to_device_and_destination_bidirectionally(guest: Guest
     assert seen == [Direction.TO_DEVICE, Direction.BIDIRECTIONAL] * 3
 
 
-def _error_records(fake: Any) -> None:
-    """The device completes every descriptor with a page fault (0x83) and copies nothing."""
-    def execute(raw: bytes) -> None:
-        d = Descriptor.unpack(raw)
-        dma = DmaMemory(fake.host, fake.unit.bind(fake.slot))
-        body = CompletionRecord(status=0x83, fault_addr=d.dst_addr).pack()
-        dma.write(Iova(d.completion_addr + 1), body[1:])
-        dma.write(Iova(d.completion_addr), body[:1])
-    fake.execute = execute
-
-
-def test_an_error_completion_is_judged_by_the_data_check_as_dmatest_on_idxd(guest: Guest) -> None:
+def test_an_error_completion_is_judged_by_the_data_check_as_dmatest_on_idxd(guest: Guest,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """idxd answers DMA_OUT_OF_ORDER for every completed descriptor and dmatest accepts it on a
     DMA_COMPLETION_NO_ORDER device: the failure shows as 'data error', not 'completion error status'."""
-    _error_records(guest.devices[0].servicer)
+    guest.devices[0].complete_every_descriptor_with(monkeypatch, 0x83)  # a page fault that copied nothing
     r, lines = run(guest.stub, iterations=3, norandom=True, test_buf_size=4096)
     assert (r.tests, r.failures) == (3, 3)
     assert [(n, what, v) for _, n, what, v in results(lines)] == [(i, "data error", 4096) for i in range(1, 4)]
