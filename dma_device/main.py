@@ -222,7 +222,11 @@ def build(args: argparse.Namespace, listen: str | None = None) -> DeviceService:
     bind_identity(device=f"{info.logical_device_id:#x}", slot=info.slot)
     memory = HostMemory(Path(reg.memory_dir))
     unit = IommuUnit(memory)
-    own = Ownership(memory, info.slot, device)
+    def power_on_reset() -> None:
+        device.reset_device()
+        configure_groups(device)
+
+    own = Ownership(memory, info.slot, device, reset=power_on_reset)
     box["unit"], box["own"] = unit, own
     device_channel = connect(args.hypervisor, reg.device_token, ready_timeout=30)
     link = HypervisorLink(device_channel, own, args.page_request_timeout)

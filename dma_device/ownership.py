@@ -6,7 +6,9 @@ portal sessions (whose submissions are checked against the record per call).
 ``fence(epoch)`` runs when the hypervisor's ownership fence arrives through
 the invalidation queue: everything of any other epoch ends (listeners are
 closed, page requests cancelled, queued descriptors dropped, running ones
-waited for), then the queue goes on and its wait acknowledges the fence.
+waited for), the device is reset to its power-on configuration when the
+epoch is new (a new owner, or its reboot, never inherits WQ state), then the
+queue goes on and its wait acknowledges the fence.
 """
 
 from __future__ import annotations
@@ -39,10 +41,15 @@ class PendingPageRequest:
 class Ownership:
     """Owner checks, listeners and page requests of one device slot."""
 
-    def __init__(self, memory: HostMemory, slot: int, device: DsaDevice) -> None:
+    def __init__(self, memory: HostMemory, slot: int, device: DsaDevice,
+                 reset: Callable[[], None] | None = None) -> None:
         self.memory = memory
         self.slot = slot
         self.device = device
+        #: called when a fence names a new epoch: the device goes back to its power-on
+        #: state, as a function-level reset before assignment does (None: no reset)
+        self._reset = reset
+        self._fenced_epoch = -1
         self.owners = OwnerTable(memory)
         self.lock = threading.Lock()
         self._listeners: list[tuple[int, queue.SimpleQueue[int | None]]] = []
@@ -136,9 +143,14 @@ class Ownership:
         for p in cancelled:
             p.answered.set()  # answer stays None: the engine gives up blocking
         dropped = self.device.end_epochs_except(keep)
+        reset = self._reset is not None and keep != self._fenced_epoch
+        if reset and self._reset is not None:
+            self._reset()
+        self._fenced_epoch = keep
         stale = self.memory.drop_stale()
         if stale and on_stale_banks is not None:
             on_stale_banks(stale)
         self.fences += 1
         log.info("device.fence", slot=self.slot, epoch=keep, expected=expected, listeners_ended=len(ended),
-                 page_requests_cancelled=len(cancelled), descriptors_dropped=dropped, banks_unmapped=stale)
+                 page_requests_cancelled=len(cancelled), descriptors_dropped=dropped, device_reset=reset,
+                 banks_unmapped=stale)

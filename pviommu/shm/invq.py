@@ -86,18 +86,18 @@ class QueueWriter:
     """The hypervisor's end for one slot: post descriptors, ring, wait.
     One caller at a time per slot (the host serialises per device)."""
 
-    def __init__(self, memory: HostMemory, slot: int, ack_path: str, ack_sock: socket.socket,
-                 ack_lock: threading.Lock) -> None:
+    def __init__(self, memory: HostMemory, slot: int) -> None:
         self.memory = memory
         self.slot = slot
         self.base = queue_hpa(slot)
-        self._ack = ack_sock
-        self._ack_lock = ack_lock
+        # an acknowledgement socket of its own: one stalled unit never delays another's wake-ups
+        self.ack_path = socket_path(memory.directory, f"invq-ack-{os.getpid()}-{slot:03d}.sock")
+        self._ack = _bind_dgram(self.ack_path)
         self._lock = threading.Lock()
         self._send = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._send.setblocking(False)
         self._seq = memory.read_u64(Hpa(self.base + layout.STATUS_OFFSET)) & 0xFFFF_FFFF
-        _write_path(memory, self.base + layout.ACK_PATH_OFFSET, ack_path)
+        _write_path(memory, self.base + layout.ACK_PATH_OFFSET, self.ack_path)
         self.doorbell = _read_path(memory, self.base + layout.DOORBELL_PATH_OFFSET)
 
     def _ring(self) -> None:
@@ -157,31 +157,30 @@ class QueueWriter:
                 if mem.read_u64(status) & 0xFFFF_FFFF == seq:
                     return
                 time.sleep(0)
-            with self._ack_lock:
-                self._drain_acks()  # wake-ups of earlier waits that ended without reading them
-                while (mem.read_u64(status) & 0xFFFF_FFFF) != seq:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise UnitStalled(
-                            f"slot {self.slot}: the IOMMU unit did not complete the invalidation wait in {timeout}s")
-                    if not served(mem, self.slot):
-                        raise UnitGone(f"slot {self.slot}: the IOMMU unit stopped serving its queue")
-                    self._ack.settimeout(min(left, 0.05))
-                    with contextlib.suppress(TimeoutError, BlockingIOError):
-                        self._ack.recv(64)
+            self._drain_acks()  # wake-ups of earlier waits that ended without reading them
+            while (mem.read_u64(status) & 0xFFFF_FFFF) != seq:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise UnitStalled(
+                        f"slot {self.slot}: the IOMMU unit did not complete the invalidation wait in {timeout}s")
+                if not served(mem, self.slot):
+                    raise UnitGone(f"slot {self.slot}: the IOMMU unit stopped serving its queue")
+                self._ack.settimeout(min(left, 0.05))
+                with contextlib.suppress(TimeoutError, BlockingIOError):
+                    self._ack.recv(64)
 
     def close(self) -> None:
         self._send.close()
+        self._ack.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.ack_path)
 
 
 class QueueHost:
-    """All queue writers of one hypervisor, sharing one acknowledgement socket."""
+    """All queue writers of one hypervisor (one per served slot)."""
 
     def __init__(self, memory: HostMemory) -> None:
         self.memory = memory
-        self.ack_path = socket_path(memory.directory, f"invq-ack-{os.getpid()}.sock")
-        self._ack = _bind_dgram(self.ack_path)
-        self._lock = threading.Lock()
         self._writers_lock = threading.Lock()
         self._writers: dict[int, QueueWriter] = {}
 
@@ -197,7 +196,7 @@ class QueueHost:
                 w.close()  # a new unit (re-registered device) serves this slot now
                 w = None
             if w is None:
-                w = self._writers[slot] = QueueWriter(self.memory, slot, self.ack_path, self._ack, self._lock)
+                w = self._writers[slot] = QueueWriter(self.memory, slot)
             return w
 
     def forget(self, slot: int) -> None:
@@ -211,9 +210,6 @@ class QueueHost:
             for w in self._writers.values():
                 w.close()
             self._writers.clear()
-        self._ack.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.ack_path)
 
 
 class QueueConsumer:
