@@ -68,6 +68,10 @@ def rig(make_hv: Callable[..., HvEnv]) -> Rig:
     return Rig(env, g, h, fake, dev, env.admin_devices()[dev].slot)
 
 
+def _detached(r: Rig) -> None:
+    assert r.g.detach(r.dev) == SUCCESS
+
+
 def _detached_spare_with_tag_held(r: Rig) -> None:
     """SPARE was attached once (its tag may be cached), now DOM is again."""
     assert r.g.detach(r.dev) == SUCCESS and r.g.attach(SPARE, r.dev) == SUCCESS
@@ -84,7 +88,7 @@ def _baseline_mapped(r: Rig) -> None:
 # (name, set-up, the call -> its HV status)
 HYPERCALLS: list[tuple[str, Callable[[Rig], None], Callable[[Rig], int]]] = [
     ("detach", lambda r: None, lambda r: r.g.detach(r.dev)),
-    ("attach", lambda r: None if r.g.detach(r.dev) == SUCCESS else None, lambda r: r.g.attach(SPARE, r.dev)),
+    ("attach", lambda r: _detached(r), lambda r: r.g.attach(SPARE, r.dev)),
     ("configure an attached domain", lambda r: None, lambda r: r.g.configure(DOM, 3 * MiB)),
     ("block an attached domain", lambda r: None, lambda r: r.g.configure(DOM, 0, blocked=True)),
     ("delete a domain whose tag the unit holds", _detached_spare_with_tag_held, lambda r: r.g.delete(SPARE)),
