@@ -23,6 +23,8 @@ class HypervisorConfig:
     flush_timeout_s: float = 5.0
     #: Faults kept per partition (oldest dropped first).
     fault_log_size: int = 4096
+    #: IOTLB tags (VT-d DIDs) the host hands out, 1..domain_tags (reused first-in first-out).
+    domain_tags: int = 0xFFFF
     #: Unanswered page requests remembered per device (beyond: not delivered, the engine gives up).
     max_page_requests_per_device: int = 1024
 

@@ -103,7 +103,7 @@ class Host:
         self.devices: dict[int, Device] = {}
         self._next_partition = 1
         #: FIFO pools: a freed tag or slot is reused as late as possible
-        self._free_tags: deque[int] = deque(range(1, MAX_TAG + 1))
+        self._free_tags: deque[int] = deque(range(1, min(self.config.domain_tags, MAX_TAG) + 1))
         self._free_slots: deque[int] = deque(range(MAX_SLOTS))
         self.stats: dict[str, int] = {}
         self.hypercalls: dict[tuple[str, str], int] = {}
