@@ -224,7 +224,7 @@ class PvIommu:
         for _ in range(256):
             domain_id = self.ida.alloc()
             try:
-                self.hv.create_domain(domain_type, domain_id)
+                self.hv.create_domain(domain_type, domain_id, flags=self.facts.create_flags)
                 return domain_id
             except HypercallFailed as exc:
                 if exc.hv_status != HvStatus.INVALID_PARAMETER or "already exists" not in str(exc):

@@ -122,6 +122,9 @@ class DriverFacts:
     aperture_from_reported_width: bool
     #: v1/v2 set generic_pt's top_level (4 if width > 48, else 3); the RFC leaves it unset.
     sets_top_level: bool
+    #: CreateDeviceDomain flags: forward_progress_required = 1, inherit_owning_vtl = 0 (bit 0 set);
+    #: the same in the RFC, v1 and v2 patch text (hv_create_device_domain), not in the reference tables.
+    create_flags: int
     # -- static domains (table 2) ----------------------------------------------------
     static_init: StaticInit
     #: RFC/v1 give the identity and blocking domains the device's geometry and pgsize; v2
@@ -181,13 +184,14 @@ class RevisionProfile:
 
 _SUCCESS_ONLY = frozenset({HvStatus.SUCCESS})
 _FORMAT = HV_FLUSH_DEVICE_DOMAIN_LIST_IOMMU_FORMAT
+_FORWARD_PROGRESS = 1 << 0  # hv_create_device_domain_flags.forward_progress_required
 
 PROFILES: Mapping[Revision, RevisionProfile] = MappingProxyType({
     Revision.RFC: RevisionProfile(
         Revision.RFC, "RFC 0/5 (9 Dec 2025)", "<20251209051128.76913-1-zhangyu1@linux.microsoft.com>",
         DriverFacts(
             init_hook="device_initcall", caps_failure_logged=False, pgsize_policy=PgsizePolicy.AS_GIVEN,
-            aperture_from_reported_width=True, sets_top_level=False,
+            aperture_from_reported_width=True, sets_top_level=False, create_flags=_FORWARD_PROGRESS,
             static_init=StaticInit.MEMSET_THEN_SET, static_domains_have_geometry=True,
             detach_before_attach=True, sends_detach=True, attach_accepts=_SUCCESS_ONLY,
             blocking_attach_own_op=False,
@@ -203,6 +207,7 @@ PROFILES: Mapping[Revision, RevisionProfile] = MappingProxyType({
         DriverFacts(
             init_hook="x86_init.iommu.iommu_init", caps_failure_logged=True,
             pgsize_policy=PgsizePolicy.MASK_TO_FORMAT, aperture_from_reported_width=False, sets_top_level=True,
+            create_flags=_FORWARD_PROGRESS,
             static_init=StaticInit.SET_IN_C, static_domains_have_geometry=True,
             detach_before_attach=True, sends_detach=True, attach_accepts=_SUCCESS_ONLY,
             blocking_attach_own_op=False,
@@ -219,7 +224,7 @@ PROFILES: Mapping[Revision, RevisionProfile] = MappingProxyType({
         DriverFacts(
             init_hook="x86_init.iommu.iommu_init", caps_failure_logged=True,
             pgsize_policy=PgsizePolicy.REJECT_OUTSIDE_FORMAT, aperture_from_reported_width=False,
-            sets_top_level=True,
+            sets_top_level=True, create_flags=_FORWARD_PROGRESS,
             static_init=StaticInit.STATIC_INITIALIZERS, static_domains_have_geometry=False,
             detach_before_attach=False, sends_detach=False, attach_accepts=_SUCCESS_ONLY,
             blocking_attach_own_op=True,
