@@ -217,7 +217,9 @@ def run_local(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     show_progress = console.is_terminal and not args.no_progress and not args.json
-    revision = getattr(args, "revision", "v2")
+    from pviommu.abi.revision import DEFAULT_REVISION
+
+    revision = getattr(args, "revision", None) or DEFAULT_REVISION.value
     guest_revision = getattr(args, "guest_revision", None) or revision
     system = VirtualSystem(args.guests, args.devices, parse_size(args.memory), args.memory_dir,
                            guest_args=[*(["--lazy"] if args.lazy else []), "--revision", guest_revision],
