@@ -25,6 +25,7 @@ from guest_agent.dsa.dmatest import Dmatest, DmatestOutcome, DmatestParams, sele
 from guest_agent.dsa.driver import DsaDriver, check_record_gpa, wait_completion
 from guest_agent.errors import DeviceCommandFailed, InvalidRequest, NotFound
 from pviommu.abi.dsa import COMP_SIZE, CompletionRecord
+from pviommu.abi.revision import DEFAULT_REVISION, Revision
 from pviommu.addr import PAGE_SIZE, Gpa, Iova
 from pviommu.errors import PviommuError
 from pviommu.log import get_logger
@@ -51,7 +52,8 @@ class Agent:
     """A guest's IOMMU driver, DMA layer and DSA drivers."""
 
     def __init__(self, hv_channel: grpc.Channel, token: str, bank: Bank, *, mode: FlushMode = FlushMode.STRICT,
-                 allow_no_iommu: bool = False, reserved_low: int = 1 << 20) -> None:
+                 allow_no_iommu: bool = False, reserved_low: int = 1 << 20,
+                 revision: Revision | str = DEFAULT_REVISION) -> None:
         self.token = token
         self.bank = bank
         self.partition_id = bank.index
@@ -60,7 +62,7 @@ class Agent:
         self.stats = Stats()
         self.hv = HvClient(hv_channel)
         self.iommu = PvIommu(self.hv, self.ram, self.memory.frames, self.stats, mode=mode,
-                             allow_no_iommu=allow_no_iommu)
+                             allow_no_iommu=allow_no_iommu, revision=revision)
         self.dma = DmaApi(self.iommu, self.memory)
         self.dsa: dict[int, DsaDriver] = {}
         self._dsa_lock = threading.Lock()
@@ -248,4 +250,5 @@ class Agent:
         c["pending_unmaps"] = sum(getattr(d, "pending", lambda: 0)() for d in self.iommu.domains.values())
         for key in ("maps", "unmaps", "flushes", "flush_list"):
             c.setdefault(key, 0)
+        c[f"revision_{self.iommu.revision.value}"] = 1  # the revision whose driver this is (info metric)
         return c

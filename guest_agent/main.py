@@ -16,6 +16,7 @@ from guest_agent.agent import Agent, open_bank
 from guest_agent.driver.domain import FlushMode
 from guest_agent.errors import IommuAbsent
 from guest_agent.rpc.servicer import GuestAgentServicer
+from pviommu.abi.revision import DEFAULT_REVISION, REVISION_NAMES
 from pviommu.errors import PviommuError
 from pviommu.log import bind_identity, configure, get_logger
 from pviommu.rpc.auth import Principal, admin_token_from, tokens_equal
@@ -39,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     launcher.add_argument("--admin-token-file", help="admin credential (default: $PVIOMMU_ADMIN_TOKEN)")
     p.add_argument("--allow-no-iommu", action="store_true",
                    help="run with untranslated DMA when no para-virtual IOMMU is offered (default: refuse)")
+    p.add_argument("--revision", choices=REVISION_NAMES, default=DEFAULT_REVISION.value,
+                   help="behave as this revision's driver of the pv-IOMMU series (default: the latest, "
+                        f"{DEFAULT_REVISION.value}); see docs/revisions.md")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--strict", dest="flush_mode", action="store_const", const="strict",
                       help="flush the IOTLB on every unmap (default)")
@@ -94,7 +98,8 @@ def build(args: argparse.Namespace, token: str | None = None, listen: str | None
     token = token or partition_token(args)
     channel = connect(args.hypervisor, token)
     bank = open_bank(args.bank_path)
-    agent = Agent(channel, token, bank, mode=FlushMode(args.flush_mode), allow_no_iommu=args.allow_no_iommu)
+    agent = Agent(channel, token, bank, mode=FlushMode(args.flush_mode), allow_no_iommu=args.allow_no_iommu,
+                  revision=getattr(args, "revision", DEFAULT_REVISION))
     bind_identity(partition=agent.partition_id)
     try:
         agent.start()
@@ -133,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"pviommu serve guest: {exc}")
         return 2
     log.info("guest.serving", port=server.port, partition=agent.partition_id, mode=args.flush_mode,
-             devices=len(agent.iommu.devices))
+             revision=agent.iommu.revision.value, devices=len(agent.iommu.devices))
     server.write_port_file(args.port_file)
 
     def shutdown() -> None:

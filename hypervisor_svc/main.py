@@ -15,6 +15,14 @@ from hypervisor_svc.core.trace import TraceWriter
 from hypervisor_svc.rpc.admin_servicer import AdminServicer, DeviceHostServicer
 from hypervisor_svc.rpc.device_client import QueueLink
 from hypervisor_svc.rpc.hypercall_servicer import HypervisorServicer
+from pviommu.abi.revision import (
+    DEFAULT_REVISION,
+    REVISION_NAMES,
+    BlockedWithoutTranslation,
+    Revision,
+    SameDomainAttach,
+)
+from pviommu.addr import SZ_1G, SZ_2M, SZ_4K
 from pviommu.log import bind_identity, configure, get_logger
 from pviommu.rpc.auth import admin_token_from
 from pviommu.rpc.metrics import CounterCollector, RpcMetricsInterceptor, serve_metrics
@@ -27,6 +35,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port-file", help="write the bound port here once serving")
     p.add_argument("--memory-dir", help="folder of the memory banks (default: a new temporary folder)")
     p.add_argument("--admin-token-file", help="file holding the admin token (default: $PVIOMMU_ADMIN_TOKEN)")
+    p.add_argument("--revision", choices=REVISION_NAMES, default=DEFAULT_REVISION.value,
+                   help="enforce this revision's semantics of the pv-IOMMU series (default: the latest, "
+                        f"{DEFAULT_REVISION.value}); see docs/revisions.md")
+    p.add_argument("--s2-baseline", action="store_true",
+                   help="offer guests stage-2 (type 0) domains and Map/UnmapDeviceGpaPages -- the map-by-hypercall "
+                        "baseline design -- and advertise HV_IOMMU_CAP_S2 (default: off, as the real interface)")
+    p.add_argument("--same-domain-attach", choices=[c.value for c in SameDomainAttach],
+                   default=SameDomainAttach.ALREADY_IN_DOMAIN.value,
+                   help="answer to ATTACH of a device to the domain it is already in (the series is silent; "
+                        "default: HV_STATUS_DEVICE_ALREADY_IN_DOMAIN)")
+    p.add_argument("--blocked-without-translation", choices=[c.value for c in BlockedWithoutTranslation],
+                   default=BlockedWithoutTranslation.REFUSE.value,
+                   help="ConfigureDeviceDomain with blocked=1 and translation_enabled=0: refuse with "
+                        "HV_STATUS_INVALID_PARAMETER (default) or accept it as blocked")
+    p.add_argument("--pgsize-bitmap", type=lambda t: int(t, 0), default=SZ_4K | SZ_2M | SZ_1G,
+                   help="pgsize_bitmap reported by GetIommuCapabilities (default 0x40201000: 4K|2M|1G)")
+    p.add_argument("--max-iova-width", type=int, default=0,
+                   help="max_iova_width reported by GetIommuCapabilities (default: 57 with --five-level, else 48)")
     p.add_argument("--five-level", action="store_true", help="offer 5-level stage-1 paging (57-bit IOVA)")
     p.add_argument("--max-domains", type=int, default=64, help="device domains per partition")
     p.add_argument("--bank0-size", type=int, default=1 << 30, help="bytes of hypervisor memory (sparse)")
@@ -44,9 +70,16 @@ def admin_token(args: argparse.Namespace) -> str:
 def build(args: argparse.Namespace, listen: str | None = None) -> tuple[Host, RunningServer, QueueLink]:
     """Create the host and its server (used by ``run`` and by tests)."""
     token = admin_token(args)
-    config = HypervisorConfig(five_level=args.five_level, max_domains_per_partition=args.max_domains,
-                              bank0_bytes=args.bank0_size, flush_timeout_s=args.flush_timeout,
-                              max_iova_width=57 if args.five_level else 48)
+    config = HypervisorConfig(
+        five_level=args.five_level, max_domains_per_partition=args.max_domains, bank0_bytes=args.bank0_size,
+        flush_timeout_s=args.flush_timeout,
+        max_iova_width=getattr(args, "max_iova_width", 0) or (57 if args.five_level else 48),
+        revision=Revision.parse(getattr(args, "revision", DEFAULT_REVISION)),
+        s2_baseline=bool(getattr(args, "s2_baseline", False)),
+        same_domain_attach=SameDomainAttach(getattr(args, "same_domain_attach", SameDomainAttach.ALREADY_IN_DOMAIN)),
+        blocked_without_translation=BlockedWithoutTranslation(
+            getattr(args, "blocked_without_translation", BlockedWithoutTranslation.REFUSE)),
+        pgsize_bitmap=getattr(args, "pgsize_bitmap", SZ_4K | SZ_2M | SZ_1G))
     own_dir = not args.memory_dir
     memory_dir = Path(args.memory_dir or tempfile.mkdtemp(prefix="pviommu-banks-"))
     memory_dir.mkdir(parents=True, exist_ok=True)
@@ -61,6 +94,10 @@ def build(args: argparse.Namespace, listen: str | None = None) -> tuple[Host, Ru
     registry.register(CounterCollector("hypervisor", host.metrics, labels={
         "hypercalls": ("call", "status"), "faults_by_reason": ("reason",)},
         gauges=frozenset({"partitions", "devices", "domains", "stage2_table_frames"})))
+    # an info metric: pviommu_hypervisor_revision{revision="v2",s2_baseline="0"} 1
+    info = {"revision": {(config.revision.value, str(int(config.s2_baseline))): 1}}
+    registry.register(CounterCollector("hypervisor", lambda: info, labels={"revision": ("revision", "s2_baseline")},
+                                       gauges=frozenset({"revision"})))
     host.metrics_registry = registry
     server = create_server(listen or args.listen, [
         Service(HypervisorServicer(host), hypervisor_pb2_grpc.add_HypervisorServicer_to_server,
@@ -77,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     log = get_logger()
     host, server, link = build(args)
     log.info("hypervisor.serving", port=server.port, memory_dir=str(host.memory.directory),
-             five_level=host.config.five_level)
+             five_level=host.config.five_level, revision=host.config.revision.value,
+             s2_baseline=host.config.s2_baseline)
     if args.metrics_port >= 0:
         port = serve_metrics(args.metrics_port, host.metrics_registry)
         log.info("hypervisor.metrics", port=port)

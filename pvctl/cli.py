@@ -170,6 +170,8 @@ def add_dmatest_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pviommu.abi.revision import DEFAULT_REVISION, REVISION_NAMES
+
     parser = argparse.ArgumentParser(
         prog="pviommu",
         description="Software twin of Hyper-V's para-virtualized IOMMU for guest partitions.",
@@ -186,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--lazy", action="store_true",
                    help="guests batch IOTLB flushes (Linux DMA_FQ) instead of flushing on every unmap")
+    p.add_argument("--revision", choices=REVISION_NAMES, default=DEFAULT_REVISION.value,
+                   help="revision of the pv-IOMMU series the hypervisor enforces and the guests' driver follows "
+                        "(default: the latest, v2; docs/revisions.md)")
+    p.add_argument("--guest-revision", choices=REVISION_NAMES,
+                   help="run the guests' driver as another revision than the hypervisor (e.g. a v1 driver on a "
+                        "v2 hypervisor); default: --revision")
     add_dmatest_options(p)
     p.set_defaults(func=cmd_run)
 

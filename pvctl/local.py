@@ -57,7 +57,8 @@ class VirtualSystem:
     """Hypervisor + guests + DSA devices as processes; a context manager."""
 
     def __init__(self, guests: int = 1, devices_per_guest: int = 1, memory_bytes: int = 256 << 20,
-                 memory_dir: str | None = None, guest_args: list[str] | None = None) -> None:
+                 memory_dir: str | None = None, guest_args: list[str] | None = None,
+                 hypervisor_args: list[str] | None = None) -> None:
         self.n_guests = guests
         self.devices_per_guest = devices_per_guest
         self.memory_bytes = memory_bytes
@@ -72,6 +73,8 @@ class VirtualSystem:
         self.hypervisor: ServiceProcess | None = None
         self.admin_channel: grpc.Channel | None = None
         self.guest_args = guest_args or []
+        #: e.g. ``--revision v1``, ``--s2-baseline`` (the map-by-hypercall design needs it)
+        self.hypervisor_args = hypervisor_args or []
 
     @property
     def admin(self) -> admin_pb2_grpc.AdminStub:
@@ -81,7 +84,8 @@ class VirtualSystem:
     def start(self, on_step: Any = None) -> VirtualSystem:
         step = on_step or (lambda msg: None)
         step("starting hypervisor")
-        self.hypervisor = self.supervisor.start("hypervisor", "hypervisor", "--memory-dir", str(self.memory_dir))
+        self.hypervisor = self.supervisor.start("hypervisor", "hypervisor", "--memory-dir", str(self.memory_dir),
+                                                *self.hypervisor_args)
         self.admin_channel = connect(self.hypervisor.address, self.admin_token)
         for g in range(self.n_guests):
             self.add_guest(g, step)
@@ -215,12 +219,20 @@ def run_local(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     show_progress = console.is_terminal and not args.no_progress and not args.json
+    from pviommu.abi.revision import DEFAULT_REVISION
+
+    revision = getattr(args, "revision", None) or DEFAULT_REVISION.value
+    guest_revision = getattr(args, "guest_revision", None) or revision
     system = VirtualSystem(args.guests, args.devices, parse_size(args.memory), args.memory_dir,
-                           guest_args=["--lazy"] if args.lazy else None)
+                           guest_args=[*(["--lazy"] if args.lazy else []), "--revision", guest_revision],
+                           hypervisor_args=["--revision", revision,
+                                            *(["--s2-baseline"] if args.design == "baseline" else [])])
     results: dict[int, guest_pb2.DmatestResult] = {}
     errors: dict[int, str] = {}
     try:
         system.start(on_step=(lambda m: console.log(m)) if not args.json else None)
+        if not args.json:
+            console.log(f"revision: hypervisor {revision}, guests {guest_revision}")
         params = dmatest_params(args)
         total = args.iterations * args.threads_per_chan * max(1, args.devices if not args.max_channels
                                                                else min(args.devices, args.max_channels))
@@ -264,10 +276,11 @@ def run_local(args: argparse.Namespace) -> int:
         return 1
     finally:
         system.stop()
-    return report(results, errors, args.json)
+    return report(results, errors, args.json, revisions={"hypervisor": revision, "guests": guest_revision})
 
 
-def report(results: dict[int, guest_pb2.DmatestResult], errors: dict[int, str], as_json: bool) -> int:
+def report(results: dict[int, guest_pb2.DmatestResult], errors: dict[int, str], as_json: bool,
+           revisions: dict[str, str] | None = None) -> int:
     tests = sum(r.tests for r in results.values())
     failures = sum(r.failures for r in results.values()) + len(errors)
     iops = sum(r.iops for r in results.values())
@@ -282,12 +295,16 @@ def report(results: dict[int, guest_pb2.DmatestResult], errors: dict[int, str], 
             "errors": {str(k): v for k, v in errors.items()},
             "total": {"tests": tests, "failures": failures, "iops": iops, "kb_per_s": kbs},
         }
+        if revisions:
+            out["revision"] = revisions
         print(json.dumps(out, indent=2))
     else:
         for i, r in sorted(results.items()):
             print(f"guest{i}: {r.summary}")
         for i, e in sorted(errors.items()):
             print(f"guest{i}: error: {e}")
+        if revisions:
+            print(f"revision: hypervisor {revisions['hypervisor']}, guests {revisions['guests']}")
         print(f"total: {tests} tests, {failures} failures {iops:.2f} iops {kbs:.0f} KB/s")
     sys.stdout.flush()
     return 0 if failures == 0 and not errors and tests > 0 else 1

@@ -133,7 +133,7 @@ class Scenario:
             info = g.agent.GetIommuInfo(common_pb2.Empty(), timeout=30)
             _check(info.present, f"{g.name}: no pv-IOMMU detected")
             _check(bool(info.iommu_cap & hv.IommuCap.S1), f"{g.name}: no stage-1 support")
-            out[g.name] = {"iova_width": info.iova_width, "cap": info.iommu_cap}
+            out[g.name] = {"iova_width": info.iova_width, "cap": info.iommu_cap, "revision": info.revision}
         return out
 
     def check_devices(self, timeout: float = 60.0) -> dict[str, Any]:
@@ -151,6 +151,11 @@ class Scenario:
         return out
 
     def check_dmatest(self, design: str) -> dict[str, Any]:
+        if design == "baseline":  # the map-by-hypercall design is a hypervisor option (it advertises S2)
+            for g in self.guests:
+                cap = g.agent.GetIommuInfo(common_pb2.Empty(), timeout=30).iommu_cap
+                _check(bool(cap & hv.IommuCap.S2), f"{g.name}: the hypervisor offers no S2 domains "
+                                                   "(start it with --s2-baseline for the baseline design)")
         params = guest_pb2.DmatestParams(test_buf_size=self.buf_size, threads_per_chan=self.threads,
                                          iterations=self.iterations, timeout=3000, alignment=-1, design=design)
         out = {}

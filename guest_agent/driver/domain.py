@@ -6,9 +6,11 @@ table for the baseline), its IOVA allocator, and the rule for *when* an
 unmapped IOVA and the table pages that held it may be reused:
 
 * **strict** (``iommu.strict=1``): every unmap gathers its range and flushes
-  it before returning (FlushDeviceDomainList with the one power-of-two range
-  of ``gather.psi()``, or FlushDeviceDomain when that is refused or wide);
-  only then are the freed table pages and the IOVA released.
+  it before returning, as the revision's ``iotlb_sync`` does (RFC: a domain
+  flush; v1: FlushDeviceDomainList of exact aligned blocks, a domain flush only
+  on overflow, a failed list call only logged; v2: one covering block, a
+  domain flush on any failure -- see ``flushlist``); only then are the freed
+  table pages and the IOVA released.
 * **lazy** (``IOMMU_DOMAIN_DMA_FQ``): unmaps queue ``(iova, freelist)`` and a
   batch is flushed with one domain-wide flush every ``fq_size`` entries or
   ``fq_timeout`` seconds; releases wait for that flush. This is what makes
@@ -31,11 +33,13 @@ from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from typing import Any
 
+from guest_agent.driver.flushlist import v1_exact_blocks, v2_covering_block
 from guest_agent.driver.hypercalls import DomainSettings, HvClient
 from guest_agent.driver.iova import RCACHE_MAX_PAGES, IovaAllocator, roundup_pow_of_two
 from guest_agent.driver.stats import Stats
 from guest_agent.errors import HypercallFailed, InvalidRequest
 from pviommu.abi import hv
+from pviommu.abi.revision import DEFAULT_REVISION, FlushListStyle, Revision, profile
 from pviommu.addr import MSI_WINDOW_LAST, MSI_WINDOW_START, PAGE_SHIFT, PAGE_SIZE, Gpa, Iova
 from pviommu.log import get_logger
 from pviommu.mem.bank import GuestRam
@@ -47,8 +51,6 @@ from pviommu.pt.walk import PageTable, stage1_table
 
 log = get_logger("guest.domain")
 
-#: Above this many pages a page-selective flush is replaced by a domain flush.
-PSI_MAX_PAGES = 512
 #: Lazy mode: flush after this many queued unmaps (Linux IOVA_FQ_SIZE) ...
 FQ_SIZE = 256
 #: ... or this long after the first queued one (Linux IOVA_FQ_TIMEOUT, 10 ms).
@@ -99,6 +101,10 @@ class Domain:
     kind: DomainKind
     hv_type: int = hv.DeviceDomainType.S1
     static = False
+    #: iommu_domain.geometry (aperture start, end) and pgsize_bitmap; None/0 where the revision
+    #: sets none (v2's static identity and blocking domains)
+    aperture: tuple[int, int] | None = None
+    pgsize_bitmap: int = 0
 
     def __init__(self, domain_id: int, hvc: HvClient | None, stats: Stats) -> None:
         self.domain_id = domain_id
@@ -362,15 +368,22 @@ class PagingDomain(_TranslatingDomain):
 
     def __init__(self, domain_id: int, hvc: HvClient, stats: Stats, *, ram: GuestRam,
                  frames: FrameAllocator[Gpa], levels: int, pgsize_bitmap: int, iova_width: int,
-                 mode: FlushMode) -> None:
+                 mode: FlushMode, aperture_width: int = 0, revision: Revision | str = DEFAULT_REVISION) -> None:
         fmt = X86_64Format(levels=levels)
-        # x86-64 stage 1 is sign-extended: with bit (width-1) set an IOVA is
-        # non-canonical unless sign-extended, so DMA uses the lower half.
-        limit = 1 << (min(iova_width, fmt.vasz_lg2) - (1 if fmt.features & PtFeature.SIGN_EXTEND else 0))
+        # x86-64 stage 1 is sign-extended: with bit (width-1) set an IOVA is non-canonical unless
+        # sign-extended, so DMA uses the lower half of the aperture. The aperture follows the
+        # clamped width, except in the RFC, which took the reported one (IOVAs it hands out
+        # beyond the table's width then fail to map: its bug, kept).
+        width = aperture_width or min(iova_width, fmt.vasz_lg2)
+        limit = 1 << (width - (1 if fmt.features & PtFeature.SIGN_EXTEND else 0))
         super().__init__(domain_id, hvc, stats, limit, mode)
         self.frames = frames
         self.table: PageTable[Iova, Gpa, Gpa] = stage1_table(fmt, ram, frames, pgsize_bitmap)
         self.levels = levels
+        self.aperture = (0, (1 << width) - 1)
+        self.pgsize_bitmap = self.table.pgsize_bitmap
+        self.revision = Revision.parse(revision)
+        self.facts = profile(self.revision).driver
 
     @property
     def table_pages(self) -> int:
@@ -430,20 +443,38 @@ class PagingDomain(_TranslatingDomain):
         return unmapped, True
 
     def flush_gather(self, gather: IotlbGather[Gpa]) -> None:
-        """One page-selective flush of the gathered range; a domain flush when
-        it is wide or refused (the v1/v2 driver's fallback)."""
+        """This revision's ``iotlb_sync`` of the gathered range (series-revisions section 4).
+
+        RFC: a domain flush (0xD0). v1: the exact aligned blocks in one list call (rep count =
+        blocks), a domain flush only when they overflow the input page; a failed list call is only
+        logged, as v1 does (the range then counts as flushed although it was not). v2: one covering
+        block, rep count 1, flags IOMMU_FORMAT; any failure falls back to a domain flush (flags 0),
+        WARNed. A failed domain flush raises, so the caller keeps the pages quarantined (where
+        Linux, after its WARN, would free them)."""
         assert self.hv is not None
         if gather.empty:
             return
-        addr, am = gather.psi()
-        if 1 << am <= PSI_MAX_PAGES:
+        style = self.facts.flush_list
+        if style is FlushListStyle.EXACT_BLOCKS:
+            blocks = v1_exact_blocks(gather.start, gather.last, self.facts.flush_list_capacity)
+            if blocks is not None:  # sent even when empty (v1's PAGE_ALIGN corner case), as v1 does
+                try:
+                    self.hv.flush_domain_list(self.hv_type, self.domain_id, blocks, flags=self.facts.flush_list_flags)
+                    self.stats.add("flush_list")
+                except HypercallFailed as exc:
+                    self.stats.add("flush_list_failed")
+                    self.log.error("domain.flush_list_failed", error=str(exc), blocks=len(blocks))
+                return
+            self.stats.add("flush_list_overflow")
+        elif style is FlushListStyle.COVERING_BLOCK:
+            block = v2_covering_block(gather.start, gather.last)
             try:
-                self.hv.flush_domain_list(self.hv_type, self.domain_id, [(addr >> PAGE_SHIFT, am)])
+                self.hv.flush_domain_list(self.hv_type, self.domain_id, [block], flags=self.facts.flush_list_flags)
                 self.stats.add("flush_list")
                 return
             except HypercallFailed as exc:
-                self.stats.add("flush_list_refused")
-                self.log.info("domain.flush_list_refused", error=str(exc))
+                self.stats.add("flush_list_failed")
+                self.log.warning("domain.flush_list_failed", warn=True, error=str(exc), fallback="domain flush")
         self.hv.flush_domain(self.hv_type, self.domain_id)
         self.stats.add("flushes")
 
@@ -465,47 +496,6 @@ class PagingDomain(_TranslatingDomain):
             self._free_tables(p.gather)
         with self._lock:
             self.table.destroy()
-
-
-class BaselineDomain(_TranslatingDomain):
-    """The emulated design: an S2 domain the hypervisor maps page by page
-    (MapDeviceGpaPages, one rep per 4 KiB page). The hypervisor owns the table
-    and flushes on unmap itself, so ``skip_flush`` cannot leave it stale."""
-
-    kind = DomainKind.BASELINE
-    hv_type = hv.DeviceDomainType.S2
-
-    def __init__(self, domain_id: int, hvc: HvClient, stats: Stats, *, iova_limit: int, mode: FlushMode) -> None:
-        super().__init__(domain_id, hvc, stats, iova_limit, FlushMode.STRICT)
-        self._pages: dict[int, tuple[int, int]] = {}  # iova page -> (gpa page, flags)
-
-    def _map(self, iova: Iova, gpa: Gpa, length: int, perm: Perm) -> None:
-        assert self.hv is not None
-        flags = (hv.MapFlags.READABLE if perm & Perm.READ else 0) | (hv.MapFlags.WRITABLE if perm & Perm.WRITE else 0)
-        n = length >> PAGE_SHIFT
-        first = gpa >> PAGE_SHIFT
-        self.hv.map_gpa_pages(self.domain_id, int(flags), iova, [first + i for i in range(n)])
-        self.stats.add("baseline_map_reps", n)
-        with self._lock:
-            for i in range(n):
-                self._pages[(iova >> PAGE_SHIFT) + i] = (first + i, int(flags))
-
-    def _unmap(self, iova: Iova, length: int, gather: IotlbGather[Gpa], skip_flush: bool) -> tuple[int, bool]:
-        assert self.hv is not None
-        n = length >> PAGE_SHIFT
-        self.hv.unmap_gpa_pages(self.domain_id, iova, n)
-        self.stats.add("baseline_unmap_reps", n)
-        with self._lock:
-            unmapped = sum(1 for i in range(n) if self._pages.pop((iova >> PAGE_SHIFT) + i, None) is not None)
-        return unmapped << PAGE_SHIFT, True
-
-    def translate(self, iova: Iova) -> Gpa | None:
-        with self._lock:
-            hit = self._pages.get(iova >> PAGE_SHIFT)
-        return None if hit is None else Gpa((hit[0] << PAGE_SHIFT) | (iova & (PAGE_SIZE - 1)))
-
-    def destroy(self) -> None:
-        self.close()
 
 
 def describe(d: Domain) -> dict[str, Any]:

@@ -148,10 +148,18 @@ class HvClient:
             device_domain=self._dd(domain_type, domain_id), settings=s), timeout=self.timeout)
         self._check("ConfigureDeviceDomain", r.result)
 
-    def attach(self, domain_type: int, domain_id: int, device_id: int) -> None:
+    def attach(self, domain_type: int, domain_id: int, device_id: int,
+               accept: frozenset[HvStatus] = frozenset({HvStatus.SUCCESS})) -> HvStatus:
+        """ATTACH; returns the status when it is one of ``accept`` (a revision's driver decides
+        which count as attached), raises ``HypercallFailed`` otherwise."""
         r = self.stub.AttachDeviceDomain(hypervisor_pb2.AttachDeviceDomainRequest(
             device_domain=self._dd(domain_type, domain_id), device_id=device_id), timeout=self.timeout)
+        if r.result.status != HvStatus.SUCCESS and r.result.status in accept:
+            with self._lock:
+                self.counts["AttachDeviceDomain"] += 1
+            return HvStatus(r.result.status)
         self._check("AttachDeviceDomain", r.result)
+        return HvStatus.SUCCESS
 
     def detach(self, device_id: int) -> None:
         r = self.stub.DetachDeviceDomain(hypervisor_pb2.DetachDeviceDomainRequest(
@@ -164,13 +172,16 @@ class HvClient:
             device_domain=self._dd(domain_type, domain_id), flags=0), timeout=self.timeout)
         self._check("FlushDeviceDomain", r.result)
 
-    def flush_domain_list(self, domain_type: int, domain_id: int, ranges: Sequence[tuple[int, int]]) -> None:
-        """``ranges``: (page_number, page_mask_shift) rep elements."""
+    def flush_domain_list(self, domain_type: int, domain_id: int, ranges: Sequence[tuple[int, int]], *,
+                          flags: int = hv.HV_FLUSH_DEVICE_DOMAIN_LIST_IOMMU_FORMAT) -> int:
+        """One rep call: ``ranges`` are the (page_number, page_mask_shift) rep elements (the rep
+        count is their number, the start index 0); returns the reps completed."""
         r = self.stub.FlushDeviceDomainList(hypervisor_pb2.FlushDeviceDomainListRequest(
-            device_domain=self._dd(domain_type, domain_id), flags=hv.HV_FLUSH_DEVICE_DOMAIN_LIST_IOMMU_FORMAT,
+            device_domain=self._dd(domain_type, domain_id), flags=flags,
             list=[hypervisor_pb2.FlushVa(page_number=p, page_mask_shift=s) for p, s in ranges]),
             timeout=self.timeout)
         self._check("FlushDeviceDomainList", r.result, r.reps_completed)
+        return int(r.reps_completed)
 
     # -- baseline (map by hypercall) -------------------------------------------
     def map_gpa_pages(self, domain_id: int, map_flags: int, va_base: int, gpa_pages: Sequence[int]) -> None:

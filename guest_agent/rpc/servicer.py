@@ -88,7 +88,7 @@ class GuestAgentServicer(guest_pb2_grpc.GuestAgentServicer):
         self._auth()
         g = self.agent.iommu.geometry
         info = guest_pb2.IommuInfo(present=g is not None, ram_bytes=self.agent.ram.size,
-                                   partition_id=self.agent.partition_id)
+                                   partition_id=self.agent.partition_id, revision=self.agent.iommu.revision.value)
         if g is not None:
             info.iommu_cap, info.max_iova_width, info.iova_width = g.iommu_cap, g.max_iova_width, g.iova_width
             info.pgsize_bitmap, info.five_level = g.pgsize_bitmap, bool(g.iommu_cap & IommuCap.S1_5LVL) and \

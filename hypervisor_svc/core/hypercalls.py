@@ -6,15 +6,30 @@ everything before changing anything, and either returns the output (and the
 reps completed) or raises ``HvError`` with the status the guest sees. Both
 the typed gRPC methods and the raw ``HvCall`` method end up here.
 
-Statuses chosen where the reference is silent (see docs/security.md):
+The revision (``HypervisorConfig.revision``, pviommu.abi.revision) decides what ATTACH of a
+device that is already in a domain means: RFC/v1 refuse it (DEVICE_ALREADY_IN_DOMAIN, "detach it
+first"); v2 atomically replaces the device's translation (the new context is written over the
+old one, never through a blocked window, and the old domain's IOTLB entries are dropped before
+the call returns), so attaching the blocking domain cannot fail for the old domain's state.
+
+Statuses chosen where the reference is silent (see docs/security.md and docs/revisions.md):
   * ``partition_id`` other than SELF or the caller's own id -> ACCESS_DENIED;
   * owner VTL other than 0 -> INVALID_PARAMETER (no VTLs here);
   * unknown domain id -> INVALID_PARAMETER; id 0 or 0xFFFFFFFF -> INVALID_PARAMETER;
     creating an existing id -> INVALID_PARAMETER;
+  * a stage-2 (type 0) domain from a guest without ``s2_baseline`` (HV_IOMMU_CAP_S2 clear)
+    -> INVALID_PARAMETER, as for any domain type the partition is not offered;
+    MapDeviceGpaPages / UnmapDeviceGpaPages (root-side calls) from a guest without it ->
+    ACCESS_DENIED before anything is looked at (a known code the caller has no right to);
   * a device that does not exist -> INVALID_DEVICE_ID; another partition's
-    device -> ACCESS_DENIED; attaching a device already in a domain ->
-    DEVICE_ALREADY_IN_DOMAIN; detaching a device in no domain or deleting a
+    device -> ACCESS_DENIED; detaching a device in no domain or deleting a
     domain with devices -> INVALID_DEVICE_STATE;
+  * attaching a device that is in another domain: RFC/v1 -> DEVICE_ALREADY_IN_DOMAIN, v2 ->
+    SUCCESS (replaced); attaching it to the domain it is already in -> DEVICE_ALREADY_IN_DOMAIN
+    (``same_domain_attach``, or SUCCESS with nothing changed), in every revision;
+  * blocked=1 with translation_enabled=0 -> INVALID_PARAMETER in every revision
+    (``blocked_without_translation`` can accept it as blocked); translation_enabled=0 otherwise
+    is identity, whatever root it carries (the root is ignored);
   * a stage-1 root that is not a page of the caller's RAM -> INVALID_PARAMETER;
     5-level paging without the capability -> INVALID_PARAMETER;
   * more domains than the limit -> INSUFFICIENT_DEVICE_DOMAINS;
@@ -40,6 +55,7 @@ from hypervisor_svc.core.host import Host
 from hypervisor_svc.core.model import Device, Domain, Partition
 from pviommu.abi import hv
 from pviommu.abi.hv_status import HvStatus
+from pviommu.abi.revision import BlockedWithoutTranslation, SameDomainAttach
 from pviommu.addr import PAGE_SHIFT, PAGE_SIZE, Gpa, Iova
 from pviommu.errors import HvError, PviommuError
 from pviommu.log import get_logger
@@ -131,6 +147,8 @@ class Hypercalls:
         self._own(caller, req.partition_id)
         cfg = self.host.config
         cap = hv.IommuCap.PRESENT | hv.IommuCap.S1
+        if cfg.s2_baseline:  # the map-by-hypercall baseline design (a twin option)
+            cap |= hv.IommuCap.S2
         if cfg.five_level:
             cap |= hv.IommuCap.S1_5LVL
         if cfg.pasid:
@@ -143,7 +161,7 @@ class Hypercalls:
             max_iova_width=cfg.iova_width if cfg.five_level else cfg.max_iova_width,
             max_pasid_width=cfg.max_pasid_width,
             iommu_cap=int(cap),
-            pgsize_bitmap=(1 << 12) | (1 << 21) | (1 << 30),
+            pgsize_bitmap=cfg.pgsize_bitmap,
         )
         return HvAnswer(out)
 
@@ -157,6 +175,11 @@ class Hypercalls:
     # ------------------------------------------------------------------ domains
     def do_create_device_domain(self, caller: Partition, req: hv.CreateDeviceDomainInput) -> HvAnswer:
         dom_type, dom_id = self._domain_ref(caller, req.device_domain)
+        if dom_type == S2 and not self.host.config.s2_baseline:
+            # The capabilities do not advertise HV_IOMMU_CAP_S2: a stage-2 domain is a type this
+            # partition is not offered, refused like any other (docs/revisions.md).
+            raise _invalid("domain type 0 (stage 2) is not offered to this partition: HV_IOMMU_CAP_S2 is clear "
+                           "(the map-by-hypercall baseline needs a hypervisor started with --s2-baseline)")
         if dom_id in caller.domains:
             raise _invalid(f"device domain {dom_id} already exists")
         if len(caller.domains) >= self.host.config.max_domains_per_partition:
@@ -189,11 +212,25 @@ class Hypercalls:
     def do_attach_device_domain(self, caller: Partition, req: hv.AttachDeviceDomainInput) -> HvAnswer:
         dom = self._domain(caller, req.device_domain)
         dev = self._device(caller, req.device_id)
-        if dev.domain_id:
+        cfg = self.host.config
+        if dev.domain_id == dom.domain_id:
+            # Silent in every revision (drivers track the current domain and never send it); L
+            # 2db30347 accepts DEVICE_ALREADY_IN_DOMAIN here, so that is the default answer.
+            if cfg.same_domain_attach is SameDomainAttach.SUCCESS:
+                return HvAnswer()  # nothing rewritten, nothing invalidated
             raise HvError(HvStatus.DEVICE_ALREADY_IN_DOMAIN,
-                          f"device {dev.logical_device_id:#x} is in domain {dev.domain_id}; detach it first")
+                          f"device {dev.logical_device_id:#x} is already in domain {dom.domain_id}")
+        replaced = dev.domain_id
+        if replaced and not cfg.facts.attach_replaces:
+            raise HvError(HvStatus.DEVICE_ALREADY_IN_DOMAIN,
+                          f"device {dev.logical_device_id:#x} is in domain {dev.domain_id}; detach it first "
+                          f"(revision {cfg.revision.value})")
+        # v2 when ``replaced``: the new context is written over the old one directly (DMA uses the
+        # old tables, then the new, never neither), then the old domain's IOTLB entries are
+        # invalidated before this returns.
         self.host.set_device_domain(caller, dev, dom)
-        log.info("domain.attached", partition=caller.partition_id, domain=dom.domain_id, device=dev.logical_device_id)
+        log.info("domain.attached", partition=caller.partition_id, domain=dom.domain_id, device=dev.logical_device_id,
+                 replaced=replaced or None)
         return HvAnswer()
 
     def do_detach_device_domain(self, caller: Partition, req: hv.DetachDeviceDomainInput) -> HvAnswer:
@@ -210,6 +247,12 @@ class Hypercalls:
         s = req.settings
         if dom.domain_type != S1:
             raise _invalid("only S1 domains are configured; a baseline S2 domain is mapped by MapDeviceGpaPages")
+        if s.blocked and not s.translation_enabled and \
+                self.host.config.blocked_without_translation is BlockedWithoutTranslation.REFUSE:
+            # v2's comment and Yu's reply: the hypervisor requires blocked (and paging) domains to
+            # keep translation_enabled set; clearing it bypasses translation, which suits only identity.
+            raise _invalid("a blocked domain must keep translation_enabled set (clearing it lets DMA use GPAs "
+                           "directly, which only suits an identity domain)")
         five = bool(s.first_stage_paging_mode)
         if s.translation_enabled and not s.blocked:
             if five and not self.host.config.five_level:
@@ -256,7 +299,17 @@ class Hypercalls:
         return HvAnswer(reps_completed=done)
 
     # ------------------------------------------------------------------ baseline map/unmap
+    def _root_side(self, call: str) -> None:
+        """Map/UnmapDeviceGpaPages belong to the root; a guest may use them only when the
+        baseline design is switched on. Otherwise ACCESS_DENIED: the code is known (the root
+        uses it), the caller lacks the right -- the TLFS meaning of the status, and what KVM's
+        Hyper-V emulation answers for a call the partition has no privilege for."""
+        if not self.host.config.s2_baseline:
+            raise _deny(f"{call} is a root-partition hypercall; guests may use it only on a hypervisor started "
+                        "with --s2-baseline (HV_IOMMU_CAP_S2)")
+
     def do_map_device_gpa_pages(self, caller: Partition, req: hv.MapDeviceGpaPagesRequest) -> HvAnswer:
+        self._root_side("MapDeviceGpaPages")
         h = req.header
         dom = self._domain(caller, h.device_domain)
         if dom.table is None:
@@ -287,6 +340,7 @@ class Hypercalls:
         return HvAnswer(reps_completed=done)
 
     def do_unmap_device_gpa_pages(self, caller: Partition, req: hv.UnmapDeviceGpaPagesRequest) -> HvAnswer:
+        self._root_side("UnmapDeviceGpaPages")
         dom = self._domain(caller, req.input.device_domain)
         if dom.table is None:
             raise _invalid(f"domain {dom.domain_id} is not a stage-2 (map-by-hypercall) domain")

@@ -48,7 +48,7 @@ from pviommu.iommu.pscache import FsItem, PsCache, TableItem, fs_key
 from pviommu.mem.bank import HYPERVISOR_BANK, Bank, HostMemory, bank_index_of
 from pviommu.pt.common import EntryType, Perm
 from pviommu.pt.fmt.vtd_ss import VtdSsFormat
-from pviommu.pt.fmt.x86_64 import X86_64Format
+from pviommu.pt.fmt.x86_64 import XD, X86_64Format
 
 _EMPTY = EntryType.EMPTY
 _OA = EntryType.OA
@@ -56,6 +56,8 @@ _OA = EntryType.OA
 _R = int(Perm.READ)
 _W = int(Perm.WRITE)
 _PRIV = int(Perm.PRIV)
+#: Reserved in every FS entry while NXE is clear -- always here: the context entry has no NXE.
+_XD_UNLESS_NXE = XD
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,7 +288,9 @@ class NestedWalker:
                     raise _Fault(FaultReason.NO_WRITE, f"IOVA {iova:#x}: R/W=0 at FS level {level}")
                 path_w = False
             leaf = kind is _OA
-            if entry & fmt.reserved_mask(level, leaf):
+            # XD (bit 63) is execute-disable only under the PASID entry's NXE (bit 133); our context
+            # entries never enable NXE, so a set XD is a reserved bit, as the SDM has it without NXE.
+            if entry & (fmt.reserved_mask(level, leaf) | _XD_UNLESS_NXE):
                 raise _Fault(FaultReason.FS_RESERVED, f"FS entry {entry:#x} at level {level} has reserved bits")
             ad = fmt.ad_bits(level, leaf, write)
             if entry & ad != ad and not st.dry_run:

@@ -20,14 +20,16 @@ R, W, X, PRIV = Perm.READ, Perm.WRITE, Perm.EXEC, Perm.PRIV
 @pytest.mark.parametrize(
     ("level", "oa", "perm", "expected"),
     [
-        # 4K RW no-exec: P|RW|US|A|D (0x67) + XD
-        (0, 0x12345000, R | W, 0x8000_0000_1234_5067),
-        # 2M RW no-exec: + PS (0xE7)
-        (1, 0x4020_0000, R | W, 0x8000_0000_4020_00E7),
-        # 1G read-only executable: P|US|A|PS = 0xA5, no XD
+        # generic_pt x86_64_pt_iommu_set_prot: U|A, +RW|D when writable, never XD (bit 63)
+        # 4K RW: P|RW|US|A|D = 0x67
+        (0, 0x12345000, R | W, 0x0000_0000_1234_5067),
+        # 2M RW: + PS (0xE7)
+        (1, 0x4020_0000, R | W, 0x0000_0000_4020_00E7),
+        # 1G read-only: P|US|A|PS = 0xA5 (asking for exec changes nothing: every leaf is executable)
         (2, 0x1_4000_0000, R | X, 0x0000_0001_4000_00A5),
-        # 4K supervisor-only read-only: P|A|XD, U/S clear
-        (0, 0xABC000, R | PRIV, 0x8000_0000_00AB_C021),
+        (2, 0x1_4000_0000, R, 0x0000_0001_4000_00A5),
+        # 4K supervisor-only read-only: P|A = 0x21, U/S clear
+        (0, 0xABC000, R | PRIV, 0x0000_0000_00AB_C021),
     ],
 )
 def test_x86_64_leaf_encoding_matches_hand_computed_u64(level: int, oa: int, perm: Perm, expected: int) -> None:
@@ -35,6 +37,17 @@ def test_x86_64_leaf_encoding_matches_hand_computed_u64(level: int, oa: int, per
     assert fmt.make_leaf(oa, level, perm) == expected
     assert fmt.entry_type(expected, level) is EntryType.OA
     assert fmt.leaf_oa(expected, level) == oa
+
+
+@pytest.mark.parametrize("levels", [4, 5])
+def test_x86_64_never_writes_xd_whatever_the_rights(levels: int) -> None:
+    fmt = X86_64Format(levels)
+    for level in (0, 1, 2):
+        for perm in (R, R | W, W, R | PRIV, R | W | PRIV, R | X, R | W | X):
+            assert fmt.make_leaf(1 << (12 + 9 * level), level, perm) >> 63 == 0
+    assert not fmt.supported_perm & X and not fmt.features & PtFeature.EXEC
+    # an entry written by someone else that carries XD still decodes as not executable
+    assert not fmt.entry_perm(0x8000_0000_0000_1067, 0) & X
 
 
 @pytest.mark.parametrize("level", [1, 2, 3])

@@ -151,6 +151,24 @@ def test_reserved_bits_in_stage1_entries_fault_0x72(system: NestedSystem) -> Non
     assert reason(system, IOVA) is FaultReason.FS_RESERVED
 
 
+@pytest.mark.parametrize("where", ["leaf", "table"])
+def test_xd_without_nxe_is_a_reserved_bit_fault_0x72(system: NestedSystem, where: str) -> None:
+    # The context entry enables no NXE (PASID-entry bit 133), so XD (bit 63) is reserved in
+    # every first-stage entry (SDM: XD is reserved when NXE = 0).
+    system.s1.map(IOVA, Gpa(DATA), SZ_4K, RW)
+    assert reason(system, IOVA) is None and reason(system, IOVA, write=True) is None
+    steps = system.s1.walk(IOVA)
+    step = steps[-1] if where == "leaf" else steps[0]
+    slot = Gpa(step.table + step.index * 8)
+    system.ram.write_u64(slot, step.entry | (1 << 63))
+    system.unit.invalidate_all()
+    assert reason(system, IOVA) is FaultReason.FS_RESERVED
+    assert reason(system, IOVA, write=True) is FaultReason.FS_RESERVED
+    system.ram.write_u64(slot, step.entry)
+    system.unit.invalidate_all()
+    assert reason(system, IOVA) is None
+
+
 def test_request_checks_non_canonical_msi_window_and_widths(system: NestedSystem) -> None:
     assert reason(system, 0x0000_8000_0000_0000) is FaultReason.NON_CANONICAL
     system.s1.map(IOVA, Gpa(MSI_WINDOW_START), SZ_4K, RW)

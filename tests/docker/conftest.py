@@ -152,7 +152,7 @@ def docker_host(request: pytest.FixtureRequest, docker_client: Any, image: str) 
                                                driver_opts={"type": "tmpfs", "device": "tmpfs", "o": "size=1g"})
     try:
         host.start("hypervisor", "serve", "hypervisor", "--listen", "0.0.0.0:50051", "--memory-dir", "/banks",
-                   port=50051)
+                   "--s2-baseline", port=50051)  # the scenario's baseline dmatest needs S2 domains
         host.wait_healthy("hypervisor")
         for g in ("guest0", "guest1"):
             host.start(g, "serve", "guest", "--listen", "0.0.0.0:50061", "--hypervisor", "hypervisor:50051",

@@ -20,6 +20,7 @@ from dma_device.main import add_arguments as device_arguments
 from dma_device.main import build as build_device
 from guest_agent.agent import Agent, open_bank
 from guest_agent.driver.domain import FlushMode
+from hypervisor_svc.main import add_arguments as add_hypervisor_arguments
 from hypervisor_svc.main import build as build_hypervisor
 from pviommu.abi.dsa import CompletionRecord, Descriptor
 from pviommu.abi.invq import Invalidation, QueueItem
@@ -135,10 +136,11 @@ class HvEnv:
             assert r.result.status == 0, r.result.message
         return dev
 
-    def agent(self, p: PartitionInfo, mode: FlushMode = FlushMode.STRICT, start: bool = True) -> Agent:
+    def agent(self, p: PartitionInfo, mode: FlushMode = FlushMode.STRICT, start: bool = True,
+              revision: str = "v2") -> Agent:
         ch = connect(self.address, p.token)
         self.channels.append(ch)
-        agent = Agent(ch, p.token, open_bank(p.bank_path), mode=mode)
+        agent = Agent(ch, p.token, open_bank(p.bank_path), mode=mode, revision=revision)
         self.agents.append(agent)
         if start:
             agent.start()
@@ -164,13 +166,17 @@ class HvEnv:
         self.link.close()
 
 
-def start_hypervisor(tmp: Path, five_level: bool = False) -> HvEnv:
+def start_hypervisor(tmp: Path, five_level: bool = False, *extra: str) -> HvEnv:
+    """A hypervisor built by ``main.build`` from its own argument parser; ``extra`` are more
+    options (``--revision v1``, ``--s2-baseline``, ...)."""
     token = new_token()
     tokfile = tmp / "admin.token"
     tokfile.write_text(token)
     memory_dir = tmp / "banks"
-    args = argparse.Namespace(listen="127.0.0.1:0", port_file=None, memory_dir=str(memory_dir),
-                              admin_token_file=str(tokfile), five_level=five_level, max_domains=64,
-                              bank0_size=256 * MiB, flush_timeout=5.0)
+    parser = argparse.ArgumentParser()
+    add_hypervisor_arguments(parser)
+    args = parser.parse_args(["--listen", "127.0.0.1:0", "--memory-dir", str(memory_dir), "--admin-token-file",
+                              str(tokfile), "--bank0-size", str(256 * MiB),
+                              *(["--five-level"] if five_level else []), *extra])
     host, server, link = build_hypervisor(args)
     return HvEnv(host, server, link, token, tokfile, memory_dir)

@@ -25,7 +25,7 @@ SUMMARY = re.compile(r"^pviommu aggregate of \d+ threads? \(not a dmatest line\)
 
 @pytest.fixture(scope="module")
 def system() -> Iterator[VirtualSystem]:
-    with VirtualSystem(guests=1, devices_per_guest=1) as vs:
+    with VirtualSystem(guests=1, devices_per_guest=1, hypervisor_args=["--s2-baseline"]) as vs:
         yield vs
 
 

@@ -16,5 +16,7 @@ from hvkit import HvEnv, make_hv  # noqa: F401  (make_hv: a shared fixture)
 
 @pytest.fixture
 def hv(request: pytest.FixtureRequest) -> HvEnv:
-    env: HvEnv = request.getfixturevalue("make_hv")()
+    """The latest revision with the map-by-hypercall baseline on (these suites exercise S2
+    domains); ``make_hv()`` gives the default hypervisor, test_revisions.py each revision."""
+    env: HvEnv = request.getfixturevalue("make_hv")("--s2-baseline")
     return env

@@ -59,7 +59,7 @@ class Rig:
 
 @pytest.fixture
 def rig(make_hv: Callable[..., HvEnv]) -> Rig:
-    env = make_hv("--flush-timeout", str(FLUSH_TIMEOUT))
+    env = make_hv("--flush-timeout", str(FLUSH_TIMEOUT), "--s2-baseline")
     g, h = env.partition("g", 16 * MiB), env.partition("h", 16 * MiB)
     fake = env.fake_device()
     dev, _, _ = env.device("dsa0", g, fake=fake)

@@ -44,6 +44,10 @@ class World:
 
 @pytest.fixture
 def world(hv: HvEnv) -> World:
+    return make_world(hv)
+
+
+def make_world(hv: HvEnv) -> World:
     g = hv.partition("g", RAM, holes=[HOLE], read_only=[RO])
     h = hv.partition("h", RAM)
     dev, _, _ = hv.device("g-dev", g)
@@ -165,11 +169,18 @@ def test_another_partitions_or_unassigned_device_is_access_denied(world: World) 
         assert refused(w, w.g.detach, dev) == ACCESS_DENIED
 
 
-def test_attaching_a_device_already_in_a_domain_is_device_already_in_domain(world: World) -> None:
-    w = world
+@pytest.mark.parametrize("revision", ["rfc", "v1"])
+def test_rfc_and_v1_refuse_attaching_a_device_already_in_a_domain_with_0x66(make_hv, revision: str) -> None:
+    w = make_world(make_hv("--s2-baseline", "--revision", revision))
     assert refused(w, lambda: w.g.attach(2, w.dev)) == DEVICE_ALREADY_IN_DOMAIN == 0x66
     assert refused(w, lambda: w.g.attach(1, w.dev)) == DEVICE_ALREADY_IN_DOMAIN
     assert refused(w, lambda: w.g.attach(3, w.dev, dtype=S2)) == DEVICE_ALREADY_IN_DOMAIN
+
+
+@pytest.mark.parametrize("revision", ["rfc", "v1", "v2"])
+def test_attaching_a_device_to_its_own_domain_is_0x66_in_every_revision(make_hv, revision: str) -> None:
+    w = make_world(make_hv("--s2-baseline", "--revision", revision))
+    assert refused(w, lambda: w.g.attach(1, w.dev)) == DEVICE_ALREADY_IN_DOMAIN == 0x66
 
 
 def test_detaching_a_device_in_no_domain_is_invalid_device_state(world: World) -> None:
@@ -204,7 +215,7 @@ def test_configure_of_an_s2_domain_is_invalid_parameter(world: World) -> None:
 
 
 def test_domains_beyond_the_limit_are_insufficient_device_domains(make_hv) -> None:
-    env = make_hv("--max-domains", "2")
+    env = make_hv("--max-domains", "2", "--s2-baseline")
     g = env.partition()
     assert g.create(1) == SUCCESS
     assert g.create(2, dtype=S2) == SUCCESS

@@ -22,8 +22,8 @@ from pviommu.pt.common import Perm
 PGSIZES_4K_2M_1G = (1 << 12) | (1 << 21) | (1 << 30)
 
 
-def test_capabilities_report_present_s1_48_bit_and_4k_2m_1g(hv: HvEnv) -> None:
-    g = hv.partition()
+def test_capabilities_report_present_s1_48_bit_and_4k_2m_1g(make_hv) -> None:
+    g = make_hv().partition()  # the default hypervisor: no S2 (the baseline option is off)
     r = g.caps()
     assert r.result.status == SUCCESS
     assert r.iommu_cap == CAP_PRESENT | CAP_S1
@@ -32,6 +32,12 @@ def test_capabilities_report_present_s1_48_bit_and_4k_2m_1g(hv: HvEnv) -> None:
     assert r.pgsize_bitmap == PGSIZES_4K_2M_1G
     assert r.size == 24
     assert g.caps(partition_id=g.pid).result.status == SUCCESS  # own id works like SELF
+
+
+def test_capabilities_with_the_s2_baseline_option_add_s2(make_hv) -> None:
+    r = make_hv("--s2-baseline").partition().caps()
+    assert r.result.status == SUCCESS
+    assert r.iommu_cap == CAP_PRESENT | CAP_S2 | CAP_S1 == 0b111
 
 
 def test_capabilities_with_five_level_add_s1_5lvl_and_57_bits(make_hv) -> None:

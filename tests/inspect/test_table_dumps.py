@@ -23,7 +23,8 @@ from pviommu.v1 import admin_pb2
 
 IOVA_BASE = 0x40_0000_0000
 RW = Perm.READ | Perm.WRITE
-PERM_TEXT = {RW: "rw-u", Perm.READ: "r--u"}
+#: x: the driver's format never sets XD (generic_pt), so every leaf is executable
+PERM_TEXT = {RW: "rwxu", Perm.READ: "r-xu"}
 
 
 @pytest.fixture
@@ -108,7 +109,7 @@ def test_cli_prints_the_trees_and_the_walk_and_draws_an_svg_naming_each_level(
     rc, out = _run(capsys, "inspect", addr, "stage1", "--token", ADMIN_TOKEN, "--partition", pid, "--domain",
                    str(DOM), "--json")
     assert rc == 0 and json.loads(out)["ranges"] == [
-        {"va": str(iova), "oa": str(DATA_START), "size": "4096", "perm": "rw-u"}]
+        {"va": str(iova), "oa": str(DATA_START), "size": "4096", "perm": "rwxu"}]
     rc, out = _run(capsys, "inspect", addr, "stage1", "--token", ADMIN_TOKEN, "--partition", pid, "--domain",
                    str(DOM))
     assert rc == 0 and f"IOVA {iova:#x}..{iova + 4095:#x} -> GPA {DATA_START:#x}" in out

@@ -31,6 +31,10 @@ from pvctl.replay import read_trace, replay_file
 from pviommu.abi import hv
 from pviommu.v1 import admin_pb2, common_pb2, hypervisor_pb2_grpc
 
+#: The recording and every fresh hypervisor: the v1 semantics (ATTACH of a device in a domain is
+#: refused with 0x66, one of the statuses the trace must show) and the S2 baseline (domain 5).
+HV_OPTIONS = ("--revision", "v1", "--s2-baseline")
+
 
 def _record(env: HvEnv, tmp: Path) -> tuple[list[int], Guest, Guest]:
     """A session of two guests: domains created, configured, attached, flushed,
@@ -42,7 +46,7 @@ def _record(env: HvEnv, tmp: Path) -> tuple[list[int], Guest, Guest]:
     dev_b, _, _ = env.device("dsa-b", b)
     st: list[int] = []
     st += [a.create(1), a.create(2), a.create(3), a.create(1)]                    # last: duplicate
-    st += [a.configure(1, 0x10_0000), a.configure(2, 0x20_0000), a.configure(3, blocked=True, translation=False)]
+    st += [a.configure(1, 0x10_0000), a.configure(2, 0x20_0000), a.configure(3, blocked=True, translation=True)]
     st += [a.configure(9, 0x10_0000), a.configure(1, 0x1234)]                       # unknown, unaligned
     st += [a.attach(1, dev_a), a.attach(2, dev_a2), a.attach(2, dev_a), a.attach(1, dev_b)]
     st += [a.flush(1), a.flush(2), a.flush(7)]
@@ -78,7 +82,7 @@ def _state(env: HvEnv) -> dict[tuple[str, int], tuple[Any, ...]]:
 @pytest.fixture
 def recorded(make_hv: Callable[..., HvEnv], tmp_path: Path) -> tuple[Path, HvEnv, list[int]]:
     trace = tmp_path / "trace.jsonl"
-    env = make_hv("--trace", str(trace))
+    env = make_hv("--trace", str(trace), *HV_OPTIONS)
     statuses, _, _ = _record(env, tmp_path)
     return trace, env, statuses
 
@@ -109,7 +113,7 @@ def test_trace_has_one_line_per_hypercall_with_its_bytes_and_status(recorded: tu
 def test_replay_against_a_fresh_hypervisor_reproduces_statuses_and_domain_state(
         recorded: tuple[Path, HvEnv, list[int]], make_hv: Callable[..., HvEnv]) -> None:
     trace, original, _ = recorded
-    fresh = make_hv()
+    fresh = make_hv(*HV_OPTIONS)
     # a partition the recording never had: every replayed id is shifted by one
     fresh.partition("decoy", 4 * MiB)
     report = replay_file(trace, fresh.address, ADMIN_TOKEN)
@@ -134,7 +138,7 @@ def test_replay_reports_a_recorded_status_that_the_fresh_hypervisor_does_not_giv
     rec[i]["status"], rec[i]["status_name"] = ACCESS_DENIED, "HV_STATUS_ACCESS_DENIED"
     tampered = tmp_path / "tampered.jsonl"
     tampered.write_text("\n".join(json.dumps(r) for r in rec) + "\n" + lines[-1][:20])  # and a torn last line
-    report = replay_file(tampered, make_hv().address, ADMIN_TOKEN)
+    report = replay_file(tampered, make_hv(*HV_OPTIONS).address, ADMIN_TOKEN)
     assert [(m.seq, m.expected, m.got) for m in report.mismatches] == [
         (rec[i]["seq"], "HV_STATUS_ACCESS_DENIED", "HV_STATUS_SUCCESS")]
     assert report.bad_lines == 1
@@ -144,6 +148,6 @@ def test_replay_cli_exits_zero_when_every_status_matches(recorded: tuple[Path, H
                                                          make_hv: Callable[..., HvEnv],
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     trace, _, _ = recorded
-    rc = cli(["replay", str(trace), "--hypervisor", make_hv().address, "--token", ADMIN_TOKEN, "--json"])
+    rc = cli(["replay", str(trace), "--hypervisor", make_hv(*HV_OPTIONS).address, "--token", ADMIN_TOKEN, "--json"])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["ok"] and out["mismatches"] == []

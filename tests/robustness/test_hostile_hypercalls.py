@@ -63,7 +63,7 @@ def make_world(tmp: Path) -> Iterator[World]:
     token_file = tmp / "admin-token"
     token_file.write_text(hvkit.ADMIN_TOKEN)
     env = hvkit.HvEnv.start(tmp, "--admin-token-file", str(token_file), "--flush-timeout", "2",
-                            "--bank0-size", str(64 * hvkit.MiB), "--max-domains", "8")
+                            "--bank0-size", str(64 * hvkit.MiB), "--max-domains", "8", "--s2-baseline")
     try:
         p1 = env.partition("p1", RAM, holes=[(8 * hvkit.MiB, 2 * hvkit.MiB)], read_only=[(10 * hvkit.MiB, hvkit.MiB)])
         p2 = env.partition("p2", RAM)
@@ -361,6 +361,9 @@ def test_killed_device_unit_is_marked_lost_and_hostile_hypercalls_keep_answering
     fake = env.fake_device()
     logical, _, _ = env.device(f"victim-{os.urandom(3).hex()}", world.p1, fake=fake)
     dom = 4
+    left = env.host.partitions[world.p1.pid].domains.get(dom)
+    for held in sorted(left.devices) if left is not None else []:  # v2: the fuzz may have attached some here
+        world.p1.detach(held)
     world.p1.delete(dom)  # whatever the fuzz left under this id
     assert world.p1.create(dom) == hvkit.SUCCESS and world.p1.configure(dom, 0x1000) == hvkit.SUCCESS
     assert world.p1.attach(dom, logical) == hvkit.SUCCESS

@@ -18,6 +18,9 @@ from pviommu.v1 import admin_pb2, common_pb2, guest_pb2
 pytestmark = [pytest.mark.system, pytest.mark.timeout(600)]
 
 
+#: the map-by-hypercall baseline these tests also run is a hypervisor option
+S2 = ["--s2-baseline"]
+
 def _params(iterations: int, threads: int = 1, design: str = "nested", **kw: Any) -> guest_pb2.DmatestParams:
     return guest_pb2.DmatestParams(test_buf_size=16384, threads_per_chan=threads, iterations=iterations,
                                    timeout=2000, alignment=-1, design=design, **kw)
@@ -44,7 +47,7 @@ def _agent_counters(guest: Any) -> dict[str, int]:
 
 
 def test_killing_one_guests_device_mid_dmatest_leaves_the_other_guest_clean() -> None:
-    with VirtualSystem(guests=2, devices_per_guest=1, memory_bytes=128 << 20) as system:
+    with VirtualSystem(guests=2, devices_per_guest=1, memory_bytes=128 << 20, hypervisor_args=S2) as system:
         victim, survivor = system.guests
         results: dict[int, Any] = {}
         t_victim = _run_async(victim, _params(100000, duration_s=60), results)
@@ -74,7 +77,7 @@ def test_killing_one_guests_device_mid_dmatest_leaves_the_other_guest_clean() ->
 
 
 def test_a_guest_killed_mid_dmatest_is_reclaimed_and_restarts_clean() -> None:
-    with VirtualSystem(guests=2, devices_per_guest=1, memory_bytes=128 << 20) as system:
+    with VirtualSystem(guests=2, devices_per_guest=1, memory_bytes=128 << 20, hypervisor_args=S2) as system:
         victim, survivor = system.guests
         baseline_frames = _hv_counters(system)["stage2_table_frames"]
         fresh_domains = len(system.admin.ListDomains(
@@ -103,7 +106,7 @@ def test_a_guest_killed_mid_dmatest_is_reclaimed_and_restarts_clean() -> None:
 
 
 def test_four_guests_with_two_devices_each_under_load_fail_nothing_and_leak_nothing() -> None:
-    with VirtualSystem(guests=4, devices_per_guest=2, memory_bytes=64 << 20) as system:
+    with VirtualSystem(guests=4, devices_per_guest=2, memory_bytes=64 << 20, hypervisor_args=S2) as system:
         before_hv = _hv_counters(system)
         before = {g.index: _agent_counters(g) for g in system.guests}
         results: dict[int, Any] = {}

@@ -6,7 +6,12 @@ address, 63 XD. Leaves at levels 0-2 (4K, 2M with PS, 1G with PS); 4 levels
 for a 48-bit VA, 5 for 57 bits; VAs are sign-extended (canonical).
 
 What we write follows generic_pt: tables P|RW|U|A, leaves P|U|A (+RW|D when
-writable, PS above level 0, XD when not executable, U/S cleared for PRIV).
+writable, PS above level 0, U/S cleared for PRIV). Like generic_pt's
+``x86_64_pt_iommu_set_prot`` we never set XD: execute-disable means something
+only under the PASID entry's NXE, which the context entry never enables, and
+with NXE clear a set XD is a reserved bit (the walker faults it), so every
+leaf is executable and ``Perm.EXEC`` cannot be taken away. Decoding still
+reads XD (a hostile or foreign entry may carry it).
 Setting A (and D) up front spares the hardware the atomic update; a walker
 still sets them when it finds them clear (guest-built tables may omit them).
 Reserved bits (QEMU's masks, VT-d 3.6): 51:oasz at every level, PS in
@@ -53,14 +58,14 @@ def _perm_of(key: int) -> Perm:
 
 #: prebuilt: enum arithmetic per entry is slow in a walker's hot loop
 _PERMS = tuple(_perm_of(key) for key in range(8))
-_WRITE, _EXEC, _PRIV = (int(p) for p in (Perm.WRITE, Perm.EXEC, Perm.PRIV))
+_WRITE, _PRIV = (int(p) for p in (Perm.WRITE, Perm.PRIV))
 
 
 class X86_64Format:
     """x86-64 4-level (48-bit) or 5-level (57-bit) paging."""
 
-    supported_perm = Perm.READ | Perm.WRITE | Perm.EXEC | Perm.PRIV
-    features = PtFeature.SIGN_EXTEND | PtFeature.AD_BITS | PtFeature.PRIV | PtFeature.EXEC | (PtFeature.PRESENT_BIT)
+    supported_perm = Perm.READ | Perm.WRITE | Perm.PRIV
+    features = PtFeature.SIGN_EXTEND | PtFeature.AD_BITS | PtFeature.PRIV | PtFeature.PRESENT_BIT
     leaf_levels: tuple[int, ...] = _LEAF_LEVELS
 
     def __init__(self, levels: int = 4, oasz_lg2: int = 52) -> None:
@@ -114,9 +119,7 @@ class X86_64Format:
             entry |= RW | D
         if level:
             entry |= PS
-        if not p & _EXEC:
-            entry |= XD
-        return entry
+        return entry  # never XD (generic_pt): reserved without NXE
 
     def reserved_mask(self, level: int, leaf: bool) -> int:
         return self._leaf_rsvd[level] if leaf else self._table_rsvd[level]
