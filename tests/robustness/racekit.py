@@ -1,0 +1,432 @@
+"""Kit of the ownership-race suite: several partitions and devices, DMA running
+on every device from every partition (honest and hostile) while a seeded
+scheduler changes domains and owners underneath.
+
+Real parts, in one process: ``Host`` and ``Hypercalls`` with the real
+invalidation queues in bank 0 (``QueueLink``); per device the pieces the
+device service assembles -- an ``IommuUnit``, a ``QueueConsumer`` on its slot,
+``dma_device.ownership.Ownership`` and a ``DsaDevice`` with engine threads.
+Only gRPC is left out: a submitter does what the servicer does (check the
+caller's epoch against the owner record, then submit under it), and
+sometimes what a racing servicer could do (submit under an epoch it checked
+a moment ago).
+
+The oracle sees every host run the unit hands the device, tagged with the
+epoch of the descriptor being executed, and knows who owned each (slot,
+epoch) -- recorded *before* the hypervisor publishes it. A run is a
+violation when it is outside that owner's RAM bank, in bank 0, or (for a
+write) on a page the owner never mapped writable in any of its domains.
+After every scheduler step the suite also checks that no partition's
+never-mapped RAM changed (canaries).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dma_device.dsa.device import DsaDevice, DsaDeviceConfig
+from dma_device.ownership import Ownership
+from hypervisor_svc.core.config import HypervisorConfig
+from hypervisor_svc.core.host import Host
+from hypervisor_svc.core.hypercalls import Hypercalls
+from hypervisor_svc.core.model import Partition
+from hypervisor_svc.rpc.device_client import QueueLink
+from pviommu.abi import hv
+from pviommu.abi.dsa import DescFlags, Descriptor, Opcode, WqCfg
+from pviommu.abi.hv_status import HvStatus
+from pviommu.abi.invq import Invalidation, OwnerFence, QueueItem
+from pviommu.addr import Gpa, Iova
+from pviommu.errors import AuthError, HvError
+from pviommu.iommu.unit import IommuUnit
+from pviommu.mem.bank import GuestRam, HostMemory, bank_index_of
+from pviommu.mem.dma import DmaMemory, DmaRuns, DmaTranslator
+from pviommu.mem.frames import FrameAllocator, guest_frames
+from pviommu.pt.common import Perm
+from pviommu.pt.fmt.x86_64 import X86_64Format
+from pviommu.pt.gather import IotlbGather
+from pviommu.pt.walk import PageTable, stage1_table
+from pviommu.rpc.auth import Principal
+
+MiB = 1 << 20
+PAGE = 4096
+SELF = hv.HV_PARTITION_ID_SELF
+RAM = 8 * MiB
+TABLES = (0, 1 * MiB)  # the guest's stage-1 table frames (A/D updates land here)
+BUFFERS = (1 * MiB, 3 * MiB)  # what domains map
+CANARY = (3 * MiB, RAM)  # never mapped: must never change
+IOVA_BASE = 0x10_0000_0000
+DOMAIN_IDS = (1, 2, 3, 4)
+FLAGS = int(DescFlags.CRAV | DescFlags.RCR)
+
+_running = threading.local()
+
+
+class TaggingDsa(DsaDevice):
+    """A DsaDevice that tells the oracle which epoch the running descriptor belongs to."""
+
+    def _run(self, d: Any, wq: Any, dma: Any, seq: int, pasid: int | None, epoch: int,  # type: ignore[override]
+             *, in_batch: bool) -> Any:
+        prev = getattr(_running, "epoch", None)
+        _running.epoch = epoch
+        try:
+            return super()._run(d, wq, dma, seq, pasid, epoch, in_batch=in_batch)
+        finally:
+            _running.epoch = prev
+
+
+@dataclass
+class Oracle:
+    #: (slot, epoch) -> owning partition id (0: nobody)
+    owners: dict[tuple[int, int], int] = field(default_factory=dict)
+    #: partition id -> bank index, and GPA pages it ever mapped writable / at all
+    banks: dict[int, int] = field(default_factory=dict)
+    writable: dict[int, set[int]] = field(default_factory=dict)
+    mapped: dict[int, set[int]] = field(default_factory=dict)
+    violations: list[str] = field(default_factory=list)
+    runs_checked: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def check(self, slot: int, iova: int, runs: DmaRuns, write: bool) -> None:
+        epoch = getattr(_running, "epoch", None)
+        with self.lock:
+            owner = self.owners.get((slot, epoch)) if epoch is not None else None
+            for run in runs.runs:
+                self.runs_checked += 1
+                index = bank_index_of(run.hpa)
+                where = f"slot {slot} epoch {epoch} (owner {owner}) {'write' if write else 'read'} " \
+                        f"IOVA {iova:#x} -> HPA {int(run.hpa):#x}+{run.length:#x}"
+                if not owner or index != self.banks.get(owner):
+                    self.violations.append(f"outside the owner's bank: {where}")
+                    continue
+                base = int(run.hpa) - ((index + 1) << 40)
+                allowed = self.writable[owner] if write else self.mapped[owner]
+                for page in range(base & ~0xFFF, base + run.length, PAGE):
+                    if page not in allowed:
+                        self.violations.append(f"page {page:#x} never mapped {'writable ' if write else ''}: {where}")
+                        break
+
+
+class OracleTranslator:
+    """The device's translator: the real unit, every answer shown to the oracle."""
+
+    def __init__(self, inner: DmaTranslator, oracle: Oracle, slot: int) -> None:
+        self.inner, self.oracle, self.slot = inner, oracle, slot
+
+    def translate(self, iova: Iova, length: int, write: bool) -> DmaRuns:
+        out = self.inner.translate(iova, length, write)
+        self.oracle.check(self.slot, int(iova), out, write)
+        return out
+
+
+class RacingDevice:
+    """One device as the device service assembles it (minus gRPC)."""
+
+    def __init__(self, memory_dir: Path, slot: int, oracle: Oracle) -> None:
+        self.slot = slot
+        self.memory = HostMemory(memory_dir)
+        self.unit = IommuUnit(self.memory)
+        self.device = TaggingDsa(None, DsaDeviceConfig(num_engines=2, num_groups=1, page_request_timeout=0.05))
+        self.own = Ownership(self.memory, slot, self.device, reset=self._power_on)
+        self.device.bind(DmaMemory(self.memory, OracleTranslator(self.unit.bind(slot), oracle, slot)))
+        self._power_on()
+        from pviommu.shm.invq import QueueConsumer
+        self.queue = QueueConsumer(self.memory, slot, self._handle)
+        self.fences = 0
+
+    def _power_on(self) -> None:
+        self.device.reset_device()
+        self.device.configure_group(0, [0], [0, 1])
+        self.device.configure_wq(0, WqCfg(wq_size=32, dedicated=True, priority=5))
+        self.device.enable_device()
+        self.device.enable_wq(0)
+
+    def _handle(self, item: QueueItem) -> None:
+        if isinstance(item, Invalidation):
+            item.apply(self.unit)
+        elif isinstance(item, OwnerFence):
+            self.own.fence(item.epoch)
+            self.fences += 1
+        else:
+            self.own.answer(item.request_id, item.code)
+
+    def close(self) -> None:
+        self.queue.close()
+        self.device.close()
+
+
+@dataclass
+class GuestDomain:
+    table: PageTable[Iova, Gpa, Gpa]
+    #: IOVA -> (GPA, writable)
+    maps: dict[int, tuple[int, bool]] = field(default_factory=dict)
+
+
+class GuestModel:
+    """What one partition's driver knows: its domains and their stage-1 tables."""
+
+    def __init__(self, part: Partition, oracle: Oracle, rng: random.Random) -> None:
+        self.part = part
+        self.oracle = oracle
+        self.rng = rng
+        self.ram = GuestRam(part.bank)
+        self.frames: FrameAllocator[Gpa] = guest_frames(self.ram, TABLES[0], TABLES[1] - TABLES[0])
+        self.domains: dict[int, GuestDomain] = {}
+        self.lock = threading.Lock()
+
+    def rebooted(self, part: Partition) -> None:
+        with self.lock:
+            self.part = part
+            self.ram = GuestRam(part.bank)
+            self.frames = guest_frames(self.ram, TABLES[0], TABLES[1] - TABLES[0])
+            self.domains.clear()
+
+    def new_table(self) -> GuestDomain:
+        table = stage1_table(X86_64Format(4), self.ram, self.frames)
+        dom = GuestDomain(table)
+        for _ in range(self.rng.randrange(4, 24)):
+            self.map_one(dom)
+        return dom
+
+    def map_one(self, dom: GuestDomain) -> None:
+        page = self.rng.randrange((BUFFERS[1] - BUFFERS[0]) // PAGE)
+        iova = IOVA_BASE + self.rng.randrange(64) * PAGE
+        if iova in dom.maps:
+            return
+        gpa = BUFFERS[0] + page * PAGE
+        writable = self.rng.random() < 0.7
+        pid = self.part.partition_id
+        with self.oracle.lock:  # known to the oracle before any device can walk it
+            self.oracle.mapped[pid].add(gpa)
+            if writable:
+                self.oracle.writable[pid].add(gpa)
+        dom.table.map(Iova(iova), Gpa(gpa), PAGE, Perm.READ | (Perm.WRITE if writable else Perm.NONE))
+        dom.maps[iova] = (gpa, writable)
+
+    def unmap_some(self, dom: GuestDomain) -> IotlbGather[Gpa]:
+        gather: IotlbGather[Gpa] = IotlbGather()
+        for iova in self.rng.sample(sorted(dom.maps), k=min(len(dom.maps), self.rng.randrange(1, 4))):
+            dom.table.unmap(Iova(iova), PAGE, gather)
+            del dom.maps[iova]
+        return gather
+
+    def iovas(self) -> list[int]:
+        with self.lock:
+            return [i for d in self.domains.values() for i in d.maps]
+
+    def canary(self) -> bytes:
+        return hashlib.sha256(self.part.bank.read(CANARY[0], CANARY[1] - CANARY[0])).digest()
+
+
+class Submitter(threading.Thread):
+    """One partition's DMA: descriptors to every device, under sessions it
+    opened (authorised by the owner record), kept stale on purpose sometimes."""
+
+    def __init__(self, guest: GuestModel, devices: list[RacingDevice], stop: threading.Event, seed: int,
+                 token: Callable[[], str]) -> None:
+        super().__init__(daemon=True, name=f"submitter-{guest.part.partition_id}")
+        self.guest, self.devices, self.stop, self.rng, self.token = guest, devices, stop, random.Random(seed), token
+        self.sessions: dict[int, Principal] = {}
+        #: every session this partition ever had per device (old ones are replayed, as a late write)
+        self.history: dict[int, list[Principal]] = {}
+        self.submitted = self.refused = self.stale = 0
+        self.errors: list[BaseException] = []
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                self.step()
+        except BaseException as exc:  # reported by the test thread
+            self.errors.append(exc)
+
+    def step(self) -> None:
+        dev = self.rng.choice(self.devices)
+        session = self.sessions.get(dev.slot)
+        if session is None or self.rng.random() < 0.1:
+            fresh = dev.own.authorize(self.token())
+            if fresh is None and not self.history.get(dev.slot):  # never owned it: try again later
+                self.stop.wait(0.002)
+                return
+            if fresh is not None:
+                session = self.sessions[dev.slot] = fresh
+                self.history.setdefault(dev.slot, []).append(fresh)
+            else:
+                session = self.rng.choice(self.history[dev.slot])
+        iovas = self.guest.iovas() or [IOVA_BASE]
+        pick: Callable[[], int] = lambda: (self.rng.choice(iovas) if self.rng.random() < 0.8  # noqa: E731
+                                           else IOVA_BASE + self.rng.randrange(64) * PAGE)
+        desc = Descriptor(opcode=Opcode.MEMMOVE, flags=FLAGS, completion_addr=pick() + 0x800, src_addr=pick(),
+                          dst_addr=pick(), xfer_size=self.rng.choice([8, 256, PAGE])).pack()
+        if self.rng.random() < 0.25:  # a write that checked its session long ago arrives now
+            late = self.rng.choice(self.history.get(dev.slot) or [session])
+            dev.device.submit(0, desc, epoch=late.epoch)
+            self.stale += 1
+        else:
+            try:
+                epoch = dev.own.check(session)
+            except AuthError:
+                self.refused += 1
+                self.sessions.pop(dev.slot, None)
+                return
+            dev.device.submit(0, desc, epoch=epoch)
+        self.submitted += 1
+        if self.submitted % 16 == 0:
+            self.stop.wait(0.001)
+
+
+class Race:
+    """The whole rig; ``step()`` runs one scheduler operation."""
+
+    def __init__(self, tmp: Path, seed: int, partitions: int = 3, devices: int = 2) -> None:
+        self.rng = random.Random(seed)
+        self.oracle = Oracle()
+        config = HypervisorConfig(bank0_bytes=8 * MiB, flush_timeout_s=0.15, domain_tags=6)
+        self.host = Host(tmp, "race-admin-" + os.urandom(6).hex(), config)
+        self.host.link = QueueLink(self.host.memory, config.flush_timeout_s)
+        publish = self.host._publish
+
+        def recorded(dev: Any, owner: Partition | None, *, quarantined: bool = False) -> None:
+            with self.oracle.lock:  # before the record exists: a descriptor of that epoch is judged right
+                self.oracle.owners[(dev.slot, dev.epoch + 1)] = owner.partition_id if owner and not quarantined else 0
+            publish(dev, owner, quarantined=quarantined)
+
+        self.host._publish = recorded  # type: ignore[method-assign]
+        self.calls = Hypercalls(self.host)
+        self.parts: list[Partition] = []
+        self.guests: list[GuestModel] = []
+        for i in range(partitions):
+            part = self.host.create_partition(f"p{i}", RAM)
+            part.bank.write(CANARY[0], random.Random(seed + i).randbytes(CANARY[1] - CANARY[0]))
+            self.oracle.banks[part.partition_id] = part.bank.index
+            self.oracle.writable[part.partition_id] = set()
+            self.oracle.mapped[part.partition_id] = set()
+            self.parts.append(part)
+            self.guests.append(GuestModel(part, self.oracle, random.Random(seed * 31 + i)))
+        self.devices: list[RacingDevice] = []
+        for i in range(devices):
+            d = self.host.register_device(f"dsa{i}", "in-process", 0x8086, 0x0B25, os.urandom(16), 0)
+            self.devices.append(RacingDevice(tmp, d.slot, self.oracle))
+            self.host.assign_device(d.logical_device_id, self.parts[i % partitions].partition_id)
+        self.canaries = [g.canary() for g in self.guests]
+        self.stop = threading.Event()
+        self.submitters = [Submitter(g, self.devices, self.stop, seed * 7 + i,
+                                     lambda i=i: self.parts[i].token) for i, g in enumerate(self.guests)]
+        self.counts: dict[str, int] = {}
+        self.timers: list[threading.Timer] = []
+
+    # -- scheduler ------------------------------------------------------------------------
+    def _dd(self, domain_id: int) -> hv.DeviceDomain:
+        return hv.DeviceDomain(SELF, hv.DeviceDomainId(hv.DeviceDomainType.S1, domain_id))
+
+    def _call(self, part: Partition, request: hv.HvRequest) -> int:
+        try:
+            self.calls.dispatch(part, request)
+        except HvError as exc:
+            return int(exc.hv_status)
+        return int(HvStatus.SUCCESS)
+
+    def _count(self, what: str) -> None:
+        self.counts[what] = self.counts.get(what, 0) + 1
+
+    def step(self) -> str:
+        i = self.rng.randrange(len(self.parts))
+        part, guest = self.parts[i], self.guests[i]
+        devs = [self.host.devices[d] for d in sorted(part.devices) if d in self.host.devices]
+        op = self.rng.choices(["create", "attach", "detach", "remap", "reconfigure", "delete", "move", "reset",
+                               "stall"], weights=[4, 4, 2, 4, 2, 2, 3, 1, 1])[0]
+        if op == "create":
+            free = [d for d in DOMAIN_IDS if d not in guest.domains]
+            if free:
+                dom_id = self.rng.choice(free)
+                with guest.lock:
+                    gd = guest.new_table()
+                    guest.domains[dom_id] = gd
+                if self._call(part, hv.CreateDeviceDomainInput(self._dd(dom_id))) == HvStatus.SUCCESS:
+                    settings = hv.DeviceDomainSettings(True, False, 0, Gpa(int(gd.table.root)))
+                    self._call(part, hv.ConfigureDeviceDomainInput(self._dd(dom_id), settings))
+                else:
+                    with guest.lock:
+                        del guest.domains[dom_id]
+        elif op == "attach" and devs and guest.domains:
+            dom_id = self.rng.choice(sorted(guest.domains))
+            dev = self.rng.choice(devs)
+            self._call(part, hv.AttachDeviceDomainInput(self._dd(dom_id), hv.HvDeviceId.logical(dev.logical_device_id)))
+        elif op == "detach" and devs:
+            dev = self.rng.choice(devs)
+            self._call(part, hv.DetachDeviceDomainInput(SELF, hv.HvDeviceId.logical(dev.logical_device_id)))
+        elif op == "remap" and guest.domains:
+            dom_id = self.rng.choice(sorted(guest.domains))
+            with guest.lock:
+                gd = guest.domains[dom_id]
+                gather = guest.unmap_some(gd) if gd.maps else IotlbGather()
+                guest.map_one(gd)
+            if self.rng.random() < 0.85:  # sometimes the guest "forgets" the flush: its own hazard only
+                self._call(part, hv.FlushDeviceDomainInput(self._dd(dom_id)))
+            for frame in gather.freelist:
+                guest.frames.free_table(frame)
+        elif op == "reconfigure" and guest.domains:
+            dom_id = self.rng.choice(sorted(guest.domains))
+            blocked = self.rng.random() < 0.3
+            settings = hv.DeviceDomainSettings(True, blocked, 0, Gpa(int(guest.domains[dom_id].table.root)))
+            self._call(part, hv.ConfigureDeviceDomainInput(self._dd(dom_id), settings))
+        elif op == "delete" and guest.domains:
+            dom_id = self.rng.choice(sorted(guest.domains))
+            if self._call(part, hv.DeleteDeviceDomainInput(self._dd(dom_id))) == HvStatus.SUCCESS:
+                with guest.lock:
+                    gd = guest.domains.pop(dom_id)
+                    gd.table.destroy()
+        elif op == "move":
+            dev = self.host.devices[self.rng.choice(sorted(self.host.devices))]
+            target = self.rng.choice(self.parts)
+            try:
+                self.host.unassign_device(dev.logical_device_id)
+                self.host.assign_device(dev.logical_device_id, target.partition_id)
+            except HvError as exc:
+                return f"move refused {HvStatus.name_of(exc.hv_status)}"
+        elif op == "stall":  # a unit that stops consuming its queue for a while; its engines go on
+            stalled = self.rng.choice(self.devices)
+            stalled.queue.paused.set()
+            timer = threading.Timer(self.rng.uniform(0.1, 0.6), stalled.queue.paused.clear)
+            timer.daemon = True
+            timer.start()
+            self.timers.append(timer)
+        elif op == "reset":
+            try:
+                self.host.reset_partition(part.partition_id)
+            except HvError as exc:
+                return f"reset refused {HvStatus.name_of(exc.hv_status)}"
+            guest.rebooted(part)
+            self.canaries[i] = guest.canary()  # the reset zeroed the RAM
+        else:
+            return "noop"
+        self._count(op)
+        return op
+
+    def check(self, step: int, op: str) -> None:
+        for i, g in enumerate(self.guests):
+            assert g.canary() == self.canaries[i], f"step {step} ({op}): never-mapped RAM of {g.part.name} changed"
+        with self.oracle.lock:
+            assert not self.oracle.violations, f"step {step} ({op}): " + "; ".join(self.oracle.violations[:5])
+        for s in self.submitters:
+            assert not s.errors, f"submitter failed: {s.errors[0]!r}"
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.timers:
+            t.cancel()
+        for d in self.devices:
+            d.queue.paused.clear()
+        for s in self.submitters:
+            s.join(10)
+        for d in self.devices:
+            d.close()
+        link = self.host.link
+        self.host.close()
+        if isinstance(link, QueueLink):
+            link.close()
