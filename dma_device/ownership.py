@@ -14,10 +14,10 @@ queue goes on and its wait acknowledges the fence.
 from __future__ import annotations
 
 import itertools
-import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from dma_device.dsa.device import DsaDevice
 from pviommu.abi.invq import PageResponseCode
@@ -28,6 +28,14 @@ from pviommu.mem.bank import HostMemory
 from pviommu.rpc.auth import Principal, token_digest
 
 log = get_logger("dma_device.ownership")
+
+
+class Sink(Protocol):
+    """Where a listener's interrupts go (``pviommu.rpc.feeds.AsyncFeed``, a queue...)."""
+
+    def put(self, item: int) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -52,7 +60,7 @@ class Ownership:
         self._fenced_epoch = -1
         self.owners = OwnerTable(memory)
         self.lock = threading.Lock()
-        self._listeners: list[tuple[int, queue.SimpleQueue[int | None]]] = []
+        self._listeners: list[tuple[int, Sink]] = []
         self._pending: dict[int, PendingPageRequest] = {}
         self._request_ids = itertools.count(1)
         self._seq = itertools.count(1)
@@ -94,15 +102,13 @@ class Ownership:
                 if e == epoch:
                     q.put(handle)
 
-    def subscribe(self, epoch: int) -> queue.SimpleQueue[int | None]:
-        q: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    def subscribe(self, epoch: int, sink: Sink) -> None:
         with self.lock:
-            self._listeners.append((epoch, q))
-        return q
+            self._listeners.append((epoch, sink))
 
-    def unsubscribe(self, q: queue.SimpleQueue[int | None]) -> None:
+    def unsubscribe(self, sink: Sink) -> None:
         with self.lock:
-            self._listeners = [(e, x) for e, x in self._listeners if x is not q]
+            self._listeners = [(e, x) for e, x in self._listeners if x is not sink]
 
     def next_sequence(self) -> int:
         return next(self._seq)
@@ -139,7 +145,7 @@ class Ownership:
             self._listeners = [(e, q) for e, q in self._listeners if e == keep]
             cancelled = [p for p in self._pending.values() if p.epoch != keep]
         for q in ended:
-            q.put(None)
+            q.close()
         for p in cancelled:
             p.answered.set()  # answer stays None: the engine gives up blocking
         dropped = self.device.end_epochs_except(keep)

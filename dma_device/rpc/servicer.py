@@ -16,8 +16,7 @@ gRPC. Who may call what:
 
 from __future__ import annotations
 
-import queue
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +29,7 @@ from pviommu.errors import AuthError, PviommuError
 from pviommu.iommu.unit import IommuUnit
 from pviommu.log import get_logger
 from pviommu.rpc.auth import Principal, require
+from pviommu.rpc.feeds import AsyncFeed
 from pviommu.rpc.status import grpc_errors, grpc_stream_errors
 from pviommu.v1 import common_pb2, dsa_pb2, dsa_pb2_grpc
 
@@ -138,27 +138,28 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
             return dsa_pb2.SubmissionAck(tag=sub.tag, accepted=False, error=str(exc))
         return dsa_pb2.SubmissionAck(tag=sub.tag, accepted=accepted)
 
-    def Portal(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+    async def Portal(self, request_iterator: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
         """Descriptors in; an ack out for each one not marked ``posted``. Each
         submission is checked against the owner record: the stream ends
-        (PERMISSION_DENIED) at the first one after its owner lost the device."""
+        (PERMISSION_DENIED) at the first one after its owner lost the device.
+        (The data path is the shared-memory portal; this stays for scripts.)"""
         try:
             principal, _ = self._caller()
         except PviommuError as exc:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-        for sub in request_iterator:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        async for sub in request_iterator:
             try:
                 epoch = self.own.check(principal)
             except AuthError as exc:
-                context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
             ack = self._submit(sub, epoch)
             if not sub.posted:
                 yield ack
             elif ack.error or not ack.accepted:
                 # A posted write has no ack to carry the refusal: end the stream.
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"posted submission {sub.tag} to WQ {sub.wq_id} refused: "
-                              f"{ack.error or 'the WQ is shared and did not accept it (post to a dedicated WQ)'}")
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"posted submission {sub.tag} to WQ {sub.wq_id} refused: "
+                                    f"{ack.error or 'the WQ is shared and did not accept it (post to a dedicated WQ)'}")
 
     @grpc_errors
     def Submit(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -166,23 +167,17 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
         return dsa_pb2.SubmitBatchReply(acks=[self._submit(s, epoch) for s in request.submissions])
 
     @grpc_stream_errors
-    def StreamInterrupts(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    async def StreamInterrupts(self, request: Any, context: Any) -> AsyncIterator[Any]:
         """The completion interrupts of this epoch's descriptors; ends when the
-        device changes owner."""
+        device changes owner. Waiting holds no thread."""
         _, epoch = self._caller()
-        q = self.own.subscribe(epoch)
-        context.add_callback(lambda: q.put(None))
+        feed: AsyncFeed[int] = AsyncFeed()
+        self.own.subscribe(epoch, feed)
         try:
-            while context.is_active():
-                try:
-                    handle = q.get(timeout=0.5)
-                except queue.Empty:
-                    continue
-                if handle is None:
-                    return
+            async for handle in feed:
                 yield dsa_pb2.Interrupt(int_handle=handle, sequence=self.own.next_sequence())
         finally:
-            self.own.unsubscribe(q)
+            self.own.unsubscribe(feed)
 
     @grpc_errors
     def GetCounters(self, request: Any, context: grpc.ServicerContext) -> Any:

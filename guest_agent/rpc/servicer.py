@@ -10,9 +10,8 @@ keeps serving.
 from __future__ import annotations
 
 import itertools
-import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -25,11 +24,11 @@ from guest_agent.dsa.driver import status_name
 from pviommu.abi.hv import IommuCap
 from pviommu.log import get_logger
 from pviommu.rpc.auth import require
+from pviommu.rpc.feeds import AsyncFeed
 from pviommu.rpc.status import grpc_errors, grpc_stream_errors
 from pviommu.v1 import common_pb2, guest_pb2, guest_pb2_grpc
 
 log = get_logger("guest.rpc")
-_DONE = object()
 
 
 def domain_message(d: Domain) -> guest_pb2.AgentDomain:
@@ -200,15 +199,16 @@ class GuestAgentServicer(guest_pb2_grpc.GuestAgentServicer):
         return reply
 
     @grpc_stream_errors
-    def RunDmatest(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    async def RunDmatest(self, request: Any, context: Any) -> AsyncIterator[Any]:
         """Runs dmatest in a worker thread and streams its run id, lines and
         progress, then the result. StopDmatest ends it as dmatest's run=0 does
-        (summaries and result still come); a cancelled call stops it too."""
+        (summaries and result still come); a cancelled call stops it too. The
+        stream itself waits on the event loop (no server thread)."""
         self._auth()
         params = dmatest_params(request)
         run_id = next(self._run_ids)
         run = _Run()
-        events: queue.Queue[object] = queue.Queue()
+        events: AsyncFeed[object] = AsyncFeed(maxsize=1 << 16)
         box: dict[str, Any] = {}
         last_progress = [0]
 
@@ -221,7 +221,6 @@ class GuestAgentServicer(guest_pb2_grpc.GuestAgentServicer):
             with self._runs_lock:
                 run.test = test
                 stop_now = run.stop_requested
-            context.add_callback(test.stop)
             if stop_now:
                 test.stop()
 
@@ -233,19 +232,24 @@ class GuestAgentServicer(guest_pb2_grpc.GuestAgentServicer):
             except BaseException as exc:
                 box["error"] = exc
             finally:
-                events.put(_DONE)
+                events.close()
 
         with self._runs_lock:
             self._runs[run_id] = run
+        finished = False
         try:
             yield guest_pb2.DmatestEvent(run_id=run_id)
             threading.Thread(target=work, name=f"dmatest-{run_id}", daemon=True).start()
-            while True:
-                ev = events.get()
-                if ev is _DONE:
-                    break
+            async for ev in events:
                 yield ev
+            finished = True
         finally:
+            if not finished:  # the call was cancelled (or failed): stop the test threads
+                with self._runs_lock:
+                    run.stop_requested = True
+                    test = run.test
+                if test is not None:
+                    test.stop()
             with self._runs_lock:
                 self._runs.pop(run_id, None)
         if "error" in box:
@@ -268,21 +272,36 @@ class GuestAgentServicer(guest_pb2_grpc.GuestAgentServicer):
         return guest_pb2.DmatestStopReply(stopped=len(runs))
 
     @grpc_stream_errors
-    def StreamFaults(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        """Relay the hypervisor's fault stream of this partition."""
+    async def StreamFaults(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        """Relay the hypervisor's fault stream of this partition (a relay thread
+        reads upstream; this stream waits on the event loop)."""
         self._auth()
         upstream = self.agent.hv.stream_faults(follow=request.follow)
-        cancel = getattr(upstream, "cancel", None)
-        if cancel is not None:
-            context.add_callback(cancel)
+        feed: AsyncFeed[Any] = AsyncFeed()
+        failure: list[grpc.RpcError] = []
+
+        def relay() -> None:
+            try:
+                for f in upstream:
+                    feed.put(f)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.CANCELLED:
+                    failure.append(exc)
+            finally:
+                feed.close()
+
+        threading.Thread(target=relay, name="fault-relay", daemon=True).start()
         try:
-            for f in upstream:
+            async for f in feed:
                 yield guest_pb2.GuestFault(sequence=f.sequence, logical_device_id=f.logical_device_id, iova=f.iova,
                                            write=f.write, reason=f.reason, reason_name=f.reason_name,
                                            detail=f.detail)
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                raise
+        finally:
+            cancel = getattr(upstream, "cancel", None)
+            if cancel is not None:
+                cancel()
+        if failure:
+            raise failure[0]
 
     @grpc_errors
     def GetStats(self, request: Any, context: grpc.ServicerContext) -> Any:

@@ -1,14 +1,16 @@
 """Per-partition fault log: DMA faults reported by IOMMU units, offered to the
 owning guest as a stream (and to the admin). A partition only ever sees its
-own log; sequence numbers let a reader resume without loss."""
+own log; sequence numbers let a reader resume without loss. Followers are
+sinks (``pviommu.rpc.feeds.AsyncFeed``: a following stream holds no thread)
+fed as entries arrive, and closed with the log."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,12 @@ class FaultEntry:
     timestamp: float = field(default_factory=time.time)
 
 
+class Follower(Protocol):
+    def put(self, item: FaultEntry) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class FaultLog:
     def __init__(self, capacity: int) -> None:
         self._entries: deque[FaultEntry] = deque(maxlen=capacity)
@@ -34,6 +42,22 @@ class FaultLog:
         self._seq = 0
         self.dropped = 0
         self._closed = False
+        self._followers: list[Follower] = []
+
+    def subscribe(self, follower: Follower, after: int = 0) -> list[FaultEntry]:
+        """Feed ``follower`` every later entry; returns those after ``after`` so far
+        (nothing lost or doubled between the two). A closed log closes it at once."""
+        with self._cond:
+            if self._closed:
+                follower.close()
+            else:
+                self._followers.append(follower)
+            return [e for e in self._entries if e.sequence > after]
+
+    def unsubscribe(self, follower: Follower) -> None:
+        with self._cond:
+            if follower in self._followers:
+                self._followers.remove(follower)
 
     def append(self, **fields: object) -> FaultEntry:
         with self._cond:
@@ -43,31 +67,21 @@ class FaultLog:
             entry = FaultEntry(sequence=self._seq, **fields)  # type: ignore[arg-type]
             self._entries.append(entry)
             self._cond.notify_all()
+            for f in self._followers:
+                f.put(entry)
             return entry
 
     def snapshot(self, after: int = 0) -> list[FaultEntry]:
         with self._cond:
             return [e for e in self._entries if e.sequence > after]
 
-    def follow(self, after: int, alive: Callable[[], bool], poll_s: float = 0.5) -> Iterator[FaultEntry]:
-        """Yield entries after ``after`` as they come while ``alive()``."""
-        last = after
-        while True:
-            with self._cond:
-                pending = [e for e in self._entries if e.sequence > last]
-                if not pending and not self._closed:
-                    self._cond.wait(poll_s)
-                    pending = [e for e in self._entries if e.sequence > last]
-            for e in pending:
-                last = e.sequence
-                yield e
-            if self._closed or not alive():
-                return
-
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            followers, self._followers = self._followers, []
+        for f in followers:
+            f.close()
 
     def __len__(self) -> int:
         return len(self._entries)

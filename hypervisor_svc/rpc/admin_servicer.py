@@ -4,7 +4,7 @@ the work; refusals come back as an HvResult in the body."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -13,7 +13,7 @@ from hypervisor_svc.core.host import Host
 from hypervisor_svc.core.inspect import Dump, Explainer, dump_stage1, dump_stage2, perm_text
 from hypervisor_svc.core.model import Device, Partition
 from hypervisor_svc.core.trace import who
-from hypervisor_svc.rpc.hypercall_servicer import fault_message, hv_result
+from hypervisor_svc.rpc.hypercall_servicer import fault_message, follow_faults, hv_result
 from pviommu.abi.hv_status import HvStatus
 from pviommu.errors import HvError
 from pviommu.iommu.context import ContextEntry, Pgtt, context_hpa
@@ -200,19 +200,19 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return admin_pb2.Stats(counters=counters)
 
     @grpc_stream_errors
-    def StreamFaults(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    async def StreamFaults(self, request: Any, context: Any) -> AsyncIterator[Any]:
         require("admin")
         with self.host.lock:
             parts = [p for p in self.host.partitions.values()
                      if not request.partition_id or p.partition_id == request.partition_id]
         if request.follow and len(parts) == 1 and parts[0].faults is not None:
-            yield from (fault_message(e) for e in parts[0].faults.follow(request.after_sequence, context.is_active))
+            async for e in follow_faults(parts[0].faults, request.after_sequence):
+                yield fault_message(e)
             return
         for p in parts:
             if p.faults is not None:
                 for e in p.faults.snapshot(request.after_sequence):
                     yield fault_message(e)
-
 
     # -- inspection ------------------------------------------------------------------
     @grpc_errors

@@ -10,12 +10,12 @@ error.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 
-from hypervisor_svc.core.faults import FaultEntry
+from hypervisor_svc.core.faults import FaultEntry, FaultLog
 from hypervisor_svc.core.host import Host
 from hypervisor_svc.core.hypercalls import HvAnswer, Hypercalls
 from hypervisor_svc.core.model import Partition
@@ -24,6 +24,7 @@ from pviommu.abi.hv_status import HvStatus
 from pviommu.addr import Gpa, Iova
 from pviommu.errors import HvError, PviommuError
 from pviommu.rpc.auth import require
+from pviommu.rpc.feeds import AsyncFeed
 from pviommu.rpc.status import grpc_errors, grpc_stream_errors
 from pviommu.v1 import common_pb2, hypervisor_pb2, hypervisor_pb2_grpc
 
@@ -41,6 +42,24 @@ def device_domain(msg: hypervisor_pb2.DeviceDomain) -> hv.DeviceDomain:
         domain_id=hv.DeviceDomainId(type=msg.domain_type, id=msg.domain_id),
         owner_vtl=hv.HvInputVtl.from_u8(vtl, "owner_vtl"),
     )
+
+
+async def follow_faults(log: FaultLog, after: int) -> AsyncIterator[FaultEntry]:
+    """The log's entries after ``after``, then each new one as it comes, until
+    the log closes (the partition was reset or destroyed). Holds no thread."""
+    feed: AsyncFeed[FaultEntry] = AsyncFeed()
+    backlog = log.subscribe(feed, after)
+    last = after
+    try:
+        for e in backlog:
+            last = e.sequence
+            yield e
+        async for e in feed:
+            if e.sequence > last:
+                last = e.sequence
+                yield e
+    finally:
+        log.unsubscribe(feed)
 
 
 def fault_message(e: FaultEntry) -> hypervisor_pb2.Fault:
@@ -208,7 +227,7 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
             for d in devs])
 
     @grpc_stream_errors
-    def StreamFaults(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    async def StreamFaults(self, request: Any, context: Any) -> AsyncIterator[Any]:
         caller = self._caller()
         log = caller.faults
         assert log is not None
@@ -216,7 +235,7 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
             for e in log.snapshot(request.after_sequence):
                 yield fault_message(e)
             return
-        for e in log.follow(request.after_sequence, context.is_active):
+        async for e in follow_faults(log, request.after_sequence):
             yield fault_message(e)
 
     @grpc_errors

@@ -2,9 +2,9 @@
 
 A caller sends ``authorization: Bearer <token>`` metadata. The server's
 interceptor resolves the token to a ``Principal`` (admin, partition, device,
-host) with a resolver supplied by the service and puts it in a context
-variable for the handler (grpc's sync server runs interceptor and handler in
-one copied context, so nothing leaks between calls). The caller's partition
+host) with a resolver supplied by the service and binds it in a context
+variable for the handler's whole run (``pviommu.rpc.handlers.wrap_handler``:
+in the handler's own thread or task), so nothing leaks between calls. The caller's partition
 is always taken from here, never from a request field.
 """
 
@@ -14,13 +14,16 @@ import contextvars
 import hashlib
 import hmac
 import secrets
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from pviommu.errors import AuthError
+from pviommu.rpc.handlers import is_streaming, refusing_handler, wrap_handler
 
 AUTH_HEADER = "authorization"
 _current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("pviommu_principal", default=None)
@@ -88,47 +91,85 @@ def bearer_of(metadata: Any) -> str | None:
     return None
 
 
-class TokenAuthInterceptor(grpc.ServerInterceptor):
+@contextmanager
+def _bound(principal: Principal) -> Iterator[None]:
+    token = _current.set(principal)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+class StreamQuota:
+    """Streams one principal may hold open at once (RESOURCE_EXHAUSTED beyond):
+    one partition's idle streams can never crowd out anybody else."""
+
+    def __init__(self, per_principal: int) -> None:
+        self.per_principal = per_principal
+        self._open: dict[tuple[str, int], int] = {}
+        self._lock = threading.Lock()
+
+    def reserve(self, principal: Principal) -> bool:
+        key = (principal.kind, principal.id)
+        with self._lock:
+            n = self._open.get(key, 0)
+            if n >= self.per_principal:
+                return False
+            self._open[key] = n + 1
+            return True
+
+    def release(self, principal: Principal) -> None:
+        key = (principal.kind, principal.id)
+        with self._lock:
+            n = self._open.get(key, 0) - 1
+            if n <= 0:
+                self._open.pop(key, None)
+            else:
+                self._open[key] = n
+
+    def open_streams(self, principal: Principal) -> int:
+        with self._lock:
+            return self._open.get((principal.kind, principal.id), 0)
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Resolve the bearer token; unauthenticated calls to non-public methods
-    are refused with UNAUTHENTICATED before any handler runs."""
+    are refused with UNAUTHENTICATED before any handler runs. The principal
+    is bound for the handler's whole run, in its own thread or task; streams
+    count against ``quota`` while they are open."""
 
-    def __init__(self, resolve: Callable[[str], Principal | None]) -> None:
+    def __init__(self, resolve: Callable[[str], Principal | None], quota: StreamQuota | None = None) -> None:
         self._resolve = resolve
+        self.quota = quota
 
-    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+    async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
-        if method.startswith(PUBLIC_PREFIXES):
-            return continuation(handler_call_details)
+        if handler is None or method.startswith(PUBLIC_PREFIXES):
+            return handler
         token = bearer_of(handler_call_details.invocation_metadata)
         principal = self._resolve(token) if token else None
         if principal is None:
             why = "missing credential" if not token else "unknown credential"
-            return _refuse(continuation(handler_call_details), why)
-        _current.set(principal)
-        return continuation(handler_call_details)
+            return refusing_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
+                                    f"{why}: send 'authorization: Bearer <token>'")
+        quota = self.quota
+        if quota is None or not is_streaming(handler):
+            return wrap_handler(handler, lambda _ctx: _bound(principal))
+        if not quota.reserve(principal):
+            return refusing_handler(handler, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"{principal.kind} {principal.id} already holds {quota.per_principal} open "
+                                    f"streams on this service (the limit); close one first")
 
+        @contextmanager
+        def counted(_ctx: Any) -> Iterator[None]:
+            try:
+                with _bound(principal):
+                    yield
+            finally:
+                quota.release(principal)
 
-def _refuse(handler: Any, why: str) -> Any:
-    def abort(request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{why}: send 'authorization: Bearer <token>'")
-
-    if handler is None:
-        return None
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(
-            abort, handler.request_deserializer, handler.response_serializer
-        )
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(
-            abort, handler.request_deserializer, handler.response_serializer
-        )
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(
-            abort, handler.request_deserializer, handler.response_serializer
-        )
-    return grpc.unary_unary_rpc_method_handler(
-        abort, handler.request_deserializer, handler.response_serializer
-    )
+        return wrap_handler(handler, counted)
 
 
 class BearerClientInterceptor(

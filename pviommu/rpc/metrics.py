@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -24,11 +25,15 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from pviommu.rpc.handlers import wrap_handler
+from pviommu.rpc.status import ABORTED_WITH
+
 _NAME = re.compile(r"[^a-zA-Z0-9_]")
 
 
-class RpcMetricsInterceptor(grpc.ServerInterceptor):
-    """Observes the latency of unary RPCs (streams are timed to their end)."""
+class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Observes the latency of every RPC (streams are timed to their end) by
+    method and final status code."""
 
     def __init__(self, registry: CollectorRegistry, service: str) -> None:
         self.latency = Histogram(
@@ -38,28 +43,30 @@ class RpcMetricsInterceptor(grpc.ServerInterceptor):
         )
         self.service = service
 
-    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
-        handler = continuation(handler_call_details)
-        if handler is None or handler.request_streaming or handler.response_streaming:
+    async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
-        inner = handler.unary_unary
 
-        def timed(request: Any, context: grpc.ServicerContext) -> Any:
+        @contextmanager
+        def timed(_ctx: Any) -> Iterator[None]:
             started = time.perf_counter()
+            token = ABORTED_WITH.set(None)
             code = "OK"
             try:
-                return inner(request, context)
-            except Exception:
+                yield
+            except BaseException:
                 code = "ERROR"
                 raise
             finally:
-                got = context.code() if hasattr(context, "code") else None
-                if got is not None and got != grpc.StatusCode.OK:
-                    code = got.name if isinstance(got, grpc.StatusCode) else str(got)
+                aborted = ABORTED_WITH.get()
+                if aborted is not None:
+                    code = aborted.name
+                ABORTED_WITH.reset(token)
                 self.latency.labels(self.service, method, code).observe(time.perf_counter() - started)
 
-        return grpc.unary_unary_rpc_method_handler(timed, handler.request_deserializer, handler.response_serializer)
+        return wrap_handler(handler, timed)
 
 
 class CounterCollector(Collector):

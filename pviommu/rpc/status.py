@@ -10,13 +10,17 @@ with the exception text, never a dropped connection.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+from grpc.aio import AbortError
 from grpc_status import rpc_status
 
 from pviommu.abi.hv_status import HvStatus
@@ -95,34 +99,75 @@ def error_info(err: grpc.RpcError) -> dict[str, str]:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: the code the current call was aborted with (read by the metrics interceptor)
+ABORTED_WITH: contextvars.ContextVar[grpc.StatusCode | None] = contextvars.ContextVar("pviommu_aborted_with",
+                                                                                    default=None)
+
+
+def _status_of(exc: Exception) -> grpc.Status:
+    if isinstance(exc, PviommuError):
+        return to_status(exc)
+    # a bug: say so clearly instead of dropping the call
+    st = status_pb2.Status(code=grpc.StatusCode.INTERNAL.value[0], message=f"{type(exc).__name__}: {exc}")
+    status: grpc.Status = rpc_status.to_status(st)
+    return status
+
+
+def abort_sync(context: Any, exc: Exception) -> None:
+    """Abort a call served in the thread pool with the rich status of ``exc``."""
+    st = _status_of(exc)
+    ABORTED_WITH.set(st.code)
+    context.set_trailing_metadata(st.trailing_metadata)
+    context.abort(st.code, st.details)
+
+
+async def abort_async(context: Any, exc: Exception) -> None:
+    """Abort a call served on the event loop with the rich status of ``exc``."""
+    st = _status_of(exc)
+    ABORTED_WITH.set(st.code)
+    await context.abort(st.code, st.details, st.trailing_metadata)
+
 
 def grpc_errors(fn: F) -> F:
-    """Decorate a unary servicer method: map PviommuError to a rich status."""
+    """Decorate a unary servicer method: map PviommuError to a rich status.
+    Works for plain methods (run in the server's thread pool) and coroutines."""
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def async_wrapper(self: Any, request: Any, context: Any) -> Any:
+            try:
+                return await fn(self, request, context)
+            except (grpc.RpcError, asyncio.CancelledError, AbortError):
+                raise
+            except Exception as exc:
+                await abort_async(context, exc)
+        return async_wrapper  # type: ignore[return-value]
 
     @functools.wraps(fn)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+    def wrapper(self: Any, request: Any, context: Any) -> Any:
         try:
             return fn(self, request, context)
-        except PviommuError as exc:
-            context.abort_with_status(to_status(exc))
-        except grpc.RpcError:
+        except (grpc.RpcError, AbortError):
             raise
-        except Exception as exc:  # a bug: say so clearly instead of dropping the call
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            abort_sync(context, exc)
 
     return wrapper  # type: ignore[return-value]
 
 
 def grpc_stream_errors(fn: F) -> F:
-    """Like ``grpc_errors`` for server-streaming methods (generators)."""
+    """Like ``grpc_errors`` for streaming methods (async generators: an open
+    stream holds no thread of the server)."""
+    if not inspect.isasyncgenfunction(fn):
+        raise TypeError(f"{fn.__qualname__}: streaming methods are async generators (grpc.aio)")
 
     @functools.wraps(fn)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+    async def wrapper(self: Any, request: Any, context: Any) -> Any:
         try:
-            yield from fn(self, request, context)
-        except PviommuError as exc:
-            context.abort_with_status(to_status(exc))
+            async for item in fn(self, request, context):
+                yield item
+        except (grpc.RpcError, asyncio.CancelledError, AbortError):
+            raise
         except Exception as exc:
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            await abort_async(context, exc)
 
     return wrapper  # type: ignore[return-value]
