@@ -1,0 +1,356 @@
+//! `pviommu._native`: the optional compiled core of pviommu's IOMMU unit.
+//!
+//! The Python modules stay the reference and the fallback
+//! (`pviommu/iommu/nested.py`, `iotlb.py`, `unit.py`, `pviommu/mem/dma.py`);
+//! `pviommu/iommu/native.py` is the only Python code that imports this module,
+//! and the tests compare the two implementations on the same inputs.
+
+mod iotlb;
+mod mem;
+mod translate;
+mod walk;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyTuple};
+
+use crate::iotlb::{Core, Entry, Extent};
+use crate::mem::{scatter_copy, Mapping};
+use crate::walk::{Ctx, FsFormat, WalkFault, WalkMem, WalkOk};
+
+/// A Python int that may be 2**64 (exclusive range ends).
+fn end_of(obj: &Bound<'_, PyAny>) -> PyResult<u128> {
+    match obj.extract::<u64>() {
+        Ok(v) => Ok(u128::from(v)),
+        Err(_) => obj.extract::<u128>(),
+    }
+}
+
+fn nonempty(start: u64, end: u128) -> PyResult<()> {
+    if end <= u128::from(start) {
+        return Err(PyValueError::new_err(format!("empty range [{start:#x}, {end:#x})")));
+    }
+    Ok(())
+}
+
+fn aligned(iova: u64, size_lg2: u32) -> PyResult<()> {
+    if size_lg2 >= 64 || iova & ((1u64 << size_lg2) - 1) != 0 {
+        return Err(PyValueError::new_err(format!("IOVA {iova:#x} is not aligned to 2**{size_lg2}")));
+    }
+    Ok(())
+}
+
+// ---- IOTLB ------------------------------------------------------------------------------
+/// The IOTLB (`pviommu.iommu.iotlb.Iotlb`'s methods and semantics). Entries
+/// come back as the reference's `IotlbEntry` objects, statistics as its
+/// `IotlbStats`; both classes are given at construction.
+#[pyclass(module = "pviommu._native", name = "Iotlb", frozen, subclass)]
+pub struct PyIotlb {
+    core: Core,
+    entry_cls: Py<PyAny>,
+    stats_cls: Py<PyAny>,
+}
+
+impl PyIotlb {
+    fn entry_obj<'py>(&self, py: Python<'py>, e: &Entry) -> PyResult<Bound<'py, PyAny>> {
+        self.entry_cls.bind(py).call1((e.iova, e.hpa, e.size_lg2, e.read, e.write))
+    }
+}
+
+#[pymethods]
+impl PyIotlb {
+    #[new]
+    #[pyo3(signature = (capacity=8192, *, entry_cls, stats_cls))]
+    fn new(capacity: u64, entry_cls: Py<PyAny>, stats_cls: Py<PyAny>) -> Self {
+        PyIotlb { core: Core::new(capacity), entry_cls, stats_cls }
+    }
+
+    #[getter]
+    fn capacity(&self) -> u64 {
+        self.core.lock().capacity
+    }
+
+    #[setter]
+    fn set_capacity(&self, value: u64) {
+        self.core.lock().capacity = value;
+    }
+
+    /// Read before a walk; pass to `insert`.
+    #[getter]
+    fn generation(&self) -> u64 {
+        self.core.lock().generation
+    }
+
+    fn __len__(&self) -> usize {
+        self.core.lock().len() as usize
+    }
+
+    /// A snapshot of the counters, as an `IotlbStats`.
+    #[getter]
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let s = self.core.lock().stats;
+        self.stats_cls.bind(py).call1((
+            s.hits, s.misses, s.inserts, s.late_inserts_dropped, s.evictions, s.inv_global, s.inv_domain,
+            s.inv_pages, s.entries_dropped,
+        ))
+    }
+
+    #[pyo3(signature = (did, iova, write=false, *, count=true))]
+    fn lookup<'py>(&self, py: Python<'py>, did: u64, iova: u64, write: bool, count: bool) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let mut out = Vec::with_capacity(1);
+        self.core.lock().lookup_run(did, iova, u128::from(iova) + 1, write, count, &mut out);
+        out.first().map(|e| self.entry_obj(py, e)).transpose()
+    }
+
+    #[pyo3(signature = (did, start, end, write, *, count=true))]
+    fn lookup_run<'py>(
+        &self, py: Python<'py>, did: u64, start: u64, end: &Bound<'py, PyAny>, write: bool, count: bool,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let end = end_of(end)?;
+        let mut out = Vec::new();
+        self.core.lock().lookup_run(did, start, end, write, count, &mut out);
+        let objs = out.iter().map(|e| self.entry_obj(py, e)).collect::<PyResult<Vec<_>>>()?;
+        PyList::new(py, objs)
+    }
+
+    fn lookup_span(&self, did: u64, start: u64, end: &Bound<'_, PyAny>, write: bool) -> PyResult<Option<u64>> {
+        let end = end_of(end)?;
+        nonempty(start, end)?;
+        Ok(self.core.lock().lookup_span(did, start, end, write))
+    }
+
+    fn lookup_extent(&self, did: u64, pos: u64, end: &Bound<'_, PyAny>, write: bool) -> PyResult<Option<(u64, u64)>> {
+        let end = end_of(end)?;
+        nonempty(pos, end)?;
+        Ok(self.core.lock().lookup_extent(did, pos, end, write))
+    }
+
+    /// Cache `entry` (an `IotlbEntry`) unless an invalidation happened since `generation`.
+    fn insert(&self, py: Python<'_>, did: u64, entry: &Bound<'_, PyAny>, generation: u64) -> PyResult<bool> {
+        let e = Entry {
+            iova: entry.getattr(intern!(py, "iova"))?.extract()?,
+            hpa: entry.getattr(intern!(py, "hpa"))?.extract()?,
+            size_lg2: entry.getattr(intern!(py, "size_lg2"))?.extract()?,
+            read: entry.getattr(intern!(py, "read"))?.is_truthy()?,
+            write: entry.getattr(intern!(py, "write"))?.is_truthy()?,
+        };
+        aligned(e.iova, e.size_lg2)?;
+        Ok(self.core.lock().insert(did, e, generation))
+    }
+
+    /// Remember `ext` (an `Extent`) unless an invalidation happened since `generation`.
+    fn insert_extent(&self, py: Python<'_>, did: u64, ext: &Bound<'_, PyAny>, generation: u64) -> PyResult<bool> {
+        let x = Extent {
+            iova: ext.getattr(intern!(py, "iova"))?.extract()?,
+            hpa: ext.getattr(intern!(py, "hpa"))?.extract()?,
+            size_lg2: ext.getattr(intern!(py, "size_lg2"))?.extract()?,
+            count: ext.getattr(intern!(py, "count"))?.extract()?,
+            read: ext.getattr(intern!(py, "read"))?.is_truthy()?,
+            write: ext.getattr(intern!(py, "write"))?.is_truthy()?,
+        };
+        aligned(x.iova, x.size_lg2)?;
+        Ok(self.core.lock().insert_extent(did, x, generation))
+    }
+
+    fn invalidate_all(&self) -> u64 {
+        self.core.lock().invalidate_all()
+    }
+
+    fn invalidate_domain(&self, did: u64) -> u64 {
+        self.core.lock().invalidate_domain(did)
+    }
+
+    fn invalidate_pages(&self, did: u64, addr: u64, am: i64) -> PyResult<u64> {
+        if !(0..=52).contains(&am) {
+            return Err(PyValueError::new_err(format!("address mask {am} out of range")));
+        }
+        Ok(self.core.lock().invalidate_pages(did, addr, am as u32))
+    }
+}
+
+// ---- walk ---------------------------------------------------------------------------------
+/// The nested walk (`NestedWalker.walk` without trace, dry run or caches).
+/// Each call gets the banks it may touch: bank 0's and the context's owner
+/// bank's mmap (or None where not mapped), exported for that call only.
+/// Results are the reference's `WalkOk` / `WalkFault` objects (classes and
+/// `FaultReason` members given at construction). Every method returns None
+/// for a case it leaves to the reference.
+#[pyclass(module = "pviommu._native", name = "Walker", frozen)]
+pub struct PyWalker {
+    fs: FsFormat,
+    walk_ok: Py<PyAny>,
+    walk_fault: Py<PyAny>,
+    reasons: Vec<Option<Py<PyAny>>>,
+}
+
+/// The banks of one call, exported while it runs.
+struct Held {
+    bank0: Option<Mapping>,
+    owner: Option<Mapping>,
+}
+
+impl Held {
+    fn new(owner_bank: u32, bank0: Option<&Bound<'_, PyAny>>, owner: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        Ok(Held {
+            bank0: bank0.map(|b| Mapping::new(0, b)).transpose()?,
+            owner: owner.map(|b| Mapping::new(owner_bank, b)).transpose()?,
+        })
+    }
+
+    fn mem(&self) -> WalkMem<'_> {
+        WalkMem { bank0: self.bank0.as_ref(), owner: self.owner.as_ref() }
+    }
+}
+
+impl PyWalker {
+    /// The context's fields, or None when the walk is left to the reference
+    /// (no owner bank to fence into, roots not 8-byte aligned, odd values).
+    fn ctx_of(&self, py: Python<'_>, ctx: &Bound<'_, PyAny>) -> PyResult<Option<Ctx>> {
+        let get = |name: &Bound<'_, pyo3::types::PyString>| -> PyResult<Option<u64>> {
+            Ok(ctx.getattr(name)?.extract::<u64>().ok())
+        };
+        let (Some(pgtt), Some(aw), Some(fspm), Some(ssptptr), Some(fsptptr), Some(owner)) = (
+            get(intern!(py, "pgtt"))?,
+            get(intern!(py, "aw"))?,
+            get(intern!(py, "fspm"))?,
+            get(intern!(py, "ssptptr"))?,
+            get(intern!(py, "fsptptr"))?,
+            get(intern!(py, "owner_bank"))?,
+        ) else {
+            return Ok(None);
+        };
+        if owner == 0 || owner > u64::from(u32::MAX) || (ssptptr | fsptptr) & 7 != 0 {
+            return Ok(None);
+        }
+        let s2_levels = match aw {
+            1 => 3,
+            3 => 5,
+            _ => 4,
+        };
+        let fs_levels = if fspm == 1 { 5 } else { 4 };
+        Ok(Some(Ctx { pgtt, s2_levels, fs_levels, ssptptr, fsptptr, owner_bank: owner as u32 }))
+    }
+
+    fn ok_obj<'py>(&self, py: Python<'py>, ok: &WalkOk) -> PyResult<Bound<'py, PyAny>> {
+        self.walk_ok.bind(py).call1((ok.iova, ok.hpa, ok.size_lg2, ok.read, ok.write, ok.reads))
+    }
+
+    fn fault_obj<'py>(&self, py: Python<'py>, f: &WalkFault) -> PyResult<Bound<'py, PyAny>> {
+        let reason = self.reasons[f.reason as usize]
+            .as_ref()
+            .ok_or_else(|| PyValueError::new_err(format!("no FaultReason {:#x}", f.reason)))?;
+        self.walk_fault.bind(py).call1((reason.bind(py), f.detail.to_string(), f.reads))
+    }
+
+    fn translation_obj<'py>(&self, py: Python<'py>, t: &translate::Translation) -> PyResult<Bound<'py, PyTuple>> {
+        let runs = PyList::new(py, t.runs.iter().map(|&(h, n)| (h, n)))?;
+        let (fault_iova, fault) = match &t.fault {
+            Some((iova, f)) => (*iova, self.fault_obj(py, f)?),
+            None => (0, py.None().into_bound(py)),
+        };
+        PyTuple::new(py, [runs.into_any(), fault, fault_iova.into_pyobject(py)?.into_any(),
+                          t.walks.into_pyobject(py)?.into_any(), t.reads.into_pyobject(py)?.into_any()])
+    }
+}
+
+/// Copies at least this long run without the GIL (shorter ones cost less than the hand-off).
+const DETACH_COPY: u64 = 64 * 1024;
+
+#[pymethods]
+impl PyWalker {
+    #[new]
+    #[pyo3(signature = (fs_mgaw_lg2=48, *, walk_ok, walk_fault, reasons))]
+    fn new(fs_mgaw_lg2: u32, walk_ok: Py<PyAny>, walk_fault: Py<PyAny>, reasons: &Bound<'_, PyDict>) -> PyResult<Self> {
+        if !(32..=52).contains(&fs_mgaw_lg2) {
+            return Err(PyValueError::new_err(format!("output width {fs_mgaw_lg2} outside 32..52")));
+        }
+        let mut table: Vec<Option<Py<PyAny>>> = (0..256).map(|_| None).collect();
+        for (code, member) in reasons.iter() {
+            let code: u8 = code.extract()?;
+            table[code as usize] = Some(member.unbind());
+        }
+        Ok(PyWalker { fs: FsFormat::new(fs_mgaw_lg2), walk_ok, walk_fault, reasons: table })
+    }
+
+    /// `NestedWalker.walk(ctx, iova, write)`: a `WalkOk` or `WalkFault`, or
+    /// None for a context or IOVA this core leaves to the reference.
+    #[pyo3(signature = (ctx, iova, write, bank0, owner))]
+    fn walk<'py>(
+        &self, py: Python<'py>, ctx: &Bound<'py, PyAny>, iova: &Bound<'py, PyAny>, write: bool,
+        bank0: Option<&Bound<'py, PyAny>>, owner: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let (Some(c), Ok(iova)) = (self.ctx_of(py, ctx)?, iova.extract::<u64>()) else { return Ok(None) };
+        let held = Held::new(c.owner_bank, bank0, owner)?;
+        let result = walk::walk(&held.mem(), c, &self.fs, iova, write);
+        match result {
+            Ok(ok) => self.ok_obj(py, &ok).map(Some),
+            Err(f) => self.fault_obj(py, &f).map(Some),
+        }
+    }
+
+    /// `IommuUnit.translate`'s loop after the context lookup, for domain
+    /// `did` of `ctx` through `iotlb`: `(runs as (hpa, length) tuples,
+    /// WalkFault or None, IOVA of the fault, walks, entry reads)`, or None
+    /// when left to the reference. `length > 0`, `iova + length <= 2**64`.
+    #[pyo3(signature = (iotlb, ctx, did, iova, length, write, bank0, owner))]
+    #[allow(clippy::too_many_arguments)]
+    fn translate<'py>(
+        &self, py: Python<'py>, iotlb: &Bound<'py, PyIotlb>, ctx: &Bound<'py, PyAny>, did: u64, iova: u64, length: u64,
+        write: bool, bank0: Option<&Bound<'py, PyAny>>, owner: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let Some(c) = self.ctx_of(py, ctx)? else { return Ok(None) };
+        if length == 0 || u128::from(iova) + u128::from(length) > 1u128 << 64 {
+            return Err(PyValueError::new_err(format!("bad range {iova:#x}+{length:#x}")));
+        }
+        let held = Held::new(c.owner_bank, bank0, owner)?;
+        let t = translate::translate(&iotlb.get().core, &held.mem(), c, &self.fs, did, iova, length, write);
+        self.translation_obj(py, &t).map(Some)
+    }
+
+    /// `DmaMemory.copy(src, dst, length)` through `translate` on both sides:
+    /// `(done, source translation, destination translation)` (each as
+    /// `translate` returns it), or None when left to the reference. Bytes
+    /// move with memmove semantics; long copies run without the GIL.
+    #[pyo3(signature = (iotlb, ctx, did, src, dst, length, bank0, owner))]
+    #[allow(clippy::too_many_arguments)]
+    fn copy<'py>(
+        &self, py: Python<'py>, iotlb: &Bound<'py, PyIotlb>, ctx: &Bound<'py, PyAny>, did: u64, src: u64, dst: u64,
+        length: u64, bank0: Option<&Bound<'py, PyAny>>, owner: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let Some(c) = self.ctx_of(py, ctx)? else { return Ok(None) };
+        let top = 1u128 << 64;
+        if length == 0 || u128::from(src) + u128::from(length) > top || u128::from(dst) + u128::from(length) > top {
+            return Err(PyValueError::new_err(format!("bad copy {src:#x} -> {dst:#x} +{length:#x}")));
+        }
+        let held = Held::new(c.owner_bank, bank0, owner)?;
+        let core = &iotlb.get().core;
+        let rs = translate::translate(core, &held.mem(), c, &self.fs, did, src, length, false);
+        let rd = translate::translate(core, &held.mem(), c, &self.fs, did, dst, length, true);
+        let limit = rs.done().min(rd.done());
+        if limit > 0 {
+            // every run the walk let through lies in the owner bank (its fence)
+            let spans = held.owner.as_ref().and_then(|bank| {
+                Some((translate::spans(bank, &rs.runs, limit)?, translate::spans(bank, &rd.runs, limit)?))
+            });
+            let Some((s, d)) = spans else {
+                return Err(PyValueError::new_err("translated runs outside the owner bank"));
+            };
+            if limit >= DETACH_COPY {
+                py.detach(|| scatter_copy(&s, &d, limit));
+            } else {
+                scatter_copy(&s, &d, limit);
+            }
+        }
+        let (a, b) = (self.translation_obj(py, &rs)?, self.translation_obj(py, &rd)?);
+        PyTuple::new(py, [limit.into_pyobject(py)?.into_any(), a.into_any(), b.into_any()]).map(Some)
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyIotlb>()?;
+    m.add_class::<PyWalker>()?;
+    m.add("EXTENTS_PER_DOMAIN", iotlb::EXTENTS_PER_DOMAIN)?;
+    Ok(())
+}

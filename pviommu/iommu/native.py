@@ -1,0 +1,240 @@
+"""The optional compiled core of the IOMMU unit, behind the Python interfaces.
+
+``native/pviommu_native`` (Rust, built by ``./dev.sh setup`` when cargo is
+present) compiles the nested walk, the IOTLB and the DMA copy. Python stays the
+reference and the fallback: ``nested.py``, ``iotlb.py``, ``unit.py`` and
+``mem/dma.py`` define the behaviour, the tests compare the two on the same
+inputs, and everything the compiled core does not handle goes to them.
+
+* ``AVAILABLE``: the extension imported and ``PVIOMMU_NATIVE=0`` is not set
+  (``UNAVAILABLE_REASON`` says why not). The classes below raise
+  ``NativeUnavailable`` when constructed without it.
+* ``NativeWalker(host)``: ``NestedWalker.walk`` with the same arguments and
+  results (``WalkOk`` / ``WalkFault``: reasons, detail texts, ``reads``, A/D
+  updates, fences). Calls with a trace, ``dry_run`` or a paging-structure cache,
+  and contexts without an owner bank (``owner_bank=0``: no fence to enforce)
+  run the reference walker it holds (``.reference``). Each call hands the
+  compiled core the mmaps of bank 0 and of the owner's bank for that call only,
+  so a bank ``HostMemory`` forgot is never reached or kept mapped.
+* ``NativeIotlb(capacity)``: ``Iotlb``'s methods and semantics (entries as
+  ``IotlbEntry``, ``stats`` as an ``IotlbStats`` snapshot). Entries and extents
+  must be aligned to their size (the walker's always are; the reference would
+  accept others), and ``lookup_span``/``lookup_extent`` refuse empty ranges.
+* ``NativeWalker.translate(iotlb, ctx, iova, length, write)``: the loop of
+  ``IommuUnit.translate`` after the context lookup (IOTLB span, extents, runs,
+  walk on a miss, inserts, extents built), compiled; ``copy`` is
+  ``DmaMemory.copy`` on top of it (memmove semantics, no GIL for long copies).
+  Both leave fault records and unit counters to the caller.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pviommu.addr import Hpa, Iova
+from pviommu.errors import HpaOutOfRange
+from pviommu.iommu.context import ContextEntry
+from pviommu.iommu.fault import FaultReason
+from pviommu.iommu.iotlb import Extent, IotlbEntry, IotlbStats
+from pviommu.iommu.nested import ExplainStep, NestedWalker, WalkFault, WalkOk
+from pviommu.mem.bank import HYPERVISOR_BANK, HostMemory
+from pviommu.mem.dma import Run
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from pviommu.iommu.pscache import PsCache
+
+try:
+    from pviommu import _native as _ext
+
+    _IMPORT_ERROR = ""
+except ImportError as exc:  # not built: the Python implementation runs alone
+    _ext = None  # type: ignore[assignment]
+    _IMPORT_ERROR = str(exc)
+
+#: Environment switch: ``PVIOMMU_NATIVE=0`` forces the Python implementation.
+ENV_SWITCH = "PVIOMMU_NATIVE"
+_DISABLED = os.environ.get(ENV_SWITCH, "").strip() == "0"
+
+AVAILABLE = _ext is not None and not _DISABLED
+UNAVAILABLE_REASON = (
+    "" if AVAILABLE
+    else f"{ENV_SWITCH}=0 is set" if _DISABLED
+    else f"pviommu._native is not built ({_IMPORT_ERROR}); ./dev.sh setup builds it when cargo is present"
+)  # fmt: skip
+
+
+class NativeUnavailable(RuntimeError):
+    """The compiled core is not built or is switched off."""
+
+
+def _core() -> object:
+    if not AVAILABLE or _ext is None:
+        raise NativeUnavailable(UNAVAILABLE_REASON)
+    return _ext
+
+
+_REASONS = {int(r): r for r in FaultReason}
+
+
+class NativeIotlb:
+    """``iotlb.Iotlb`` compiled: same methods, same semantics, thread-safe
+    (one lock inside, taken with the GIL held). The methods are the compiled
+    ones themselves, bound per instance, so a lookup costs no Python frame."""
+
+    lookup: Callable[..., IotlbEntry | None]
+    lookup_run: Callable[..., list[IotlbEntry]]
+    lookup_span: Callable[[int, int, int, bool], int | None]
+    lookup_extent: Callable[[int, int, int, bool], tuple[int, int] | None]
+    insert: Callable[[int, IotlbEntry, int], bool]
+    insert_extent: Callable[[int, Extent, int], bool]
+    invalidate_all: Callable[[], int]
+    invalidate_domain: Callable[[int], int]
+    invalidate_pages: Callable[[int, int, int], int]
+
+    def __init__(self, capacity: int = 8192) -> None:
+        _core()
+        assert _ext is not None
+        core = _ext.Iotlb(capacity, entry_cls=IotlbEntry, stats_cls=IotlbStats)
+        self.core = core
+        self.lookup = core.lookup
+        self.lookup_run = core.lookup_run
+        self.lookup_span = core.lookup_span
+        self.lookup_extent = core.lookup_extent
+        self.insert = core.insert
+        self.insert_extent = core.insert_extent
+        self.invalidate_all = core.invalidate_all
+        self.invalidate_domain = core.invalidate_domain
+        self.invalidate_pages = core.invalidate_pages
+
+    @property
+    def capacity(self) -> int:
+        return self.core.capacity
+
+    @capacity.setter
+    def capacity(self, value: int) -> None:
+        self.core.capacity = value
+
+    @property
+    def generation(self) -> int:
+        """Read before a walk; pass to ``insert``."""
+        return self.core.generation
+
+    @property
+    def stats(self) -> IotlbStats:
+        """A snapshot of the counters (the reference's are live; read them again)."""
+        stats: IotlbStats = self.core.stats
+        return stats
+
+    def __len__(self) -> int:
+        return len(self.core)
+
+
+@dataclass(frozen=True, slots=True)
+class NativeTranslation:
+    """What ``NativeWalker.translate`` did: runs of the translated prefix, the
+    walk fault that stopped it at ``fault_iova`` (None: all translated), and
+    the walks and entry reads it took (for the unit's counters)."""
+
+    runs: list[Run]
+    fault: WalkFault | None
+    fault_iova: Iova
+    walks: int
+    reads: int
+
+    @property
+    def done(self) -> int:
+        return sum(r.length for r in self.runs)
+
+
+@dataclass(frozen=True, slots=True)
+class NativeCopy:
+    """What ``NativeWalker.copy`` did: ``done`` bytes copied, after translating
+    the source (read) and then the destination (write), in that order. The
+    DMA result's fault is ``src.fault`` when ``src.done <= dst.done``, else
+    ``dst.fault`` (``DmaMemory.copy``), and only when ``done < length``."""
+
+    done: int
+    src: NativeTranslation
+    dst: NativeTranslation
+
+    @property
+    def stopped_by(self) -> NativeTranslation | None:
+        """The side whose fault stopped the copy (None: it completed)."""
+        if self.src.fault is None and self.dst.fault is None:
+            return None
+        return self.src if self.src.done <= self.dst.done else self.dst
+
+
+def _translation(raw: tuple[list[tuple[int, int]], WalkFault | None, int, int, int]) -> NativeTranslation:
+    runs, fault, fault_iova, walks, reads = raw
+    return NativeTranslation([Run(Hpa(h), n) for h, n in runs], fault, Iova(fault_iova), walks, reads)
+
+
+class NativeWalker:
+    """``NestedWalker`` compiled for the common case, the reference for the rest."""
+
+    def __init__(self, host: HostMemory, *, fs_mgaw_lg2: int = 48) -> None:
+        _core()
+        assert _ext is not None
+        self.host = host
+        self.reference = NestedWalker(host, fs_mgaw_lg2=fs_mgaw_lg2)
+        self.core = _ext.Walker(fs_mgaw_lg2, walk_ok=WalkOk, walk_fault=WalkFault, reasons=_REASONS)
+
+    def _mmap(self, index: int) -> object | None:
+        """The mmap of bank ``index`` (mapped on first use, as the reference
+        does), or None where no such bank exists."""
+        try:
+            return self.host.bank(index).view.obj
+        except (HpaOutOfRange, ValueError):  # no such bank, or closed under us
+            return None
+
+    def walk(
+        self,
+        ctx: ContextEntry,
+        iova: Iova,
+        write: bool,
+        trace: list[ExplainStep] | None = None,
+        *,
+        dry_run: bool = False,
+        cache: PsCache | None = None,
+    ) -> WalkOk | WalkFault:
+        """``NestedWalker.walk``: compiled without trace, dry run or cache."""
+        if trace is None and not dry_run and cache is None and ctx.owner_bank:
+            result = self.core.walk(ctx, iova, write, self._mmap(HYPERVISOR_BANK), self._mmap(ctx.owner_bank))
+            if result is not None:
+                out: WalkOk | WalkFault = result
+                return out
+        return self.reference.walk(ctx, iova, write, trace, dry_run=dry_run, cache=cache)
+
+    def translate(self, iotlb: NativeIotlb, ctx: ContextEntry, iova: Iova, length: int,
+                  write: bool) -> NativeTranslation | None:
+        """``IommuUnit.translate`` from its IOTLB lookups on, for a valid,
+        present ``ctx`` (``length > 0``, ``iova + length <= 2**64``); None
+        when this context is left to the reference (``owner_bank=0``)."""
+        if not ctx.owner_bank:
+            return None
+        raw = self.core.translate(iotlb.core, ctx, ctx.did, iova, length, write,
+                                  self._mmap(HYPERVISOR_BANK), self._mmap(ctx.owner_bank))
+        return None if raw is None else _translation(raw)
+
+    def copy(self, iotlb: NativeIotlb, ctx: ContextEntry, src: Iova, dst: Iova, length: int) -> NativeCopy | None:
+        """``DmaMemory.copy(src, dst, length)`` through ``translate``; None
+        when this context is left to the reference."""
+        if not ctx.owner_bank:
+            return None
+        raw = self.core.copy(iotlb.core, ctx, ctx.did, src, dst, length,
+                             self._mmap(HYPERVISOR_BANK), self._mmap(ctx.owner_bank))
+        if raw is None:
+            return None
+        done, rs, rd = raw
+        return NativeCopy(done, _translation(rs), _translation(rd))
+
+
+__all__ = [
+    "AVAILABLE", "ENV_SWITCH", "UNAVAILABLE_REASON", "NativeCopy", "NativeIotlb", "NativeTranslation",
+    "NativeUnavailable", "NativeWalker",
+]
