@@ -183,6 +183,8 @@ class NativeWalker:
         self.host = host
         self.reference = NestedWalker(host, fs_mgaw_lg2=fs_mgaw_lg2)
         self.core = _ext.Walker(fs_mgaw_lg2, walk_ok=WalkOk, walk_fault=WalkFault, reasons=_REASONS)
+        #: walks handed to the reference (trace, dry run, cache, no owner bank)
+        self.fallbacks = 0
 
     def _mmap(self, index: int) -> object | None:
         """The mmap of bank ``index`` (mapped on first use, as the reference
@@ -208,6 +210,7 @@ class NativeWalker:
             if result is not None:
                 out: WalkOk | WalkFault = result
                 return out
+        self.fallbacks += 1
         return self.reference.walk(ctx, iova, write, trace, dry_run=dry_run, cache=cache)
 
     def translate(self, iotlb: NativeIotlb, ctx: ContextEntry, iova: Iova, length: int,
