@@ -158,8 +158,8 @@ impl State {
         Some((ext.hpa.wrapping_add(pos - ext.iova), n))
     }
 
-    pub fn insert_extent(&mut self, did: u64, ext: Extent, generation: u64) -> bool {
-        if generation != self.generation {
+    pub fn insert_extent(&mut self, did: u64, ext: Extent, generation: Option<u64>) -> bool {
+        if generation != Some(self.generation) {
             return false;
         }
         let Some(dom) = self.domains.get_mut(&did) else { return false };
@@ -182,8 +182,8 @@ impl State {
         true
     }
 
-    pub fn insert(&mut self, did: u64, entry: Entry, generation: u64) -> bool {
-        if generation != self.generation {
+    pub fn insert(&mut self, did: u64, entry: Entry, generation: Option<u64>) -> bool {
+        if generation != Some(self.generation) {
             self.stats.late_inserts_dropped += 1;
             return false;
         }

@@ -127,7 +127,7 @@ impl PyIotlb {
     }
 
     /// Cache `entry` (an `IotlbEntry`) unless an invalidation happened since `generation`.
-    fn insert(&self, py: Python<'_>, did: u64, entry: &Bound<'_, PyAny>, generation: u64) -> PyResult<bool> {
+    fn insert(&self, py: Python<'_>, did: u64, entry: &Bound<'_, PyAny>, generation: &Bound<'_, PyAny>) -> PyResult<bool> {
         let e = Entry {
             iova: entry.getattr(intern!(py, "iova"))?.extract()?,
             hpa: entry.getattr(intern!(py, "hpa"))?.extract()?,
@@ -136,11 +136,13 @@ impl PyIotlb {
             write: entry.getattr(intern!(py, "write"))?.is_truthy()?,
         };
         aligned(e.iova, e.size_lg2)?;
+        // a generation that is no u64 can be no current one: the insert is late
+        let generation = generation.extract::<u64>().ok();
         Ok(self.core.lock().insert(did, e, generation))
     }
 
     /// Remember `ext` (an `Extent`) unless an invalidation happened since `generation`.
-    fn insert_extent(&self, py: Python<'_>, did: u64, ext: &Bound<'_, PyAny>, generation: u64) -> PyResult<bool> {
+    fn insert_extent(&self, py: Python<'_>, did: u64, ext: &Bound<'_, PyAny>, generation: &Bound<'_, PyAny>) -> PyResult<bool> {
         let x = Extent {
             iova: ext.getattr(intern!(py, "iova"))?.extract()?,
             hpa: ext.getattr(intern!(py, "hpa"))?.extract()?,
@@ -150,6 +152,7 @@ impl PyIotlb {
             write: ext.getattr(intern!(py, "write"))?.is_truthy()?,
         };
         aligned(x.iova, x.size_lg2)?;
+        let generation = generation.extract::<u64>().ok();
         Ok(self.core.lock().insert_extent(did, x, generation))
     }
 

@@ -76,7 +76,7 @@ pub fn translate(iotlb: &Core, mem: &WalkMem<'_>, ctx: Ctx, fs: &FsFormat, did: 
                 Ok(ok) => {
                     out.reads += u64::from(ok.reads);
                     let entry = Entry { iova: ok.iova, hpa: ok.hpa, size_lg2: ok.size_lg2, read: ok.read, write: ok.write };
-                    iotlb.lock().insert(did, entry, generation);
+                    iotlb.lock().insert(did, entry, Some(generation));
                     entries.push(entry);
                 }
             }
@@ -98,7 +98,7 @@ pub fn translate(iotlb: &Core, mem: &WalkMem<'_>, ctx: Ctx, fs: &FsFormat, did: 
             } else {
                 if x_count >= 2 {
                     let ext = Extent { iova: x_iova, hpa: x_hpa, size_lg2: x_lg2, count: x_count, read: x_read, write: x_write };
-                    iotlb.lock().insert_extent(did, ext, generation0);
+                    iotlb.lock().insert_extent(did, ext, Some(generation0));
                 }
                 (x_iova, x_hpa, x_lg2, x_count) = (entry.iova, entry.hpa, entry.size_lg2, 1);
                 (x_read, x_write) = (entry.read, entry.write);
@@ -107,7 +107,7 @@ pub fn translate(iotlb: &Core, mem: &WalkMem<'_>, ctx: Ctx, fs: &FsFormat, did: 
     }
     if x_count >= 2 {
         let ext = Extent { iova: x_iova, hpa: x_hpa, size_lg2: x_lg2, count: x_count, read: x_read, write: x_write };
-        iotlb.lock().insert_extent(did, ext, generation0);
+        iotlb.lock().insert_extent(did, ext, Some(generation0));
     }
     out.runs.push((run_hpa, run_len));
     out
