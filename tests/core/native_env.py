@@ -84,6 +84,18 @@ class World:
         self.host.close()
 
 
+class Kept(dict[tuple[int, ...], tuple[World, list[bytes]]]):
+    """Worlds by configuration, each with its pristine bytes (short repr:
+    hypothesis prints the fixtures of a failing example)."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} worlds: {sorted(self)}>"
+
+    def close(self) -> None:
+        for world, _ in self.values():
+            world.close()
+
+
 def _replace(ctx: ContextEntry, over: dict[str, int]) -> ContextEntry:
     fields = {name: getattr(ctx, name) for name in ContextEntry.__slots__}
     fields.update(over)

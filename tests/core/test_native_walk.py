@@ -21,6 +21,7 @@ from native_env import (
     MSI_GPA,
     RAM,
     RO,
+    Kept,
     World,
     build_world,
     contexts,
@@ -46,16 +47,15 @@ Case = tuple[ContextEntry, int, bool]
 
 
 @pytest.fixture(scope="module")
-def worlds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tuple[int, int, int], tuple[World, list[bytes]]]]:
+def worlds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kept]:
     """One world per format configuration and seed, with its pristine bytes."""
-    out: dict[tuple[int, int, int], tuple[World, list[bytes]]] = {}
+    out = Kept()
     for s2, fs in CONFIGS:
         for seed in SEEDS:
             w = build_world(Path(tmp_path_factory.mktemp(f"w{s2}{fs}{seed}")), seed, s2_levels=s2, fs_levels=fs)
             out[(s2, fs, seed)] = (w, w.snapshot())
     yield out
-    for w, _ in out.values():
-        w.close()
+    out.close()
 
 
 def compare(world: World, cases: list[Case], fs_mgaw: int = 48, *, events: bool = False) -> list[WalkOk | WalkFault]:
@@ -89,7 +89,7 @@ def compare(world: World, cases: list[Case], fs_mgaw: int = 48, *, events: bool 
 @given(config=st.sampled_from(CONFIGS), seed=st.sampled_from(SEEDS), pick=st.integers(0, 2**32),
        fs_mgaw=st.sampled_from([48, 48, 39, 52]))
 def test_native_walk_equals_reference_on_random_tables(
-    worlds: dict[tuple[int, int, int], tuple[World, list[bytes]]], config: tuple[int, int], seed: int, pick: int,
+    worlds: Kept, config: tuple[int, int], seed: int, pick: int,
     fs_mgaw: int,
 ) -> None:
     world, pristine = worlds[(*config, seed)]
@@ -106,7 +106,7 @@ def test_native_walk_equals_reference_on_random_tables(
 @given(config=st.sampled_from(CONFIGS), seed=st.sampled_from(SEEDS), pick=st.integers(0, 2**32),
        writes=st.integers(1, 24), stage2=st.booleans())
 def test_native_walk_equals_reference_on_hostile_tables_and_contexts(
-    worlds: dict[tuple[int, int, int], tuple[World, list[bytes]]], config: tuple[int, int], seed: int, pick: int,
+    worlds: Kept, config: tuple[int, int], seed: int, pick: int,
     writes: int, stage2: bool,
 ) -> None:
     world, pristine = worlds[(*config, seed)]
