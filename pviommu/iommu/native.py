@@ -13,9 +13,10 @@ inputs, and everything the compiled core does not handle goes to them.
   results (``WalkOk`` / ``WalkFault``: reasons, detail texts, ``reads``, A/D
   updates, fences). Calls with a trace, ``dry_run`` or a paging-structure cache,
   and contexts without an owner bank (``owner_bank=0``: no fence to enforce)
-  run the reference walker it holds (``.reference``). Each call hands the
-  compiled core the mmaps of bank 0 and of the owner's bank for that call only,
-  so a bank ``HostMemory`` forgot is never reached or kept mapped.
+  run the reference walker it holds (``.reference``). A call that must read
+  memory takes bank 0's and the owner bank's mmaps from ``HostMemory`` for
+  that call only, so a bank ``HostMemory`` forgot is never reached or kept
+  mapped.
 * ``NativeIotlb(capacity)``: ``Iotlb``'s methods and semantics (entries as
   ``IotlbEntry``, ``stats`` as an ``IotlbStats`` snapshot). Entries and extents
   must be aligned to their size (the walker's always are; the reference would
@@ -30,16 +31,15 @@ inputs, and everything the compiled core does not handle goes to them.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
-from pviommu.addr import Hpa, Iova
+from pviommu.addr import Iova
 from pviommu.errors import HpaOutOfRange
 from pviommu.iommu.context import ContextEntry
 from pviommu.iommu.fault import FaultReason
 from pviommu.iommu.iotlb import Extent, IotlbEntry, IotlbStats
 from pviommu.iommu.nested import ExplainStep, NestedWalker, WalkFault, WalkOk
-from pviommu.mem.bank import HYPERVISOR_BANK, HostMemory
+from pviommu.mem.bank import HostMemory
 from pviommu.mem.dma import Run
 
 if TYPE_CHECKING:
@@ -133,11 +133,11 @@ class NativeIotlb:
         return len(self.core)
 
 
-@dataclass(frozen=True, slots=True)
-class NativeTranslation:
+class NativeTranslation(NamedTuple):
     """What ``NativeWalker.translate`` did: runs of the translated prefix, the
     walk fault that stopped it at ``fault_iova`` (None: all translated), and
-    the walks and entry reads it took (for the unit's counters)."""
+    the walks and entry reads it took (for the unit's counters). A named tuple:
+    made once per DMA request, it must cost next to nothing."""
 
     runs: list[Run]
     fault: WalkFault | None
@@ -150,8 +150,7 @@ class NativeTranslation:
         return sum(r.length for r in self.runs)
 
 
-@dataclass(frozen=True, slots=True)
-class NativeCopy:
+class NativeCopy(NamedTuple):
     """What ``NativeWalker.copy`` did: ``done`` bytes copied, after translating
     the source (read) and then the destination (write), in that order. The
     DMA result's fault is ``src.fault`` when ``src.done <= dst.done``, else
@@ -169,11 +168,6 @@ class NativeCopy:
         return self.src if self.src.done <= self.dst.done else self.dst
 
 
-def _translation(raw: tuple[list[tuple[int, int]], WalkFault | None, int, int, int]) -> NativeTranslation:
-    runs, fault, fault_iova, walks, reads = raw
-    return NativeTranslation([Run(Hpa(h), n) for h, n in runs], fault, Iova(fault_iova), walks, reads)
-
-
 class NativeWalker:
     """``NestedWalker`` compiled for the common case, the reference for the rest."""
 
@@ -182,17 +176,11 @@ class NativeWalker:
         assert _ext is not None
         self.host = host
         self.reference = NestedWalker(host, fs_mgaw_lg2=fs_mgaw_lg2)
-        self.core = _ext.Walker(fs_mgaw_lg2, walk_ok=WalkOk, walk_fault=WalkFault, reasons=_REASONS)
+        self.core = _ext.Walker(fs_mgaw_lg2, walk_ok=WalkOk, walk_fault=WalkFault, run=Run,
+                                translation=NativeTranslation, missing=(HpaOutOfRange, ValueError),
+                                reasons=_REASONS)
         #: walks handed to the reference (trace, dry run, cache, no owner bank)
         self.fallbacks = 0
-
-    def _mmap(self, index: int) -> object | None:
-        """The mmap of bank ``index`` (mapped on first use, as the reference
-        does), or None where no such bank exists."""
-        try:
-            return self.host.bank(index).view.obj
-        except (HpaOutOfRange, ValueError):  # no such bank, or closed under us
-            return None
 
     def walk(
         self,
@@ -206,7 +194,7 @@ class NativeWalker:
     ) -> WalkOk | WalkFault:
         """``NestedWalker.walk``: compiled without trace, dry run or cache."""
         if trace is None and not dry_run and cache is None and ctx.owner_bank:
-            result = self.core.walk(ctx, iova, write, self._mmap(HYPERVISOR_BANK), self._mmap(ctx.owner_bank))
+            result = self.core.walk(self.host, ctx, iova, write)
             if result is not None:
                 out: WalkOk | WalkFault = result
                 return out
@@ -220,21 +208,17 @@ class NativeWalker:
         when this context is left to the reference (``owner_bank=0``)."""
         if not ctx.owner_bank:
             return None
-        raw = self.core.translate(iotlb.core, ctx, ctx.did, iova, length, write,
-                                  self._mmap(HYPERVISOR_BANK), self._mmap(ctx.owner_bank))
-        return None if raw is None else _translation(raw)
+        result: NativeTranslation | None = self.core.translate(self.host, iotlb.core, ctx, ctx.did, iova, length,
+                                                               write)
+        return result
 
     def copy(self, iotlb: NativeIotlb, ctx: ContextEntry, src: Iova, dst: Iova, length: int) -> NativeCopy | None:
         """``DmaMemory.copy(src, dst, length)`` through ``translate``; None
         when this context is left to the reference."""
         if not ctx.owner_bank:
             return None
-        raw = self.core.copy(iotlb.core, ctx, ctx.did, src, dst, length,
-                             self._mmap(HYPERVISOR_BANK), self._mmap(ctx.owner_bank))
-        if raw is None:
-            return None
-        done, rs, rd = raw
-        return NativeCopy(done, _translation(rs), _translation(rd))
+        raw = self.core.copy(self.host, iotlb.core, ctx, ctx.did, src, dst, length)
+        return None if raw is None else NativeCopy(*raw)
 
 
 __all__ = [

@@ -159,6 +159,15 @@ def test_lookups_at_every_edge_of_entries_and_extents_match_reference() -> None:
     assert nat.stats == ref.stats and nat.stats.hits > 0
 
 
+def test_lookup_returns_the_inserted_entry_object_as_the_reference_does() -> None:
+    ref, nat = Iotlb(), native.NativeIotlb()
+    entry = IotlbEntry(0x5000, Hpa(2 << 40), 12, True, False)
+    for tlb in (ref, nat):
+        assert tlb.insert(3, entry, 0)
+        assert tlb.lookup(3, 0x5FFF) is entry and tlb.lookup_run(3, 0x5000, 0x6000, False)[0] is entry
+        assert tlb.lookup(3, 0x5000, True) is None  # read-only: a write misses
+
+
 def test_bad_page_mask_is_refused_like_reference() -> None:
     ref, nat = Iotlb(), native.NativeIotlb()
     for am in (-1, 53):

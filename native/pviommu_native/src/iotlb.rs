@@ -12,6 +12,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
+use pyo3::{Py, PyAny};
+
 /// Extents kept per domain before they are all dropped (iotlb.EXTENTS_PER_DOMAIN).
 pub const EXTENTS_PER_DOMAIN: usize = 256;
 
@@ -64,9 +66,16 @@ impl Extent {
     }
 }
 
+/// One cached entry, with the `IotlbEntry` object it was inserted as (when
+/// it came from Python), so lookups from Python return it without building one.
+pub struct Slot {
+    pub e: Entry,
+    pub obj: Option<Py<PyAny>>,
+}
+
 #[derive(Default)]
 struct Domain {
-    entries: HashMap<(u32, u64), Entry>,
+    entries: HashMap<(u32, u64), Slot>,
     /// page sizes present, largest first
     sizes: Vec<u32>,
     /// by start IOVA
@@ -101,17 +110,20 @@ fn pages(start: u128, end: u128, lg2: u32) -> u64 {
 }
 
 impl State {
-    /// Consecutive entries covering `[start, end)` from `start` (first miss stops).
-    pub fn lookup_run(&mut self, did: u64, start: u64, end: u128, write: bool, count: bool, out: &mut Vec<Entry>) {
-        let before = out.len();
+    /// Consecutive entries covering `[start, end)` from `start` (first miss
+    /// stops), each handed to `visit`.
+    pub fn lookup_run_with(&mut self, did: u64, start: u64, end: u128, write: bool, count: bool,
+                           mut visit: impl FnMut(&Slot)) {
+        let mut found = 0u64;
         if let Some(dom) = self.domains.get(&did) {
             let mut pos = start as u128;
             'outer: while pos < end {
                 for &lg2 in &dom.sizes {
-                    if let Some(e) = dom.entries.get(&(lg2, (pos >> lg2) as u64)) {
-                        if e.allows(write) {
-                            out.push(*e);
-                            pos = e.end();
+                    if let Some(slot) = dom.entries.get(&(lg2, (pos >> lg2) as u64)) {
+                        if slot.e.allows(write) {
+                            visit(slot);
+                            found += 1;
+                            pos = slot.e.end();
                             continue 'outer;
                         }
                     }
@@ -120,7 +132,6 @@ impl State {
             }
         }
         if count {
-            let found = (out.len() - before) as u64;
             self.stats.hits += found;
             if found == 0 {
                 self.stats.misses += 1;
@@ -137,7 +148,7 @@ impl State {
             }
         }
         for &lg2 in &dom.sizes {
-            if let Some(e) = dom.entries.get(&(lg2, start >> lg2)) {
+            if let Some(Slot { e, .. }) = dom.entries.get(&(lg2, start >> lg2)) {
                 if end <= e.end() && e.allows(write) {
                     self.stats.hits += 1;
                     return Some(e.hpa.wrapping_add(start.wrapping_sub(e.iova)));
@@ -182,7 +193,7 @@ impl State {
         true
     }
 
-    pub fn insert(&mut self, did: u64, entry: Entry, generation: Option<u64>) -> bool {
+    pub fn insert(&mut self, did: u64, entry: Entry, obj: Option<Py<PyAny>>, generation: Option<u64>) -> bool {
         if generation != Some(self.generation) {
             self.stats.late_inserts_dropped += 1;
             return false;
@@ -194,7 +205,7 @@ impl State {
         }
         let dom = self.domains.entry(did).or_default();
         let key = (entry.size_lg2, entry.iova >> entry.size_lg2);
-        if dom.entries.insert(key, entry).is_none() {
+        if dom.entries.insert(key, Slot { e: entry, obj }).is_none() {
             self.count += 1;
         }
         if !dom.sizes.contains(&entry.size_lg2) {

@@ -53,8 +53,24 @@ pub struct PyIotlb {
 }
 
 impl PyIotlb {
-    fn entry_obj<'py>(&self, py: Python<'py>, e: &Entry) -> PyResult<Bound<'py, PyAny>> {
-        self.entry_cls.bind(py).call1((e.iova, e.hpa, e.size_lg2, e.read, e.write))
+    /// The entries of a run as `IotlbEntry` objects: the inserted ones where
+    /// there is one, else new ones (built after the lock is released).
+    fn run_objs<'py>(&self, py: Python<'py>, did: u64, start: u64, end: u128, write: bool, count: bool,
+                     limit: usize) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let mut found: Vec<(Entry, Option<Py<PyAny>>)> = Vec::new();
+        self.core.lock().lookup_run_with(did, start, end, write, count, |slot| {
+            if found.len() < limit {
+                found.push((slot.e, slot.obj.as_ref().map(|o| o.clone_ref(py))));
+            }
+        });
+        let cls = self.entry_cls.bind(py);
+        found
+            .into_iter()
+            .map(|(e, obj)| match obj {
+                Some(o) => Ok(o.into_bound(py)),
+                None => cls.call1((e.iova, e.hpa, e.size_lg2, e.read, e.write)),
+            })
+            .collect()
     }
 }
 
@@ -98,9 +114,7 @@ impl PyIotlb {
 
     #[pyo3(signature = (did, iova, write=false, *, count=true))]
     fn lookup<'py>(&self, py: Python<'py>, did: u64, iova: u64, write: bool, count: bool) -> PyResult<Option<Bound<'py, PyAny>>> {
-        let mut out = Vec::with_capacity(1);
-        self.core.lock().lookup_run(did, iova, u128::from(iova) + 1, write, count, &mut out);
-        out.first().map(|e| self.entry_obj(py, e)).transpose()
+        Ok(self.run_objs(py, did, iova, u128::from(iova) + 1, write, count, 1)?.into_iter().next())
     }
 
     #[pyo3(signature = (did, start, end, write, *, count=true))]
@@ -108,10 +122,7 @@ impl PyIotlb {
         &self, py: Python<'py>, did: u64, start: u64, end: &Bound<'py, PyAny>, write: bool, count: bool,
     ) -> PyResult<Bound<'py, PyList>> {
         let end = end_of(end)?;
-        let mut out = Vec::new();
-        self.core.lock().lookup_run(did, start, end, write, count, &mut out);
-        let objs = out.iter().map(|e| self.entry_obj(py, e)).collect::<PyResult<Vec<_>>>()?;
-        PyList::new(py, objs)
+        PyList::new(py, self.run_objs(py, did, start, end, write, count, usize::MAX)?)
     }
 
     fn lookup_span(&self, did: u64, start: u64, end: &Bound<'_, PyAny>, write: bool) -> PyResult<Option<u64>> {
@@ -138,7 +149,7 @@ impl PyIotlb {
         aligned(e.iova, e.size_lg2)?;
         // a generation that is no u64 can be no current one: the insert is late
         let generation = generation.extract::<u64>().ok();
-        Ok(self.core.lock().insert(did, e, generation))
+        Ok(self.core.lock().insert(did, e, Some(entry.clone().unbind()), generation))
     }
 
     /// Remember `ext` (an `Extent`) unless an invalidation happened since `generation`.
@@ -173,17 +184,22 @@ impl PyIotlb {
 }
 
 // ---- walk ---------------------------------------------------------------------------------
-/// The nested walk (`NestedWalker.walk` without trace, dry run or caches).
-/// Each call gets the banks it may touch: bank 0's and the context's owner
-/// bank's mmap (or None where not mapped), exported for that call only.
-/// Results are the reference's `WalkOk` / `WalkFault` objects (classes and
-/// `FaultReason` members given at construction). Every method returns None
-/// for a case it leaves to the reference.
+/// The nested walk (`NestedWalker.walk` without trace, dry run or caches),
+/// the translation loop and the copy. Each call is handed the `HostMemory`
+/// and takes, only when it must read memory, a buffer export of bank 0's and
+/// the owner bank's mmaps (`host.bank(i).view.obj`) for that call alone.
+/// Results are the reference's objects (classes and `FaultReason` members
+/// given at construction). Every method returns None for a case it leaves to
+/// the reference.
 #[pyclass(module = "pviommu._native", name = "Walker", frozen)]
 pub struct PyWalker {
     fs: FsFormat,
     walk_ok: Py<PyAny>,
     walk_fault: Py<PyAny>,
+    run: Py<PyAny>,
+    translation: Py<PyAny>,
+    /// exceptions of `host.bank(i)` that mean "no such bank" (the reference's fault)
+    missing: Py<PyAny>,
     reasons: Vec<Option<Py<PyAny>>>,
 }
 
@@ -194,13 +210,6 @@ struct Held {
 }
 
 impl Held {
-    fn new(owner_bank: u32, bank0: Option<&Bound<'_, PyAny>>, owner: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
-        Ok(Held {
-            bank0: bank0.map(|b| Mapping::new(0, b)).transpose()?,
-            owner: owner.map(|b| Mapping::new(owner_bank, b)).transpose()?,
-        })
-    }
-
     fn mem(&self) -> WalkMem<'_> {
         WalkMem { bank0: self.bank0.as_ref(), owner: self.owner.as_ref() }
     }
@@ -235,6 +244,26 @@ impl PyWalker {
         Ok(Some(Ctx { pgtt, s2_levels, fs_levels, ssptptr, fsptptr, owner_bank: owner as u32 }))
     }
 
+    /// Bank `index` of `host` (mapping it on first use, as the reference's
+    /// `host.bank` does), or None where there is none.
+    fn bank(&self, py: Python<'_>, host: &Bound<'_, PyAny>, index: u32) -> PyResult<Option<Mapping>> {
+        let missing = self.missing.bind(py);
+        let mmap = host
+            .call_method1(intern!(py, "bank"), (index,))
+            .and_then(|bank| bank.getattr(intern!(py, "view")))
+            .and_then(|view| view.getattr(intern!(py, "obj")))
+            .and_then(|obj| Mapping::new(index, &obj));
+        match mmap {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.matches(py, missing)? => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn held(&self, py: Python<'_>, host: &Bound<'_, PyAny>, ctx: &Ctx) -> PyResult<Held> {
+        Ok(Held { bank0: self.bank(py, host, 0)?, owner: self.bank(py, host, ctx.owner_bank)? })
+    }
+
     fn ok_obj<'py>(&self, py: Python<'py>, ok: &WalkOk) -> PyResult<Bound<'py, PyAny>> {
         self.walk_ok.bind(py).call1((ok.iova, ok.hpa, ok.size_lg2, ok.read, ok.write, ok.reads))
     }
@@ -246,14 +275,20 @@ impl PyWalker {
         self.walk_fault.bind(py).call1((reason.bind(py), f.detail.to_string(), f.reads))
     }
 
-    fn translation_obj<'py>(&self, py: Python<'py>, t: &translate::Translation) -> PyResult<Bound<'py, PyTuple>> {
-        let runs = PyList::new(py, t.runs.iter().map(|&(h, n)| (h, n)))?;
+    fn translation_obj<'py>(&self, py: Python<'py>, t: &translate::Translation) -> PyResult<Bound<'py, PyAny>> {
+        let run = self.run.bind(py);
+        let runs = PyList::empty(py);
+        for &(hpa, n) in &t.runs {
+            runs.append(run.call1((hpa, n))?)?;
+        }
         let (fault_iova, fault) = match &t.fault {
             Some((iova, f)) => (*iova, self.fault_obj(py, f)?),
             None => (0, py.None().into_bound(py)),
         };
-        PyTuple::new(py, [runs.into_any(), fault, fault_iova.into_pyobject(py)?.into_any(),
-                          t.walks.into_pyobject(py)?.into_any(), t.reads.into_pyobject(py)?.into_any()])
+        // a named tuple made as `tuple.__new__(cls, fields)` does it: no Python frame
+        let fields = PyTuple::new(py, [runs.into_any(), fault, fault_iova.into_pyobject(py)?.into_any(),
+                                       t.walks.into_pyobject(py)?.into_any(), t.reads.into_pyobject(py)?.into_any()])?;
+        py.get_type::<PyTuple>().call_method1(intern!(py, "__new__"), (self.translation.bind(py), fields))
     }
 }
 
@@ -263,8 +298,12 @@ const DETACH_COPY: u64 = 64 * 1024;
 #[pymethods]
 impl PyWalker {
     #[new]
-    #[pyo3(signature = (fs_mgaw_lg2=48, *, walk_ok, walk_fault, reasons))]
-    fn new(fs_mgaw_lg2: u32, walk_ok: Py<PyAny>, walk_fault: Py<PyAny>, reasons: &Bound<'_, PyDict>) -> PyResult<Self> {
+    #[pyo3(signature = (fs_mgaw_lg2=48, *, walk_ok, walk_fault, run, translation, missing, reasons))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        fs_mgaw_lg2: u32, walk_ok: Py<PyAny>, walk_fault: Py<PyAny>, run: Py<PyAny>, translation: Py<PyAny>,
+        missing: Py<PyAny>, reasons: &Bound<'_, PyDict>,
+    ) -> PyResult<Self> {
         if !(32..=52).contains(&fs_mgaw_lg2) {
             return Err(PyValueError::new_err(format!("output width {fs_mgaw_lg2} outside 32..52")));
         }
@@ -273,18 +312,16 @@ impl PyWalker {
             let code: u8 = code.extract()?;
             table[code as usize] = Some(member.unbind());
         }
-        Ok(PyWalker { fs: FsFormat::new(fs_mgaw_lg2), walk_ok, walk_fault, reasons: table })
+        Ok(PyWalker { fs: FsFormat::new(fs_mgaw_lg2), walk_ok, walk_fault, run, translation, missing, reasons: table })
     }
 
-    /// `NestedWalker.walk(ctx, iova, write)`: a `WalkOk` or `WalkFault`, or
-    /// None for a context or IOVA this core leaves to the reference.
-    #[pyo3(signature = (ctx, iova, write, bank0, owner))]
+    /// `NestedWalker.walk(ctx, iova, write)` over `host` (a `HostMemory`): a
+    /// `WalkOk` or `WalkFault`, or None for a context or IOVA left to the reference.
     fn walk<'py>(
-        &self, py: Python<'py>, ctx: &Bound<'py, PyAny>, iova: &Bound<'py, PyAny>, write: bool,
-        bank0: Option<&Bound<'py, PyAny>>, owner: Option<&Bound<'py, PyAny>>,
+        &self, py: Python<'py>, host: &Bound<'py, PyAny>, ctx: &Bound<'py, PyAny>, iova: &Bound<'py, PyAny>, write: bool,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
         let (Some(c), Ok(iova)) = (self.ctx_of(py, ctx)?, iova.extract::<u64>()) else { return Ok(None) };
-        let held = Held::new(c.owner_bank, bank0, owner)?;
+        let held = self.held(py, host, &c)?;
         let result = walk::walk(&held.mem(), c, &self.fs, iova, write);
         match result {
             Ok(ok) => self.ok_obj(py, &ok).map(Some),
@@ -293,40 +330,46 @@ impl PyWalker {
     }
 
     /// `IommuUnit.translate`'s loop after the context lookup, for domain
-    /// `did` of `ctx` through `iotlb`: `(runs as (hpa, length) tuples,
-    /// WalkFault or None, IOVA of the fault, walks, entry reads)`, or None
-    /// when left to the reference. `length > 0`, `iova + length <= 2**64`.
-    #[pyo3(signature = (iotlb, ctx, did, iova, length, write, bank0, owner))]
+    /// `did` of `ctx` through `iotlb`: a translation object (runs, WalkFault
+    /// or None, IOVA of the fault, walks, entry reads), or None when left to
+    /// the reference. `length > 0`, `iova + length <= 2**64`.
+    #[pyo3(signature = (host, iotlb, ctx, did, iova, length, write))]
     #[allow(clippy::too_many_arguments)]
     fn translate<'py>(
-        &self, py: Python<'py>, iotlb: &Bound<'py, PyIotlb>, ctx: &Bound<'py, PyAny>, did: u64, iova: u64, length: u64,
-        write: bool, bank0: Option<&Bound<'py, PyAny>>, owner: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        &self, py: Python<'py>, host: &Bound<'py, PyAny>, iotlb: &Bound<'py, PyIotlb>, ctx: &Bound<'py, PyAny>,
+        did: u64, iova: u64, length: u64, write: bool,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
         let Some(c) = self.ctx_of(py, ctx)? else { return Ok(None) };
         if length == 0 || u128::from(iova) + u128::from(length) > 1u128 << 64 {
             return Err(PyValueError::new_err(format!("bad range {iova:#x}+{length:#x}")));
         }
-        let held = Held::new(c.owner_bank, bank0, owner)?;
-        let t = translate::translate(&iotlb.get().core, &held.mem(), c, &self.fs, did, iova, length, write);
+        let core = &iotlb.get().core;
+        let t = match translate::fast(core, did, iova, length, write) {
+            Some(t) => t,
+            None => {
+                let held = self.held(py, host, &c)?;
+                translate::slow(core, &held.mem(), c, &self.fs, did, iova, length, write)
+            }
+        };
         self.translation_obj(py, &t).map(Some)
     }
 
     /// `DmaMemory.copy(src, dst, length)` through `translate` on both sides:
-    /// `(done, source translation, destination translation)` (each as
-    /// `translate` returns it), or None when left to the reference. Bytes
-    /// move with memmove semantics; long copies run without the GIL.
-    #[pyo3(signature = (iotlb, ctx, did, src, dst, length, bank0, owner))]
+    /// `(done, source translation, destination translation)`, or None when
+    /// left to the reference. Bytes move with memmove semantics; long copies
+    /// run without the GIL.
+    #[pyo3(signature = (host, iotlb, ctx, did, src, dst, length))]
     #[allow(clippy::too_many_arguments)]
     fn copy<'py>(
-        &self, py: Python<'py>, iotlb: &Bound<'py, PyIotlb>, ctx: &Bound<'py, PyAny>, did: u64, src: u64, dst: u64,
-        length: u64, bank0: Option<&Bound<'py, PyAny>>, owner: Option<&Bound<'py, PyAny>>,
+        &self, py: Python<'py>, host: &Bound<'py, PyAny>, iotlb: &Bound<'py, PyIotlb>, ctx: &Bound<'py, PyAny>,
+        did: u64, src: u64, dst: u64, length: u64,
     ) -> PyResult<Option<Bound<'py, PyTuple>>> {
         let Some(c) = self.ctx_of(py, ctx)? else { return Ok(None) };
         let top = 1u128 << 64;
         if length == 0 || u128::from(src) + u128::from(length) > top || u128::from(dst) + u128::from(length) > top {
             return Err(PyValueError::new_err(format!("bad copy {src:#x} -> {dst:#x} +{length:#x}")));
         }
-        let held = Held::new(c.owner_bank, bank0, owner)?;
+        let held = self.held(py, host, &c)?;
         let core = &iotlb.get().core;
         let rs = translate::translate(core, &held.mem(), c, &self.fs, did, src, length, false);
         let rd = translate::translate(core, &held.mem(), c, &self.fs, did, dst, length, true);
@@ -346,7 +389,7 @@ impl PyWalker {
             }
         }
         let (a, b) = (self.translation_obj(py, &rs)?, self.translation_obj(py, &rd)?);
-        PyTuple::new(py, [limit.into_pyobject(py)?.into_any(), a.into_any(), b.into_any()]).map(Some)
+        PyTuple::new(py, [limit.into_pyobject(py)?.into_any(), a, b]).map(Some)
     }
 }
 

@@ -21,15 +21,24 @@ impl Translation {
     }
 }
 
+/// The first step of `translate`: one extent or entry covering the whole
+/// range (the warm DMA buffer), which needs no memory.
+pub fn fast(iotlb: &Core, did: u64, iova: u64, length: u64, write: bool) -> Option<Translation> {
+    let hpa = iotlb.lock().lookup_span(did, iova, iova as u128 + length as u128, write)?;
+    Some(Translation { runs: vec![(hpa, length)], fault: None, walks: 0, reads: 0 })
+}
+
 /// `[iova, iova + length)` for `write` through `iotlb` and, on misses, the
 /// walk; `length > 0` and `iova + length <= 2**64` (the caller checks).
 pub fn translate(iotlb: &Core, mem: &WalkMem<'_>, ctx: Ctx, fs: &FsFormat, did: u64, iova: u64, length: u64, write: bool) -> Translation {
+    fast(iotlb, did, iova, length, write).unwrap_or_else(|| slow(iotlb, mem, ctx, fs, did, iova, length, write))
+}
+
+/// `translate` after `fast` missed.
+#[allow(clippy::too_many_arguments)]
+pub fn slow(iotlb: &Core, mem: &WalkMem<'_>, ctx: Ctx, fs: &FsFormat, did: u64, iova: u64, length: u64, write: bool) -> Translation {
     let end = iova as u128 + length as u128;
     let mut out = Translation { runs: Vec::new(), fault: None, walks: 0, reads: 0 };
-    if let Some(hpa) = iotlb.lock().lookup_span(did, iova, end, write) {
-        out.runs.push((hpa, length));
-        return out;
-    }
     let generation0 = iotlb.lock().generation;
     let mut pos = iova as u128;
     let (mut run_hpa, mut run_len) = (0u64, 0u64);
@@ -58,7 +67,7 @@ pub fn translate(iotlb: &Core, mem: &WalkMem<'_>, ctx: Ctx, fs: &FsFormat, did: 
         entries.clear();
         let generation = {
             let mut st = iotlb.lock();
-            st.lookup_run(did, pos as u64, end, write, true, &mut entries);
+            st.lookup_run_with(did, pos as u64, end, write, true, |slot| entries.push(slot.e));
             st.generation
         };
         if entries.is_empty() {
@@ -76,7 +85,7 @@ pub fn translate(iotlb: &Core, mem: &WalkMem<'_>, ctx: Ctx, fs: &FsFormat, did: 
                 Ok(ok) => {
                     out.reads += u64::from(ok.reads);
                     let entry = Entry { iova: ok.iova, hpa: ok.hpa, size_lg2: ok.size_lg2, read: ok.read, write: ok.write };
-                    iotlb.lock().insert(did, entry, Some(generation));
+                    iotlb.lock().insert(did, entry, None, Some(generation));
                     entries.push(entry);
                 }
             }
