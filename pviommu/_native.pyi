@@ -35,3 +35,7 @@ class Walker:
     def copy(
         self, host: Any, iotlb: Iotlb, ctx: Any, did: int, src: int, dst: int, length: int,
     ) -> tuple[int, Any, Any] | None: ...
+    def memmove(
+        self, host: Any, iotlb: Iotlb, ctx: Any, did: int, desc: bytes, *, allowed_flags: int, max_xfer: int,
+        overlap_copy: bool, shared: bool, wq_priv: bool, num_int_handles: int,
+    ) -> tuple[int, int, int, bool, bool] | None: ...

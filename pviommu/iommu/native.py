@@ -168,6 +168,34 @@ class NativeCopy(NamedTuple):
         return self.src if self.src.done <= self.dst.done else self.dst
 
 
+class MoveLimits(NamedTuple):
+    """What a work queue allows a MEMMOVE (the device's ``checks.Limits``,
+    reduced to what the fast path checks): the flags it accepts
+    (``checks.allowed_flags(MEMMOVE, ...)``), the transfer limit, whether
+    overlapping copies are allowed (GENCAP), shared WQ, WQ privilege, and the
+    number of interrupt handles."""
+
+    allowed_flags: int
+    max_xfer: int
+    overlap_copy: bool
+    shared: bool
+    wq_priv: bool
+    num_int_handles: int
+
+
+class NativeMemmove(NamedTuple):
+    """What ``NativeWalker.memmove`` did: the unit translations it made (for
+    the unit's counters; 2, or 3 with the completion record), walks and entry
+    reads (0 on this warm path), whether it wrote the success record, and
+    whether the record is still due (the caller writes it, status byte last)."""
+
+    translations: int
+    walks: int
+    reads: int
+    record_written: bool
+    record_due: bool
+
+
 class NativeWalker:
     """``NestedWalker`` compiled for the common case, the reference for the rest."""
 
@@ -221,7 +249,23 @@ class NativeWalker:
         return None if raw is None else NativeCopy(*raw)
 
 
+    def memmove(self, iotlb: NativeIotlb, ctx: ContextEntry, desc: bytes | bytearray | memoryview,
+                limits: MoveLimits) -> NativeMemmove | None:
+        """Run one 64-byte MEMMOVE descriptor of ``ctx``'s domain the way the
+        device model would (validation, copy, success record written status
+        byte last) when it is valid, completes without a fault and all its
+        translations are in ``iotlb``; None, having touched nothing, in every
+        other case (the caller runs the model). The device's own counters
+        (descriptors, completions, bytes, interrupts) stay with the caller."""
+        if not ctx.owner_bank:
+            return None
+        raw = self.core.memmove(self.host, iotlb.core, ctx, ctx.did, bytes(desc), allowed_flags=limits.allowed_flags,
+                                max_xfer=limits.max_xfer, overlap_copy=limits.overlap_copy, shared=limits.shared,
+                                wq_priv=limits.wq_priv, num_int_handles=limits.num_int_handles)
+        return None if raw is None else NativeMemmove(*raw)
+
+
 __all__ = [
-    "AVAILABLE", "ENV_SWITCH", "UNAVAILABLE_REASON", "NativeCopy", "NativeIotlb", "NativeTranslation",
-    "NativeUnavailable", "NativeWalker",
+    "AVAILABLE", "ENV_SWITCH", "UNAVAILABLE_REASON", "MoveLimits", "NativeCopy", "NativeIotlb", "NativeMemmove",
+    "NativeTranslation", "NativeUnavailable", "NativeWalker",
 ]

@@ -139,6 +139,33 @@ impl State {
         }
     }
 
+    /// Whether `translate` of `[start, end)` would find everything cached
+    /// (no walk): `lookup_span`, then extents and entries as its loop takes
+    /// them. Counts nothing and changes nothing.
+    pub fn covered(&self, did: u64, start: u64, end: u128, write: bool) -> bool {
+        let Some(dom) = self.domains.get(&did) else { return false };
+        let mut pos = start as u128;
+        'outer: while pos < end {
+            let p = pos as u64;
+            if let Some((_, ext)) = dom.extents.range(..=p).next_back() {
+                if pos < ext.end() && ext.allows(write) {
+                    pos = ext.end().min(end);
+                    continue;
+                }
+            }
+            for &lg2 in &dom.sizes {
+                if let Some(slot) = dom.entries.get(&(lg2, p >> lg2)) {
+                    if slot.e.allows(write) {
+                        pos = slot.e.end().min(end);
+                        continue 'outer;
+                    }
+                }
+            }
+            return false;
+        }
+        true
+    }
+
     pub fn lookup_span(&mut self, did: u64, start: u64, end: u128, write: bool) -> Option<u64> {
         let dom = self.domains.get(&did)?;
         if let Some((_, ext)) = dom.extents.range(..=start).next_back() {

@@ -10,7 +10,7 @@ mod mem;
 mod translate;
 mod walk;
 
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
@@ -354,6 +354,29 @@ impl PyWalker {
         self.translation_obj(py, &t).map(Some)
     }
 
+    /// Execute one MEMMOVE descriptor (64 bytes) of domain `did` of `ctx`
+    /// exactly as the Python device model would -- validation, the copy
+    /// through `iotlb`, the success record written status byte last -- when
+    /// it is valid, completes without a fault and every translation it needs
+    /// is already in the IOTLB (so no walk, no fault and no page request can
+    /// come up). Returns `(translations, walks, reads, record_written,
+    /// record_due)`; `record_due`: the record is still to be written by the
+    /// caller (a copy long enough to run without the GIL, after which the
+    /// record's translation was no longer cached). Returns None, having
+    /// touched nothing, for every other case: the caller runs the model.
+    /// The device's counters and interrupt stay with the caller.
+    #[pyo3(signature = (host, iotlb, ctx, did, desc, *, allowed_flags, max_xfer, overlap_copy, shared, wq_priv,
+                        num_int_handles))]
+    #[allow(clippy::too_many_arguments)]
+    fn memmove<'py>(
+        &self, py: Python<'py>, host: &Bound<'py, PyAny>, iotlb: &Bound<'py, PyIotlb>, ctx: &Bound<'py, PyAny>,
+        did: u64, desc: &[u8], allowed_flags: u32, max_xfer: u64, overlap_copy: bool, shared: bool, wq_priv: bool,
+        num_int_handles: u64,
+    ) -> PyResult<Option<(u32, u32, u64, bool, bool)>> {
+        let lim = MoveLimits { allowed: allowed_flags, max_xfer, overlap_copy, shared, wq_priv, num_int_handles };
+        self.memmove_impl(py, host, iotlb, ctx, did, desc, lim)
+    }
+
     /// `DmaMemory.copy(src, dst, length)` through `translate` on both sides:
     /// `(done, source translation, destination translation)`, or None when
     /// left to the reference. Bytes move with memmove semantics; long copies
@@ -390,6 +413,135 @@ impl PyWalker {
         }
         let (a, b) = (self.translation_obj(py, &rs)?, self.translation_obj(py, &rd)?);
         PyTuple::new(py, [limit.into_pyobject(py)?.into_any(), a, b]).map(Some)
+    }
+}
+
+// ---- a whole MEMMOVE descriptor, warm ----------------------------------------------------
+const DESC_SIZE: usize = 64;
+const COMP_SIZE: u64 = 32;
+const OP_MEMMOVE: u32 = 0x03;
+const F_CRAV: u32 = 0x0004;
+const F_RCR: u32 = 0x0008;
+const F_RCI: u32 = 0x0010;
+const STATUS_SUCCESS: u8 = 0x01;
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// The fields of a 64-byte descriptor a MEMMOVE uses (`pviommu.abi.dsa.Descriptor`).
+struct MoveDesc {
+    flags: u32,
+    completion: u64,
+    src: u64,
+    dst: u64,
+    size: u64,
+}
+
+/// `desc` if it is a MEMMOVE that `checks.validate` and `device._run` let run
+/// to a plain copy with these work-queue limits, else None (the Python model
+/// then produces whatever status or special path applies).
+fn memmove_desc(desc: &[u8], lim: &MoveLimits) -> Option<MoveDesc> {
+    if desc.len() != DESC_SIZE {
+        return None;
+    }
+    let (d0, d1) = (le_u32(desc, 0), le_u32(desc, 4));
+    let (opcode, flags, privileged, rsvd) = (d1 >> 24, d1 & 0xFF_FFFF, d0 >> 31 != 0, (d0 >> 20) & 0x7FF);
+    let d = MoveDesc {
+        flags,
+        completion: le_u64(desc, 8),
+        src: le_u64(desc, 16),
+        dst: le_u64(desc, 24),
+        size: u64::from(le_u32(desc, 32)),
+    };
+    let int_handle = u64::from(u16::from_le_bytes([desc[36], desc[37]]));
+    let rsvd1 = u16::from_le_bytes([desc[38], desc[39]]);
+    let top = 1u128 << 64;
+    let ok = opcode == OP_MEMMOVE
+        && !(flags & F_CRAV != 0 && d.completion % COMP_SIZE != 0) // CRA_ALIGN
+        && flags & !lim.allowed == 0 // INVALID_FLAGS
+        && rsvd == 0 && rsvd1 == 0 && desc[40..].iter().all(|&b| b == 0) // NOZERO_RESERVE
+        && !(lim.shared && privileged && !lim.wq_priv) // PRIV_BAD
+        && !(flags & F_RCI != 0 && int_handle >= lim.num_int_handles) // INT_HANDLE_INVAL
+        && 0 < d.size && d.size <= lim.max_xfer // XFER_ERANGE
+        && u128::from(d.src) + u128::from(d.size) <= top && u128::from(d.dst) + u128::from(d.size) <= top
+        && u128::from(d.completion) + u128::from(COMP_SIZE) <= top;
+    if !ok {
+        return None;
+    }
+    let overlap = d.src < d.dst.wrapping_add(d.size) && d.dst < d.src.wrapping_add(d.size);
+    if overlap && (!lim.overlap_copy || d.dst > d.src) {
+        return None; // OVERLAP_BUFFERS, or the descending copy (result 1)
+    }
+    Some(d)
+}
+
+struct MoveLimits {
+    allowed: u32,
+    max_xfer: u64,
+    overlap_copy: bool,
+    shared: bool,
+    wq_priv: bool,
+    num_int_handles: u64,
+}
+
+impl PyWalker {
+    #[allow(clippy::too_many_arguments)]
+    fn memmove_impl<'py>(
+        &self, py: Python<'py>, host: &Bound<'py, PyAny>, iotlb: &Bound<'py, PyIotlb>, ctx: &Bound<'py, PyAny>,
+        did: u64, desc: &[u8], lim: MoveLimits,
+    ) -> PyResult<Option<(u32, u32, u64, bool, bool)>> {
+        let Some(d) = memmove_desc(desc, &lim) else { return Ok(None) };
+        let Some(c) = self.ctx_of(py, ctx)? else { return Ok(None) };
+        let record = d.flags & F_CRAV != 0 && d.flags & F_RCR != 0;
+        let core = &iotlb.get().core;
+        {
+            let st = core.lock();
+            let end = |a: u64, n: u64| u128::from(a) + u128::from(n);
+            if !st.covered(did, d.src, end(d.src, d.size), false)
+                || !st.covered(did, d.dst, end(d.dst, d.size), true)
+                || (record && !st.covered(did, d.completion, end(d.completion, COMP_SIZE), true))
+            {
+                return Ok(None);
+            }
+        }
+        let held = self.held(py, host, &c)?;
+        let mem = held.mem();
+        let rs = translate::translate(core, &mem, c, &self.fs, did, d.src, d.size, false);
+        let rd = translate::translate(core, &mem, c, &self.fs, did, d.dst, d.size, true);
+        let (mut walks, mut reads) = (rs.walks + rd.walks, rs.reads + rd.reads);
+        let owner = held.owner.as_ref();
+        let spans = |runs: &[(u64, u64)], n: u64| owner.and_then(|bank| translate::spans(bank, runs, n));
+        let (Some(s), Some(t)) = (spans(&rs.runs, d.size), spans(&rd.runs, d.size)) else {
+            return Err(PyRuntimeError::new_err("warm MEMMOVE: translation left the owner bank"));
+        };
+        if rs.fault.is_some() || rd.fault.is_some() || rs.done() != d.size || rd.done() != d.size {
+            return Err(PyRuntimeError::new_err("warm MEMMOVE: the IOTLB changed under the call"));
+        }
+        let detached = d.size >= DETACH_COPY;
+        if detached {
+            py.detach(|| scatter_copy(&s, &t, d.size));
+        } else {
+            scatter_copy(&s, &t, d.size);
+        }
+        if !record {
+            return Ok(Some((2, walks, reads, false, false)));
+        }
+        if detached && !core.lock().covered(did, d.completion, u128::from(d.completion) + u128::from(COMP_SIZE), true) {
+            return Ok(Some((2, walks, reads, false, true))); // flushed meanwhile: the model writes it
+        }
+        let rr = translate::translate(core, &mem, c, &self.fs, did, d.completion, COMP_SIZE, true);
+        walks += rr.walks;
+        reads += rr.reads;
+        let Some(spans) = spans(&rr.runs, COMP_SIZE).filter(|_| rr.fault.is_none() && rr.done() == COMP_SIZE) else {
+            return Err(PyRuntimeError::new_err("warm MEMMOVE: the record's translation failed"));
+        };
+        mem::write_record(&spans, STATUS_SUCCESS);
+        Ok(Some((3, walks, reads, true, false)))
     }
 }
 

@@ -186,3 +186,23 @@ pub fn scatter_copy(src: &[Span], dst: &[Span], limit: u64) {
         }
     }
 }
+
+/// Write a success-style completion record over `spans` (32 bytes): every
+/// byte but the first zeroed, then the status byte, with release ordering,
+/// so a poller that sees the status sees the whole record
+/// (`DmaMemory.write_record`: bytes 1.. first, byte 0 last).
+pub fn write_record(spans: &[Span], status: u8) {
+    let mut skip = 1u64;
+    for s in spans {
+        if skip < s.len {
+            // SAFETY: inside a bounds-checked span.
+            unsafe { std::ptr::write_bytes(s.ptr.0.add(skip as usize), 0, (s.len - skip) as usize) };
+        }
+        skip = skip.saturating_sub(s.len);
+    }
+    if let Some(first) = spans.first() {
+        // SAFETY: the first byte of a bounds-checked, non-empty span.
+        let byte = unsafe { std::sync::atomic::AtomicU8::from_ptr(first.ptr.0) };
+        byte.store(status, Ordering::Release);
+    }
+}
