@@ -112,8 +112,15 @@ fn pages(start: u128, end: u128, lg2: u32) -> u64 {
 impl State {
     /// Consecutive entries covering `[start, end)` from `start` (first miss
     /// stops), each handed to `visit`.
-    pub fn lookup_run_with(&mut self, did: u64, start: u64, end: u128, write: bool, count: bool,
-                           mut visit: impl FnMut(&Slot)) {
+    pub fn lookup_run_with(
+        &mut self,
+        did: u64,
+        start: u64,
+        end: u128,
+        write: bool,
+        count: bool,
+        mut visit: impl FnMut(&Slot),
+    ) {
         let mut found = 0u64;
         if let Some(dom) = self.domains.get(&did) {
             let mut pos = start as u128;
@@ -212,7 +219,8 @@ impl State {
             }
         }
         let end = ext.end();
-        let covered: Vec<u64> = extents.range(ext.iova..).take_while(|(k, _)| (**k as u128) < end).map(|(k, _)| *k).collect();
+        let covered: Vec<u64> =
+            extents.range(ext.iova..).take_while(|(k, _)| (**k as u128) < end).map(|(k, _)| *k).collect();
         for k in covered {
             extents.remove(&k);
         }

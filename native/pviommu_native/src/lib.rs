@@ -5,6 +5,9 @@
 //! `pviommu/iommu/native.py` is the only Python code that imports this module,
 //! and the tests compare the two implementations on the same inputs.
 
+// `x % n == 0` rather than `is_multiple_of` (Rust 1.87): the crate builds with pyo3's minimum, 1.85
+#![allow(clippy::manual_is_multiple_of)]
+
 mod iotlb;
 mod mem;
 mod translate;
@@ -53,10 +56,19 @@ pub struct PyIotlb {
 }
 
 impl PyIotlb {
+    #[allow(clippy::too_many_arguments)]
     /// The entries of a run as `IotlbEntry` objects: the inserted ones where
     /// there is one, else new ones (built after the lock is released).
-    fn run_objs<'py>(&self, py: Python<'py>, did: u64, start: u64, end: u128, write: bool, count: bool,
-                     limit: usize) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    fn run_objs<'py>(
+        &self,
+        py: Python<'py>,
+        did: u64,
+        start: u64,
+        end: u128,
+        write: bool,
+        count: bool,
+        limit: usize,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
         let mut found: Vec<(Entry, Option<Py<PyAny>>)> = Vec::new();
         self.core.lock().lookup_run_with(did, start, end, write, count, |slot| {
             if found.len() < limit {
@@ -107,19 +119,39 @@ impl PyIotlb {
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let s = self.core.lock().stats;
         self.stats_cls.bind(py).call1((
-            s.hits, s.misses, s.inserts, s.late_inserts_dropped, s.evictions, s.inv_global, s.inv_domain,
-            s.inv_pages, s.entries_dropped,
+            s.hits,
+            s.misses,
+            s.inserts,
+            s.late_inserts_dropped,
+            s.evictions,
+            s.inv_global,
+            s.inv_domain,
+            s.inv_pages,
+            s.entries_dropped,
         ))
     }
 
     #[pyo3(signature = (did, iova, write=false, *, count=true))]
-    fn lookup<'py>(&self, py: Python<'py>, did: u64, iova: u64, write: bool, count: bool) -> PyResult<Option<Bound<'py, PyAny>>> {
+    fn lookup<'py>(
+        &self,
+        py: Python<'py>,
+        did: u64,
+        iova: u64,
+        write: bool,
+        count: bool,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
         Ok(self.run_objs(py, did, iova, u128::from(iova) + 1, write, count, 1)?.into_iter().next())
     }
 
     #[pyo3(signature = (did, start, end, write, *, count=true))]
     fn lookup_run<'py>(
-        &self, py: Python<'py>, did: u64, start: u64, end: &Bound<'py, PyAny>, write: bool, count: bool,
+        &self,
+        py: Python<'py>,
+        did: u64,
+        start: u64,
+        end: &Bound<'py, PyAny>,
+        write: bool,
+        count: bool,
     ) -> PyResult<Bound<'py, PyList>> {
         let end = end_of(end)?;
         PyList::new(py, self.run_objs(py, did, start, end, write, count, usize::MAX)?)
@@ -138,7 +170,13 @@ impl PyIotlb {
     }
 
     /// Cache `entry` (an `IotlbEntry`) unless an invalidation happened since `generation`.
-    fn insert(&self, py: Python<'_>, did: u64, entry: &Bound<'_, PyAny>, generation: &Bound<'_, PyAny>) -> PyResult<bool> {
+    fn insert(
+        &self,
+        py: Python<'_>,
+        did: u64,
+        entry: &Bound<'_, PyAny>,
+        generation: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
         let e = Entry {
             iova: entry.getattr(intern!(py, "iova"))?.extract()?,
             hpa: entry.getattr(intern!(py, "hpa"))?.extract()?,
@@ -153,7 +191,13 @@ impl PyIotlb {
     }
 
     /// Remember `ext` (an `Extent`) unless an invalidation happened since `generation`.
-    fn insert_extent(&self, py: Python<'_>, did: u64, ext: &Bound<'_, PyAny>, generation: &Bound<'_, PyAny>) -> PyResult<bool> {
+    fn insert_extent(
+        &self,
+        py: Python<'_>,
+        did: u64,
+        ext: &Bound<'_, PyAny>,
+        generation: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
         let x = Extent {
             iova: ext.getattr(intern!(py, "iova"))?.extract()?,
             hpa: ext.getattr(intern!(py, "hpa"))?.extract()?,
@@ -286,8 +330,16 @@ impl PyWalker {
             None => (0, py.None().into_bound(py)),
         };
         // a named tuple made as `tuple.__new__(cls, fields)` does it: no Python frame
-        let fields = PyTuple::new(py, [runs.into_any(), fault, fault_iova.into_pyobject(py)?.into_any(),
-                                       t.walks.into_pyobject(py)?.into_any(), t.reads.into_pyobject(py)?.into_any()])?;
+        let fields = PyTuple::new(
+            py,
+            [
+                runs.into_any(),
+                fault,
+                fault_iova.into_pyobject(py)?.into_any(),
+                t.walks.into_pyobject(py)?.into_any(),
+                t.reads.into_pyobject(py)?.into_any(),
+            ],
+        )?;
         py.get_type::<PyTuple>().call_method1(intern!(py, "__new__"), (self.translation.bind(py), fields))
     }
 }
@@ -301,8 +353,13 @@ impl PyWalker {
     #[pyo3(signature = (fs_mgaw_lg2=48, *, walk_ok, walk_fault, run, translation, missing, reasons))]
     #[allow(clippy::too_many_arguments)]
     fn new(
-        fs_mgaw_lg2: u32, walk_ok: Py<PyAny>, walk_fault: Py<PyAny>, run: Py<PyAny>, translation: Py<PyAny>,
-        missing: Py<PyAny>, reasons: &Bound<'_, PyDict>,
+        fs_mgaw_lg2: u32,
+        walk_ok: Py<PyAny>,
+        walk_fault: Py<PyAny>,
+        run: Py<PyAny>,
+        translation: Py<PyAny>,
+        missing: Py<PyAny>,
+        reasons: &Bound<'_, PyDict>,
     ) -> PyResult<Self> {
         if !(32..=52).contains(&fs_mgaw_lg2) {
             return Err(PyValueError::new_err(format!("output width {fs_mgaw_lg2} outside 32..52")));
@@ -318,7 +375,12 @@ impl PyWalker {
     /// `NestedWalker.walk(ctx, iova, write)` over `host` (a `HostMemory`): a
     /// `WalkOk` or `WalkFault`, or None for a context or IOVA left to the reference.
     fn walk<'py>(
-        &self, py: Python<'py>, host: &Bound<'py, PyAny>, ctx: &Bound<'py, PyAny>, iova: &Bound<'py, PyAny>, write: bool,
+        &self,
+        py: Python<'py>,
+        host: &Bound<'py, PyAny>,
+        ctx: &Bound<'py, PyAny>,
+        iova: &Bound<'py, PyAny>,
+        write: bool,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
         let (Some(c), Ok(iova)) = (self.ctx_of(py, ctx)?, iova.extract::<u64>()) else { return Ok(None) };
         let held = self.held(py, host, &c)?;
@@ -336,8 +398,15 @@ impl PyWalker {
     #[pyo3(signature = (host, iotlb, ctx, did, iova, length, write))]
     #[allow(clippy::too_many_arguments)]
     fn translate<'py>(
-        &self, py: Python<'py>, host: &Bound<'py, PyAny>, iotlb: &Bound<'py, PyIotlb>, ctx: &Bound<'py, PyAny>,
-        did: u64, iova: u64, length: u64, write: bool,
+        &self,
+        py: Python<'py>,
+        host: &Bound<'py, PyAny>,
+        iotlb: &Bound<'py, PyIotlb>,
+        ctx: &Bound<'py, PyAny>,
+        did: u64,
+        iova: u64,
+        length: u64,
+        write: bool,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
         let Some(c) = self.ctx_of(py, ctx)? else { return Ok(None) };
         if length == 0 || u128::from(iova) + u128::from(length) > 1u128 << 64 {
@@ -369,10 +438,20 @@ impl PyWalker {
                         num_int_handles))]
     #[allow(clippy::too_many_arguments)]
     fn memmove<'py>(
-        &self, py: Python<'py>, host: &Bound<'py, PyAny>, iotlb: &Bound<'py, PyIotlb>, ctx: &Bound<'py, PyAny>,
-        did: u64, desc: &[u8], allowed_flags: u32, max_xfer: u64, overlap_copy: bool, shared: bool, wq_priv: bool,
+        &self,
+        py: Python<'py>,
+        host: &Bound<'py, PyAny>,
+        iotlb: &Bound<'py, PyIotlb>,
+        ctx: &Bound<'py, PyAny>,
+        did: u64,
+        desc: &[u8],
+        allowed_flags: u32,
+        max_xfer: u64,
+        overlap_copy: bool,
+        shared: bool,
+        wq_priv: bool,
         num_int_handles: u64,
-    ) -> PyResult<Option<(u32, u32, u64, bool, bool)>> {
+    ) -> PyResult<Option<MoveResult>> {
         let lim = MoveLimits { allowed: allowed_flags, max_xfer, overlap_copy, shared, wq_priv, num_int_handles };
         self.memmove_impl(py, host, iotlb, ctx, did, desc, lim)
     }
@@ -384,8 +463,15 @@ impl PyWalker {
     #[pyo3(signature = (host, iotlb, ctx, did, src, dst, length))]
     #[allow(clippy::too_many_arguments)]
     fn copy<'py>(
-        &self, py: Python<'py>, host: &Bound<'py, PyAny>, iotlb: &Bound<'py, PyIotlb>, ctx: &Bound<'py, PyAny>,
-        did: u64, src: u64, dst: u64, length: u64,
+        &self,
+        py: Python<'py>,
+        host: &Bound<'py, PyAny>,
+        iotlb: &Bound<'py, PyIotlb>,
+        ctx: &Bound<'py, PyAny>,
+        did: u64,
+        src: u64,
+        dst: u64,
+        length: u64,
     ) -> PyResult<Option<Bound<'py, PyTuple>>> {
         let Some(c) = self.ctx_of(py, ctx)? else { return Ok(None) };
         let top = 1u128 << 64;
@@ -480,6 +566,9 @@ fn memmove_desc(desc: &[u8], lim: &MoveLimits) -> Option<MoveDesc> {
     Some(d)
 }
 
+/// (translations, walks, entry reads, record written, record due)
+type MoveResult = (u32, u32, u64, bool, bool);
+
 struct MoveLimits {
     allowed: u32,
     max_xfer: u64,
@@ -492,9 +581,15 @@ struct MoveLimits {
 impl PyWalker {
     #[allow(clippy::too_many_arguments)]
     fn memmove_impl<'py>(
-        &self, py: Python<'py>, host: &Bound<'py, PyAny>, iotlb: &Bound<'py, PyIotlb>, ctx: &Bound<'py, PyAny>,
-        did: u64, desc: &[u8], lim: MoveLimits,
-    ) -> PyResult<Option<(u32, u32, u64, bool, bool)>> {
+        &self,
+        py: Python<'py>,
+        host: &Bound<'py, PyAny>,
+        iotlb: &Bound<'py, PyIotlb>,
+        ctx: &Bound<'py, PyAny>,
+        did: u64,
+        desc: &[u8],
+        lim: MoveLimits,
+    ) -> PyResult<Option<MoveResult>> {
         let Some(d) = memmove_desc(desc, &lim) else { return Ok(None) };
         let Some(c) = self.ctx_of(py, ctx)? else { return Ok(None) };
         let record = d.flags & F_CRAV != 0 && d.flags & F_RCR != 0;

@@ -89,9 +89,7 @@ impl Mapping {
     #[inline]
     pub fn compare_exchange(&self, off: u64, old: u64, new: u64) -> bool {
         match self.atomic(off) {
-            Some(a) => a
-                .compare_exchange(old.to_le(), new.to_le(), Ordering::AcqRel, Ordering::Acquire)
-                .is_ok(),
+            Some(a) => a.compare_exchange(old.to_le(), new.to_le(), Ordering::AcqRel, Ordering::Acquire).is_ok(),
             None => false,
         }
     }

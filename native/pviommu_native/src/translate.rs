@@ -30,13 +30,32 @@ pub fn fast(iotlb: &Core, did: u64, iova: u64, length: u64, write: bool) -> Opti
 
 /// `[iova, iova + length)` for `write` through `iotlb` and, on misses, the
 /// walk; `length > 0` and `iova + length <= 2**64` (the caller checks).
-pub fn translate(iotlb: &Core, mem: &WalkMem<'_>, ctx: Ctx, fs: &FsFormat, did: u64, iova: u64, length: u64, write: bool) -> Translation {
+#[allow(clippy::too_many_arguments)]
+pub fn translate(
+    iotlb: &Core,
+    mem: &WalkMem<'_>,
+    ctx: Ctx,
+    fs: &FsFormat,
+    did: u64,
+    iova: u64,
+    length: u64,
+    write: bool,
+) -> Translation {
     fast(iotlb, did, iova, length, write).unwrap_or_else(|| slow(iotlb, mem, ctx, fs, did, iova, length, write))
 }
 
 /// `translate` after `fast` missed.
 #[allow(clippy::too_many_arguments)]
-pub fn slow(iotlb: &Core, mem: &WalkMem<'_>, ctx: Ctx, fs: &FsFormat, did: u64, iova: u64, length: u64, write: bool) -> Translation {
+pub fn slow(
+    iotlb: &Core,
+    mem: &WalkMem<'_>,
+    ctx: Ctx,
+    fs: &FsFormat,
+    did: u64,
+    iova: u64,
+    length: u64,
+    write: bool,
+) -> Translation {
     let end = iova as u128 + length as u128;
     let mut out = Translation { runs: Vec::new(), fault: None, walks: 0, reads: 0 };
     let generation0 = iotlb.lock().generation;
@@ -84,7 +103,8 @@ pub fn slow(iotlb: &Core, mem: &WalkMem<'_>, ctx: Ctx, fs: &FsFormat, did: u64, 
                 }
                 Ok(ok) => {
                     out.reads += u64::from(ok.reads);
-                    let entry = Entry { iova: ok.iova, hpa: ok.hpa, size_lg2: ok.size_lg2, read: ok.read, write: ok.write };
+                    let entry =
+                        Entry { iova: ok.iova, hpa: ok.hpa, size_lg2: ok.size_lg2, read: ok.read, write: ok.write };
                     iotlb.lock().insert(did, entry, None, Some(generation));
                     entries.push(entry);
                 }
@@ -106,7 +126,14 @@ pub fn slow(iotlb: &Core, mem: &WalkMem<'_>, ctx: Ctx, fs: &FsFormat, did: u64, 
                 x_write = x_write && entry.write;
             } else {
                 if x_count >= 2 {
-                    let ext = Extent { iova: x_iova, hpa: x_hpa, size_lg2: x_lg2, count: x_count, read: x_read, write: x_write };
+                    let ext = Extent {
+                        iova: x_iova,
+                        hpa: x_hpa,
+                        size_lg2: x_lg2,
+                        count: x_count,
+                        read: x_read,
+                        write: x_write,
+                    };
                     iotlb.lock().insert_extent(did, ext, Some(generation0));
                 }
                 (x_iova, x_hpa, x_lg2, x_count) = (entry.iova, entry.hpa, entry.size_lg2, 1);

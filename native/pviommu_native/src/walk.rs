@@ -174,7 +174,9 @@ impl std::fmt::Display for Detail {
                 write!(f, "stage-2 entry {entry:#x} at level {level} has reserved bits")
             }
             Detail::Bank0Unmapped => write!(f, "bank 0 is not mapped"),
-            Detail::OutsidePartition { hpa, why } => write!(f, "stage 2 gave HPA {hpa:#x} outside the partition ({why})"),
+            Detail::OutsidePartition { hpa, why } => {
+                write!(f, "stage 2 gave HPA {hpa:#x} outside the partition ({why})")
+            }
             Detail::NoBank { hpa, why } => write!(f, "HPA {hpa:#x} names no bank ({why})"),
             Detail::PastBank { hpa, len, index, why } => {
                 write!(f, "HPA {hpa:#x}+{len:#x} runs past bank {index} ({why})")
