@@ -1,11 +1,13 @@
 """Build the optional compiled core (native/pviommu_native) into pviommu/_native.abi3.so.
 
 Run by ``./dev.sh setup`` with the venv's interpreter. It builds only from this
-repository's files (Cargo.lock pins every crate; ``--locked``), in release mode,
-with its cache in ``target/`` (git-ignored), so a rebuild with nothing changed
-takes about a second. Without cargo, or when the build fails, it says so in one
-line and exits 0: the Python implementation is the fallback. ``PVIOMMU_NATIVE=0``
-skips the build (and the import: see pviommu/iommu/native.py).
+repository's files (Cargo.lock pins every crate, the only one fetched being pyo3
+and its build helpers; ``--locked``), in release mode, with its cache in
+``target/`` (git-ignored): about 20 s the first time on 2 cores, under a second
+when nothing changed. Without cargo it stays silent (``--quiet``) and exits 0;
+when the build fails it says so in one line and exits 0: the Python
+implementation is the fallback. ``PVIOMMU_NATIVE=0`` skips the build (and the
+import: see pviommu/iommu/native.py).
 
     python native/build.py [--quiet] [--require]
 
@@ -38,8 +40,9 @@ def _cargo() -> str | None:
 
 
 def build(*, quiet: bool = False, require: bool = False) -> int:
-    def say(msg: str) -> None:
-        if not quiet or require:
+    def say(msg: str, *, always: bool = False) -> None:
+        """``--quiet`` keeps set-up silent unless a present toolchain failed."""
+        if always or not quiet or require:
             print(msg, file=sys.stderr)
 
     if os.environ.get("PVIOMMU_NATIVE", "").strip() == "0":
@@ -59,7 +62,8 @@ def build(*, quiet: bool = False, require: bool = False) -> int:
     with LOG.open("w") as log:
         done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
-        say(f"native core: cargo build failed (see {LOG.relative_to(ROOT)}); the Python implementation runs")
+        say(f"native core: cargo build failed (see {LOG.relative_to(ROOT)}); the Python implementation runs",
+            always=True)
         return 1 if require else 0
     lib = TARGET / "release" / "libpviommu_native.so"
     if not OUT.exists() or OUT.read_bytes() != lib.read_bytes():

@@ -6,6 +6,7 @@ Only ``pviommu.iommu.native`` imports it; see there for what each call means.
 from typing import Any
 
 EXTENTS_PER_DOMAIN: int
+API_VERSION: int
 
 class Iotlb:
     capacity: int

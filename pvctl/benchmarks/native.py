@@ -12,7 +12,10 @@ implementation and for ``pviommu.iommu.native`` side by side:
 * translations of 1 MiB over 4 KiB pages, warm IOTLB: ``IommuUnit.translate``
   vs ``NativeWalker.translate``; and cold (global invalidation first);
 * 1 MiB DMA copies, warm: ``DmaMemory.copy`` through the unit vs
-  ``NativeWalker.copy``, next to a plain memmove of the same size.
+  ``NativeWalker.copy``, next to a plain memmove of the same size;
+* one 4 KiB MEMMOVE descriptor (completion record requested), warm: the DSA
+  model's ``execute_now`` vs ``NativeWalker.memmove`` (the compiled path
+  without the device's own counters), next to a 4 KiB memmove.
 
 Run: ``python -m pvctl.benchmarks.native [--quick] [--json]``. Without the
 compiled core it says why and prints the Python figures only.
@@ -28,6 +31,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dma_device.dsa import DsaDevice
+from dma_device.dsa.checks import allowed_flags
+from pviommu.abi.dsa import DescFlags, Descriptor, DsaStatus, Opcode, WqCfg
 from pviommu.addr import SZ_4K, Gpa, Iova
 from pviommu.iommu import native
 from pviommu.iommu.context import CONTEXT_TABLE_END, ContextEntry, write_context
@@ -43,7 +49,7 @@ from pviommu.pt.walk import stage1_table, stage2_table
 
 MiB = 1 << 20
 SLOT, DID = 1, 1
-SRC, DST = Iova(0x10_0000_0000), Iova(0x10_4000_0000)
+SRC, DST, REC = Iova(0x10_0000_0000), Iova(0x10_4000_0000), Iova(0x10_8000_0000)
 PAGES = 256
 
 
@@ -89,6 +95,7 @@ def _run(host: HostMemory, min_time: float) -> dict[str, Any]:
     s1 = stage1_table(X86_64Format(4), ram, guest_frames(ram, 0, 2 * MiB))
     s1.map(SRC, Gpa(4 * MiB), MiB, RW)
     s1.map(DST, Gpa(6 * MiB), MiB, RW)
+    s1.map(REC, Gpa(8 * MiB), SZ_4K, RW)
     ram.write(Gpa(4 * MiB), bytes(range(256)) * (MiB // 256))
     ctx = ContextEntry.nested(DID, s1.root, 4, s2.root, 4, owner_bank=1)
     write_context(host, SLOT, ctx)
@@ -128,6 +135,24 @@ def _run(host: HostMemory, min_time: float) -> dict[str, Any]:
         return 1
 
     fns["memmove_MiB_per_s"] = memmove
+    small_src, small_dst = bank1.view[4 * MiB : 4 * MiB + SZ_4K], bank1.view[6 * MiB : 6 * MiB + SZ_4K]
+
+    def memmove_4k() -> int:
+        small_dst[:] = small_src
+        return 1
+
+    fns["memmove_4k_per_s"] = memmove_4k
+    device = DsaDevice(DmaMemory(host, unit.bind(SLOT)))
+    cfg = WqCfg(wq_size=16)
+    device.configure_wq(0, cfg)
+    device.configure_group(0, [0], [0])
+    device.enable_device()
+    device.enable_wq(0)
+    desc = Descriptor(opcode=Opcode.MEMMOVE, flags=int(DescFlags.CRAV | DescFlags.RCR), completion_addr=REC,
+                      src_addr=SRC, dst_addr=DST, xfer_size=SZ_4K)
+    packed = desc.pack()
+    unit.translate(SLOT, REC, SZ_4K, True)
+    fns["py_memmove_desc_per_s"] = lambda: _one(device.execute_now(0, desc).code == DsaStatus.SUCCESS)
 
     # -- the compiled core --------------------------------------------------------------------
     if native.AVAILABLE:
@@ -168,14 +193,32 @@ def _run(host: HostMemory, min_time: float) -> dict[str, Any]:
         fns["native_translate_warm_per_s"] = nat_warm
         fns["native_translate_cold_per_s"] = nat_cold
         fns["native_copy_MiB_per_s"] = nat_copy
-    out.update(_best(fns, min_time))
-    src_view.release()
-    dst_view.release()
+        gc = device.config.gencap
+        limits = native.MoveLimits(
+            allowed_flags(Opcode.MEMMOVE, cfg.bof and gc.block_on_fault, gc.cache_control_mem, gc.cache_control_cache,
+                          gc.dest_readback, gc.drain_readback),
+            min(1 << cfg.max_xfer_shift, gc.max_xfer_size), gc.overlap_copy, not cfg.dedicated, cfg.priv,
+            device.config.num_int_handles)
+        nat.translate(tlb, ctx, REC, SZ_4K, True)
+
+        def nat_desc() -> int:
+            done = nat.memmove(tlb, ctx, packed, limits)
+            return _one(done is not None and done.record_written)
+
+        fns["native_memmove_desc_per_s"] = nat_desc
+    try:
+        out.update(_best(fns, min_time))
+    finally:
+        device.close()
+        for view in (src_view, dst_view, small_src, small_dst):
+            view.release()
     if bytes(bank1.view[6 * MiB : 7 * MiB]) != bytes(bank1.view[4 * MiB : 5 * MiB]):
         raise RuntimeError("benchmark copy produced wrong bytes")
     out["py_copy_over_memmove"] = out["py_copy_MiB_per_s"] / out["memmove_MiB_per_s"]
+    out["py_memmove_desc_over_memmove_4k"] = out["py_memmove_desc_per_s"] / out["memmove_4k_per_s"]
     if native.AVAILABLE:
-        for name in ("walks", "lookup_span", "lookup", "translate_warm", "translate_cold", "copy_MiB"):
+        out["native_memmove_desc_over_memmove_4k"] = out["native_memmove_desc_per_s"] / out["memmove_4k_per_s"]
+        for name in ("walks", "lookup_span", "lookup", "translate_warm", "translate_cold", "copy_MiB", "memmove_desc"):
             out[f"native_over_py_{name}"] = out[f"native_{name}_per_s"] / out[f"py_{name}_per_s"]
         out["native_loop_over_py_walks"] = out["native_loop_walks_per_s"] / out["py_walks_per_s"]
         out["native_copy_over_memmove"] = out["native_copy_MiB_per_s"] / out["memmove_MiB_per_s"]
@@ -224,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         ("translate 1 MiB/s, warm", "translate_warm", ""),
         ("translate 1 MiB/s, cold", "translate_cold", ""),
         ("DMA copy MiB/s, warm", "copy_MiB", ""),
+        ("MEMMOVE 4 KiB descriptors/s, warm", "memmove_desc", ""),
     ]
     print(f"  {'':32} {'python':>14} {'native':>14} {'ratio':>9}")
     for label, key, _ in rows:
@@ -236,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
               f"  ({r['native_loop_over_py_walks']:.0f}x the Python walker)")
         print(f"  memmove 1 MiB {r['memmove_MiB_per_s']:,.0f} MiB/s; copy/memmove: python "
               f"{r['py_copy_over_memmove']:.2f}x, native {r['native_copy_over_memmove']:.2f}x")
+        print(f"  memmove 4 KiB {r['memmove_4k_per_s']:,.0f}/s; descriptor/memmove: python "
+              f"{r['py_memmove_desc_over_memmove_4k']:.4f}x, native {r['native_memmove_desc_over_memmove_4k']:.3f}x")
     return 0
 
 

@@ -26,6 +26,14 @@ inputs, and everything the compiled core does not handle goes to them.
   walk on a miss, inserts, extents built), compiled; ``copy`` is
   ``DmaMemory.copy`` on top of it (memmove semantics, no GIL for long copies).
   Both leave fault records and unit counters to the caller.
+* ``NativeWalker.memmove(iotlb, ctx, desc, limits)``: one whole MEMMOVE
+  descriptor as the DSA model runs it, when it is valid, cannot fault and
+  finds every translation in the IOTLB (the warm case); otherwise None,
+  having touched nothing, and the caller runs the model.
+
+Bump ``API_VERSION`` here and in native/pviommu_native/src/lib.rs together
+whenever the compiled interface changes: a module left from an older build
+then reads as unavailable instead of failing at a call.
 """
 
 from __future__ import annotations
@@ -47,10 +55,16 @@ if TYPE_CHECKING:
 
     from pviommu.iommu.pscache import PsCache
 
+#: The interface of pviommu._native this module is written for (its API_VERSION).
+API_VERSION = 1
+
 try:
     from pviommu import _native as _ext
 
     _IMPORT_ERROR = ""
+    if getattr(_ext, "API_VERSION", None) != API_VERSION:  # left from an older build of other sources
+        _IMPORT_ERROR = f"stale build: API {getattr(_ext, 'API_VERSION', None)}, want {API_VERSION}"
+        _ext = None  # type: ignore[assignment]
 except ImportError as exc:  # not built: the Python implementation runs alone
     _ext = None  # type: ignore[assignment]
     _IMPORT_ERROR = str(exc)

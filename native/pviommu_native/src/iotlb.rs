@@ -251,6 +251,19 @@ impl State {
         true
     }
 
+    /// Attach objects built for entries that had none, where each entry is
+    /// still cached unchanged (lookups from Python return them from then on).
+    pub fn adopt(&mut self, did: u64, made: Vec<(Entry, Py<PyAny>)>) {
+        let Some(dom) = self.domains.get_mut(&did) else { return };
+        for (e, obj) in made {
+            if let Some(slot) = dom.entries.get_mut(&(e.size_lg2, e.iova >> e.size_lg2)) {
+                if slot.e == e && slot.obj.is_none() {
+                    slot.obj = Some(obj);
+                }
+            }
+        }
+    }
+
     pub fn invalidate_all(&mut self) -> u64 {
         self.generation += 1;
         let dropped = self.count;

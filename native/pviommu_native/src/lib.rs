@@ -76,13 +76,23 @@ impl PyIotlb {
             }
         });
         let cls = self.entry_cls.bind(py);
-        found
+        let mut made: Vec<(Entry, Py<PyAny>)> = Vec::new();
+        let out = found
             .into_iter()
             .map(|(e, obj)| match obj {
                 Some(o) => Ok(o.into_bound(py)),
-                None => cls.call1((e.iova, e.hpa, e.size_lg2, e.read, e.write)),
+                None => {
+                    let o = cls.call1((e.iova, e.hpa, e.size_lg2, e.read, e.write))?;
+                    made.push((e, o.clone().unbind()));
+                    Ok(o)
+                }
             })
-            .collect()
+            .collect::<PyResult<Vec<_>>>()?;
+        if !made.is_empty() {
+            // keep what was built for the next lookup, where the entry is still the same one
+            self.core.lock().adopt(did, made);
+        }
+        Ok(out)
     }
 }
 
@@ -645,5 +655,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyIotlb>()?;
     m.add_class::<PyWalker>()?;
     m.add("EXTENTS_PER_DOMAIN", iotlb::EXTENTS_PER_DOMAIN)?;
+    // what pviommu/iommu/native.py expects; a module left from an older build is not used
+    m.add("API_VERSION", 1)?;
     Ok(())
 }
