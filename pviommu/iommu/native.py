@@ -219,7 +219,8 @@ class NativeWalker:
         self.host = host
         self.reference = NestedWalker(host, fs_mgaw_lg2=fs_mgaw_lg2)
         self.core = _ext.Walker(fs_mgaw_lg2, walk_ok=WalkOk, walk_fault=WalkFault, run=Run,
-                                translation=NativeTranslation, missing=(HpaOutOfRange, ValueError),
+                                translation=NativeTranslation, memmove_result=NativeMemmove,
+                                missing=(HpaOutOfRange, ValueError),
                                 reasons=_REASONS)
         #: walks handed to the reference (trace, dry run, cache, no owner bank)
         self.fallbacks = 0
@@ -273,10 +274,8 @@ class NativeWalker:
         (descriptors, completions, bytes, interrupts) stay with the caller."""
         if not ctx.owner_bank:
             return None
-        raw = self.core.memmove(self.host, iotlb.core, ctx, ctx.did, bytes(desc), allowed_flags=limits.allowed_flags,
-                                max_xfer=limits.max_xfer, overlap_copy=limits.overlap_copy, shared=limits.shared,
-                                wq_priv=limits.wq_priv, num_int_handles=limits.num_int_handles)
-        return None if raw is None else NativeMemmove(*raw)
+        result: NativeMemmove | None = self.core.memmove(self.host, iotlb.core, ctx, ctx.did, bytes(desc), limits)
+        return result
 
 
 __all__ = [

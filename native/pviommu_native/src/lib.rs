@@ -252,6 +252,7 @@ pub struct PyWalker {
     walk_fault: Py<PyAny>,
     run: Py<PyAny>,
     translation: Py<PyAny>,
+    memmove_result: Py<PyAny>,
     /// exceptions of `host.bank(i)` that mean "no such bank" (the reference's fault)
     missing: Py<PyAny>,
     reasons: Vec<Option<Py<PyAny>>>,
@@ -360,7 +361,7 @@ const DETACH_COPY: u64 = 64 * 1024;
 #[pymethods]
 impl PyWalker {
     #[new]
-    #[pyo3(signature = (fs_mgaw_lg2=48, *, walk_ok, walk_fault, run, translation, missing, reasons))]
+    #[pyo3(signature = (fs_mgaw_lg2=48, *, walk_ok, walk_fault, run, translation, memmove_result, missing, reasons))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         fs_mgaw_lg2: u32,
@@ -368,6 +369,7 @@ impl PyWalker {
         walk_fault: Py<PyAny>,
         run: Py<PyAny>,
         translation: Py<PyAny>,
+        memmove_result: Py<PyAny>,
         missing: Py<PyAny>,
         reasons: &Bound<'_, PyDict>,
     ) -> PyResult<Self> {
@@ -379,7 +381,16 @@ impl PyWalker {
             let code: u8 = code.extract()?;
             table[code as usize] = Some(member.unbind());
         }
-        Ok(PyWalker { fs: FsFormat::new(fs_mgaw_lg2), walk_ok, walk_fault, run, translation, missing, reasons: table })
+        Ok(PyWalker {
+            fs: FsFormat::new(fs_mgaw_lg2),
+            walk_ok,
+            walk_fault,
+            run,
+            translation,
+            memmove_result,
+            missing,
+            reasons: table,
+        })
     }
 
     /// `NestedWalker.walk(ctx, iova, write)` over `host` (a `HostMemory`): a
@@ -444,8 +455,10 @@ impl PyWalker {
     /// record's translation was no longer cached). Returns None, having
     /// touched nothing, for every other case: the caller runs the model.
     /// The device's counters and interrupt stay with the caller.
-    #[pyo3(signature = (host, iotlb, ctx, did, desc, *, allowed_flags, max_xfer, overlap_copy, shared, wq_priv,
-                        num_int_handles))]
+    /// `limits` is `(allowed_flags, max_xfer, overlap_copy, shared, wq_priv,
+    /// num_int_handles)` (the shim's `MoveLimits`); the result is made as
+    /// the `memmove_result` class given at construction.
+    #[pyo3(signature = (host, iotlb, ctx, did, desc, limits))]
     #[allow(clippy::too_many_arguments)]
     fn memmove<'py>(
         &self,
@@ -455,15 +468,17 @@ impl PyWalker {
         ctx: &Bound<'py, PyAny>,
         did: u64,
         desc: &[u8],
-        allowed_flags: u32,
-        max_xfer: u64,
-        overlap_copy: bool,
-        shared: bool,
-        wq_priv: bool,
-        num_int_handles: u64,
-    ) -> PyResult<Option<MoveResult>> {
-        let lim = MoveLimits { allowed: allowed_flags, max_xfer, overlap_copy, shared, wq_priv, num_int_handles };
-        self.memmove_impl(py, host, iotlb, ctx, did, desc, lim)
+        limits: (u32, u64, bool, bool, bool, u64),
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let (allowed, max_xfer, overlap_copy, shared, wq_priv, num_int_handles) = limits;
+        let lim = MoveLimits { allowed, max_xfer, overlap_copy, shared, wq_priv, num_int_handles };
+        let Some((translations, walks, reads, written, due)) =
+            self.memmove_impl(py, host, iotlb, ctx, did, desc, lim)?
+        else {
+            return Ok(None);
+        };
+        let fields = (translations, walks, reads, written, due).into_pyobject(py)?;
+        py.get_type::<PyTuple>().call_method1(intern!(py, "__new__"), (self.memmove_result.bind(py), fields)).map(Some)
     }
 
     /// `DmaMemory.copy(src, dst, length)` through `translate` on both sides:
@@ -614,7 +629,8 @@ impl PyWalker {
                 return Ok(None);
             }
         }
-        let held = self.held(py, host, &c)?;
+        // everything is cached: no walk reads bank 0, only the owner's bank is touched
+        let held = Held { bank0: None, owner: self.bank(py, host, c.owner_bank)? };
         let mem = held.mem();
         let rs = translate::translate(core, &mem, c, &self.fs, did, d.src, d.size, false);
         let rd = translate::translate(core, &mem, c, &self.fs, did, d.dst, d.size, true);
