@@ -429,14 +429,16 @@ impl PyWalker {
         length: u64,
         write: bool,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
-        let Some(c) = self.ctx_of(py, ctx)? else { return Ok(None) };
         if length == 0 || u128::from(iova) + u128::from(length) > 1u128 << 64 {
             return Err(PyValueError::new_err(format!("bad range {iova:#x}+{length:#x}")));
         }
         let core = &iotlb.get().core;
+        // a covering hit needs neither the context's tables nor memory (and a
+        // miss has changed nothing, so the context may still be declined)
         let t = match translate::fast(core, did, iova, length, write) {
             Some(t) => t,
             None => {
+                let Some(c) = self.ctx_of(py, ctx)? else { return Ok(None) };
                 let held = self.held(py, host, &c)?;
                 translate::slow(core, &held.mem(), c, &self.fs, did, iova, length, write)
             }
