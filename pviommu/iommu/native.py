@@ -187,7 +187,9 @@ class MoveLimits(NamedTuple):
     reduced to what the fast path checks): the flags it accepts
     (``checks.allowed_flags(MEMMOVE, ...)``), the transfer limit, whether
     overlapping copies are allowed (GENCAP), shared WQ, WQ privilege, and the
-    number of interrupt handles."""
+    number of interrupt handles. Use it only on a device whose OPCAP has
+    MEMMOVE, for descriptors outside a batch (the model's BAD_OPCODE and batch
+    rules are not checked here)."""
 
     allowed_flags: int
     max_xfer: int
