@@ -25,6 +25,8 @@ setup() {
     fi
     # Build without isolation: the pinned grpcio-tools/mypy-protobuf in the venv generate the stubs.
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+    # The optional compiled core (native/): built when cargo is present, else the Python one runs alone.
+    "$VENV/bin/python" native/build.py --quiet || true
 }
 
 cmd=${1:-help}
