@@ -12,8 +12,9 @@ inputs, and everything the compiled core does not handle goes to them.
 * ``NativeWalker(host)``: ``NestedWalker.walk`` with the same arguments and
   results (``WalkOk`` / ``WalkFault``: reasons, detail texts, ``reads``, A/D
   updates, fences). Calls with a trace, ``dry_run`` or a paging-structure cache,
-  and contexts without an owner bank (``owner_bank=0``: no fence to enforce)
-  run the reference walker it holds (``.reference``). A call that must read
+  run the reference walker it holds (``.reference``); the owner bank (the
+  slot's owner record, ``pviommu.iommu.owner``) is an argument, as for the
+  reference, and a call without one is refused by both. A call that must read
   memory takes bank 0's and the owner bank's mmaps from ``HostMemory`` for
   that call only, so a bank ``HostMemory`` forgot is never reached or kept
   mapped.
@@ -21,9 +22,11 @@ inputs, and everything the compiled core does not handle goes to them.
   ``IotlbEntry``, ``stats`` as an ``IotlbStats`` snapshot). Entries and extents
   must be aligned to their size (the walker's always are; the reference would
   accept others), and ``lookup_span``/``lookup_extent`` refuse empty ranges.
-* ``NativeWalker.translate(iotlb, ctx, iova, length, write)``: the loop of
-  ``IommuUnit.translate`` after the context lookup (IOTLB span, extents, runs,
-  walk on a miss, inserts, extents built), compiled; ``copy`` is
+* ``NativeWalker.translate(iotlb, ctx, iova, length, write, owner_bank,
+  generation)``: the loop of ``IommuUnit.translate`` after the context lookup
+  (IOTLB span, extents, runs, walk on a miss, inserts, extents built),
+  compiled; every insert carries ``generation``, the IOTLB generation the
+  unit read before it looked the context up; ``copy`` is
   ``DmaMemory.copy`` on top of it (memmove semantics, no GIL for long copies).
   Both leave fault records and unit counters to the caller.
 * ``NativeWalker.memmove(iotlb, ctx, desc, limits)``: one whole MEMMOVE
@@ -56,7 +59,7 @@ if TYPE_CHECKING:
     from pviommu.iommu.pscache import PsCache
 
 #: The interface of pviommu._native this module is written for (its API_VERSION).
-API_VERSION = 1
+API_VERSION = 2
 
 try:
     from pviommu import _native as _ext
@@ -234,49 +237,53 @@ class NativeWalker:
         write: bool,
         trace: list[ExplainStep] | None = None,
         *,
+        owner_bank: int,
         dry_run: bool = False,
         cache: PsCache | None = None,
+        generation: int | None = None,
     ) -> WalkOk | WalkFault:
         """``NestedWalker.walk``: compiled without trace, dry run or cache."""
-        if trace is None and not dry_run and cache is None and ctx.owner_bank:
-            result = self.core.walk(self.host, ctx, iova, write)
+        if trace is None and not dry_run and cache is None and owner_bank > 0:
+            result = self.core.walk(self.host, ctx, iova, write, owner_bank)
             if result is not None:
                 out: WalkOk | WalkFault = result
                 return out
         self.fallbacks += 1
-        return self.reference.walk(ctx, iova, write, trace, dry_run=dry_run, cache=cache)
+        return self.reference.walk(ctx, iova, write, trace, owner_bank=owner_bank, dry_run=dry_run, cache=cache,
+                                   generation=generation)
 
-    def translate(self, iotlb: NativeIotlb, ctx: ContextEntry, iova: Iova, length: int,
-                  write: bool) -> NativeTranslation | None:
+    def translate(self, iotlb: NativeIotlb, ctx: ContextEntry, iova: Iova, length: int, write: bool,
+                  owner_bank: int, generation: int) -> NativeTranslation | None:
         """``IommuUnit.translate`` from its IOTLB lookups on, for a valid,
         present ``ctx`` (``length > 0``, ``iova + length <= 2**64``); None
-        when this context is left to the reference (``owner_bank=0``)."""
-        if not ctx.owner_bank:
+        when this context is left to the reference."""
+        if owner_bank <= 0:
             return None
         result: NativeTranslation | None = self.core.translate(self.host, iotlb.core, ctx, ctx.did, iova, length,
-                                                               write)
+                                                               write, owner_bank, generation)
         return result
 
-    def copy(self, iotlb: NativeIotlb, ctx: ContextEntry, src: Iova, dst: Iova, length: int) -> NativeCopy | None:
+    def copy(self, iotlb: NativeIotlb, ctx: ContextEntry, src: Iova, dst: Iova, length: int, owner_bank: int,
+             generation: int) -> NativeCopy | None:
         """``DmaMemory.copy(src, dst, length)`` through ``translate``; None
         when this context is left to the reference."""
-        if not ctx.owner_bank:
+        if owner_bank <= 0:
             return None
-        raw = self.core.copy(self.host, iotlb.core, ctx, ctx.did, src, dst, length)
+        raw = self.core.copy(self.host, iotlb.core, ctx, ctx.did, src, dst, length, owner_bank, generation)
         return None if raw is None else NativeCopy(*raw)
 
-
     def memmove(self, iotlb: NativeIotlb, ctx: ContextEntry, desc: bytes | bytearray | memoryview,
-                limits: MoveLimits) -> NativeMemmove | None:
+                limits: MoveLimits, owner_bank: int, generation: int) -> NativeMemmove | None:
         """Run one 64-byte MEMMOVE descriptor of ``ctx``'s domain the way the
         device model would (validation, copy, success record written status
         byte last) when it is valid, completes without a fault and all its
         translations are in ``iotlb``; None, having touched nothing, in every
         other case (the caller runs the model). The device's own counters
         (descriptors, completions, bytes, interrupts) stay with the caller."""
-        if not ctx.owner_bank:
+        if owner_bank <= 0:
             return None
-        result: NativeMemmove | None = self.core.memmove(self.host, iotlb.core, ctx, ctx.did, bytes(desc), limits)
+        result: NativeMemmove | None = self.core.memmove(self.host, iotlb.core, ctx, ctx.did, bytes(desc), limits,
+                                                         owner_bank, generation)
         return result
 
 

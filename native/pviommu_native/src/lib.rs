@@ -273,17 +273,16 @@ impl Held {
 impl PyWalker {
     /// The context's fields, or None when the walk is left to the reference
     /// (no owner bank to fence into, roots not 8-byte aligned, odd values).
-    fn ctx_of(&self, py: Python<'_>, ctx: &Bound<'_, PyAny>) -> PyResult<Option<Ctx>> {
+    fn ctx_of(&self, py: Python<'_>, ctx: &Bound<'_, PyAny>, owner: u64) -> PyResult<Option<Ctx>> {
         let get = |name: &Bound<'_, pyo3::types::PyString>| -> PyResult<Option<u64>> {
             Ok(ctx.getattr(name)?.extract::<u64>().ok())
         };
-        let (Some(pgtt), Some(aw), Some(fspm), Some(ssptptr), Some(fsptptr), Some(owner)) = (
+        let (Some(pgtt), Some(aw), Some(fspm), Some(ssptptr), Some(fsptptr)) = (
             get(intern!(py, "pgtt"))?,
             get(intern!(py, "aw"))?,
             get(intern!(py, "fspm"))?,
             get(intern!(py, "ssptptr"))?,
             get(intern!(py, "fsptptr"))?,
-            get(intern!(py, "owner_bank"))?,
         ) else {
             return Ok(None);
         };
@@ -402,8 +401,9 @@ impl PyWalker {
         ctx: &Bound<'py, PyAny>,
         iova: &Bound<'py, PyAny>,
         write: bool,
+        owner_bank: u64,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
-        let (Some(c), Ok(iova)) = (self.ctx_of(py, ctx)?, iova.extract::<u64>()) else { return Ok(None) };
+        let (Some(c), Ok(iova)) = (self.ctx_of(py, ctx, owner_bank)?, iova.extract::<u64>()) else { return Ok(None) };
         let held = self.held(py, host, &c)?;
         let result = walk::walk(&held.mem(), c, &self.fs, iova, write);
         match result {
@@ -416,7 +416,7 @@ impl PyWalker {
     /// `did` of `ctx` through `iotlb`: a translation object (runs, WalkFault
     /// or None, IOVA of the fault, walks, entry reads), or None when left to
     /// the reference. `length > 0`, `iova + length <= 2**64`.
-    #[pyo3(signature = (host, iotlb, ctx, did, iova, length, write))]
+    #[pyo3(signature = (host, iotlb, ctx, did, iova, length, write, owner_bank, generation))]
     #[allow(clippy::too_many_arguments)]
     fn translate<'py>(
         &self,
@@ -428,6 +428,8 @@ impl PyWalker {
         iova: u64,
         length: u64,
         write: bool,
+        owner_bank: u64,
+        generation: u64,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
         if length == 0 || u128::from(iova) + u128::from(length) > 1u128 << 64 {
             return Err(PyValueError::new_err(format!("bad range {iova:#x}+{length:#x}")));
@@ -438,9 +440,9 @@ impl PyWalker {
         let t = match translate::fast(core, did, iova, length, write) {
             Some(t) => t,
             None => {
-                let Some(c) = self.ctx_of(py, ctx)? else { return Ok(None) };
+                let Some(c) = self.ctx_of(py, ctx, owner_bank)? else { return Ok(None) };
                 let held = self.held(py, host, &c)?;
-                translate::slow(core, &held.mem(), c, &self.fs, did, iova, length, write)
+                translate::slow(core, &held.mem(), c, &self.fs, did, iova, length, write, generation)
             }
         };
         self.translation_obj(py, &t).map(Some)
@@ -460,7 +462,7 @@ impl PyWalker {
     /// `limits` is `(allowed_flags, max_xfer, overlap_copy, shared, wq_priv,
     /// num_int_handles)` (the shim's `MoveLimits`); the result is made as
     /// the `memmove_result` class given at construction.
-    #[pyo3(signature = (host, iotlb, ctx, did, desc, limits))]
+    #[pyo3(signature = (host, iotlb, ctx, did, desc, limits, owner_bank, generation))]
     #[allow(clippy::too_many_arguments)]
     fn memmove<'py>(
         &self,
@@ -471,11 +473,13 @@ impl PyWalker {
         did: u64,
         desc: &[u8],
         limits: (u32, u64, bool, bool, bool, u64),
+        owner_bank: u64,
+        generation: u64,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
         let (allowed, max_xfer, overlap_copy, shared, wq_priv, num_int_handles) = limits;
         let lim = MoveLimits { allowed, max_xfer, overlap_copy, shared, wq_priv, num_int_handles };
         let Some((translations, walks, reads, written, due)) =
-            self.memmove_impl(py, host, iotlb, ctx, did, desc, lim)?
+            self.memmove_impl(py, host, iotlb, ctx, did, desc, lim, owner_bank, generation)?
         else {
             return Ok(None);
         };
@@ -487,7 +491,7 @@ impl PyWalker {
     /// `(done, source translation, destination translation)`, or None when
     /// left to the reference. Bytes move with memmove semantics; long copies
     /// run without the GIL.
-    #[pyo3(signature = (host, iotlb, ctx, did, src, dst, length))]
+    #[pyo3(signature = (host, iotlb, ctx, did, src, dst, length, owner_bank, generation))]
     #[allow(clippy::too_many_arguments)]
     fn copy<'py>(
         &self,
@@ -499,16 +503,18 @@ impl PyWalker {
         src: u64,
         dst: u64,
         length: u64,
+        owner_bank: u64,
+        generation: u64,
     ) -> PyResult<Option<Bound<'py, PyTuple>>> {
-        let Some(c) = self.ctx_of(py, ctx)? else { return Ok(None) };
+        let Some(c) = self.ctx_of(py, ctx, owner_bank)? else { return Ok(None) };
         let top = 1u128 << 64;
         if length == 0 || u128::from(src) + u128::from(length) > top || u128::from(dst) + u128::from(length) > top {
             return Err(PyValueError::new_err(format!("bad copy {src:#x} -> {dst:#x} +{length:#x}")));
         }
         let held = self.held(py, host, &c)?;
         let core = &iotlb.get().core;
-        let rs = translate::translate(core, &held.mem(), c, &self.fs, did, src, length, false);
-        let rd = translate::translate(core, &held.mem(), c, &self.fs, did, dst, length, true);
+        let rs = translate::translate(core, &held.mem(), c, &self.fs, did, src, length, false, generation);
+        let rd = translate::translate(core, &held.mem(), c, &self.fs, did, dst, length, true, generation);
         let limit = rs.done().min(rd.done());
         if limit > 0 {
             // every run the walk let through lies in the owner bank (its fence)
@@ -616,9 +622,11 @@ impl PyWalker {
         did: u64,
         desc: &[u8],
         lim: MoveLimits,
+        owner_bank: u64,
+        generation: u64,
     ) -> PyResult<Option<MoveResult>> {
         let Some(d) = memmove_desc(desc, &lim) else { return Ok(None) };
-        let Some(c) = self.ctx_of(py, ctx)? else { return Ok(None) };
+        let Some(c) = self.ctx_of(py, ctx, owner_bank)? else { return Ok(None) };
         let record = d.flags & F_CRAV != 0 && d.flags & F_RCR != 0;
         let core = &iotlb.get().core;
         {
@@ -634,17 +642,17 @@ impl PyWalker {
         // everything is cached: no walk reads bank 0, only the owner's bank is touched
         let held = Held { bank0: None, owner: self.bank(py, host, c.owner_bank)? };
         let mem = held.mem();
-        let rs = translate::translate(core, &mem, c, &self.fs, did, d.src, d.size, false);
-        let rd = translate::translate(core, &mem, c, &self.fs, did, d.dst, d.size, true);
+        let rs = translate::translate(core, &mem, c, &self.fs, did, d.src, d.size, false, generation);
+        let rd = translate::translate(core, &mem, c, &self.fs, did, d.dst, d.size, true, generation);
         let (mut walks, mut reads) = (rs.walks + rd.walks, rs.reads + rd.reads);
         let owner = held.owner.as_ref();
         let spans = |runs: &[(u64, u64)], n: u64| owner.and_then(|bank| translate::spans(bank, runs, n));
+        if rs.fault.is_some() || rd.fault.is_some() || rs.done() != d.size || rd.done() != d.size {
+            return Ok(None); // an invalidation raced the check: nothing touched, the model runs it
+        }
         let (Some(s), Some(t)) = (spans(&rs.runs, d.size), spans(&rd.runs, d.size)) else {
             return Err(PyRuntimeError::new_err("warm MEMMOVE: translation left the owner bank"));
         };
-        if rs.fault.is_some() || rd.fault.is_some() || rs.done() != d.size || rd.done() != d.size {
-            return Err(PyRuntimeError::new_err("warm MEMMOVE: the IOTLB changed under the call"));
-        }
         let detached = d.size >= DETACH_COPY;
         if detached {
             py.detach(|| scatter_copy(&s, &t, d.size));
@@ -657,11 +665,11 @@ impl PyWalker {
         if detached && !core.lock().covered(did, d.completion, u128::from(d.completion) + u128::from(COMP_SIZE), true) {
             return Ok(Some((2, walks, reads, false, true))); // flushed meanwhile: the model writes it
         }
-        let rr = translate::translate(core, &mem, c, &self.fs, did, d.completion, COMP_SIZE, true);
+        let rr = translate::translate(core, &mem, c, &self.fs, did, d.completion, COMP_SIZE, true, generation);
         walks += rr.walks;
         reads += rr.reads;
         let Some(spans) = spans(&rr.runs, COMP_SIZE).filter(|_| rr.fault.is_none() && rr.done() == COMP_SIZE) else {
-            return Err(PyRuntimeError::new_err("warm MEMMOVE: the record's translation failed"));
+            return Ok(Some((2, walks, reads, false, true))); // flushed meanwhile: the model writes (or faults) it
         };
         mem::write_record(&spans, STATUS_SUCCESS);
         Ok(Some((3, walks, reads, true, false)))
@@ -674,6 +682,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyWalker>()?;
     m.add("EXTENTS_PER_DOMAIN", iotlb::EXTENTS_PER_DOMAIN)?;
     // what pviommu/iommu/native.py expects; a module left from an older build is not used
-    m.add("API_VERSION", 1)?;
+    m.add("API_VERSION", 2)?;
     Ok(())
 }

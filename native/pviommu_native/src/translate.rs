@@ -40,11 +40,15 @@ pub fn translate(
     iova: u64,
     length: u64,
     write: bool,
+    generation0: u64,
 ) -> Translation {
-    fast(iotlb, did, iova, length, write).unwrap_or_else(|| slow(iotlb, mem, ctx, fs, did, iova, length, write))
+    fast(iotlb, did, iova, length, write)
+        .unwrap_or_else(|| slow(iotlb, mem, ctx, fs, did, iova, length, write, generation0))
 }
 
-/// `translate` after `fast` missed.
+/// `translate` after `fast` missed. `generation0` is the IOTLB generation the
+/// caller read before it looked the context up: nothing walked here is
+/// inserted once an invalidation (a context one included) bumped it.
 #[allow(clippy::too_many_arguments)]
 pub fn slow(
     iotlb: &Core,
@@ -55,10 +59,10 @@ pub fn slow(
     iova: u64,
     length: u64,
     write: bool,
+    generation0: u64,
 ) -> Translation {
     let end = iova as u128 + length as u128;
     let mut out = Translation { runs: Vec::new(), fault: None, walks: 0, reads: 0 };
-    let generation0 = iotlb.lock().generation;
     let mut pos = iova as u128;
     let (mut run_hpa, mut run_len) = (0u64, 0u64);
     // the extent being built from consecutive same-size entries
@@ -84,11 +88,7 @@ pub fn slow(
             continue;
         }
         entries.clear();
-        let generation = {
-            let mut st = iotlb.lock();
-            st.lookup_run_with(did, pos as u64, end, write, true, |slot| entries.push(slot.e));
-            st.generation
-        };
+        iotlb.lock().lookup_run_with(did, pos as u64, end, write, true, |slot| entries.push(slot.e));
         if entries.is_empty() {
             let result = walk(mem, ctx, fs, pos as u64, write);
             out.walks += 1;
@@ -105,7 +105,7 @@ pub fn slow(
                     out.reads += u64::from(ok.reads);
                     let entry =
                         Entry { iova: ok.iova, hpa: ok.hpa, size_lg2: ok.size_lg2, read: ok.read, write: ok.write };
-                    iotlb.lock().insert(did, entry, None, Some(generation));
+                    iotlb.lock().insert(did, entry, None, Some(generation0));
                     entries.push(entry);
                 }
             }
