@@ -15,6 +15,7 @@ import argparse
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -28,13 +29,15 @@ from prometheus_client import CollectorRegistry
 from dma_device.dsa.device import DsaDevice, DsaDeviceConfig
 from dma_device.rpc.servicer import DeviceState, DsaDeviceServicer, configure_groups
 from pviommu.abi.dsa import GenCap
+from pviommu.exitcodes import CANNOT_BIND, CONNECT
 from pviommu.iommu.invq import QueueConsumer, apply_to_unit
 from pviommu.iommu.unit import IommuUnit
 from pviommu.log import bind_identity, configure, get_logger
 from pviommu.mem.bank import HostMemory
 from pviommu.mem.dma import DmaFault, DmaMemory
 from pviommu.rpc.auth import Principal, admin_token_from, token_digest, tokens_equal
-from pviommu.rpc.client import connect
+from pviommu.rpc.bind import bind_problem
+from pviommu.rpc.client import connect, print_waiting
 from pviommu.rpc.metrics import CounterCollector, RpcMetricsInterceptor, serve_metrics
 from pviommu.rpc.server import Service, create_server
 from pviommu.v1 import admin_pb2, admin_pb2_grpc, common_pb2, dsa_pb2_grpc
@@ -56,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=-1,
                    help="serve Prometheus metrics on this port (0 picks one; default: off)")
     p.add_argument("--page-request-timeout", type=float, default=2.0, help="seconds a BOF page request waits")
+    p.add_argument("--connect-timeout", type=float, default=30.0,
+                   help="seconds to wait for the hypervisor to answer (a 'waiting for' line every few seconds)")
 
 
 def _admin_token(args: argparse.Namespace) -> str:
@@ -117,6 +122,10 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or f"dsa-{socket.gethostname()}-{os.getpid()}"
     bind_identity(service="dsa", device_name=name)
     token = _admin_token(args)
+    problem = bind_problem(args.listen)
+    if problem:
+        print(f"pviommu serve dsa: {problem}", file=sys.stderr)
+        return CANNOT_BIND
     config = DsaDeviceConfig(gencap=GenCap(max_xfer_shift=args.max_xfer_shift), num_engines=args.engines,
                              num_groups=min(4, args.engines), page_request_timeout=args.page_request_timeout)
     device = DsaDevice(None, config)
@@ -145,9 +154,14 @@ def run(args: argparse.Namespace) -> int:
     registry.register(CounterCollector("dsa", lambda: device_metrics(device, unit_box.get("unit")), labels={
         "descriptors": ("opcode",), "completions": ("status",), "page_request_outcomes": ("outcome",),
         "iommu_faults": ("reason",)}, gauges=frozenset({"iotlb_entries"})))
-    server = create_server(args.listen, [Service(_Deferred(), dsa_pb2_grpc.add_DsaDeviceServicer_to_server,
-                                                 "pviommu.v1.DsaDevice")], resolve=resolve,
-                           interceptors=[RpcMetricsInterceptor(registry, "dsa")])
+    try:
+        server = create_server(args.listen, [Service(_Deferred(), dsa_pb2_grpc.add_DsaDeviceServicer_to_server,
+                                                     "pviommu.v1.DsaDevice")], resolve=resolve,
+                               interceptors=[RpcMetricsInterceptor(registry, "dsa")])
+    except (RuntimeError, OSError) as exc:
+        device.close()
+        print(f"pviommu serve dsa: cannot listen on {args.listen}: {exc}", file=sys.stderr)
+        return CANNOT_BIND
     # Not ready until registered (and assigned, when asked): probes must wait.
     for svc in ("", "pviommu.v1.DsaDevice"):
         server.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -156,7 +170,14 @@ def run(args: argparse.Namespace) -> int:
         host_part = socket.gethostname()
     advertise = args.advertise or f"{host_part}:{server.port}"
 
-    hv = connect(args.hypervisor, token, ready_timeout=30)
+    try:
+        hv = connect(args.hypervisor, token, ready_timeout=args.connect_timeout, what="the hypervisor",
+                     on_wait=_waiting)
+    except ConnectionError as exc:
+        print(f"pviommu serve dsa: {exc}", file=sys.stderr)
+        server.stop(0)
+        device.close()
+        return CONNECT
     admin = admin_pb2_grpc.AdminStub(hv)
     guid = uuid.uuid5(uuid.NAMESPACE_URL, f"pviommu-dsa:{name}").bytes
     reg = admin.RegisterDevice(admin_pb2.RegisterDeviceRequest(
@@ -167,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
     state.slot, state.logical_device_id = reg.device.slot, reg.device.logical_device_id
     bind_identity(device=f"{state.logical_device_id:#x}", slot=state.slot)
     memory = HostMemory(Path(reg.memory_dir))
-    device_channel = connect(args.hypervisor, reg.device_token, ready_timeout=30)
+    device_channel = connect(args.hypervisor, reg.device_token, ready_timeout=args.connect_timeout,
+                             what="the hypervisor", on_wait=_waiting)
     link = HypervisorLink(device_channel, state, args.page_request_timeout)
     unit = IommuUnit(memory)
     unit_box["unit"] = unit
@@ -200,6 +222,11 @@ def run(args: argparse.Namespace) -> int:
 
     server.wait_for_signal(on_stop=shutdown)
     return 0
+
+
+def _waiting(message: str) -> None:
+    log.info("dsa.waiting", detail=message)
+    print_waiting(message)
 
 
 def device_metrics(device: DsaDevice, unit: IommuUnit | None) -> dict[str, Any]:

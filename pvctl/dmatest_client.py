@@ -9,17 +9,18 @@ import sys
 
 import grpc
 
+from pvctl import exitcodes
 from pvctl.local import dmatest_params, run_dmatest_stream
-from pviommu.rpc.client import connect
+from pviommu.rpc.client import connect, print_waiting
 from pviommu.v1 import guest_pb2, guest_pb2_grpc
 
 
 def run_remote_dmatest(args: argparse.Namespace, token: str | None) -> int:
     try:
-        channel = connect(args.address, token)
+        channel = connect(args.address, token, what="the guest agent", on_wait=print_waiting)
     except ConnectionError as exc:
         print(f"pviommu dmatest: {exc}", file=sys.stderr)
-        return 2
+        return exitcodes.CONNECT
 
     def on_event(ev: guest_pb2.DmatestEvent) -> None:
         if ev.HasField("line") and not args.json:
@@ -29,7 +30,7 @@ def run_remote_dmatest(args: argparse.Namespace, token: str | None) -> int:
         result = run_dmatest_stream(guest_pb2_grpc.GuestAgentStub(channel), dmatest_params(args), on_event)
     except grpc.RpcError as exc:
         print(f"pviommu dmatest: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
+        return exitcodes.for_rpc(exc.code())
     finally:
         channel.close()
     if args.json:

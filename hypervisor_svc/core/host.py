@@ -32,6 +32,7 @@ from pviommu.iommu.context import CONTEXT_ENTRY_SIZE, ContextEntry, context_hpa
 from pviommu.iommu.invq import reset_queue
 from pviommu.log import get_logger
 from pviommu.mem.bank import BANK_WINDOW_LG2, HYPERVISOR_BANK, HostMemory
+from pviommu.mem.placement import check_capacity
 from pviommu.rpc.auth import Principal, new_token, tokens_equal
 
 log = get_logger("hypervisor")
@@ -138,6 +139,9 @@ class Host:
             if gpa % 4096 or size % 4096 or size <= 0 or gpa + size > memory_bytes:
                 raise HvError(HvStatus.INVALID_PARAMETER, f"GPA range {gpa:#x}+{size:#x} is not page aligned in RAM")
         with self.lock:
+            if (room := check_capacity(self.memory.directory, memory_bytes,  # refuse what a tmpfs cannot back
+                                       [(p.bank.path, p.memory_bytes) for p in self.partitions.values()])):
+                log.warning("partition.overcommit", detail=room)
             pid = self._next_partition
             self._next_partition += 1
             bank = self.memory.create_bank(pid, memory_bytes)
