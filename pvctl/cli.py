@@ -23,6 +23,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 SERVICES = {"hypervisor": "hypervisor_svc.main", "guest": "guest_agent.main", "dsa": "dma_device.main"}
 
@@ -106,7 +107,8 @@ def cmd_grpc(args: argparse.Namespace) -> int:
                 print(f"pviommu grpc call: answered {refused[0]}".rstrip(": "), file=sys.stderr)
                 return exitcodes.FAILED
     except (json_format.ParseError, json.JSONDecodeError) as exc:
-        print(f"pviommu grpc call: the request is not valid for {args.method}: {exc}", file=sys.stderr)
+        print(f"pviommu grpc call: the request is not valid for {args.method}: {' '.join(str(exc).split())}",
+              file=sys.stderr)
         return exitcodes.USAGE
     except (LookupError, ValueError) as exc:
         print(f"pviommu grpc: {exc}", file=sys.stderr)
@@ -215,10 +217,17 @@ def add_dmatest_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+class Parser(argparse.ArgumentParser):
+    """A command-line mistake is one line and exit code 2, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(serve_only: str | None = None) -> argparse.ArgumentParser:
     """The whole command line; with ``serve_only`` only ``serve <that service>``
     is built (a service process then imports no other service's code)."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="pviommu",
         description="Software twin of Hyper-V's para-virtualized IOMMU for guest partitions.",
     )
@@ -319,7 +328,7 @@ def build_parser(serve_only: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("grpc", help="reflection-based gRPC client (like grpcurl)")
     gsub = p.add_subparsers(dest="grpc_cmd", required=True, metavar="ACTION")
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("address", help="server address host:port")
     _add_token_args(common)
     common.add_argument("-H", "--header", action="append", default=[], help="extra metadata 'key: value'")

@@ -26,7 +26,6 @@ from pvctl import exitcodes, junit
 from pvctl.console import make_console, say
 from pviommu.client.local import LocalGuest, LocalHost
 from pviommu.client.procs import ServiceStartError
-from pviommu.units import format_size
 from pviommu.v1 import guest_pb2, guest_pb2_grpc
 
 #: The old names (benchmarks and tests import them from here).
@@ -113,7 +112,8 @@ def _endpoints(system: LocalHost, args: argparse.Namespace) -> dict[str, Any]:
     hv = ServiceEndpoint("hypervisor", system.hypervisor.address,
                          metrics_port=system.metrics_port(names.get("hypervisor")))
     return Endpoints("local", hv, system.admin_token, guests, devices, str(system.memory_dir),
-                     {**run_config(args), "filesystem": system.bank_fs.as_dict(), "workdir": str(system.workdir)}
+                     {"design": args.design, "lazy": args.lazy, "revision": args.revision, "config": run_config(args),
+                      "filesystem": system.bank_fs.as_dict(), "workdir": str(system.workdir)}
                      ).to_json()
 
 
@@ -256,4 +256,4 @@ def report(results: dict[int, guest_pb2.DmatestResult], errors: dict[int, str], 
     return exitcodes.OK if failures == 0 and not errors and tests > 0 else exitcodes.FAILED
 
 
-__all__ = ["Guest", "VirtualSystem", "dmatest_params", "format_size", "report", "run_dmatest_stream", "run_local"]
+__all__ = ["Guest", "VirtualSystem", "dmatest_params", "report", "run_dmatest_stream", "run_local"]

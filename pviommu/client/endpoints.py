@@ -27,6 +27,8 @@ from typing import Any
 from pviommu.client.errors import ClientError
 
 VERSION = 1
+#: The keys of the format itself (anything else is carried along as ``extra``).
+_KNOWN = frozenset({"version", "kind", "hypervisor", "guests", "devices", "memory_dir"})
 
 
 @dataclass
@@ -57,8 +59,9 @@ class Endpoints:
                    "devices": [f"{d:#x}" for d in g.devices], "metrics_port": g.metrics_port} for g in self.guests]
         devices = [{"name": d.name, "address": d.address, "logical_device_id": f"{d.logical_device_id:#x}",
                     "metrics_port": d.metrics_port} for d in self.devices]
+        extra = {k: v for k, v in self.extra.items() if k not in _KNOWN}
         return {"version": VERSION, "kind": self.kind, "hypervisor": hv, "guests": guests, "devices": devices,
-                "memory_dir": self.memory_dir, **self.extra}
+                "memory_dir": self.memory_dir, **extra}
 
     def write(self, path: str | Path) -> Path:
         """Write atomically with mode 0600 (it holds tokens)."""
@@ -83,11 +86,10 @@ class Endpoints:
             devices = [ServiceEndpoint(d.get("name", ""), d.get("address", ""), metrics_port=d.get("metrics_port"),
                                        logical_device_id=_int(d.get("logical_device_id", 0)))
                        for d in data.get("devices", [])]
-            known = {"version", "kind", "hypervisor", "guests", "devices", "memory_dir"}
             return cls(data.get("kind", "attached"), ServiceEndpoint("hypervisor", hv["address"],
                                                                      metrics_port=hv.get("metrics_port")),
                        hv.get("admin_token", ""), guests, devices, data.get("memory_dir", ""),
-                       {k: v for k, v in data.items() if k not in known})
+                       {k: v for k, v in data.items() if k not in _KNOWN})
         except (KeyError, TypeError, ValueError) as exc:
             raise ClientError(f"not a pviommu endpoints document: missing or bad {exc}") from None
 
