@@ -24,8 +24,9 @@ HEX_FIELDS = frozenset({
     "table", "table_gpa", "table_hpa", "entry", "iommu_cap", "pgsize_bitmap", "completion_gpa", "input_value",
     "result_value", "target_device_va_base", "gpa_page_list", "page_number", "address", "address_mask", "gencap",
     "engcap", "grpcap", "wqcap", "device_iommu", "flags", "map_flags", "pci_vendor_id", "pci_device_id",
-    "fault_addr", "src", "dst", "dst2", "src2", "pattern", "delta_addr", "crc", "crc_seed", "desc_list_addr",
-    "completion_addr", "src_addr", "dst_addr", "cap", "bitmap", "int_handle", "fault_info", "reason", "fault_reason",
+    "call_code", "fault_addr", "src", "dst", "dst2", "src2", "pattern", "delta_addr", "crc", "crc_seed",
+    "desc_list_addr", "completion_addr", "src_addr", "dst_addr", "cap", "bitmap", "int_handle", "fault_info",
+    "reason", "fault_reason",
 })
 _INT_TYPES = frozenset({
     descriptor.FieldDescriptor.TYPE_UINT64, descriptor.FieldDescriptor.TYPE_UINT32,

@@ -86,8 +86,9 @@ def _mounts(mountinfo: str) -> list[tuple[str, str]]:
 
 def filesystem_of(path: Path | str, mountinfo: str | None = None) -> FsInfo:
     """The file system holding ``path`` (or its nearest existing parent)."""
-    p = Path(path).resolve()
-    while not p.exists() and p != p.parent:
+    target = Path(path).resolve()
+    p = target
+    while not p.exists() and p != p.parent:  # statvfs needs a path that exists
         p = p.parent
     if mountinfo is None:
         try:
@@ -96,7 +97,7 @@ def filesystem_of(path: Path | str, mountinfo: str | None = None) -> FsInfo:
             mountinfo = ""
     best, fs_type = "/", "unknown"
     for mount_point, kind in _mounts(mountinfo):
-        inside = str(p) == mount_point or str(p).startswith(mount_point.rstrip("/") + "/")
+        inside = str(target) == mount_point or str(target).startswith(mount_point.rstrip("/") + "/")
         if inside and len(mount_point) >= len(best):
             best, fs_type = mount_point, kind  # later lines shadow earlier ones at the same point
     st = os.statvfs(p)
