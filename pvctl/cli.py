@@ -353,9 +353,11 @@ def build_parser(serve_only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["guest"] and len(argv) >= 2 and ":" not in argv[1] and not argv[1].startswith("-") \
-            and ("-h" in argv or "--help" in argv):
-        argv.insert(1, "ADDR")  # `pviommu guest OPERATION --help`: the operation's help, no address needed
+    if argv[:1] == ["guest"] and len(argv) >= 2 and ("-h" in argv or "--help" in argv):
+        from pvctl.guest_cli import OPERATIONS
+
+        if argv[1] in OPERATIONS:
+            argv.insert(1, "ADDR")  # `pviommu guest OPERATION --help`: the operation's help, no address needed
     serving = argv[1] if len(argv) > 1 and argv[0] == "serve" and argv[1] in SERVICES else None
     args = build_parser(serving).parse_args(argv)
     if getattr(args, "missing", None):

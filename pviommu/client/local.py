@@ -86,6 +86,8 @@ class LocalHost:
             self.memory_dir.mkdir(parents=True, exist_ok=True)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.admin_token = new_token()
+        while self.admin_token.startswith("-"):  # "--token -x..." would read as an option on a command line
+            self.admin_token = new_token()
         self.supervisor = Supervisor(self.workdir, env={"PVIOMMU_ADMIN_TOKEN": self.admin_token})
         self.guests: list[LocalGuest] = []
         self.devices: list[ServiceProcess] = []
