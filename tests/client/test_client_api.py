@@ -243,3 +243,24 @@ def test_raw_descriptors_still_go_through_as_bytes(pviommu_device) -> None:
     rec = pviommu_device.submit(desc.pack())
     assert rec.ok and dst.read() == PATTERN[:4096]
     assert struct.unpack_from("<B", desc.pack(), 7)[0] == Opcode.MEMMOVE
+
+
+def test_a_device_id_reads_the_same_hex_in_every_service_log(pviommu_system: System) -> None:
+    import json
+
+    dev = pviommu_system.guests[0].devices[0]
+    assert dev.noop().ok
+    assert pviommu_system.local is not None
+    seen: dict[str, set[object]] = {}
+    for proc in pviommu_system.local.supervisor.processes:
+        for line in proc.log_text().splitlines():
+            if not line.startswith("{"):
+                continue
+            rec = json.loads(line)
+            for key in ("device", "logical_device_id", "device_id"):
+                if key in rec:
+                    seen.setdefault(proc.name, set()).add(rec[key])
+    want = f"{dev.id:#x}"
+    for name in ("hypervisor", "guest0", "dsa0.0"):
+        assert want in seen.get(name, set()), (name, seen.get(name))
+    assert all(isinstance(v, str) and v.startswith("0x") for values in seen.values() for v in values), seen
