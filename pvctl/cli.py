@@ -324,6 +324,8 @@ def build_parser(serve_only: str | None = None) -> argparse.ArgumentParser:
     cp.add_argument("-o", "--output", metavar="FILE", help="write the endpoints here (default: print them)")
     cp.add_argument("--container-ips", action="store_true",
                     help="use container addresses even where ports are published")
+    cp.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+                    help="how long to wait for a booting stack's guests to write their tokens")
     p.set_defaults(func=cmd_compose)
 
     p = sub.add_parser("grpc", help="reflection-based gRPC client (like grpcurl)")

@@ -18,6 +18,7 @@ from pathlib import Path
 from pvctl import exitcodes
 from pviommu.client.endpoints import from_compose
 from pviommu.client.errors import ClientError
+from pviommu.rpc.client import print_waiting
 
 
 def default_project() -> str:
@@ -28,7 +29,7 @@ def default_project() -> str:
 def run_compose(args: argparse.Namespace) -> int:
     project = args.project_name or os.environ.get("COMPOSE_PROJECT_NAME") or default_project()
     try:
-        ep = from_compose(project, prefer_published=not args.container_ips)
+        ep = from_compose(project, prefer_published=not args.container_ips, wait=args.wait, on_wait=print_waiting)
     except ClientError as exc:
         print(f"pviommu compose endpoints: {exc}", file=sys.stderr)
         return exitcodes.CONNECT

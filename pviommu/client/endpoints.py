@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,11 +137,34 @@ def _address(container: Any, port: int, prefer_published: bool) -> str:
 def _read(container: Any, path: str) -> str:
     out = container.exec_run(["cat", path])
     if out.exit_code != 0:
-        raise ClientError(f"cannot read {path} in {container.name}: {out.output.decode(errors='replace').strip()}")
+        raise _Booting(f"cannot read {path} in {container.name}: {out.output.decode(errors='replace').strip()}")
     return str(out.output.decode().strip())
 
 
-def from_compose(project: str, *, prefer_published: bool = True, client: Any = None) -> Endpoints:
+def from_compose(project: str, *, prefer_published: bool = True, client: Any = None, wait: float = 0.0,
+                 on_wait: Callable[[str], None] | None = None) -> Endpoints:
+    """``_from_compose``, retried for up to ``wait`` seconds while the stack
+    is still booting (a guest has not written its token yet); a project
+    with no hypervisor at all is refused at once."""
+    deadline = time.monotonic() + wait
+    next_notice = time.monotonic() + 1.0
+    while True:
+        try:
+            return _from_compose(project, prefer_published=prefer_published, client=client)
+        except _Booting as exc:
+            if time.monotonic() >= deadline:
+                raise ClientError(str(exc)) from None
+            if on_wait is not None and time.monotonic() >= next_notice:
+                on_wait(f"waiting for compose project {project!r}: {exc}")
+                next_notice = time.monotonic() + 5.0
+            time.sleep(0.5)
+
+
+class _Booting(ClientError):
+    """The stack is there but not ready yet (a token file is missing)."""
+
+
+def _from_compose(project: str, *, prefer_published: bool = True, client: Any = None) -> Endpoints:
     """The endpoints of a running ``docker-compose -p PROJECT`` stack, found
     through the Docker Engine: every container of the project labelled as a
     pviommu service (its command says ``serve hypervisor|guest|dsa``), its
