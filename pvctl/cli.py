@@ -296,6 +296,8 @@ def build_parser(serve_only: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run the benchmark suite (ratios against same-run references)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (for smoke tests)")
+    p.add_argument("--banks", action="store_true",
+                   help="only compare memory banks on a tmpfs with banks in a disk folder (its block of the report)")
     p.add_argument("--output", default="docs/benchmarks.md", help="where to write the report ('' = none)")
     p.set_defaults(func=cmd_bench)
 
