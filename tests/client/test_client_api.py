@@ -264,3 +264,20 @@ def test_a_device_id_reads_the_same_hex_in_every_service_log(pviommu_system: Sys
     for name in ("hypervisor", "guest0", "dsa0.0"):
         assert want in seen.get(name, set()), (name, seen.get(name))
     assert all(isinstance(v, str) and v.startswith("0x") for values in seen.values() for v in values), seen
+
+
+def test_a_partition_the_tmpfs_could_not_back_is_refused_instead_of_sigbus_later(pviommu_system: System) -> None:
+    from pviommu.mem.placement import filesystem_of
+    from pviommu.units import MiB
+
+    assert pviommu_system.local is not None
+    fs = filesystem_of(pviommu_system.local.memory_dir)
+    if not fs.memory_backed:
+        pytest.skip("the banks are not on a tmpfs here")
+    too_big = (fs.free_bytes + (2 << 30)) // (2 * MiB) * (2 * MiB)
+    with pytest.raises(HvCallError) as refused:
+        pviommu_system.admin.create_partition("too-big", too_big)
+    assert refused.value.hv_status_name == "HV_STATUS_INSUFFICIENT_MEMORY" and "SIGBUS" in str(refused.value)
+    assert "too-big" not in {p.name for p in pviommu_system.admin.partitions()}
+    fits = pviommu_system.admin.create_partition("fits", "4M")
+    pviommu_system.admin.destroy_partition(fits.partition_id)

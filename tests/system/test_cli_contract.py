@@ -300,3 +300,47 @@ def test_bad_enum_values_and_fields_are_named_clearly(pviommu_system: System) ->
     _one_clear_line(_guest(pviommu_system, "unmap", "skip_flush=maybe"), 2, "not a boolean")
     _one_clear_line(_guest(pviommu_system, "submit", "op=memmove", "sauce=1"), 2, "op=memmove has no field 'sauce'")
     _one_clear_line(_guest(pviommu_system, "submit", "op=teleport"), 2, "unknown DSA operation 'teleport'")
+
+
+@pytest.mark.skipif(not TMPFS, reason="no tmpfs /dev/shm here")
+def test_a_hypervisors_own_bank_folder_goes_on_sigterm_and_after_sigkill_with_the_next_start(tmp_path: Path) -> None:
+    def start(name: str) -> tuple[subprocess.Popen[bytes], Path]:
+        log = tmp_path / f"{name}.log"
+        with open(log, "w") as fh:
+            proc = subprocess.Popen([*CLI, "serve", "hypervisor", "--listen", "127.0.0.1:0"], stdout=fh, stderr=fh,
+                                    env={**os.environ, "PVIOMMU_ADMIN_TOKEN": "t", "PVIOMMU_LOG_FORMAT": "json"})
+        rec = json.loads(next(ln for ln in _wait_for(log, '"hypervisor.serving"').splitlines()
+                              if '"hypervisor.serving"' in ln))
+        assert rec["banks_fs"] == "tmpfs" and rec["banks_in_memory"] is True
+        return proc, Path(rec["memory_dir"])
+
+    proc, folder = start("first")
+    assert folder.parent == SHM_ROOT and (folder / "bank-00000.mem").exists()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0 and not folder.exists()
+    proc, folder = start("second")
+    proc.kill()  # SIGKILL: nothing can clean up ...
+    proc.wait(30)
+    assert folder.exists()
+    proc, third = start("third")  # ... until the next bank folder is made
+    try:
+        assert not folder.exists() and third.exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+@pytest.mark.pviommu(guests=2, devices=1, scope="module")
+def test_scenario_writes_a_junit_report_with_one_case_per_step(pviommu_system: System, tmp_path: Path) -> None:
+    args = ["scenario", "--hypervisor", pviommu_system.hypervisor_address, "--iterations", "10",
+            "--junit-xml", str(tmp_path / "scenario.xml")]
+    for g in pviommu_system.guests:
+        (tmp_path / f"{g.name}.token").write_text(g.token)
+        args += ["--guest", f"{g.address}={tmp_path / f'{g.name}.token'}"]
+    out = _run(*args, env={"PVIOMMU_ADMIN_TOKEN": pviommu_system.admin_token}, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    suite = ET.parse(tmp_path / "scenario.xml").getroot().find("testsuite")
+    assert suite is not None and suite.get("failures") == "0"
+    names = [c.get("name") for c in suite.iter("testcase")]
+    assert names == ["iommu-present", "devices-assigned", "dmatest-nested", "dmatest-baseline", "isolation",
+                     "stale-iotlb-hazard"]
