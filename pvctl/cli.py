@@ -62,7 +62,7 @@ def cmd_grpc(args: argparse.Namespace) -> int:
     except ConnectionError as exc:
         print(f"pviommu grpc: {exc}", file=sys.stderr)
         return exitcodes.CONNECT
-    client = ReflectionClient(channel, metadata)  # type: ignore[arg-type]
+    client = ReflectionClient(channel, metadata)
     try:
         if args.grpc_cmd == "health":
             from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -287,7 +287,7 @@ def run_guest_cli(args: argparse.Namespace, token: str | None) -> int:
             return _alloc_map(guest, raw)
         if op == "submit" and "op" in raw:
             return _submit_named(guest, raw, args.fail_on_status)
-        assert method is not None
+        assert method is not None and request is not None
         call = getattr(guest.stub, method.name)
         replies = call(request, timeout=args.timeout)
         if not method.server_streaming:
