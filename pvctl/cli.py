@@ -224,9 +224,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def build_parser(serve_only: str | None = None) -> argparse.ArgumentParser:
+def build_parser(serve_only: str | None = None, command: str | None = None) -> argparse.ArgumentParser:
     """The whole command line; with ``serve_only`` only ``serve <that service>``
-    is built (a service process then imports no other service's code)."""
+    is built (a service process then imports no other service's code), with
+    ``command`` the other commands' options that need imports are left out
+    (a health probe, run every second in every container, stays light)."""
+
+    def wanted(name: str) -> bool:
+        return command is None or command == name
+
     parser = Parser(
         prog="pviommu",
         description="Software twin of Hyper-V's para-virtualized IOMMU for guest partitions.",
@@ -263,11 +269,13 @@ def build_parser(serve_only: str | None = None) -> argparse.ArgumentParser:
         if serve_only is not None and name != serve_only:
             continue
         sp = ssub.add_parser(name, help=f"run the {name} service")
+        sp.set_defaults(func=cmd_serve)
+        if serve_only is None:  # only `serve <that service>` pays for importing a service (health probes
+            continue  # run this command every second in every container)
         try:
             importlib.import_module(modname).add_arguments(sp)
         except ImportError as exc:  # a partial checkout: say what is missing when used
             sp.set_defaults(missing=str(exc))
-        sp.set_defaults(func=cmd_serve)
 
     if serve_only is not None:
         return parser
@@ -279,18 +287,20 @@ def build_parser(serve_only: str | None = None) -> argparse.ArgumentParser:
     add_dmatest_options(p)
     p.set_defaults(func=cmd_dmatest)
 
-    from pvctl.guest_cli import add_arguments as add_guest_arguments
-
     p = sub.add_parser("guest", help="drive a running guest agent (map, unmap, alloc, submit, ...)",
                        description="Operations of the GuestAgent API from a shell; fields as field=value. "
                                    "`pviommu guest ADDR OPERATION --help` lists an operation's fields.")
-    add_guest_arguments(p, _add_token_args)
+    if wanted("guest"):
+        from pvctl.guest_cli import add_arguments as add_guest_arguments
+
+        add_guest_arguments(p, _add_token_args)
     p.set_defaults(func=cmd_guest)
 
     p = sub.add_parser("scenario", help="run the scripted scenario against a running system")
-    from pvctl.scenario import add_arguments as add_scenario_arguments
+    if wanted("scenario"):
+        from pvctl.scenario import add_arguments as add_scenario_arguments
 
-    add_scenario_arguments(p)
+        add_scenario_arguments(p)
     p.set_defaults(func=cmd_scenario)
 
     p = sub.add_parser("bench", help="run the benchmark suite (ratios against same-run references)")
@@ -304,9 +314,10 @@ def build_parser(serve_only: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="inspect a running hypervisor: partitions, devices, domains, walks")
     p.add_argument("address", help="hypervisor address host:port")
     _add_token_args(p)
-    from pvctl.inspect import add_arguments as add_inspect_arguments
+    if wanted("inspect"):
+        from pvctl.inspect import add_arguments as add_inspect_arguments
 
-    add_inspect_arguments(p)
+        add_inspect_arguments(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("replay", help="replay a hypervisor trace (serve hypervisor --trace) against a fresh one")
@@ -363,7 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv[1] in OPERATIONS:
             argv.insert(1, "ADDR")  # `pviommu guest OPERATION --help`: the operation's help, no address needed
     serving = argv[1] if len(argv) > 1 and argv[0] == "serve" and argv[1] in SERVICES else None
-    args = build_parser(serving).parse_args(argv)
+    command = argv[0] if argv and not argv[0].startswith("-") else None
+    args = build_parser(serving, command).parse_args(argv)
     if getattr(args, "missing", None):
         print(f"pviommu: this service is not available in this installation: {args.missing}", file=sys.stderr)
         return 2
