@@ -148,3 +148,16 @@ def test_direction_names_are_forgiving_and_wrong_ones_are_named() -> None:
     assert Direction.parse("to-device") is Direction.TO_DEVICE and Direction.parse(2) is Direction.FROM_DEVICE
     with pytest.raises(ValueError, match="BIDIRECTIONAL, TO_DEVICE, FROM_DEVICE"):
         Direction.parse("sideways")
+
+
+def test_a_revision_is_forwarded_to_the_hypervisor_and_the_guests_only_when_given() -> None:
+    from pviommu.client.local import LocalHost
+
+    for revision, want in (("v1", ["--revision", "v1"]), (None, [])):
+        host = LocalHost(1, 1, 64 * MiB, revision=revision, guest_args=["--lazy"])
+        try:
+            assert host.hypervisor_args[: len(want)] == want and ("--revision" in host.hypervisor_args) == bool(want)
+            assert host.guest_args == [*want, "--lazy"] and "--revision" not in host.device_args
+        finally:
+            host.stop()
+        assert not host.memory_dir.exists() and not host.workdir.exists()
