@@ -15,6 +15,7 @@ import argparse
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -32,12 +33,14 @@ from dma_device.ownership import Ownership
 from dma_device.rpc.servicer import DeviceInfo, DsaDeviceServicer, configure_groups
 from pviommu.abi.dsa import GenCap
 from pviommu.abi.invq import Invalidation, OwnerFence, QueueItem
+from pviommu.exitcodes import CANNOT_BIND, CONNECT
 from pviommu.iommu.unit import IommuUnit
 from pviommu.log import bind_identity, configure, get_logger
 from pviommu.mem.bank import HostMemory
 from pviommu.mem.dma import DmaFault, DmaMemory
 from pviommu.rpc.auth import Principal, admin_token_from, tokens_equal
-from pviommu.rpc.client import connect
+from pviommu.rpc.bind import BindError, bind_problem
+from pviommu.rpc.client import connect, print_waiting
 from pviommu.rpc.metrics import CounterCollector, RpcMetricsInterceptor, serve_metrics
 from pviommu.rpc.server import RunningServer, Service, create_server
 from pviommu.shm.invq import QueueConsumer
@@ -60,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=-1,
                    help="serve Prometheus metrics on this port (0 picks one; default: off)")
     p.add_argument("--page-request-timeout", type=float, default=2.0, help="seconds a BOF page request waits")
+    p.add_argument("--connect-timeout", type=float, default=30.0,
+                   help="seconds to wait for the hypervisor to answer (a 'waiting for' line every few seconds)")
 
 
 def _admin_token(args: argparse.Namespace) -> str:
@@ -165,10 +170,15 @@ class DeviceService:
 
 def build(args: argparse.Namespace, listen: str | None = None) -> DeviceService:
     """Serve, register with the hypervisor, map the banks and start the unit
-    and its queue (used by ``run`` and by the test kits)."""
+    and its queue (used by ``run`` and by the test kits). BindError when it
+    cannot listen, ConnectionError when the hypervisor never answers; nothing
+    is left running either way."""
     name = args.name or f"dsa-{socket.gethostname()}-{os.getpid()}"
     bind_identity(service="dsa", device_name=name)
     token = _admin_token(args)
+    problem = bind_problem(listen or args.listen)
+    if problem:
+        raise BindError(problem)
     config = DsaDeviceConfig(gencap=GenCap(max_xfer_shift=args.max_xfer_shift), num_engines=args.engines,
                              num_groups=min(4, args.engines), page_request_timeout=args.page_request_timeout)
     device = DsaDevice(None, config)
@@ -199,9 +209,14 @@ def build(args: argparse.Namespace, listen: str | None = None) -> DeviceService:
     registry.register(CounterCollector("dsa", lambda: device_metrics(device, box.get("unit")), labels={
         "descriptors": ("opcode",), "completions": ("status",), "page_request_outcomes": ("outcome",),
         "iommu_faults": ("reason",)}, gauges=frozenset({"iotlb_entries"})))
-    server = create_server(listen or args.listen, [Service(_Deferred(), dsa_pb2_grpc.add_DsaDeviceServicer_to_server,
-                                                           "pviommu.v1.DsaDevice")], resolve=resolve,
-                           interceptors=[RpcMetricsInterceptor(registry, "dsa")])
+    try:
+        server = create_server(listen or args.listen, [Service(_Deferred(),
+                                                               dsa_pb2_grpc.add_DsaDeviceServicer_to_server,
+                                                               "pviommu.v1.DsaDevice")], resolve=resolve,
+                               interceptors=[RpcMetricsInterceptor(registry, "dsa")])
+    except (RuntimeError, OSError) as exc:
+        device.close()
+        raise BindError(f"cannot listen on {listen or args.listen}: {exc}") from exc
     # Not ready until registered (and assigned, when asked): probes must wait.
     for svc in ("", "pviommu.v1.DsaDevice"):
         server.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -210,7 +225,13 @@ def build(args: argparse.Namespace, listen: str | None = None) -> DeviceService:
         host_part = socket.gethostname()
     advertise = args.advertise or f"{host_part}:{server.port}"
 
-    hv = connect(args.hypervisor, token, ready_timeout=30)
+    try:
+        hv = connect(args.hypervisor, token, ready_timeout=getattr(args, "connect_timeout", 30.0),
+                     what="the hypervisor", on_wait=_waiting)
+    except ConnectionError:
+        server.stop(0)
+        device.close()
+        raise
     admin = admin_pb2_grpc.AdminStub(hv)
     guid = uuid.uuid5(uuid.NAMESPACE_URL, f"pviommu-dsa:{name}").bytes
     reg = admin.RegisterDevice(admin_pb2.RegisterDeviceRequest(
@@ -228,7 +249,8 @@ def build(args: argparse.Namespace, listen: str | None = None) -> DeviceService:
 
     own = Ownership(memory, info.slot, device, reset=power_on_reset)
     box["unit"], box["own"] = unit, own
-    device_channel = connect(args.hypervisor, reg.device_token, ready_timeout=30)
+    device_channel = connect(args.hypervisor, reg.device_token, ready_timeout=getattr(args, "connect_timeout", 30.0),
+                             what="the hypervisor", on_wait=_waiting)
     link = HypervisorLink(device_channel, own, args.page_request_timeout)
 
     observers: list[Callable[[QueueItem], None]] = []
@@ -260,7 +282,14 @@ def build(args: argparse.Namespace, listen: str | None = None) -> DeviceService:
 
 def run(args: argparse.Namespace) -> int:
     configure()
-    svc = build(args)
+    try:
+        svc = build(args)
+    except BindError as exc:
+        print(f"pviommu serve dsa: {exc}", file=sys.stderr)
+        return CANNOT_BIND
+    except ConnectionError as exc:
+        print(f"pviommu serve dsa: {exc}", file=sys.stderr)
+        return CONNECT
     if args.metrics_port >= 0:
         log.info("dsa.metrics", port=serve_metrics(args.metrics_port, svc.registry))
     svc.server.write_port_file(args.port_file)
@@ -271,6 +300,11 @@ def run(args: argparse.Namespace) -> int:
 
     svc.server.wait_for_signal(on_stop=shutdown)
     return 0
+
+
+def _waiting(message: str) -> None:
+    log.info("dsa.waiting", detail=message)
+    print_waiting(message)
 
 
 def device_metrics(device: DsaDevice, unit: IommuUnit | None) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -67,6 +68,8 @@ class Agent:
         self.dsa: dict[int, DsaDriver] = {}
         self._dsa_lock = threading.Lock()
         self._mappings: dict[tuple[int, int], DmaMapping] = {}  # (domain id, bus address) -> mapping
+        #: the Prometheus registry of the service (set by main; None in tests)
+        self.metrics_registry: Any = None
         self._map_lock = threading.Lock()
 
     # -- life cycle ----------------------------------------------------------------------

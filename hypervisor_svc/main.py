@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import tempfile
+import sys
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -23,8 +23,11 @@ from pviommu.abi.revision import (
     SameDomainAttach,
 )
 from pviommu.addr import SZ_1G, SZ_2M, SZ_4K
+from pviommu.exitcodes import CANNOT_BIND
 from pviommu.log import bind_identity, configure, get_logger
+from pviommu.mem.placement import filesystem_of, make_bank_folder
 from pviommu.rpc.auth import admin_token_from
+from pviommu.rpc.bind import BindError, bind_problem
 from pviommu.rpc.metrics import CounterCollector, RpcMetricsInterceptor, serve_metrics
 from pviommu.rpc.server import RunningServer, Service, create_server
 from pviommu.v1 import admin_pb2_grpc, hypervisor_pb2_grpc
@@ -33,7 +36,8 @@ from pviommu.v1 import admin_pb2_grpc, hypervisor_pb2_grpc
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", default="127.0.0.1:50051", help="address to serve on (port 0 picks one)")
     p.add_argument("--port-file", help="write the bound port here once serving")
-    p.add_argument("--memory-dir", help="folder of the memory banks (default: a new temporary folder)")
+    p.add_argument("--memory-dir", help="folder of the memory banks (default: a new folder on /dev/shm, a tmpfs, "
+                                        "when it has room; else in the temporary folder)")
     p.add_argument("--admin-token-file", help="file holding the admin token (default: $PVIOMMU_ADMIN_TOKEN)")
     p.add_argument("--revision", choices=REVISION_NAMES, default=DEFAULT_REVISION.value,
                    help="enforce this revision's semantics of the pv-IOMMU series (default: the latest, "
@@ -68,7 +72,11 @@ def admin_token(args: argparse.Namespace) -> str:
 
 
 def build(args: argparse.Namespace, listen: str | None = None) -> tuple[Host, RunningServer, QueueLink]:
-    """Create the host and its server (used by ``run`` and by tests)."""
+    """Create the host and its server (used by ``run`` and by tests). A
+    server that cannot listen raises BindError and leaves nothing behind."""
+    problem = bind_problem(listen or args.listen)
+    if problem:
+        raise BindError(problem)
     token = admin_token(args)
     config = HypervisorConfig(
         five_level=args.five_level, max_domains_per_partition=args.max_domains, bank0_bytes=args.bank0_size,
@@ -81,12 +89,14 @@ def build(args: argparse.Namespace, listen: str | None = None) -> tuple[Host, Ru
             getattr(args, "blocked_without_translation", BlockedWithoutTranslation.REFUSE)),
         pgsize_bitmap=getattr(args, "pgsize_bitmap", SZ_4K | SZ_2M | SZ_1G))
     own_dir = not args.memory_dir
-    memory_dir = Path(args.memory_dir or tempfile.mkdtemp(prefix="pviommu-banks-"))
+    folder = make_bank_folder("pviommu-banks-", need_bytes=args.bank0_size) if own_dir else None
+    memory_dir = folder.path if folder is not None else Path(args.memory_dir)
     memory_dir.mkdir(parents=True, exist_ok=True)
     host = Host(memory_dir, token, config)
     link = QueueLink(host.memory, config.flush_timeout_s)
     host.link = link
     host.owns_memory_dir = own_dir
+    host.bank_note = folder.note if folder is not None else ""
     if getattr(args, "trace", None):
         host.trace = TraceWriter(args.trace, config)
 
@@ -99,25 +109,58 @@ def build(args: argparse.Namespace, listen: str | None = None) -> tuple[Host, Ru
     registry.register(CounterCollector("hypervisor", lambda: info, labels={"revision": ("revision", "s2_baseline")},
                                        gauges=frozenset({"revision"})))
     host.metrics_registry = registry
-    server = create_server(listen or args.listen, [
-        Service(HypervisorServicer(host), hypervisor_pb2_grpc.add_HypervisorServicer_to_server,
-                "pviommu.v1.Hypervisor"),
-        Service(AdminServicer(host), admin_pb2_grpc.add_AdminServicer_to_server, "pviommu.v1.Admin"),
-        Service(DeviceHostServicer(host), admin_pb2_grpc.add_DeviceHostServicer_to_server, "pviommu.v1.DeviceHost"),
-    ], resolve=host.resolve, max_workers=32, interceptors=[RpcMetricsInterceptor(registry, "hypervisor")])
+    try:
+        server = create_server(listen or args.listen, [
+            Service(HypervisorServicer(host), hypervisor_pb2_grpc.add_HypervisorServicer_to_server,
+                    "pviommu.v1.Hypervisor"),
+            Service(AdminServicer(host), admin_pb2_grpc.add_AdminServicer_to_server, "pviommu.v1.Admin"),
+            Service(DeviceHostServicer(host), admin_pb2_grpc.add_DeviceHostServicer_to_server,
+                    "pviommu.v1.DeviceHost"),
+        ], resolve=host.resolve, max_workers=32, interceptors=[RpcMetricsInterceptor(registry, "hypervisor")])
+    except (RuntimeError, OSError) as exc:  # no bank file, socket or folder may outlive a failed start
+        _discard(host, link)
+        raise BindError(f"cannot listen on {listen or args.listen}: {exc}") from exc
     return host, server, link
+
+
+def _discard(host: Host, link: QueueLink) -> None:
+    host.close()
+    link.close()
+    if host.trace is not None:
+        host.trace.close()
+    if host.owns_memory_dir:
+        shutil.rmtree(host.memory.directory, ignore_errors=True)
 
 
 def run(args: argparse.Namespace) -> int:
     configure()
     bind_identity(service="hypervisor")
     log = get_logger()
-    host, server, link = build(args)
+    try:
+        host, server, link = build(args)
+    except BindError as exc:
+        log.error("hypervisor.bind_failed", error=str(exc))
+        print(f"pviommu serve hypervisor: {exc}", file=sys.stderr)
+        return CANNOT_BIND
+    fs = filesystem_of(host.memory.directory)
     log.info("hypervisor.serving", port=server.port, memory_dir=str(host.memory.directory),
              five_level=host.config.five_level, revision=host.config.revision.value,
-             s2_baseline=host.config.s2_baseline)
+             s2_baseline=host.config.s2_baseline, banks_fs=fs.fs_type, banks_in_memory=fs.memory_backed,
+             banks_free_bytes=fs.free_bytes)
+    if host.bank_note:
+        log.warning("hypervisor.banks_fallback", detail=host.bank_note)
+    if not fs.memory_backed:
+        log.warning("hypervisor.banks_on_disk", memory_dir=str(host.memory.directory), fs_type=fs.fs_type,
+                    detail="every DMA byte goes through the page cache of a disk file; use a tmpfs (/dev/shm)")
     if args.metrics_port >= 0:
-        port = serve_metrics(args.metrics_port, host.metrics_registry)
+        try:
+            port = serve_metrics(args.metrics_port, host.metrics_registry)
+        except OSError as exc:
+            print(f"pviommu serve hypervisor: cannot serve metrics on port {args.metrics_port}: {exc.strerror}",
+                  file=sys.stderr)
+            server.stop(0)
+            _discard(host, link)
+            return CANNOT_BIND
         log.info("hypervisor.metrics", port=port)
     server.write_port_file(args.port_file)
 

@@ -602,10 +602,31 @@ def _kept_analysis(path: Path) -> str:
     return "" if i < 0 else "\n" + text[i:]
 
 
+def run_banks(quick: bool, as_json: bool, output: str) -> int:
+    """``pviommu bench --banks``: tmpfs against a disk folder (pvctl.benchmarks.banks)."""
+    from pvctl.benchmarks import banks
+
+    command = "pviommu bench --banks" + (" --quick" if quick else "")
+    machine = machine_facts()
+    result = banks.run(quick)
+    if as_json:
+        print(json.dumps({"command": command, "machine": machine, **result}, indent=2))
+    else:
+        for name, t, d, unit in banks.rows(result):
+            print(f"{name}: tmpfs {_num(t)} {unit}, disk {_num(d)} {unit}")
+    if output:
+        path = Path(output)
+        old = path.read_text() if path.exists() else ""
+        path.write_text(banks.replace_block(old, banks.markdown(result, command, machine)))
+    return 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
     quick = bool(getattr(args, "quick", False))
     as_json = bool(getattr(args, "json", False))
     output = getattr(args, "output", "docs/benchmarks.md")
+    if getattr(args, "banks", False):
+        return run_banks(quick, as_json, output)
     command = "pviommu bench" + (" --quick" if quick else "") + (" --json" if as_json else "")
     report = run_suite(quick, command, None if as_json else (lambda m: print(f"bench: {m} ...", file=sys.stderr)))
     if as_json:

@@ -19,8 +19,9 @@ from typing import Any
 
 import grpc
 
+from pvctl import exitcodes
 from pvctl.local import dmatest_params
-from pviommu.rpc.client import connect
+from pviommu.rpc.client import connect, print_waiting
 from pviommu.v1 import guest_pb2, guest_pb2_grpc
 
 _END = object()
@@ -28,10 +29,10 @@ _END = object()
 
 def run_remote_dmatest(args: argparse.Namespace, token: str | None) -> int:
     try:
-        channel = connect(args.address, token)
+        channel = connect(args.address, token, what="the guest agent", on_wait=print_waiting)
     except ConnectionError as exc:
         print(f"pviommu dmatest: {exc}", file=sys.stderr)
-        return 2
+        return exitcodes.CONNECT
     try:
         return _run(guest_pb2_grpc.GuestAgentStub(channel), dmatest_params(args), args.json)
     finally:
@@ -87,9 +88,11 @@ def _run(stub: guest_pb2_grpc.GuestAgentStub, params: guest_pb2.DmatestParams, a
             print(item.line, flush=True)
         elif kind == "result":
             result = item.result
-    if error is not None or result is None:
-        detail = f"{error.code().name}: {error.details()}" if error is not None else "the stream ended without a result"
-        print(f"pviommu dmatest: {detail}", file=sys.stderr)
+    if error is not None:
+        print(f"pviommu dmatest: {error.code().name}: {error.details()}", file=sys.stderr)
+        return exitcodes.for_rpc(error.code())
+    if result is None:
+        print("pviommu dmatest: the stream ended without a result", file=sys.stderr)
         return 1
     if as_json:
         print(json.dumps({"tests": result.tests, "failures": result.failures, "iops": result.iops,

@@ -18,9 +18,12 @@ import sys
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
-from pviommu.rpc.client import connect
+from pvctl import exitcodes
+from pvctl.console import make_console
+from pviommu.client.fmt import message_to_json
+from pviommu.client.inspect import dump_text, explain_text
+from pviommu.rpc.client import connect, print_waiting
 from pviommu.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
 LISTS = ("partitions", "devices", "domains", "stats", "faults")
@@ -36,19 +39,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iova", type=lambda s: int(s, 0), help="the IOVA to explain")
     p.add_argument("--write", action="store_true", help="explain a write (default: a read)")
     p.add_argument("--svg", help="explain: also draw the walk into this SVG file")
+    p.add_argument("--fail-on-status", action="store_true",
+                   help="explain: exit 1 when the walk faults (a refused request always exits 1)")
 
 
 def _dict(m: Any) -> dict[str, Any]:
-    return json_format.MessageToDict(m, always_print_fields_with_no_presence=True, preserving_proto_field_name=True)
+    return message_to_json(m, proto_names=True)
 
 
 def _rows(msgs: Any) -> list[dict[str, Any]]:
-    return [json_format.MessageToDict(m, always_print_fields_with_no_presence=True) for m in msgs]
+    return [message_to_json(m) for m in msgs]
 
 
 def _usage(msg: str) -> int:
     print(f"pviommu inspect: {msg}", file=sys.stderr)
-    return 2
+    return exitcodes.USAGE
 
 
 def run_inspect(args: argparse.Namespace, token: str | None) -> int:
@@ -60,10 +65,10 @@ def run_inspect(args: argparse.Namespace, token: str | None) -> int:
     if what == "explain" and (args.iova is None or bool(args.device) == bool(args.domain)):
         return _usage("explain needs --iova X and exactly one of --device ID / --domain D")
     try:
-        channel = connect(args.address, token)
+        channel = connect(args.address, token, what="the hypervisor", on_wait=print_waiting)
     except ConnectionError as exc:
         print(f"pviommu inspect: {exc}", file=sys.stderr)
-        return 2
+        return exitcodes.CONNECT
     admin = admin_pb2_grpc.AdminStub(channel)
     try:
         if what in LISTS:
@@ -81,7 +86,7 @@ def run_inspect(args: argparse.Namespace, token: str | None) -> int:
         return _print_explain(reply, args)
     except grpc.RpcError as exc:
         print(f"pviommu inspect: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
+        return exitcodes.for_rpc(exc.code())
     finally:
         channel.close()
 
@@ -101,7 +106,6 @@ def _lists(admin: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=args.what)
@@ -112,56 +116,13 @@ def _lists(admin: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
         table.add_column(k)
     for row in rows:
         table.add_row(*[str(row.get(k, "")) for k in keys])
-    Console().print(table)
-    return 0
+    make_console().print(table)
+    return exitcodes.OK
 
 
 def _refused(result: Any) -> int:
     print(f"pviommu inspect: {result.status_name}: {result.message}", file=sys.stderr)
-    return 1
-
-
-def _size(lg2: int) -> str:
-    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
-        if lg2 >= shift:
-            return f"{1 << (lg2 - shift)}{unit}"
-    return str(1 << lg2)
-
-
-def dump_text(dump: admin_pb2.TableDump, title: str) -> str:
-    """The tree, one present entry a line, indented by depth; then the ranges."""
-    lines = [f"{title}: {dump.format}, {dump.input_space} -> {dump.output_space}, root {dump.table_space} "
-             f"{dump.root:#x}, {dump.tables_read} table pages"]
-    top = max((e.level for e in dump.entries), default=0)
-    entries = list(dump.entries)
-    i = 0
-    while i < len(entries):
-        e = entries[i]
-        pad = "  " * (top - e.level)
-        if e.type == "TABLE":
-            tail = f"table {dump.table_space} {e.oa:#x}" + (f"  UNREADABLE: {e.error}" if e.error else "")
-            lines.append(f"{pad}L{e.level}[{e.index:3d}] {dump.input_space} {e.va:#x}: {tail}")
-            i += 1
-            continue
-        # a run of leaves of one table with contiguous VA and OA and equal rights: one line
-        j, step = i + 1, 1 << e.size_lg2
-        while (j < len(entries) and entries[j].type == "OA" and entries[j].table == e.table
-               and entries[j].va == e.va + (j - i) * step and entries[j].oa == e.oa + (j - i) * step
-               and entries[j].perm == e.perm):
-            j += 1
-        n = j - i
-        where = f"[{e.index:3d}]" if n == 1 else f"[{e.index}..{entries[j - 1].index}]"
-        what = f"{_size(e.size_lg2)} leaf" if n == 1 else f"{n} x {_size(e.size_lg2)} leaves"
-        lines.append(f"{pad}L{e.level}{where} {dump.input_space} {e.va:#x}: {what} -> {dump.output_space} "
-                     f"{e.oa:#x} {e.perm}")
-        i = j
-    if dump.truncated:
-        lines.append("... truncated: too many table pages")
-    lines.append(f"mapped ranges ({len(dump.ranges)}):")
-    for r in dump.ranges:
-        lines.append(f"  {dump.input_space} {r.va:#x}..{r.va + r.size - 1:#x} -> {dump.output_space} {r.oa:#x} "
-                     f"({r.size:#x} bytes) {r.perm}")
-    return "\n".join(lines)
+    return exitcodes.FAILED
 
 
 def _print_dump(dump: admin_pb2.TableDump, title: str, as_json: bool) -> int:
@@ -169,32 +130,6 @@ def _print_dump(dump: admin_pb2.TableDump, title: str, as_json: bool) -> int:
         return _refused(dump.result)
     print(json.dumps(_dict(dump), indent=2) if as_json else dump_text(dump, title))
     return 0
-
-
-def _step_text(s: admin_pb2.WalkStep) -> str:
-    if s.stage == "S2":
-        return f"S2 L{s.level}[{s.index:3d}] of HPA {s.table:#x} = {s.entry:#018x}  {s.note}"
-    return f"S1 L{s.level}[{s.index:3d}] of GPA {s.table:#x} (HPA {s.table_hpa:#x}) = {s.entry:#018x}  {s.note}"
-
-
-def explain_text(reply: admin_pb2.ExplainIovaReply, iova: int, write: bool) -> str:
-    lines = [f"{'write' if write else 'read'} of IOVA {iova:#x}: context {reply.pgtt or 'unreadable'} "
-             f"DID {reply.did} (slot {reply.slot})", f"  {reply.context}"]
-    for lv in reply.levels:
-        lines.append(f"stage-1 level {lv.level}: table at GPA {lv.table_gpa:#x}")
-        lines += [f"    {_step_text(s)}" for s in lv.stage2]
-        if lv.has_stage1:
-            lines.append(f"  {_step_text(lv.stage1)}")
-    if reply.final_stage2:
-        lines.append(f"stage 2 of {'the output GPA' if reply.levels else 'the IOVA as GPA'} "
-                     f"{reply.final_stage2[0].va:#x}:")
-        lines += [f"    {_step_text(s)}" for s in reply.final_stage2]
-    if reply.ok:
-        lines.append(f"result: HPA {reply.hpa:#x} (2^{reply.size_lg2} page, {'write' if write else 'read'} "
-                     f"allowed), {reply.reads} entry reads")
-    else:
-        lines.append(f"result: fault {reply.fault_reason_name} ({reply.fault_reason:#x}): {reply.fault_detail}")
-    return "\n".join(lines)
 
 
 def _print_explain(reply: admin_pb2.ExplainIovaReply, args: argparse.Namespace) -> int:
@@ -206,4 +141,7 @@ def _print_explain(reply: admin_pb2.ExplainIovaReply, args: argparse.Namespace) 
         with open(args.svg, "w", encoding="utf-8") as fh:
             fh.write(walk_svg(reply, args.iova, args.write))
     print(json.dumps(_dict(reply), indent=2) if args.json else explain_text(reply, args.iova, args.write))
-    return 0
+    if args.fail_on_status and not reply.ok:
+        print(f"pviommu inspect: the walk faults: {reply.fault_reason_name}", file=sys.stderr)
+        return exitcodes.FAILED
+    return exitcodes.OK

@@ -27,10 +27,11 @@ from typing import Any
 
 import grpc
 
+from pvctl import exitcodes
 from pviommu.abi import hv
 from pviommu.abi.hv_status import HvStatus
-from pviommu.rpc.client import connect
-from pviommu.v1 import admin_pb2, admin_pb2_grpc, hypervisor_pb2, hypervisor_pb2_grpc
+from pviommu.rpc.client import connect, print_waiting
+from pviommu.v1 import admin_pb2, admin_pb2_grpc, common_pb2, hypervisor_pb2, hypervisor_pb2_grpc
 
 #: where replayed devices "are": nothing listens there, so invalidations fail fast
 DUMMY_DEVICE_ADDRESS = "127.0.0.1:1"
@@ -262,20 +263,45 @@ def replay_file(path: Path | str, address: str, admin_token: str,
         replayer.close()
 
 
+def not_fresh(address: str, admin_token: str) -> str:
+    """"" for a fresh hypervisor, else what it already has ("2 partitions, 1 device")."""
+    channel = connect(address, admin_token, what="the hypervisor", on_wait=print_waiting)
+    try:
+        admin = admin_pb2_grpc.AdminStub(channel)
+        parts = len(admin.ListPartitions(common_pb2.Empty(), timeout=30).partitions)
+        devs = len(admin.ListDevices(common_pb2.Empty(), timeout=30).devices)
+    finally:
+        channel.close()
+    said = [f"{n} {what}{'s' if n != 1 else ''}" for n, what in ((parts, "partition"), (devs, "device")) if n]
+    return ", ".join(said)
+
+
 def run_replay(args: argparse.Namespace, token: str | None) -> int:
     token = token or os.environ.get("PVIOMMU_ADMIN_TOKEN")
     if not token:
         print("pviommu replay: the admin token is needed (--token, --token-file, $PVIOMMU_TOKEN or "
               "$PVIOMMU_ADMIN_TOKEN)", file=sys.stderr)
-        return 2
+        return exitcodes.USAGE
     try:
+        state = not_fresh(args.hypervisor, token)
+        if state and not args.force:
+            print(f"pviommu replay: the hypervisor at {args.hypervisor} is not fresh ({state}); a replay needs one "
+                  "with no partitions and no devices, or the ids and answers will differ (--force replays anyway)",
+                  file=sys.stderr)
+            return exitcodes.USAGE
+        if state:
+            print(f"pviommu replay: warning: the hypervisor is not fresh ({state}); replaying anyway (--force)",
+                  file=sys.stderr)
         report = replay_file(args.trace, args.hypervisor, token)
     except ConnectionError as exc:
         print(f"pviommu replay: {exc}", file=sys.stderr)
-        return 2
+        return exitcodes.CONNECT
+    except OSError as exc:
+        print(f"pviommu replay: cannot read {args.trace}: {exc.strerror}", file=sys.stderr)
+        return exitcodes.USAGE
     except grpc.RpcError as exc:
         print(f"pviommu replay: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
+        return exitcodes.for_rpc(exc.code())
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -286,4 +312,4 @@ def run_replay(args: argparse.Namespace, token: str | None) -> int:
         for m in report.mismatches:
             print(f"MISMATCH line {m.seq}: {m.what}: recorded {m.expected}, got {m.got} {m.detail}".rstrip())
         print("OK: every status matched" if report.ok else f"{len(report.mismatches)} mismatches")
-    return 0 if report.ok else 1
+    return exitcodes.OK if report.ok else exitcodes.FAILED

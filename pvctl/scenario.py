@@ -27,6 +27,7 @@ from typing import Any
 
 import grpc
 
+from pvctl import exitcodes
 from pviommu.abi import hv
 from pviommu.abi.dsa import CompletionRecord, DescFlags, Descriptor, DsaStatus, Opcode
 from pviommu.abi.hv_status import HvStatus
@@ -60,6 +61,7 @@ class Step:
     ok: bool
     detail: str = ""
     data: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 class ScenarioFailed(AssertionError):
@@ -87,8 +89,9 @@ class Scenario:
     def _connect(self) -> None:
         for g in self.guests:
             if g.channel is None:
-                g.channel = connect(g.address, g.token, ready_timeout=60)
-        self.admin_channel = connect(self.hypervisor_address, self.admin_token, ready_timeout=60)
+                g.channel = connect(g.address, g.token, ready_timeout=60, what=f"guest {g.name}", on_wait=self.log)
+        self.admin_channel = connect(self.hypervisor_address, self.admin_token, ready_timeout=60,
+                                     what="the hypervisor", on_wait=self.log)
 
     def close(self) -> None:
         for g in self.guests:
@@ -108,6 +111,7 @@ class Scenario:
             st = Step(name, False, str(exc))
         except grpc.RpcError as exc:
             st = Step(name, False, f"{exc.code().name}: {exc.details()}")
+        st.seconds = time.monotonic() - started
         self.log(f"scenario: {name}: {'ok' if st.ok else 'FAILED: ' + st.detail}")
         self.steps.append(st)
         return st
@@ -274,6 +278,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-buf-size", type=int, default=16384)
     p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for token files")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--junit-xml", metavar="FILE", help="also write the steps as a JUnit XML report")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -284,20 +289,37 @@ def run_cli(args: argparse.Namespace) -> int:
     for i, spec in enumerate(args.guest):
         addr, _, token_file = spec.partition("=")
         path = Path(token_file)
-        deadline = time.monotonic() + args.wait
+        started = time.monotonic()
+        deadline = started + args.wait
+        next_notice = started + 1.0
         while not path.exists() and time.monotonic() < deadline:
+            if time.monotonic() >= next_notice:
+                print(f"waiting for the token file {path} ({time.monotonic() - started:.0f}s of {args.wait:g}s) ...",
+                      file=sys.stderr, flush=True)
+                next_notice = time.monotonic() + 5.0
             time.sleep(0.5)
         if not path.exists():
-            print(f"pviommu scenario: no token file {path}", file=sys.stderr)
-            return 2
+            print(f"pviommu scenario: no token file {path} after {args.wait:g}s", file=sys.stderr)
+            return exitcodes.USAGE
         guests.append(GuestRef(f"guest{i}", addr, path.read_text().strip()))
     sc = Scenario(args.hypervisor, admin, guests, iterations=args.iterations, threads=args.threads_per_chan,
                   buf_size=args.test_buf_size, log=lambda m: print(m, file=sys.stderr, flush=True))
-    ok = sc.run()
+    try:
+        ok = sc.run()
+    except ConnectionError as exc:
+        print(f"pviommu scenario: {exc}", file=sys.stderr)
+        return exitcodes.CONNECT
+    if args.junit_xml:
+        from pvctl import junit
+
+        junit.write(args.junit_xml, "pviommu scenario",
+                    [junit.Case(s.name, s.seconds, None if s.ok else s.detail,
+                                output=json.dumps(s.data) if s.data else "") for s in sc.steps],
+                    {"hypervisor": args.hypervisor, "guests": len(guests), "iterations": args.iterations})
     if args.json:
         print(json.dumps({"ok": ok, "steps": [s.__dict__ for s in sc.steps]}, indent=2))
     else:
         for s in sc.steps:
             print(f"{'PASS' if s.ok else 'FAIL'} {s.name}: {s.detail}")
         print(f"scenario: {sum(s.ok for s in sc.steps)} passed, {sum(not s.ok for s in sc.steps)} failed")
-    return 0 if ok else 1
+    return exitcodes.OK if ok else exitcodes.FAILED

@@ -29,6 +29,21 @@ def _add_identity(logger: Any, method: str, event: dict[str, Any]) -> dict[str, 
     return event
 
 
+#: Keys whose integer values are ids, addresses or bitmaps: logged as hex
+#: strings, so a device id reads the same in every service's log (and in
+#: the CLI and the client's reprs).
+HEX_KEYS = frozenset({"device", "logical_device_id", "device_id", "iova", "gpa", "hpa", "addr", "fault_addr", "root",
+                      "root_gpa", "page_table_root", "iommu_cap", "pgsize_bitmap", "slot_hpa", "context_hpa"})
+
+
+def _hex_ids(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    for key in HEX_KEYS.intersection(event):
+        value = event[key]
+        if isinstance(value, int) and not isinstance(value, bool):
+            event[key] = f"{value:#x}"
+    return event
+
+
 def configure(level: str | None = None, *, json: bool | None = None) -> None:
     """Configure structlog and the stdlib root logger once per process."""
     global _configured
@@ -39,6 +54,7 @@ def configure(level: str | None = None, *, json: bool | None = None) -> None:
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         _add_identity,
+        _hex_ids,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

@@ -25,7 +25,13 @@ if ! command -v mmdebstrap >/dev/null 2>&1; then
 fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-mmdebstrap --quiet --variant=apt --include=python3,python3-venv,ca-certificates "$SUITE" "$tmp/rootfs.tar"
+# A runtime base: no documentation, manual pages or translations, no apt lists or caches.
+mmdebstrap --quiet --variant=apt --include=python3,python3-venv,ca-certificates \
+    --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+    --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/info/*' \
+    --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-include=/usr/share/locale/locale.alias' \
+    --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin' \
+    "$SUITE" "$tmp/rootfs.tar"
 docker import \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'ENV LANG=C.UTF-8' \

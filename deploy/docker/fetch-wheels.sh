@@ -4,10 +4,15 @@
 # manylinux x86_64, and the pviommu wheel itself (built here, so it carries
 # the gRPC stubs generated from protos/). The Dockerfile installs from this
 # folder with --no-index, so the same Dockerfile builds with or without a
-# network inside the build.
+# network inside the build. Sets up .venv first when it is not there yet
+# (building the pviommu wheel needs grpcio-tools).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PYTHON:-.venv/bin/python}
+PY=${PYTHON:-${PVIOMMU_VENV:-.venv}/bin/python}
+if [ ! -x "$PY" ]; then
+    echo "fetch-wheels: no $PY yet: running ./dev.sh setup first" >&2
+    ./dev.sh setup
+fi
 OUT=deploy/docker/wheels
 rm -rf "$OUT"
 mkdir -p "$OUT"

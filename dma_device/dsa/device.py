@@ -45,6 +45,7 @@ import collections
 import functools
 import itertools
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -95,6 +96,8 @@ SUPPORTED_OPCODES: frozenset[int] = frozenset(int(op) for op in OPS)
 
 #: Opcodes that move ``xfer_size`` bytes (for the byte counter).
 _DATA_OPS = frozenset(SUPPORTED_OPCODES - {Opcode.NOOP, Opcode.BATCH, Opcode.DRAIN})
+#: How long an idle engine polls the portal rings before it sleeps (seconds).
+POLL_S = 0.002
 #: Descriptor flags as plain ints (IntFlag arithmetic costs microseconds per test).
 _CRAV, _RCR, _RCI, _BOF = int(DescFlags.CRAV), int(DescFlags.RCR), int(DescFlags.RCI), int(DescFlags.BOF)
 _SUCCESS, _PAGE_FAULT_NOBOF, _PAGE_FAULT_IR = (int(DsaStatus.SUCCESS), int(DsaStatus.PAGE_FAULT_NOBOF),
@@ -254,6 +257,13 @@ class DsaDevice:
         self.on_error = on_error
         #: the owner's current epoch (None: epochs are not checked)
         self.current_epoch: Callable[[], int] | None = None
+        #: portal rings (``dma_device.portals``): ``work_source()`` moves what is posted into the WQs
+        #: (called with the device's condition held) and returns how many; ``work_pending()`` is a
+        #: lock-free look; ``on_idle(sleeping)`` tells the rings whether producers must ring
+        self.work_source: Callable[[], int] | None = None
+        self.work_pending: Callable[[], bool] | None = None
+        self.on_idle: Callable[[bool], None] | None = None
+        self._polling = False
         self.counters = Counters()
         self.swerr: collections.deque[SwError] = collections.deque(maxlen=64)
         self._provider: MemoryProvider | None = None
@@ -618,16 +628,57 @@ class DsaDevice:
         best.running[seq] = epoch
         return best, seq, d, epoch
 
-    def _engine_loop(self, engine: int) -> None:
+    def kick(self) -> None:
+        """Work arrived from outside (a portal doorbell while every engine
+        slept): pull it into the WQs and wake the engines."""
+        with self._cv:
+            if self.work_source is not None and self.work_source():
+                self._cv.notify_all()
+
+    def _next(self, engine: int, poll: bool) -> tuple[_WorkQueue, int, Descriptor, int] | None:
+        """The next descriptor for ``engine`` (None: stop). Portal rings are
+        pulled here, by the engines themselves: an engine that just ran one
+        and finds nothing polls them (one engine at a time) for ``POLL_S``
+        before it sleeps, so a descriptor posted meanwhile runs without any
+        hand-off between threads; a sleeping device tells the rings
+        (``on_idle``), whose producers then ring its doorbell."""
         while True:
             with self._cv:
-                item = None
-                while item is None:
+                while True:
                     if self._stop:
-                        return
+                        return None
                     item = self._pick(engine)
-                    if item is None:
-                        self._cv.wait()
+                    if item is None and self.work_source is not None and self.work_source():
+                        item = self._pick(engine)
+                    if item is not None:
+                        return item
+                    if poll and self.work_pending is not None and not self._polling:
+                        self._polling = True
+                        poll = False
+                        break
+                    if self.on_idle is not None and not self._polling:
+                        self.on_idle(True)
+                        if self.work_source is not None and self.work_source():  # posted before it saw us sleep
+                            continue
+                    self._cv.wait(0.5)
+                    if self.on_idle is not None and not self._polling:
+                        self.on_idle(False)
+            try:
+                pending = self.work_pending
+                end = time.monotonic() + POLL_S
+                while pending is not None and not pending() and time.monotonic() < end and not self._stop:
+                    time.sleep(0)
+            finally:
+                with self._cv:
+                    self._polling = False
+
+    def _engine_loop(self, engine: int) -> None:
+        ran = False
+        while True:
+            item = self._next(engine, poll=ran)
+            if item is None:
+                return
+            ran = True
             wq, seq, d, epoch = item
             try:
                 current = self.current_epoch

@@ -48,6 +48,7 @@ from pviommu.iommu.context import MAX_SLOTS, ContextEntry, context_hpa
 from pviommu.iommu.owner import FLAG_QUARANTINED, OwnerRecord, read_owner, write_owner
 from pviommu.log import get_logger
 from pviommu.mem.bank import BANK_WINDOW_LG2, HYPERVISOR_BANK, HostMemory
+from pviommu.mem.placement import check_capacity
 from pviommu.rpc.auth import Principal, new_token, token_digest, tokens_equal
 from pviommu.shm.invq import reset_queue
 
@@ -115,6 +116,8 @@ class Host:
         self.metrics_registry: Any = None
         #: ``--trace FILE``: hypercalls, admin changes and faults as JSON lines (None: off).
         self.trace: TraceWriter | None = None
+        #: why the banks are not where they were asked to be (set by main; "" when they are)
+        self.bank_note = ""
 
     # ------------------------------------------------------------------ identity
     def resolve(self, token: str) -> Principal | None:
@@ -168,6 +171,9 @@ class Host:
             if gpa % 4096 or size % 4096 or size <= 0 or gpa + size > memory_bytes:
                 raise HvError(HvStatus.INVALID_PARAMETER, f"GPA range {gpa:#x}+{size:#x} is not page aligned in RAM")
         with self.lock:
+            if (room := check_capacity(self.memory.directory, memory_bytes,  # refuse what a tmpfs cannot back
+                                       [(p.bank.path, p.memory_bytes) for p in self.partitions.values()])):
+                log.warning("partition.overcommit", detail=room)
             pid = self._next_partition
             self._next_partition += 1
             bank = self.memory.create_bank(pid, memory_bytes)

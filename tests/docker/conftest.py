@@ -49,19 +49,37 @@ def _has_image(client: Any, name: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def image(docker_client: Any) -> str:
-    """Build pviommu:test from the working tree (wheels fetched on the host)."""
+def base_image(client: Any) -> str:
+    """The Python base: $PVIOMMU_BASE_IMAGE, python:3.11-slim if present, else
+    the local Debian base (built by deploy/docker/build-base-image.sh if missing)."""
     base = os.environ.get("PVIOMMU_BASE_IMAGE")
     if not base:
-        base = "python:3.11-slim" if _has_image(docker_client, "python:3.11-slim") else "pviommu-base:bookworm"
-    if base == "pviommu-base:bookworm" and not _has_image(docker_client, base):
+        base = "python:3.11-slim" if _has_image(client, "python:3.11-slim") else "pviommu-base:bookworm"
+    if base == "pviommu-base:bookworm" and not _has_image(client, base):
         subprocess.run([str(ROOT / "deploy/docker/build-base-image.sh"), base], check=True, timeout=900)
+    return base
+
+
+@pytest.fixture(scope="session")
+def base(docker_client: Any) -> str:
+    """The base image the test image is built on."""
+    return base_image(docker_client)
+
+
+@pytest.fixture(scope="session")
+def image(docker_client: Any) -> Iterator[str]:
+    """Build the image from the working tree (wheels fetched on the host) under
+    a tag of this run's own, so parallel runs never replace each other's image."""
+    base = base_image(docker_client)
     subprocess.run([str(ROOT / "deploy/docker/fetch-wheels.sh")], check=True, timeout=900, cwd=ROOT)
-    tag = "pviommu:test"
+    tag = f"pviommu:test-{uuid.uuid4().hex[:8]}"
     docker_client.images.build(path=str(ROOT), dockerfile="deploy/docker/Dockerfile", tag=tag,
                                buildargs={"BASE_IMAGE": base}, rm=True, forcerm=True)
-    return tag
+    yield tag
+    try:
+        docker_client.images.remove(tag, noprune=False)
+    except docker.errors.APIError:
+        pass  # still used by a container that is being removed: the tag goes with the next prune
 
 
 @dataclass

@@ -109,7 +109,7 @@ def test_cli_prints_the_trees_and_the_walk_and_draws_an_svg_naming_each_level(
     rc, out = _run(capsys, "inspect", addr, "stage1", "--token", ADMIN_TOKEN, "--partition", pid, "--domain",
                    str(DOM), "--json")
     assert rc == 0 and json.loads(out)["ranges"] == [
-        {"va": str(iova), "oa": str(DATA_START), "size": "4096", "perm": "rwxu"}]
+        {"va": hex(iova), "oa": hex(DATA_START), "size": "4096", "perm": "rwxu"}]  # addresses in hex
     rc, out = _run(capsys, "inspect", addr, "stage1", "--token", ADMIN_TOKEN, "--partition", pid, "--domain",
                    str(DOM))
     assert rc == 0 and f"IOVA {iova:#x}..{iova + 4095:#x} -> GPA {DATA_START:#x}" in out
@@ -133,6 +133,9 @@ def test_cli_prints_the_trees_and_the_walk_and_draws_an_svg_naming_each_level(
     rc, out = _run(capsys, "inspect", addr, "explain", "--token", ADMIN_TOKEN, "--partition", pid, "--domain",
                    str(DOM), "--iova", hex(iova + 0x1000), "--svg", str(svg), "--json")
     assert rc == 0 and json.loads(out)["fault_reason_name"] == "FS_NOT_PRESENT"
+    rc, _ = _run(capsys, "inspect", addr, "explain", "--token", ADMIN_TOKEN, "--partition", pid, "--domain",
+                 str(DOM), "--iova", hex(iova + 0x1000), "--fail-on-status")
+    assert rc == 1, "a faulting walk exits 1 when --fail-on-status asks for it"
     texts = [t.text or "" for t in ET.parse(svg).getroot().iter("{http://www.w3.org/2000/svg}text")]
     assert any("FS_NOT_PRESENT" in t for t in texts)
 
@@ -142,4 +145,4 @@ def test_the_existing_inspect_listings_still_work(rig: Nested, capsys: pytest.Ca
         rc, out = _run(capsys, "inspect", rig.env.address, what, "--token", ADMIN_TOKEN, "--json")
         assert rc == 0 and isinstance(json.loads(out), list)
     rc, out = _run(capsys, "inspect", rig.env.address, "domains", "--token", ADMIN_TOKEN, "--json")
-    assert [d["domainId"] for d in json.loads(out)] == [DOM]
+    assert [d["domainId"] for d in json.loads(out)] == [hex(DOM)]
