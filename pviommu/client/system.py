@@ -57,16 +57,22 @@ class System:
     def start_local(cls, guests: int = 1, devices: int = 1, memory: int | str = "64M", *, lazy: bool = False,
                     design: str = "nested", revision: str | None = None, memory_dir: str | Path | None = None,
                     hypervisor_args: Sequence[str] = (), guest_args: Sequence[str] = (),
-                    device_args: Sequence[str] = (), timeout: float = 60.0) -> System:
+                    device_args: Sequence[str] = (), timeout: float = 60.0,
+                    s2_baseline: bool | None = None) -> System:
         """Start a hypervisor, ``guests`` guest agents with ``devices`` DSA
         devices each (``memory`` of RAM per guest) as local processes.
         ``lazy``: guests batch IOTLB flushes; ``design`` is what ``dmatest``
         uses by default; ``revision`` is passed to the services as
-        ``--revision``. Raises StartError with the services' logs."""
+        ``--revision``; ``s2_baseline`` offers the map-by-hypercall (S2)
+        domains, which the baseline design needs (default: on exactly for
+        ``design="baseline"``; off, the twin is the series' interface).
+        Raises StartError with the services' logs."""
         if design not in ("nested", "baseline"):
             raise ValueError(f"design {design!r} is not 'nested' or 'baseline'")
         size = parse_size(memory) if isinstance(memory, str) else memory
         extra = [*guest_args, *(["--lazy"] if lazy else [])]
+        if design == "baseline" if s2_baseline is None else s2_baseline:
+            hypervisor_args = [*hypervisor_args, "--s2-baseline"]
         host = LocalHost(guests, devices, size, memory_dir, extra, hypervisor_args=hypervisor_args,
                          device_args=device_args, revision=revision, start_timeout=timeout)
         try:

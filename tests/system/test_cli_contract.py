@@ -131,7 +131,8 @@ def test_run_json_records_the_configuration_and_the_banks_file_system(tmp_path: 
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
     cfg = result["config"]
-    assert (cfg["design"], cfg["lazy"], cfg["seed"], cfg["revision"]) == ("baseline", True, 7, None)
+    assert (cfg["design"], cfg["lazy"], cfg["seed"]) == ("baseline", True, 7)
+    assert cfg["revision"] == {"hypervisor": "v2", "guests": "v2"}  # the defaults, recorded
     assert result["total"]["tests"] == 20 and result["total"]["failures"] == 0
     if TMPFS:
         assert result["banks"]["fs_type"] == "tmpfs" and result["banks"]["memory_backed"] is True
@@ -331,6 +332,7 @@ def test_a_hypervisors_own_bank_folder_goes_on_sigterm_and_after_sigkill_with_th
 
 
 @pytest.mark.pviommu(guests=2, devices=1, scope="module")
+@pytest.mark.pviommu(guests=2, design="baseline")  # both designs (S2 offered), isolation across 2 guests
 def test_scenario_writes_a_junit_report_with_one_case_per_step(pviommu_system: System, tmp_path: Path) -> None:
     args = ["scenario", "--hypervisor", pviommu_system.hypervisor_address, "--iterations", "10",
             "--junit-xml", str(tmp_path / "scenario.xml")]
