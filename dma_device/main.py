@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry
 
 from dma_device.dsa.device import DsaDevice, DsaDeviceConfig
 from dma_device.ownership import Ownership
+from dma_device.portals import Portals
 from dma_device.rpc.servicer import DeviceInfo, DsaDeviceServicer, configure_groups
 from pviommu.abi.dsa import GenCap
 from pviommu.abi.invq import Invalidation, OwnerFence, QueueItem
@@ -43,7 +44,8 @@ from pviommu.rpc.bind import BindError, bind_problem
 from pviommu.rpc.client import connect, print_waiting
 from pviommu.rpc.metrics import CounterCollector, RpcMetricsInterceptor, serve_metrics
 from pviommu.rpc.server import RunningServer, Service, create_server
-from pviommu.shm.invq import QueueConsumer
+from pviommu.shm.invq import QueueConsumer, socket_path
+from pviommu.shm.sessions import SessionServer
 from pviommu.v1 import admin_pb2, admin_pb2_grpc, common_pb2, dsa_pb2_grpc
 
 log = get_logger("dma_device")
@@ -148,6 +150,8 @@ class DeviceService:
     link: HypervisorLink
     admin: Any
     registry: CollectorRegistry
+    portals: Portals
+    sessions: SessionServer
     #: called with every item the hypervisor sent through the queue, after it was handled (tests)
     observers: list[Callable[[QueueItem], None]] = field(default_factory=list)
 
@@ -159,6 +163,8 @@ class DeviceService:
                                         timeout=3)
         except grpc.RpcError:
             pass
+        self.sessions.close()
+        self.portals.close()
         self.device.close()
         self.queue.close()
         self.link.close()
@@ -267,9 +273,18 @@ def build(args: argparse.Namespace, listen: str | None = None) -> DeviceService:
             observe(item)
 
     queue_consumer = QueueConsumer(memory, info.slot, handle)
+    portals = Portals(device, own)
+    own.on_fence.append(portals.end_epochs_except)
+    sessions = SessionServer(socket_path(memory.directory, f"dsa-{info.slot:03d}-{os.getpid()}.sock"), portals.open)
+    info.session_socket = sessions.path
+
+    def interrupt(handle: int, epoch: int) -> None:
+        portals.publish_interrupt(handle, epoch)  # the interrupt pages (the drivers)
+        own.publish_interrupt(handle, epoch)  # the gRPC interrupt streams (scripts)
+
     device.on_fault = link.on_fault
     device.on_page_request = link.on_page_request
-    device.on_interrupt = own.publish_interrupt
+    device.on_interrupt = interrupt
     device.bind(DmaMemory(memory, unit.bind(info.slot)))
     log.info("dsa.serving", port=server.port, advertise=advertise, slot=info.slot, memory_dir=reg.memory_dir)
 
@@ -277,7 +292,8 @@ def build(args: argparse.Namespace, listen: str | None = None) -> DeviceService:
         _assign_when_ready(admin, info.logical_device_id, args.assign)
     for svc in ("", "pviommu.v1.DsaDevice"):
         server.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
-    return DeviceService(server, device, info, unit, own, queue_consumer, link, admin, registry, observers)
+    return DeviceService(server, device, info, unit, own, queue_consumer, link, admin, registry, portals, sessions,
+                         observers)
 
 
 def run(args: argparse.Namespace) -> int:

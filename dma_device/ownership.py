@@ -58,6 +58,8 @@ class Ownership:
         #: state, as a function-level reset before assignment does (None: no reset)
         self._reset = reset
         self._fenced_epoch = -1
+        #: more to end on a fence (``dma_device.portals.Portals.end_epochs_except``), called first
+        self.on_fence: list[Callable[[int], object]] = []
         self.owners = OwnerTable(memory)
         self.lock = threading.Lock()
         self._listeners: list[tuple[int, Sink]] = []
@@ -140,6 +142,8 @@ class Ownership:
         """End everything of every epoch but the current one (the record's;
         ``expected`` is what the hypervisor published, for the log)."""
         keep = self.epoch()
+        for end in self.on_fence:
+            end(keep)
         with self.lock:
             ended = [q for e, q in self._listeners if e != keep]
             self._listeners = [(e, q) for e, q in self._listeners if e == keep]

@@ -99,6 +99,7 @@ class Portals:
         self._waker = threading.Thread(target=self._wake_loop, name="portal-waker", daemon=True)
         self._waker.start()
         device.work_source = self.pull
+        device.work_pending = self.pending
         device.on_idle = self.set_sleeping
 
     # -- opening (the session socket's thread) -----------------------------------------------
@@ -200,7 +201,8 @@ class Portals:
                 entries = s.ring.take(PULL_BATCH)
             except RingError as exc:
                 self.stats.protocol_errors += 1
-                log.warning("portal.protocol_error", session=s.id, error=str(exc))
+                log.warning("portal.protocol_error", session=s.id, error=str(exc),
+                            header=bytes(s.region.view[:256]).hex())
                 threading.Thread(target=self._close_portal, args=(s.id, L.CloseReason.PROTOCOL_ERROR),
                                  daemon=True).start()
                 continue
@@ -282,6 +284,8 @@ class Portals:
                 "portal_wakeups": st.wakeups}
 
     def close(self) -> None:
+        if self._stop:
+            return
         self._stop = True
         self._wake.ring()
         self._waker.join(5)

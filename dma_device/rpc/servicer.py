@@ -44,6 +44,8 @@ class DeviceInfo:
     name: str
     slot: int = -1
     logical_device_id: int = 0
+    #: where guests open shared-memory portals and interrupt pages ("" until serving)
+    session_socket: str = ""
 
 
 def group_of(device: DsaDevice, wq_id: int) -> int:
@@ -89,7 +91,8 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
             version=d.version, gencap=d.gencap, wqcap=d.wqcap, grpcap=d.grpcap, engcap=d.engcap, opcap=opcap,
             max_transfer_size=1 << cfg.gencap.max_xfer_shift, max_batch_size=1 << cfg.gencap.max_batch_shift,
             num_wqs=cfg.num_wqs, num_engines=cfg.num_engines, num_groups=cfg.num_groups,
-            total_wq_size=cfg.total_wq_size, logical_device_id=self.info.logical_device_id, name=self.info.name)
+            total_wq_size=cfg.total_wq_size, logical_device_id=self.info.logical_device_id, name=self.info.name,
+            session_socket=self.info.session_socket)
 
     @grpc_errors
     def ListWqs(self, request: Any, context: grpc.ServicerContext) -> Any:

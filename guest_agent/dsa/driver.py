@@ -31,18 +31,22 @@ from dataclasses import dataclass
 
 import grpc
 
+from guest_agent.dsa.portal import PortalClosed, ShmInterrupts, ShmPortal
 from guest_agent.errors import DeviceCommandFailed, InvalidRequest
 from pviommu.abi.dsa import COMP_ALIGN, COMP_SIZE, DESC_SIZE, Cmd, CmdErr, CompletionRecord, DsaStatus, GenCap
 from pviommu.addr import Gpa
 from pviommu.log import get_logger
 from pviommu.mem.bank import GuestRam
 from pviommu.rpc.client import connect
+from pviommu.shm.sessions import SessionError
 from pviommu.v1 import common_pb2, dsa_pb2, dsa_pb2_grpc
 
 log = get_logger("guest.dsa")
 
 #: idxd enqcmds_retries default.
 ENQCMDS_RETRIES = 32
+#: shared-memory portal sessions one driver opens at most (its submitters share them)
+MAX_PORTALS = 16
 #: Kernel defaults for a WQ it configures.
 DEFAULT_WQ_SIZE = 16
 DEFAULT_WQ_PRIORITY = 10
@@ -241,7 +245,12 @@ class DsaDriver:
         self._local = threading.local()
         self._sessions: list[PortalSession] = []
         self._lock = threading.Lock()
-        self.interrupts: Interrupts | None = None
+        #: shared-memory portals (the data path), per WQ: free ones, and all open
+        self._pool: dict[int, list[ShmPortal]] = {}
+        self._portals: list[ShmPortal] = []
+        self._pool_cv = threading.Condition(self._lock)
+        self.shm = False
+        self.interrupts: Interrupts | ShmInterrupts | None = None
         self.log = log.bind(device=logical_device_id, name=name)
 
     @property
@@ -257,9 +266,17 @@ class DsaDriver:
         self.max_xfer = int(self.caps.max_transfer_size) or GenCap.decode(self.caps.gencap).max_xfer_size
         self.wq = self._setup_wq()
         self._slots = threading.BoundedSemaphore(self.wq.size) if self.wq.dedicated else None
-        self.interrupts = Interrupts(self.stub)
+        path = self.caps.session_socket
+        if path:
+            try:
+                self.interrupts = ShmInterrupts(path, self.token)
+                self.shm = True
+            except (OSError, SessionError) as exc:  # the device's socket is not reachable from here
+                self.log.warning("dsa.shm_unavailable", path=path, error=str(exc))
+        if not self.shm:
+            self.interrupts = Interrupts(self.stub)
         self.log.info("dsa.probed", wq=self.wq.wq_id, dedicated=self.wq.dedicated, wq_size=self.wq.size,
-                      max_xfer=self.max_xfer)
+                      max_xfer=self.max_xfer, transport="shared memory" if self.shm else "grpc")
 
     def _command(self, cmd: Cmd, operand: int = 0) -> int:
         assert self.stub is not None
@@ -292,8 +309,57 @@ class DsaDriver:
         return WqInfo(0, True, DEFAULT_WQ_SIZE)
 
     # -- submission ----------------------------------------------------------------------
+    def _checkout(self, wq_id: int) -> ShmPortal:
+        """A free portal session of ``wq_id`` (opened when none is free, up to
+        ``MAX_PORTALS``; beyond, wait for one): each has one producer at a time."""
+        assert self.caps is not None
+        with self._pool_cv:
+            while True:
+                free = self._pool.setdefault(wq_id, [])
+                if free:
+                    return free.pop()
+                if len(self._portals) < MAX_PORTALS:
+                    break
+                if not self._pool_cv.wait(10):
+                    raise DeviceCommandFailed(f"{self.name}: all {MAX_PORTALS} portal sessions stayed busy for 10 s")
+        portal = ShmPortal(self.caps.session_socket, self.token, wq_id)
+        with self._pool_cv:
+            self._portals.append(portal)
+        return portal
+
+    def _checkin(self, portal: ShmPortal, broken: bool) -> None:
+        with self._pool_cv:
+            if broken:
+                if portal in self._portals:
+                    self._portals.remove(portal)
+            else:
+                self._pool.setdefault(portal.wq_id, []).append(portal)
+            self._pool_cv.notify()
+        if broken:
+            portal.close()
+
+    def _submit_shm(self, wq: int, descriptor: bytes, posted: bool) -> bool:
+        portal = self._checkout(wq)
+        self._local.portal = portal
+        broken = False
+        try:
+            if posted:
+                portal.post(descriptor)  # MOVDIR64B: posted, always "accepted"
+                return True
+            for _ in range(ENQCMDS_RETRIES):
+                if portal.write(descriptor):
+                    return True
+            self.log.warning("dsa.enqcmds_retries_exhausted", wq=wq)
+            return False
+        except PortalClosed as exc:
+            broken = True
+            self._local.error = exc
+            raise
+        finally:
+            self._checkin(portal, broken)
+
     def session(self) -> PortalSession:
-        """This thread's portal stream (opened on first use)."""
+        """This thread's gRPC portal stream (the fallback transport; opened on first use)."""
         s: PortalSession | None = getattr(self._local, "session", None)
         if s is None:
             assert self.stub is not None
@@ -323,8 +389,11 @@ class DsaDriver:
             raise InvalidRequest(f"a DSA descriptor is {DESC_SIZE} bytes, got {len(descriptor)}")
         assert self.wq is not None
         wq = self.wq.wq_id if wq_id is None else wq_id
+        posted = wq == self.wq.wq_id and self.wq.dedicated
+        if self.shm:
+            return self._submit_shm(wq, descriptor, posted)
         session = self.session()
-        if wq == self.wq.wq_id and self.wq.dedicated:
+        if posted:
             session.post(wq, descriptor)  # MOVDIR64B: posted, always "accepted"
             return True
         for _ in range(ENQCMDS_RETRIES):
@@ -337,7 +406,18 @@ class DsaDriver:
         return False
 
     def check_portal(self) -> None:
-        """Raise if this thread's portal stream broke (for ``wait_completion``)."""
+        """Raise if the portal this thread last used is over (its session was
+        closed by the device, or the device is gone), for ``wait_completion``."""
+        error: BaseException | None = getattr(self._local, "error", None)
+        if error is not None:
+            raise error
+        portal: ShmPortal | None = getattr(self._local, "portal", None)
+        if portal is not None:
+            try:
+                portal.check()
+            except PortalClosed as exc:
+                self._local.error = exc
+                raise
         s: PortalSession | None = getattr(self._local, "session", None)
         if s is not None:
             s.check()
@@ -345,8 +425,12 @@ class DsaDriver:
     def close(self) -> None:
         with self._lock:
             sessions, self._sessions = self._sessions, []
+            portals, self._portals = self._portals, []
+            self._pool.clear()
         for s in sessions:
             s.close()
+        for p in portals:
+            p.close()
         if self.interrupts is not None:
             self.interrupts.close()
         if self.channel is not None:

@@ -72,8 +72,10 @@ class Ring:
         if self.closed:
             raise RingError(f"ring closed: {self.close_reason.name}")
         tail = self.tail
-        if tail - self.head >= self.slots:
-            raise RingError("ring full")
+        head = self.head
+        if tail - head >= self.slots:
+            raise RingError(f"ring full (tail {tail}, head {head}, {self.state.name}, "
+                            f"header {bytes(self.region.view[:200]).hex()})")
         off = self._slot(tail)
         self.region.view[off : off + len(data)] = data
         self.region.view[L.R_ANSWERS + tail % self.slots] = L.Answer.NONE

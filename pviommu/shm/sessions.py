@@ -180,6 +180,8 @@ class SessionServer:
                 log.exception("session.close_failed")
 
     def close(self) -> None:
+        if self._stop:
+            return
         self._stop = True
         os.write(self._wake_w, b"x")
         self._thread.join(5)

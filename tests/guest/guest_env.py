@@ -67,6 +67,16 @@ class FakeDevice:
     def server(self) -> RunningServer:
         return self.service.server
 
+    def kill(self) -> None:
+        """The device's process dies: its server, portals, sessions, engines and queue stop at once
+        (nothing unregisters: the hypervisor finds the unit gone)."""
+        svc = self.service
+        svc.server.stop(0)
+        svc.sessions.close()
+        svc.portals.close()
+        svc.queue.close()
+        svc.device.close()
+
     @property
     def executed(self) -> int:
         """Descriptors the device completed (any status)."""

@@ -163,9 +163,12 @@ def test_timeout_0_looks_once_and_reports_test_timed_out(guest: Guest) -> None:
     start = time.monotonic()
     r, lines = run(guest.stub, iterations=5, timeout=0)
     assert time.monotonic() - start < 10, "timeout=0 must not wait 3 s per test"
-    assert (r.tests, r.failures) == (5, 5)
-    assert [(n, what, v) for _, n, what, v in results(lines)] == [(i, "test timed out", 0) for i in range(1, 6)]
-    assert summaries(lines) == {"dma0chan0-copy0": (5, 5, 0)}
+    # one look: a test whose record was not written yet by then fails as "test timed out" (a fast device
+    # may have finished some already: those pass)
+    timed_out = [(n, what, v) for _, n, what, v in results(lines)]
+    assert r.tests == 5 and r.failures == len(timed_out) >= 1
+    assert all(what == "test timed out" and v == 0 for _, what, v in timed_out)
+    assert summaries(lines) == {"dma0chan0-copy0": (5, r.failures, 0)}
 
 
 def test_unset_timeout_means_3000_ms_and_the_run_passes(guest: Guest) -> None:
@@ -301,7 +304,7 @@ def test_an_error_completion_is_judged_by_the_data_check_as_dmatest_on_idxd(gues
 def test_a_device_that_dies_mid_run_gives_dmatest_results_and_the_summary(guest: Guest) -> None:
     bg = Background(guest.stub, iterations=60, seed=2)
     bg.wait_progress(25)
-    guest.devices[0].server.stop(0)
+    guest.devices[0].kill()
     r = bg.join()
     assert r.tests == 60 and r.failures >= 1
     assert_only_dmatest_lines(bg.lines)
