@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from pviommu.iommu.pscache import PsCache
 
 #: The interface of pviommu._native this module is written for (its API_VERSION).
-API_VERSION = 2
+API_VERSION = 3
 
 try:
     from pviommu import _native as _ext
@@ -108,6 +108,7 @@ class NativeIotlb:
     lookup_extent: Callable[[int, int, int, bool], tuple[int, int] | None]
     insert: Callable[[int, IotlbEntry, int], bool]
     insert_extent: Callable[[int, Extent, int], bool]
+    bump_generation: Callable[[], None]
     invalidate_all: Callable[[], int]
     invalidate_domain: Callable[[int], int]
     invalidate_pages: Callable[[int, int, int], int]
@@ -123,6 +124,7 @@ class NativeIotlb:
         self.lookup_extent = core.lookup_extent
         self.insert = core.insert
         self.insert_extent = core.insert_extent
+        self.bump_generation = core.bump_generation
         self.invalidate_all = core.invalidate_all
         self.invalidate_domain = core.invalidate_domain
         self.invalidate_pages = core.invalidate_pages
@@ -206,7 +208,9 @@ class NativeMemmove(NamedTuple):
     """What ``NativeWalker.memmove`` did: the unit translations it made (for
     the unit's counters; 2, or 3 with the completion record), walks and entry
     reads (0 on this warm path), whether it wrote the success record, and
-    whether the record is still due (the caller writes it, status byte last)."""
+    whether the record is still due (the caller writes it, status byte last:
+    after a copy that ran without the GIL, whatever happened meanwhile -- a
+    flush, an owner change -- is then seen by that write's own translation)."""
 
     translations: int
     walks: int

@@ -2,9 +2,12 @@
 (tests/core/test_native_*.py): the Python implementation is the reference,
 the compiled one must give the same answers and leave the same bytes.
 
-A world is host memory with bank 0 (context table + stage-2 tables), the
-owner's bank 1 and another partition's bank 2, a stage 2 of 3, 4 or 5 levels
-over bank 1 and a stage 1 of 4 or 5 levels in bank 1, built from a seed:
+A world is host memory with bank 0 (context and owner tables + stage-2
+tables), the owner's bank 1 and another partition's bank 2, a stage 2 of 3, 4
+or 5 levels over bank 1 and a stage 1 of 4 or 5 levels in bank 1, built from a
+seed. Its contexts are plain VT-d entries; the owner bank that fences stage-2
+output comes from the slot's owner record (``World.install`` writes both for
+the tests that go through a unit), and is an argument of the walks:
 
 * stage 2 (GPA -> HPA): 4 KiB leaves over the guest's table pages (some of them
   read-only or write-only), a 2 MiB leaf, 4 KiB pages of random rights (some
@@ -26,7 +29,8 @@ from pathlib import Path
 
 from pviommu.addr import SZ_1G, SZ_2M, SZ_4K, Gpa, Hpa, Iova
 from pviommu.errors import PageTableError
-from pviommu.iommu.context import CONTEXT_TABLE_END, ContextEntry, Pgtt
+from pviommu.iommu.context import ContextEntry, Pgtt, write_context
+from pviommu.iommu.owner import OWNER_TABLE_END, OwnerRecord, write_owner
 from pviommu.mem.bank import Bank, GuestRam, HostMemory, bank_base
 from pviommu.mem.frames import guest_frames, host_frames
 from pviommu.pt.common import RW, EntryType, Perm, PtFormat
@@ -46,6 +50,10 @@ FOREIGN_GPA = 16 * MiB  # stage 2 sends this page into bank 2
 BIG_GPA = SZ_1G  # a 1 GiB stage-2 leaf over bank 1 (and past its end)
 MSI_GPA = 0xFEE0_0000
 DID = 5
+#: the world's partition: its RAM is bank 1
+OWNER = 1
+#: a context with the owner bank its walks are fenced into
+Owned = tuple[ContextEntry, int]
 
 
 @dataclass
@@ -64,11 +72,17 @@ class World:
     s2_tables: list[int] = field(default_factory=list)
 
     def nested(self, **over: int) -> ContextEntry:
-        ctx = ContextEntry.nested(DID, self.s1.root, self.fs_levels, self.s2.root, self.s2_levels, owner_bank=1)
+        ctx = ContextEntry.nested(DID, self.s1.root, self.fs_levels, self.s2.root, self.s2_levels)
         return _replace(ctx, over)
 
     def s2_only(self, **over: int) -> ContextEntry:
-        return _replace(ContextEntry.identity(DID, self.s2.root, self.s2_levels, owner_bank=1), over)
+        return _replace(ContextEntry.identity(DID, self.s2.root, self.s2_levels), over)
+
+    def install(self, slot: int, ctx: ContextEntry, owner_bank: int = OWNER, epoch: int = 1) -> None:
+        """What the hypervisor writes for a unit: the slot's owner record
+        (partition id = bank index here), then its context entry."""
+        write_owner(self.host, slot, OwnerRecord(epoch=epoch, partition_id=owner_bank, owner_bank=owner_bank))
+        write_context(self.host, slot, ctx)
 
     def bank1_hpa(self, gpa: int) -> Hpa:
         return self.banks[1].hpa_of(gpa)
@@ -117,7 +131,7 @@ def build_world(directory: Path, seed: int, *, s2_levels: int = 4, fs_levels: in
     bank2 = host.create_bank(2, OTHER)
     bank2.write(0, bytes(range(256)) * (OTHER // 256))
     ram = GuestRam(bank1)
-    s2 = stage2_table(VtdSsFormat(s2_levels), host, host_frames(bank0, CONTEXT_TABLE_END, BANK0 - CONTEXT_TABLE_END))
+    s2 = stage2_table(VtdSsFormat(s2_levels), host, host_frames(bank0, OWNER_TABLE_END, BANK0 - OWNER_TABLE_END))
     s1_frames = guest_frames(ram, TABLES[0], TABLES[1] - TABLES[0])
     s1 = stage1_table(X86_64Format(fs_levels), ram, s1_frames)
     h = bank1.hpa_of
@@ -213,9 +227,10 @@ def iovas(rnd: random.Random, world: World, n: int) -> list[int]:
     return out[:n]
 
 
-def contexts(rnd: random.Random, world: World) -> list[ContextEntry]:
+def contexts(rnd: random.Random, world: World) -> list[Owned]:
     """The world's nested and stage-2-only contexts, plus hostile variants:
-    roots at odd places, unsupported field values the walker must survive."""
+    roots at odd places, unsupported field values the walker must survive,
+    and an owner bank that is not the tables' (the fence), each with its owner bank."""
     out = [world.nested(), world.s2_only()]
     roots = [*world.s1_tables[:3], HOLE[0], RO[0], MIXED[0] + rnd.randrange(64) * SZ_4K, FOREIGN_GPA,
              BIG_GPA + 2 * MiB, RAM + SZ_4K, 1 << 40, (1 << 52) - SZ_4K, MSI_GPA]
@@ -224,5 +239,4 @@ def contexts(rnd: random.Random, world: World) -> list[ContextEntry]:
                                                  rnd.choice(world.s2_tables), int(world.banks[0].base)])))
     out.append(world.nested(aw=rnd.choice([0, 4, 7]), fspm=rnd.choice([2, 3])))
     out.append(world.nested(pgtt=rnd.choice([int(Pgtt.FS_ONLY), int(Pgtt.PASS_THROUGH), 0, 7])))
-    out.append(world.nested(owner_bank=rnd.choice([2, 9])))
-    return out
+    return [*((ctx, OWNER) for ctx in out), (world.nested(), rnd.choice([2, 9])), (world.s2_only(), 2)]

@@ -2,7 +2,9 @@
 ``NativeWalker.memmove`` runs a descriptor, the DSA model (``DsaDevice``
 through ``IommuUnit`` + ``DmaMemory``) completes it with SUCCESS and leaves
 the same bytes (data and completion record) and the same IOTLB counters;
-whenever it declines, it has touched nothing. Skipped when not built."""
+whenever it declines, it has touched nothing. A record it leaves due (after
+a copy that ran without the GIL) is written the model's way here, and then
+the bytes and counters are the model's too. Skipped when not built."""
 
 from __future__ import annotations
 
@@ -13,16 +15,16 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from native_env import World, build_world
+from native_env import OWNER, World, build_world
 
 from dma_device.dsa import DsaDevice
 from dma_device.dsa.checks import allowed_flags
 from pviommu.abi.dsa import CompletionRecord, DescFlags, Descriptor, DsaStatus, Opcode, WqCfg
 from pviommu.addr import SZ_2M, SZ_4K, Gpa, Iova
 from pviommu.iommu import native
-from pviommu.iommu.context import ContextEntry, write_context
+from pviommu.iommu.context import ContextEntry
 from pviommu.iommu.unit import IommuUnit
-from pviommu.mem.dma import DmaMemory
+from pviommu.mem.dma import DmaMemory, DmaRuns
 from pviommu.pt.common import RW, Perm
 
 pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason=native.UNAVAILABLE_REASON)
@@ -44,7 +46,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[World, list[
     s1.map(Iova(REC), Gpa(11 << 20), SZ_4K, RW)
     s1.map(Iova(RO_PAGE), Gpa(11 << 20), SZ_4K, Perm.READ)
     world.ram.write(Gpa(12 << 20), random.Random(7).randbytes(SZ_2M * 2))
-    write_context(world.host, SLOT, world.nested())
+    world.install(SLOT, world.nested())
     yield world, world.snapshot()
     world.close()
 
@@ -63,7 +65,7 @@ WARM = [(SRC, SMALL, False), (DST, SMALL, True), (BIG, SZ_2M, False), (BIG, SZ_2
 
 def _reference(world: World, desc: Descriptor, cfg: WqCfg, warm: list[tuple[int, int, bool]]) -> tuple[
         CompletionRecord, object]:
-    unit = IommuUnit(world.host, pscache=False)
+    unit = IommuUnit(world.host, pscache=False, native=False)
     for iova, n, write in warm:
         unit.translate(SLOT, Iova(iova), n, write)
     device = DsaDevice(DmaMemory(world.host, unit.bind(SLOT)))
@@ -77,19 +79,36 @@ def _reference(world: World, desc: Descriptor, cfg: WqCfg, warm: list[tuple[int,
         device.close()
 
 
+class _Compiled:
+    """``NativeWalker.translate`` as a ``DmaTranslator`` (for the record the caller writes)."""
+
+    def __init__(self, walker: native.NativeWalker, tlb: native.NativeIotlb, ctx: ContextEntry) -> None:
+        self.walker, self.tlb, self.ctx = walker, tlb, ctx
+
+    def translate(self, iova: Iova, length: int, write: bool) -> DmaRuns:
+        t = self.walker.translate(self.tlb, self.ctx, iova, length, write, OWNER, self.tlb.generation)
+        assert t is not None and t.fault is None
+        return DmaRuns(t.runs)
+
+
 def _native(world: World, ctx: ContextEntry, desc: Descriptor, limits: native.MoveLimits,
             warm: list[tuple[int, int, bool]]) -> tuple[native.NativeMemmove | None, object, object]:
     walker, tlb = native.NativeWalker(world.host), native.NativeIotlb()
     for iova, n, write in warm:
-        walker.translate(tlb, ctx, Iova(iova), n, write)
+        walker.translate(tlb, ctx, Iova(iova), n, write, OWNER, tlb.generation)
     before = tlb.stats
-    return walker.memmove(tlb, ctx, desc.pack(), limits), before, tlb.stats
+    result = walker.memmove(tlb, ctx, desc.pack(), limits, OWNER, tlb.generation)
+    if result is not None and result.record_due:  # what the device does: the model's record write
+        done = DmaMemory(world.host, _Compiled(walker, tlb, ctx)).write_record(
+            Iova(desc.completion_addr), CompletionRecord(status=int(DsaStatus.SUCCESS)).pack())
+        assert done.fault is None
+    return result, before, tlb.stats
 
 
 def check(world: World, pristine: list[bytes], desc: Descriptor, cfg: WqCfg,
           warm: list[tuple[int, int, bool]] = WARM, *, events: bool = False) -> native.NativeMemmove | None:
     """Reference first, then the compiled path from the same bytes; compare."""
-    device = DsaDevice(DmaMemory(world.host, IommuUnit(world.host).bind(SLOT)))
+    device = DsaDevice(DmaMemory(world.host, IommuUnit(world.host, native=False).bind(SLOT)))
     limits = _limits(device, cfg)
     try:
         rec, ref_stats = _reference(world, desc, cfg, warm)
@@ -103,9 +122,12 @@ def check(world: World, pristine: list[bytes], desc: Descriptor, cfg: WqCfg,
                 event(f"declined ({DsaStatus(rec.code).name})")
         else:
             assert rec.code == DsaStatus.SUCCESS, rec
-            assert not result.record_due and result.walks == 0
-            assert result.record_written == bool(desc.flags & F.CRAV and desc.flags & F.RCR)
-            assert result.translations == 3 if result.record_written else 2
+            record = bool(desc.flags & F.CRAV and desc.flags & F.RCR)
+            unlocked = desc.xfer_size >= DETACHED  # copied without the GIL: the record is left due
+            assert result.walks == 0 and result.reads == 0
+            assert result.record_written == (record and not unlocked)
+            assert result.record_due == (record and unlocked)
+            assert result.translations == (3 if result.record_written else 2)
             assert stats_after == ref_stats
             for index, (a, b) in enumerate(zip(after_ref, after_nat, strict=True)):
                 assert a == b, f"bank {index} differs"
@@ -115,6 +137,9 @@ def check(world: World, pristine: list[bytes], desc: Descriptor, cfg: WqCfg,
     finally:
         world.restore(pristine)
 
+
+#: copies at least this long run without the GIL (native/pviommu_native/src/lib.rs DETACH_COPY)
+DETACHED = 64 * 1024
 
 FLAG_BITS = [F.CRAV, F.RCR, F.RCI, F.BOF, F.FENCE, F.CC, F.CR, F.ADDR1_TCS, F.DRDBK, F.CRSTS, 0x10000]
 ADDRS = [SRC, SRC + 8, SRC + SZ_4K - 100, DST, DST + 64, BIG, BIG + SZ_2M - SZ_4K, REC, RO_PAGE, SRC + SMALL - 8,
@@ -159,14 +184,16 @@ def test_native_memmove_runs_only_what_the_model_completes_and_leaves_the_same_b
 def test_plain_warm_memmoves_run_natively(rig: tuple[World, list[bytes]]) -> None:
     """The common descriptors -- 4 KiB and 64 KiB over scattered 4 KiB pages,
     1 MiB on a 2 MiB leaf (without the GIL), overlapping ascending -- all take
-    the compiled path and match the model."""
+    the compiled path and match the model; the record is written in the same
+    call unless the copy ran without the GIL (then it is left due)."""
     world, pristine = rig
     cfg = WqCfg(wq_size=8)
     base = Descriptor(opcode=Opcode.MEMMOVE, flags=int(F.CRAV | F.RCR), completion_addr=REC)
     for src, dst, size in ((SRC, DST, SZ_4K), (SRC, DST, SMALL), (BIG, BIG + SZ_2M // 2, SZ_2M // 2),
                            (BIG + 64, BIG, SZ_4K * 8), (SRC + 100, DST + 4000, 5000)):
         result = check(world, pristine, base.with_(src_addr=src, dst_addr=dst, xfer_size=size), cfg)
-        assert result is not None and result.record_written
+        assert result is not None and result.record_written == (size < DETACHED) and result.record_due == (
+            size >= DETACHED)
     no_record = base.with_(flags=int(F.CRAV), src_addr=SRC, dst_addr=DST, xfer_size=SZ_4K)
     result = check(world, pristine, no_record, cfg)
     assert result is not None and not result.record_written and result.translations == 2

@@ -1,8 +1,9 @@
 """The compiled translation loop and DMA copy against the reference: the
-same operation sequence (translations, copies, invalidations) through
-``IommuUnit`` (paging-structure caches off) + ``DmaMemory`` and through
-``NativeWalker`` + ``NativeIotlb`` gives the same runs, faults, walk counts,
-IOTLB counters and bytes. Skipped when the compiled core is not built."""
+same operation sequence (translations, copies, invalidations, context
+invalidations) through the Python ``IommuUnit`` (paging-structure caches off)
++ ``DmaMemory`` and through ``NativeWalker`` + ``NativeIotlb`` (owner bank and
+generation passed as the unit passes them) gives the same runs, faults, walk
+counts, IOTLB counters and bytes. Skipped when the compiled core is not built."""
 
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from native_env import Kept, World, build_world, scribble
+from native_env import OWNER, Kept, World, build_world, scribble
 
 from pviommu.addr import SZ_2M, SZ_4K, Gpa, Iova
 from pviommu.iommu import native
-from pviommu.iommu.context import ContextEntry, write_context
+from pviommu.iommu.context import ContextEntry
 from pviommu.iommu.unit import IommuUnit
 from pviommu.mem.dma import DmaMemory
 from pviommu.pt.common import RW
@@ -60,7 +61,7 @@ def ops(rnd: random.Random, world: World, n: int, *, identity: bool = False) -> 
     out: list[Op] = []
     mapped = IDENTITY if identity else world.mapped
     for _ in range(n):
-        kind = rnd.choice(["tr", "tr", "tr", "tr", "copy", "copy", "all", "domain", "pages"])
+        kind = rnd.choice(["tr", "tr", "tr", "tr", "copy", "copy", "all", "domain", "pages", "context"])
         if kind == "tr":
             out.append(("tr", *_range(rnd, world, mapped), rnd.random() < 0.4))
         elif kind == "copy":
@@ -79,12 +80,12 @@ def ops(rnd: random.Random, world: World, n: int, *, identity: bool = False) -> 
 
 
 def run_reference(world: World, ctx: ContextEntry, seq: list[Op], *, swap: bool = False) -> tuple[list[Any], Any]:
-    """The sequence through the Python unit; with ``swap``, the same unit with
-    the compiled IOTLB and walker put in its place (the few-line integration)."""
-    unit = IommuUnit(world.host, pscache=False)
+    """The sequence through the Python unit; with ``swap``, the same unit (its
+    own loop) with the compiled IOTLB and walker put in its place."""
+    unit = IommuUnit(world.host, pscache=False, native=False)
     if swap:
-        unit.iotlb = native.NativeIotlb()  # type: ignore[assignment]
-        unit.walker = native.NativeWalker(world.host)  # type: ignore[assignment]
+        unit.iotlb = native.NativeIotlb()
+        unit.walker = native.NativeWalker(world.host)
     dma = DmaMemory(world.host, unit.bind(SLOT))
     out: list[Any] = []
     for op in seq:
@@ -104,24 +105,29 @@ def run_reference(world: World, ctx: ContextEntry, seq: list[Op], *, swap: bool 
             out.append(unit.invalidate_all())
         elif op[0] == "domain":
             out.append(unit.invalidate_domain(ctx.did))
+        elif op[0] == "context":
+            out.append(unit.invalidate_context(SLOT))
         else:
             out.append(unit.invalidate_pages(ctx.did, op[1], op[2]))
         unit.drain_faults()
     return out, unit.iotlb.stats
 
 
-def run_native(world: World, ctx: ContextEntry, seq: list[Op]) -> tuple[list[Any], Any]:
+def run_native(world: World, ctx: ContextEntry, owner_bank: int, seq: list[Op]) -> tuple[list[Any], Any]:
+    """The sequence through the compiled calls alone, each handed the owner
+    bank and the IOTLB generation read first, as the unit hands them."""
     walker, iotlb = native.NativeWalker(world.host), native.NativeIotlb()
     out: list[Any] = []
     for op in seq:
+        generation = iotlb.generation
         if op[0] == "tr":
-            t = walker.translate(iotlb, ctx, Iova(op[1]), op[2], op[3])
+            t = walker.translate(iotlb, ctx, Iova(op[1]), op[2], op[3], owner_bank, generation)
             assert t is not None
             f = t.fault
             out.append(("tr", t.runs, None if f is None else (int(t.fault_iova), int(f.reason), f.detail),
                         t.walks, t.reads))
         elif op[0] == "copy":
-            c = walker.copy(iotlb, ctx, Iova(op[1]), Iova(op[2]), op[3])
+            c = walker.copy(iotlb, ctx, Iova(op[1]), Iova(op[2]), op[3], owner_bank, generation)
             assert c is not None
             side = c.stopped_by if c.done < op[3] else None
             reported = None
@@ -134,18 +140,20 @@ def run_native(world: World, ctx: ContextEntry, seq: list[Op]) -> tuple[list[Any
             out.append(iotlb.invalidate_all())
         elif op[0] == "domain":
             out.append(iotlb.invalidate_domain(ctx.did))
+        elif op[0] == "context":  # the unit's context invalidation, as the IOTLB sees it
+            out.append(iotlb.bump_generation())
         else:
             out.append(iotlb.invalidate_pages(ctx.did, op[1], op[2]))
     return out, iotlb.stats
 
 
-def compare(world: World, ctx: ContextEntry, seq: list[Op]) -> list[Any]:
-    write_context(world.host, SLOT, ctx)  # the unit reads it (the compiled loop is handed it)
+def compare(world: World, ctx: ContextEntry, seq: list[Op], owner_bank: int = OWNER) -> list[Any]:
+    world.install(SLOT, ctx, owner_bank)  # the unit reads both (the compiled loop is handed them)
     before = world.snapshot()
     ref, ref_stats = run_reference(world, ctx, seq)
     after_ref = world.snapshot()
     world.restore(before)
-    got, nat_stats = run_native(world, ctx, seq)
+    got, nat_stats = run_native(world, ctx, owner_bank, seq)
     after_nat = world.snapshot()
     world.restore(before)
     for op, r, g in zip(seq, ref, got, strict=True):
@@ -167,9 +175,10 @@ def test_native_translate_and_copy_equal_reference_over_sequences(
     rnd = random.Random(pick)
     try:
         scribble(rnd, world, hostile, stage2=False)
-        ctx = {"nested": world.nested(), "s2": world.s2_only(), "other": world.nested(owner_bank=2),
+        ctx = {"nested": world.nested(), "s2": world.s2_only(), "other": world.nested(),
                "root": world.nested(fsptptr=rnd.choice(world.s1_tables))}[which]
-        result = compare(world, ctx, ops(rnd, world, 24, identity=which == "s2"))
+        owner_bank = 2 if which == "other" else OWNER  # "other": the tables are not the owner's (the fence)
+        result = compare(world, ctx, ops(rnd, world, 24, identity=which == "s2"), owner_bank)
         for r in result:
             if isinstance(r, tuple):
                 event(f"{r[0]} {'fault' if r[2] is not None else 'ok'}")
@@ -193,7 +202,7 @@ def test_python_unit_with_the_compiled_iotlb_and_walker_swapped_in_equals_refere
         ctx = {"nested": world.nested(), "s2": world.s2_only(),
                "root": world.nested(fsptptr=rnd.choice(world.s1_tables))}[which]
         seq = ops(rnd, world, 20, identity=which == "s2")
-        write_context(world.host, SLOT, ctx)
+        world.install(SLOT, ctx)
         before = world.snapshot()
         ref, ref_stats = run_reference(world, ctx, seq)
         after_ref = world.snapshot()
@@ -229,14 +238,14 @@ def test_native_copy_of_a_long_buffer_moves_the_same_bytes_without_the_gil(world
 
     def translate_meanwhile() -> None:
         while not stop.is_set():
-            walker.translate(iotlb, ctx, Iova(src), SZ_4K, False)
+            walker.translate(iotlb, ctx, Iova(src), SZ_4K, False, OWNER, iotlb.generation)
             spins[0] += 1
 
     t = threading.Thread(target=translate_meanwhile)
     t.start()
     try:
         for _ in range(20):
-            c = walker.copy(iotlb, ctx, Iova(src), Iova(dst), 1 << 20)
+            c = walker.copy(iotlb, ctx, Iova(src), Iova(dst), 1 << 20, OWNER, iotlb.generation)
             assert c is not None and c.done == 1 << 20 and c.stopped_by is None
     finally:
         stop.set()
@@ -249,8 +258,24 @@ def test_native_copy_of_a_long_buffer_moves_the_same_bytes_without_the_gil(world
 
 def test_native_translate_leaves_unfenced_contexts_to_the_reference(world: World) -> None:
     walker, iotlb = native.NativeWalker(world.host), native.NativeIotlb()
-    unfenced = world.nested(owner_bank=0)
-    assert walker.translate(iotlb, unfenced, Iova(0x40_0000_0000), SZ_4K, False) is None
-    assert walker.copy(iotlb, unfenced, Iova(0x40_0000_0000), Iova(0x40_0000_1000), 8) is None
+    ctx, gen = world.nested(), iotlb.generation
+    assert walker.translate(iotlb, ctx, Iova(0x40_0000_0000), SZ_4K, False, 0, gen) is None
+    assert walker.copy(iotlb, ctx, Iova(0x40_0000_0000), Iova(0x40_0000_1000), 8, 0, gen) is None
     with pytest.raises(ValueError, match="bad range"):
-        walker.translate(iotlb, world.nested(), Iova(TOP - 8), 16, False)
+        walker.translate(iotlb, ctx, Iova(TOP - 8), 16, False, OWNER, gen)
+
+
+def test_native_translate_with_a_stale_generation_inserts_nothing(world: World) -> None:
+    """A translation handed a generation older than the IOTLB's (a context
+    invalidation after the unit read it) walks and answers, but caches no entry
+    and no extent: the next translation walks again."""
+    iova = 0x41_0000_0000
+    world.s1.map(Iova(iova), Gpa(12 << 20), 8 * SZ_4K, RW)
+    walker, iotlb = native.NativeWalker(world.host), native.NativeIotlb()
+    gen = iotlb.generation
+    iotlb.bump_generation()
+    t = walker.translate(iotlb, world.nested(), Iova(iova), 8 * SZ_4K, False, OWNER, gen)
+    assert t is not None and t.fault is None and t.done == 8 * SZ_4K and t.walks == 8
+    assert len(iotlb) == 0 and iotlb.stats.late_inserts_dropped == 8
+    again = walker.translate(iotlb, world.nested(), Iova(iova), 8 * SZ_4K, False, OWNER, iotlb.generation)
+    assert again is not None and again.walks == 8 and len(iotlb) == 8

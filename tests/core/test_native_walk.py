@@ -1,7 +1,8 @@
 """The compiled nested walk against the reference (pviommu/iommu/nested.py):
 same WalkOk/WalkFault (reason, detail text, entry reads), same Accessed/Dirty
-updates byte for byte, same fences, on random and hostile tables of every
-format configuration. Skipped when the compiled core is not built."""
+updates byte for byte, same fences (the owner bank is the walk's argument,
+as the unit takes it from the slot's owner record), on random and hostile
+tables of every format configuration. Skipped when the compiled core is not built."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from native_env import (
     FOREIGN_GPA,
     HOLE,
     MSI_GPA,
+    OWNER,
     RAM,
     RO,
     Kept,
@@ -43,7 +45,8 @@ pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason=native.UNAVAILABLE_
 
 CONFIGS = [(s2, fs) for s2 in (3, 4, 5) for fs in (4, 5)]
 SEEDS = (11, 12)
-Case = tuple[ContextEntry, int, bool]
+#: (context, owner bank, IOVA, write)
+Case = tuple[ContextEntry, int, int, bool]
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +67,15 @@ def compare(world: World, cases: list[Case], fs_mgaw: int = 48, *, events: bool 
     ref = NestedWalker(world.host, fs_mgaw_lg2=fs_mgaw)
     nat = native.NativeWalker(world.host, fs_mgaw_lg2=fs_mgaw)
     before = world.snapshot()
-    expected = [ref.walk(c, Iova(i), w) for c, i, w in cases]
+    expected = [ref.walk(c, Iova(i), w, owner_bank=b) for c, b, i, w in cases]
     after_ref = world.snapshot()
     world.restore(before)
-    got = [nat.walk(c, Iova(i), w) for c, i, w in cases]
+    got = [nat.walk(c, Iova(i), w, owner_bank=b) for c, b, i, w in cases]
     after_nat = world.snapshot()
     world.restore(before)
-    for (ctx, iova, write), e, g in zip(cases, expected, got, strict=True):
-        assert g == e, f"IOVA {iova:#x} write={write} ctx={ctx}"
-    assert nat.fallbacks == sum(1 for c, _, _ in cases if not c.owner_bank)  # the compiled path really ran
+    for (ctx, bank, iova, write), e, g in zip(cases, expected, got, strict=True):
+        assert g == e, f"IOVA {iova:#x} write={write} ctx={ctx} owner bank {bank}"
+    assert nat.fallbacks == sum(1 for _, b, _, _ in cases if b <= 0)  # the compiled path really ran
     for index, (a, b) in enumerate(zip(after_ref, after_nat, strict=True)):
         if a != b:
             off = next(i for i in range(0, len(a), 8) if a[i : i + 8] != b[i : i + 8])
@@ -95,7 +98,7 @@ def test_native_walk_equals_reference_on_random_tables(
     world, pristine = worlds[(*config, seed)]
     rnd = random.Random(pick)
     ctxs = [world.nested(), world.s2_only()]
-    cases = [(rnd.choice(ctxs), iova, write) for iova in iovas(rnd, world, 40) for write in (False, True)]
+    cases = [(rnd.choice(ctxs), OWNER, iova, write) for iova in iovas(rnd, world, 40) for write in (False, True)]
     try:
         compare(world, cases, fs_mgaw, events=True)
     finally:
@@ -114,7 +117,7 @@ def test_native_walk_equals_reference_on_hostile_tables_and_contexts(
     try:
         scribble(rnd, world, writes, stage2=stage2)
         ctxs = contexts(rnd, world)
-        cases = [(rnd.choice(ctxs), iova, write) for iova in iovas(rnd, world, 30) for write in (False, True)]
+        cases = [(*rnd.choice(ctxs), iova, write) for iova in iovas(rnd, world, 30) for write in (False, True)]
         compare(world, cases, events=True)
     finally:
         world.restore(pristine)
@@ -144,6 +147,11 @@ def _s2_leaf_hpa(world: World, gpa: int) -> Hpa:
 
 def _reason_case(world: World, reason: FaultReason, tmp: Path) -> tuple[World, Case]:
     """A walk the reference faults with ``reason`` (checked by the caller)."""
+    where, (ctx, iova, write) = _reason_walk(world, reason, tmp)
+    return where, (ctx, OWNER, iova, write)
+
+
+def _reason_walk(world: World, reason: FaultReason, tmp: Path) -> tuple[World, tuple[ContextEntry, int, bool]]:
     base = 0x10_0000_0000
     nested = world.nested()
     if reason is FaultReason.FS_BEYOND_MGAW:  # a 52-bit stage-1 output beyond the 48-bit stage 2
@@ -239,15 +247,15 @@ def test_accessed_and_dirty_bits_set_by_native_walks_match_reference(world: Worl
             slots.append(slot)
     before = [world.ram.read_u64(s) for s in slots]
     ctx = world.nested()
-    compare(world, [(ctx, iova_4k, False), (ctx, iova_2m, False)])
+    compare(world, [(ctx, OWNER, iova_4k, False), (ctx, OWNER, iova_2m, False)])
     nat = native.NativeWalker(world.host)
     for iova in (iova_4k, iova_2m):
-        assert isinstance(nat.walk(ctx, Iova(iova), False), WalkOk)
+        assert isinstance(nat.walk(ctx, Iova(iova), False, owner_bank=OWNER), WalkOk)
     after_read = [world.ram.read_u64(s) for s in slots]
     assert all(a == b | A for a, b in zip(after_read, before, strict=True))
-    compare(world, [(ctx, iova_4k, True), (ctx, iova_2m, True)])
+    compare(world, [(ctx, OWNER, iova_4k, True), (ctx, OWNER, iova_2m, True)])
     for iova in (iova_4k, iova_2m):
-        assert isinstance(nat.walk(ctx, Iova(iova), True), WalkOk)
+        assert isinstance(nat.walk(ctx, Iova(iova), True, owner_bank=OWNER), WalkOk)
     leaves = {_leaf_slot(world, iova_4k), _leaf_slot(world, iova_2m)}
     for slot, old in zip(slots, after_read, strict=True):
         assert world.ram.read_u64(slot) == (old | D if slot in leaves else old)
@@ -259,15 +267,25 @@ def test_shim_hands_trace_dry_run_cache_and_unfenced_contexts_to_the_reference(w
     ref, nat = NestedWalker(world.host), native.NativeWalker(world.host)
     ref_trace: list[ExplainStep] = []
     nat_trace: list[ExplainStep] = []
-    assert nat.walk(ctx, Iova(iova), False, nat_trace) == ref.walk(ctx, Iova(iova), False, ref_trace)
-    assert nat_trace == ref_trace and len(nat_trace) == ref.walk(ctx, Iova(iova), False).reads + 1
-    assert nat.walk(ctx, Iova(iova), True, dry_run=True) == ref.walk(ctx, Iova(iova), True, dry_run=True)
-    assert nat.walk(ctx, Iova(iova), False, cache=PsCache()).reads == ref.walk(ctx, Iova(iova), False,
-                                                                                cache=PsCache()).reads
-    unfenced = world.nested(owner_bank=0)
-    assert nat.walk(unfenced, Iova(iova), False) == ref.walk(unfenced, Iova(iova), False)
+    b = OWNER
+    assert (nat.walk(ctx, Iova(iova), False, nat_trace, owner_bank=b)
+            == ref.walk(ctx, Iova(iova), False, ref_trace, owner_bank=b))
+    assert nat_trace == ref_trace and len(nat_trace) == ref.walk(ctx, Iova(iova), False, owner_bank=b).reads + 1
+    assert (nat.walk(ctx, Iova(iova), True, owner_bank=b, dry_run=True)
+            == ref.walk(ctx, Iova(iova), True, owner_bank=b, dry_run=True))
+    assert (nat.walk(ctx, Iova(iova), False, owner_bank=b, cache=PsCache()).reads
+            == ref.walk(ctx, Iova(iova), False, owner_bank=b, cache=PsCache()).reads)
+    # no owner bank (an unowned slot; the unit never walks one): both fault it at the fence
+    unfenced = ref.walk(ctx, Iova(iova), False, owner_bank=0)
+    assert nat.walk(ctx, Iova(iova), False, owner_bank=0) == unfenced
+    assert isinstance(unfenced, WalkFault) and unfenced.reason is FaultReason.SS_ACCESS
     assert nat.fallbacks == 4
-    assert nat.walk(ctx, Iova(iova), False) == ref.walk(ctx, Iova(iova), False) and nat.fallbacks == 4
+    assert nat.walk(ctx, Iova(iova), False, owner_bank=b) == ref.walk(ctx, Iova(iova), False, owner_bank=b)
+    assert nat.fallbacks == 4
+    with pytest.raises(TypeError, match="owner_bank"):  # no default, in both
+        nat.walk(ctx, Iova(iova), False)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="owner_bank"):
+        ref.walk(ctx, Iova(iova), False)  # type: ignore[call-arg]
 
 
 def test_native_walk_never_reaches_a_bank_the_host_forgot(world: World) -> None:
@@ -275,12 +293,12 @@ def test_native_walk_never_reaches_a_bank_the_host_forgot(world: World) -> None:
     nor kept mapped by the compiled walker: the walk faults as the reference does."""
     iova = _map(world, 0x30_0000_0000, 12 << 20)
     nat, ctx = native.NativeWalker(world.host), world.nested()
-    assert isinstance(nat.walk(ctx, Iova(iova), False), WalkOk)
+    assert isinstance(nat.walk(ctx, Iova(iova), False, owner_bank=OWNER), WalkOk)
     bank1 = world.banks[1]
     world.host.destroy_bank(1)
     assert bank1._map.closed  # no export of ours kept it mapped
-    got = nat.walk(ctx, Iova(iova), False)
-    assert got == NestedWalker(world.host).walk(ctx, Iova(iova), False)
+    got = nat.walk(ctx, Iova(iova), False, owner_bank=OWNER)
+    assert got == NestedWalker(world.host).walk(ctx, Iova(iova), False, owner_bank=OWNER)
     assert isinstance(got, WalkFault) and got.reason is FaultReason.SS_ACCESS and "names no bank" in got.detail
 
 
@@ -289,7 +307,8 @@ def test_native_walk_of_a_large_final_page_past_the_bank_faults_like_reference(w
     past the owner's 16 MiB bank, so the fence faults (0x78) instead of
     handing out a translation into unmapped host memory."""
     iova = _map(world, 0x60_0000_0000, BIG_GPA, 1 << 30)
-    result = compare(world, [(world.nested(), iova + 5 * SZ_4K, False), (world.nested(), iova + RAM, False)])
+    result = compare(world, [(world.nested(), OWNER, iova + 5 * SZ_4K, False),
+                             (world.nested(), OWNER, iova + RAM, False)])
     assert all(isinstance(r, WalkFault) and r.reason is FaultReason.SS_ACCESS for r in result)
 
 
@@ -298,7 +317,48 @@ def test_native_walk_handles_odd_bank_layouts_like_reference(world: World) -> No
     pointer at the very end of bank 0, and just past it."""
     iova = _map(world, 0x50_0000_0000, RO[0] + SZ_2M - SZ_4K)
     edge = int(bank_base(0)) + BANK0 - SZ_4K
-    cases = [(world.nested(), iova, False), (world.nested(), iova, True),
-             (world.nested(ssptptr=edge), iova, False), (world.nested(ssptptr=edge + SZ_4K), iova, False)]
+    cases = [(world.nested(), OWNER, iova, False), (world.nested(), OWNER, iova, True),
+             (world.nested(ssptptr=edge), OWNER, iova, False), (world.nested(ssptptr=edge + SZ_4K), OWNER, iova, False)]
     result = compare(world, cases)
     assert isinstance(result[0], WalkOk) and isinstance(result[1], WalkFault)
+
+
+@pytest.mark.parametrize("level", [0, 1, 3])
+def test_xd_is_a_reserved_bit_in_both_walkers(world: World, level: int) -> None:
+    """The context never enables NXE, so XD (bit 63) in any stage-1 entry --
+    a leaf or a table entry -- faults 0x72 in both, with the same detail."""
+    iova = _map(world, 0x31_0000_0000, 12 << 20)
+    step = world.s1.walk(Iova(iova))[3 - level]
+    slot = Gpa(step.table + 8 * step.index)
+    world.ram.write_u64(slot, world.ram.read_u64(slot) | 1 << 63)
+    result = compare(world, [(world.nested(), OWNER, iova, False)])[0]
+    assert isinstance(result, WalkFault) and result.reason is FaultReason.FS_RESERVED
+
+
+class _SpyView:
+    """A bank view that is no buffer (a test's spy): the compiled walker cannot map it."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+
+    def __getitem__(self, key):  # type: ignore[no-untyped-def]
+        return self.view[key]
+
+    def __setitem__(self, key, value) -> None:  # type: ignore[no-untyped-def]
+        self.view[key] = value
+
+
+def test_a_bank_whose_view_is_no_buffer_is_left_to_the_reference(world: World) -> None:
+    iova = _map(world, 0x32_0000_0000, 12 << 20)
+    bank = world.banks[1]
+    nat, ref = native.NativeWalker(world.host), NestedWalker(world.host)
+    want = ref.walk(world.nested(), Iova(iova), False, owner_bank=OWNER)
+    spy = _SpyView(bank.view)
+    bank.view = spy  # type: ignore[assignment]
+    try:
+        got = nat.walk(world.nested(), Iova(iova), False, owner_bank=OWNER)
+        tlb = native.NativeIotlb()
+        assert nat.translate(tlb, world.nested(), Iova(iova), 8, False, OWNER, tlb.generation) is None
+    finally:
+        bank.view = spy.view
+    assert got == want and isinstance(got, WalkOk) and nat.fallbacks == 1

@@ -16,7 +16,7 @@ mod walk;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyTuple};
+use pyo3::types::{PyDict, PyList, PyMemoryView, PyTuple};
 
 use crate::iotlb::{Core, Entry, Extent};
 use crate::mem::{scatter_copy, Mapping};
@@ -221,6 +221,12 @@ impl PyIotlb {
         Ok(self.core.lock().insert_extent(did, x, generation))
     }
 
+    /// Refuse every insert of a walk that started before now (a context
+    /// invalidation: what was walked under the old context must not land).
+    fn bump_generation(&self) {
+        self.core.lock().generation += 1;
+    }
+
     fn invalidate_all(&self) -> u64 {
         self.core.lock().invalidate_all()
     }
@@ -299,23 +305,28 @@ impl PyWalker {
     }
 
     /// Bank `index` of `host` (mapping it on first use, as the reference's
-    /// `host.bank` does), or None where there is none.
-    fn bank(&self, py: Python<'_>, host: &Bound<'_, PyAny>, index: u32) -> PyResult<Option<Mapping>> {
+    /// `host.bank` does): `Ok(Some(None))` where there is none, `Ok(None)`
+    /// when its view is no plain buffer over the mapping (a test's spy, say):
+    /// the call is then left to the reference, which goes through that view.
+    fn bank(&self, py: Python<'_>, host: &Bound<'_, PyAny>, index: u32) -> PyResult<Option<Option<Mapping>>> {
         let missing = self.missing.bind(py);
-        let mmap = host
-            .call_method1(intern!(py, "bank"), (index,))
-            .and_then(|bank| bank.getattr(intern!(py, "view")))
-            .and_then(|view| view.getattr(intern!(py, "obj")))
-            .and_then(|obj| Mapping::new(index, &obj));
-        match mmap {
-            Ok(m) => Ok(Some(m)),
-            Err(e) if e.matches(py, missing)? => Ok(None),
-            Err(e) => Err(e),
+        let view = match host.call_method1(intern!(py, "bank"), (index,)) {
+            Ok(bank) => bank.getattr(intern!(py, "view"))?,
+            Err(e) if e.matches(py, missing)? => return Ok(Some(None)),
+            Err(e) => return Err(e),
+        };
+        if !view.is_instance_of::<PyMemoryView>() {
+            return Ok(None);
         }
+        Ok(Some(Some(Mapping::new(index, &view.getattr(intern!(py, "obj"))?)?)))
     }
 
-    fn held(&self, py: Python<'_>, host: &Bound<'_, PyAny>, ctx: &Ctx) -> PyResult<Held> {
-        Ok(Held { bank0: self.bank(py, host, 0)?, owner: self.bank(py, host, ctx.owner_bank)? })
+    /// The banks of a call on `ctx`, or None when it is left to the reference.
+    fn held(&self, py: Python<'_>, host: &Bound<'_, PyAny>, ctx: &Ctx) -> PyResult<Option<Held>> {
+        let (Some(bank0), Some(owner)) = (self.bank(py, host, 0)?, self.bank(py, host, ctx.owner_bank)?) else {
+            return Ok(None);
+        };
+        Ok(Some(Held { bank0, owner }))
     }
 
     fn ok_obj<'py>(&self, py: Python<'py>, ok: &WalkOk) -> PyResult<Bound<'py, PyAny>> {
@@ -404,7 +415,7 @@ impl PyWalker {
         owner_bank: u64,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
         let (Some(c), Ok(iova)) = (self.ctx_of(py, ctx, owner_bank)?, iova.extract::<u64>()) else { return Ok(None) };
-        let held = self.held(py, host, &c)?;
+        let Some(held) = self.held(py, host, &c)? else { return Ok(None) };
         let result = walk::walk(&held.mem(), c, &self.fs, iova, write);
         match result {
             Ok(ok) => self.ok_obj(py, &ok).map(Some),
@@ -441,7 +452,7 @@ impl PyWalker {
             Some(t) => t,
             None => {
                 let Some(c) = self.ctx_of(py, ctx, owner_bank)? else { return Ok(None) };
-                let held = self.held(py, host, &c)?;
+                let Some(held) = self.held(py, host, &c)? else { return Ok(None) };
                 translate::slow(core, &held.mem(), c, &self.fs, did, iova, length, write, generation)
             }
         };
@@ -455,7 +466,7 @@ impl PyWalker {
     /// is already in the IOTLB (so no walk, no fault and no page request can
     /// come up). Returns `(translations, walks, reads, record_written,
     /// record_due)`; `record_due`: the record is still to be written by the
-    /// caller (a copy long enough to run without the GIL, after which the
+    /// caller (after a copy long enough to run without the GIL, or when the
     /// record's translation was no longer cached). Returns None, having
     /// touched nothing, for every other case: the caller runs the model.
     /// The device's counters and interrupt stay with the caller.
@@ -511,7 +522,7 @@ impl PyWalker {
         if length == 0 || u128::from(src) + u128::from(length) > top || u128::from(dst) + u128::from(length) > top {
             return Err(PyValueError::new_err(format!("bad copy {src:#x} -> {dst:#x} +{length:#x}")));
         }
-        let held = self.held(py, host, &c)?;
+        let Some(held) = self.held(py, host, &c)? else { return Ok(None) };
         let core = &iotlb.get().core;
         let rs = translate::translate(core, &held.mem(), c, &self.fs, did, src, length, false, generation);
         let rd = translate::translate(core, &held.mem(), c, &self.fs, did, dst, length, true, generation);
@@ -640,7 +651,8 @@ impl PyWalker {
             }
         }
         // everything is cached: no walk reads bank 0, only the owner's bank is touched
-        let held = Held { bank0: None, owner: self.bank(py, host, c.owner_bank)? };
+        let Some(owner) = self.bank(py, host, c.owner_bank)? else { return Ok(None) };
+        let held = Held { bank0: None, owner };
         let mem = held.mem();
         let rs = translate::translate(core, &mem, c, &self.fs, did, d.src, d.size, false, generation);
         let rd = translate::translate(core, &mem, c, &self.fs, did, d.dst, d.size, true, generation);
@@ -662,8 +674,10 @@ impl PyWalker {
         if !record {
             return Ok(Some((2, walks, reads, false, false)));
         }
-        if detached && !core.lock().covered(did, d.completion, u128::from(d.completion) + u128::from(COMP_SIZE), true) {
-            return Ok(Some((2, walks, reads, false, true))); // flushed meanwhile: the model writes it
+        if detached {
+            // other threads ran during the copy (an owner change, a flush): the record is
+            // written by the model, whose translation checks the epoch and the IOTLB again
+            return Ok(Some((2, walks, reads, false, true)));
         }
         let rr = translate::translate(core, &mem, c, &self.fs, did, d.completion, COMP_SIZE, true, generation);
         walks += rr.walks;
@@ -682,6 +696,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyWalker>()?;
     m.add("EXTENTS_PER_DOMAIN", iotlb::EXTENTS_PER_DOMAIN)?;
     // what pviommu/iommu/native.py expects; a module left from an older build is not used
-    m.add("API_VERSION", 2)?;
+    m.add("API_VERSION", 3)?;
     Ok(())
 }

@@ -57,7 +57,12 @@ fn bits(hi: u32, lo: u32) -> u64 {
     (((1u128 << (hi + 1)) - 1) as u64) & !((1u64 << lo) - 1)
 }
 
-/// The stage-1 format's reserved masks (X86_64Format(levels, oasz_lg2)).
+/// XD (bit 63): execute-disable only under the PASID entry's NXE, which our
+/// context entries never enable, so a reserved bit (SDM), as in nested.py.
+const FS_XD: u64 = 1 << 63;
+
+/// The stage-1 format's reserved masks (X86_64Format(levels, oasz_lg2)),
+/// with XD, which is reserved in every entry without NXE.
 #[derive(Clone, Copy)]
 pub struct FsFormat {
     table_rsvd: [u64; 5],
@@ -66,7 +71,7 @@ pub struct FsFormat {
 
 impl FsFormat {
     pub fn new(oasz_lg2: u32) -> Self {
-        let above = ADDR_MASK & !((1u64 << oasz_lg2) - 1);
+        let above = (ADDR_MASK & !((1u64 << oasz_lg2) - 1)) | FS_XD;
         let mut table_rsvd = [above; 5];
         table_rsvd[3] |= PS;
         table_rsvd[4] |= PS;
