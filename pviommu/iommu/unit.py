@@ -15,6 +15,13 @@ Every one of them also drops paging-structure entries (all of them, or all
 of the DID for domain- and page-selective ones), before the IOTLB's.
 Faults are counted by reason, logged (bounded) unless the context set FPD,
 and handed to ``on_fault`` if given; the device sees them in ``DmaRuns``.
+
+With the compiled core (``pviommu.iommu.native``; ``native=None`` uses it
+when it is built and ``PVIOMMU_NATIVE=0`` is not set) the IOTLB and the walk
+are compiled, and ``translate`` runs its loop after the context lookup in one
+compiled call; contexts, owner epochs, generations, faults and counters stay
+here, identical for both. The compiled walk has no paging-structure caches
+(a cold compiled walk costs less than a cached Python one).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from dataclasses import dataclass, field
 
 from pviommu.addr import Hpa, Iova
 from pviommu.errors import PviommuError
+from pviommu.iommu import native as _native
 from pviommu.iommu.context import (
     AW_LEVELS,
     CONTEXT_ENTRY_SIZE,
@@ -153,13 +161,30 @@ class IommuUnit:
         fs_mgaw_lg2: int = 48,
         fault_log_size: int = 1024,
         on_fault: Callable[[FaultRecord], None] | None = None,
-        pscache: bool = True,
+        pscache: bool | None = None,
+        native: bool | None = None,
     ) -> None:
+        """``native``: True = the compiled core (``NativeUnavailable`` if it
+        is not built or switched off), False = the Python reference, None =
+        the compiled core when ``native.AVAILABLE`` unless ``pscache=True``
+        asks for the paging-structure caches only the Python walk has.
+        ``pscache``: None = on for the Python walk, absent for the compiled one."""
+        if native and pscache:
+            raise ValueError("the compiled core has no paging-structure caches: pscache=True needs native=False")
+        use_native = _native.AVAILABLE and not pscache if native is None else native
         self.host = host
-        self.iotlb = Iotlb(iotlb_capacity)
+        self.iotlb: Iotlb | _native.NativeIotlb
+        self.walker: NestedWalker | _native.NativeWalker
+        #: the compiled walker when native (its translate is the fast path), else None
+        self.native: _native.NativeWalker | None = None
+        if use_native:
+            self.iotlb = _native.NativeIotlb(iotlb_capacity)
+            self.walker = self.native = _native.NativeWalker(host, fs_mgaw_lg2=fs_mgaw_lg2)
+        else:
+            self.iotlb = Iotlb(iotlb_capacity)
+            self.walker = NestedWalker(host, fs_mgaw_lg2=fs_mgaw_lg2)
         #: paging-structure caches; None = every IOTLB miss is a full walk
-        self.pscache: PsCache | None = PsCache() if pscache else None
-        self.walker = NestedWalker(host, fs_mgaw_lg2=fs_mgaw_lg2)
+        self.pscache: PsCache | None = PsCache() if pscache or (pscache is None and not use_native) else None
         self.stats = UnitStats()
         self.faults: deque[FaultRecord] = deque(maxlen=fault_log_size)
         self.on_fault = on_fault
@@ -197,6 +222,18 @@ class IommuUnit:
             return DmaRuns([], self._fault(slot, 0, iova, write, exc.reason, exc.detail, fpd=False).to_dma_fault())
         ctx = bound.entry
         did = ctx.did
+        if self.native is not None:  # the loop below, compiled (None: a context it leaves to it)
+            done = self.native.translate(iotlb, ctx, iova, length, write, bound.owner_bank,  # type: ignore[arg-type]
+                                         generation0)
+            if done is not None:
+                if done.walks:
+                    with self._lock:
+                        self.stats.walks += done.walks
+                        self.stats.walk_reads += done.reads
+                if done.fault is None:
+                    return DmaRuns(done.runs)
+                fault = self._fault(slot, did, done.fault_iova, write, done.fault.reason, done.fault.detail, ctx.fpd)
+                return DmaRuns(done.runs, fault.to_dma_fault())
         hpa0 = iotlb.lookup_span(did, pos, end, write)
         if hpa0 is not None:  # fast path: one extent or entry covers the whole request
             return DmaRuns([Run(Hpa(hpa0), length)])
@@ -256,6 +293,34 @@ class IommuUnit:
             iotlb.insert_extent(did, Extent(x_iova, x_hpa, x_lg2, x_count, x_read, x_write), generation0)
         runs.append(Run(Hpa(run_hpa), run_len))
         return DmaRuns(runs)
+
+    def memmove_warm(self, slot: int, desc: bytes | bytearray | memoryview,
+                     limits: _native.MoveLimits) -> _native.NativeMemmove | None:
+        """One MEMMOVE descriptor of ``slot`` in one compiled call
+        (``NativeWalker.memmove``) when the unit is native, the slot's context
+        is cached under its current ownership epoch and every translation is
+        in the IOTLB; the counters then read as after the device model's own
+        translations. None otherwise, nothing touched or counted: the caller
+        runs the model (which reads the context, checks the epoch, walks)."""
+        walker = self.native
+        if walker is None:
+            return None
+        generation0 = self.iotlb.generation  # before the context, as translate
+        bound = self._contexts.get(slot)
+        try:
+            if bound is None or bound.epoch != self.owners.epoch(slot):
+                return None
+        except PviommuError:
+            return None
+        done = walker.memmove(self.iotlb, bound.entry, desc, limits,  # type: ignore[arg-type]
+                              bound.owner_bank, generation0)
+        if done is not None:
+            with self._lock:  # the model's translations: each a context hit (it was cached)
+                self.stats.translations += done.translations
+                self.stats.context_hits += done.translations
+                self.stats.walks += done.walks
+                self.stats.walk_reads += done.reads
+        return done
 
     # -- contexts -----------------------------------------------------------------
     def _context(self, slot: int) -> BoundContext:

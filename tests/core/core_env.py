@@ -13,8 +13,9 @@ Partition 1's GPA map (64 MiB of RAM in bank 1)::
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pviommu.addr import SZ_2M, SZ_4K, Gpa, Hpa, Iova
 from pviommu.iommu.context import ContextEntry, write_context
@@ -51,6 +52,8 @@ class NestedSystem:
     g_frames: FrameAllocator[Gpa]
     s1: PageTable[Iova, Gpa, Gpa]
     unit: IommuUnit
+    #: IommuUnit keyword arguments of ``unit`` and ``new_unit`` (``pscache=True``: the Python walk with its caches)
+    unit_options: dict[str, Any] = field(default_factory=dict)
 
     def hpa(self, gpa: int) -> Hpa:
         return self.bank1.hpa_of(gpa)
@@ -66,14 +69,15 @@ class NestedSystem:
         return ContextEntry.nested(did, self.s1.root if root is None else root, 4, self.s2.root, 4)
 
     def new_unit(self) -> IommuUnit:
-        self.unit = IommuUnit(self.host)
+        self.unit = IommuUnit(self.host, **self.unit_options)
         return self.unit
 
 
 def build_system(
-    directory: Path, *, p1_ram: int = P1_RAM, p2_ram: int = P2_RAM, bank0_size: int = BANK0
+    directory: Path, *, p1_ram: int = P1_RAM, p2_ram: int = P2_RAM, bank0_size: int = BANK0, **unit_options: Any
 ) -> NestedSystem:
-    """The system above; smaller banks (p1_ram >= 14 MiB) make snapshots cheap."""
+    """The system above; smaller banks (p1_ram >= 14 MiB) make snapshots cheap;
+    ``unit_options`` go to every ``IommuUnit`` it makes."""
     host = HostMemory(directory)
     bank0 = host.create_bank(0, bank0_size)
     bank1 = host.create_bank(1, p1_ram)
@@ -89,7 +93,8 @@ def build_system(
     ram = GuestRam(bank1)
     g_frames = guest_frames(ram, GUEST_TABLES[0], GUEST_TABLES[1] - GUEST_TABLES[0])
     s1 = stage1_table(X86_64Format(4), ram, g_frames)
-    system = NestedSystem(host, bank0, bank1, bank2, ram, s2_frames, s2, g_frames, s1, IommuUnit(host))
+    system = NestedSystem(host, bank0, bank1, bank2, ram, s2_frames, s2, g_frames, s1,
+                          IommuUnit(host, **unit_options), unit_options)
     system.install(SLOT, system.nested_ctx())
     return system
 

@@ -82,7 +82,7 @@ def test_a_walk_that_raced_a_context_invalidation_inserts_nothing(system: Nested
     context, not before each page)."""
     n = 8
     system.s1.map(IOVA, Gpa(DATA), n * SZ_4K, RW)
-    unit = IommuUnit(system.host, pscache=False)
+    unit = IommuUnit(system.host, pscache=False, native=False)  # the Python loop: its walk is the hook
     walk = unit.walker.walk
     calls = {"n": 0}
 

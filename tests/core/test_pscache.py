@@ -5,7 +5,7 @@ path to a freed table page, race-safe, and never a different answer."""
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,14 @@ FULL = 24  # (4 + 1) * (4 + 1) - 1
 #: a neighbour below a cached PDE: the PT page's stage 2 is cached too, so one
 #: stage-1 read and the 4 reads of the data page's stage-2 walk
 NEIGHBOUR = 1 + 4
+
+
+@pytest.fixture
+def system(tmp_path: Path) -> Iterator[NestedSystem]:
+    """The caches exist only in the Python walk: every unit here asks for them."""
+    sys_ = build_system(tmp_path, pscache=True)
+    yield sys_
+    sys_.host.close()
 
 
 def reads_of(unit: IommuUnit, iova: int, write: bool = False, length: int = 8) -> tuple[DmaRuns, int]:
@@ -351,7 +359,8 @@ def test_results_always_equal_the_uncached_walk(ops: list[tuple[Any, ...]]) -> N
     flush, and fresh IOVAs may be mapped meanwhile, as DMA_FQ does)."""
     _pending.clear()
     with tempfile.TemporaryDirectory() as d1, tempfile.TemporaryDirectory() as d2:
-        sys_c, sys_u = build_system(Path(d1), p1_ram=40 << 20), build_system(Path(d2), p1_ram=40 << 20)
+        sys_c, sys_u = (build_system(Path(d1), p1_ram=40 << 20, pscache=True),
+                        build_system(Path(d2), p1_ram=40 << 20, pscache=True))
         try:
             sys_u.unit = IommuUnit(sys_u.host, pscache=False)
             sys_u.unit.invalidate_context(SLOT)
