@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry
 
 from dma_device.dsa.device import DsaDevice, DsaDeviceConfig
+from dma_device.fastpath import memmove_hook
 from dma_device.ownership import Ownership
 from dma_device.portals import Portals
 from dma_device.rpc.servicer import DeviceInfo, DsaDeviceServicer, configure_groups
@@ -286,6 +287,7 @@ def build(args: argparse.Namespace, listen: str | None = None) -> DeviceService:
     device.on_page_request = link.on_page_request
     device.on_interrupt = interrupt
     device.bind(DmaMemory(memory, unit.bind(info.slot)))
+    device.fast_memmove = memmove_hook(unit)  # warm MEMMOVEs in one compiled call (None: the model alone)
     log.info("dsa.serving", port=server.port, advertise=advertise, slot=info.slot, memory_dir=reg.memory_dir)
 
     if getattr(args, "assign", None):
