@@ -734,15 +734,19 @@ class DsaDevice:
             done = fast(d, self._limits(wq), dma)
             if done is not None:  # completed as the model completes it: its counters and interrupt
                 rec, written = done
-                self.counters.count("descriptors", d.opcode)
                 if not written:
+                    self.counters.count("descriptors", d.opcode)
                     self._complete(d, rec, dma, wq, pasid, epoch)  # writes the record if one is asked for
                     return rec
-                self.counters.completed(rec.status & STATUS_MASK, d.xfer_size)
-                if d.flags & _RCI:
-                    self.counters.add("interrupts")
-                    if self.on_interrupt is not None:
-                        self.on_interrupt(d.int_handle, epoch)
+                c, rci = self.counters, d.flags & _RCI
+                with c._lock:  # what count() and _complete() count, in one round trip
+                    c.descriptors[d.opcode] += 1
+                    c.completions[rec.status & STATUS_MASK] += 1
+                    c.bytes += d.xfer_size
+                    if rci:
+                        c.interrupts += 1
+                if rci and self.on_interrupt is not None:
+                    self.on_interrupt(d.int_handle, epoch)
                 return rec
         self.counters.count("descriptors", d.opcode)
         if d.flags & _CRAV and d.completion_addr % COMP_ALIGN:

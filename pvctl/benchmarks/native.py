@@ -15,7 +15,16 @@ implementation and for ``pviommu.iommu.native`` side by side:
   ``NativeWalker.copy``, next to a plain memmove of the same size;
 * one 4 KiB MEMMOVE descriptor (completion record requested), warm: the DSA
   model's ``execute_now`` vs ``NativeWalker.memmove`` (the compiled path
-  without the device's own counters), next to a 4 KiB memmove.
+  without the device's own counters), and vs ``execute_now`` of a device on
+  ``IommuUnit(native=True)`` with the warm MEMMOVE fast path
+  (``dma_device.fastpath``, as ``pviommu serve dsa`` runs it), next to a 4 KiB
+  memmove;
+* the unit itself (``unit_rates``, also used by ``pviommu bench``):
+  ``IommuUnit(native=True)`` vs ``IommuUnit(native=False)`` (with its
+  paging-structure caches), cold walks/s and warm 4 KiB translations/s.
+
+The Python figures are ``IommuUnit(native=False, pscache=False)`` unless said
+otherwise, so that both sides walk the same way.
 
 Run: ``python -m pvctl.benchmarks.native [--quick] [--json]``. Without the
 compiled core it says why and prints the Python figures only.
@@ -33,12 +42,14 @@ from typing import Any
 
 from dma_device.dsa import DsaDevice
 from dma_device.dsa.checks import allowed_flags
+from dma_device.fastpath import memmove_hook
 from pviommu.abi.dsa import DescFlags, Descriptor, DsaStatus, Opcode, WqCfg
 from pviommu.addr import SZ_4K, Gpa, Iova
 from pviommu.iommu import native
-from pviommu.iommu.context import CONTEXT_TABLE_END, ContextEntry, write_context
+from pviommu.iommu.context import ContextEntry, write_context
 from pviommu.iommu.iotlb import Iotlb
 from pviommu.iommu.nested import NestedWalker, WalkOk
+from pviommu.iommu.owner import OWNER_TABLE_END, OwnerRecord, write_owner
 from pviommu.iommu.unit import IommuUnit
 from pviommu.mem.bank import GuestRam, HostMemory
 from pviommu.mem.dma import DmaMemory
@@ -48,7 +59,7 @@ from pviommu.pt.fmt import VtdSsFormat, X86_64Format
 from pviommu.pt.walk import stage1_table, stage2_table
 
 MiB = 1 << 20
-SLOT, DID = 1, 1
+SLOT, DID, BANK = 1, 1, 1
 SRC, DST, REC = Iova(0x10_0000_0000), Iova(0x10_4000_0000), Iova(0x10_8000_0000)
 PAGES = 256
 
@@ -85,10 +96,12 @@ def run(quick: bool = False) -> dict[str, Any]:
             host.close()
 
 
-def _run(host: HostMemory, min_time: float) -> dict[str, Any]:
+def _world(host: HostMemory) -> tuple[ContextEntry, Any]:
+    """Partition 1 (bank 1) owning slot ``SLOT``: 4 KiB leaves on both stages
+    (a cold walk reads 24 entries), SRC/DST 1 MiB buffers and a record page."""
     bank0 = host.create_bank(0, 16 * MiB)
-    bank1 = host.create_bank(1, 16 * MiB)
-    s2 = stage2_table(VtdSsFormat(4), host, host_frames(bank0, CONTEXT_TABLE_END, 16 * MiB - CONTEXT_TABLE_END))
+    bank1 = host.create_bank(BANK, 16 * MiB)
+    s2 = stage2_table(VtdSsFormat(4), host, host_frames(bank0, OWNER_TABLE_END, 16 * MiB - OWNER_TABLE_END))
     for gpa in range(0, 16 * MiB, SZ_4K):  # 4 KiB stage-2 leaves: full-depth walks everywhere
         s2.map(Gpa(gpa), bank1.hpa_of(gpa), SZ_4K, RW)
     ram = GuestRam(bank1)
@@ -97,26 +110,32 @@ def _run(host: HostMemory, min_time: float) -> dict[str, Any]:
     s1.map(DST, Gpa(6 * MiB), MiB, RW)
     s1.map(REC, Gpa(8 * MiB), SZ_4K, RW)
     ram.write(Gpa(4 * MiB), bytes(range(256)) * (MiB // 256))
-    ctx = ContextEntry.nested(DID, s1.root, 4, s2.root, 4, owner_bank=1)
+    ctx = ContextEntry.nested(DID, s1.root, 4, s2.root, 4)
+    write_owner(host, SLOT, OwnerRecord(epoch=1, partition_id=BANK, owner_bank=BANK))
     write_context(host, SLOT, ctx)
+    return ctx, bank1
+
+
+def _run(host: HostMemory, min_time: float) -> dict[str, Any]:
+    ctx, bank1 = _world(host)
     pages = [Iova(SRC + i * SZ_4K) for i in range(PAGES)]
     out: dict[str, Any] = {"native_available": native.AVAILABLE, "native_unavailable_reason": native.UNAVAILABLE_REASON}
     fns: dict[str, Callable[[], int]] = {}
 
     # -- the Python reference ---------------------------------------------------------------
     ref = NestedWalker(host)
-    first = ref.walk(ctx, pages[0], False)
+    first = ref.walk(ctx, pages[0], False, owner_bank=BANK)
     assert isinstance(first, WalkOk) and first.reads == 24, first
 
     def py_walks() -> int:
         for iova in pages:
-            ref.walk(ctx, iova, False)
+            ref.walk(ctx, iova, False, owner_bank=BANK)
         return PAGES
 
-    unit = IommuUnit(host, pscache=False)
+    unit = IommuUnit(host, pscache=False, native=False)
     unit.translate(SLOT, SRC, MiB, False)
     unit.translate(SLOT, DST, MiB, True)
-    cold_unit = IommuUnit(host, pscache=False)
+    cold_unit = IommuUnit(host, pscache=False, native=False)
 
     def py_cold() -> int:
         cold_unit.invalidate_all()
@@ -142,12 +161,8 @@ def _run(host: HostMemory, min_time: float) -> dict[str, Any]:
         return 1
 
     fns["memmove_4k_per_s"] = memmove_4k
-    device = DsaDevice(DmaMemory(host, unit.bind(SLOT)))
-    cfg = WqCfg(wq_size=16)
-    device.configure_wq(0, cfg)
-    device.configure_group(0, [0], [0])
-    device.enable_device()
-    device.enable_wq(0)
+    device = _device(unit)
+    cfg = device.wqcfg(0)
     desc = Descriptor(opcode=Opcode.MEMMOVE, flags=int(DescFlags.CRAV | DescFlags.RCR), completion_addr=REC,
                       src_addr=SRC, dst_addr=DST, xfer_size=SZ_4K)
     packed = desc.pack()
@@ -155,38 +170,39 @@ def _run(host: HostMemory, min_time: float) -> dict[str, Any]:
     fns["py_memmove_desc_per_s"] = lambda: _one(device.execute_now(0, desc).code == DsaStatus.SUCCESS)
 
     # -- the compiled core --------------------------------------------------------------------
+    fast_device: DsaDevice | None = None
     if native.AVAILABLE:
         nat = native.NativeWalker(host)
-        assert nat.walk(ctx, pages[0], False) == first
+        assert nat.walk(ctx, pages[0], False, owner_bank=BANK) == first
 
         def nat_walks() -> int:
             for iova in pages:
-                nat.walk(ctx, iova, False)
+                nat.walk(ctx, iova, False, owner_bank=BANK)
             return PAGES
 
         tlb, cold_tlb = native.NativeIotlb(), native.NativeIotlb()
 
         def nat_loop_walks() -> int:  # one compiled call, PAGES cold walks inside
             cold_tlb.invalidate_all()
-            t = nat.translate(cold_tlb, ctx, SRC, MiB, False)
+            t = nat.translate(cold_tlb, ctx, SRC, MiB, False, BANK, cold_tlb.generation)
             assert t is not None and t.walks == PAGES and t.reads == 24 * PAGES
             return PAGES
 
         def nat_warm() -> int:
-            t = nat.translate(tlb, ctx, SRC, MiB, False)
+            t = nat.translate(tlb, ctx, SRC, MiB, False, BANK, tlb.generation)
             return _one(t is not None and t.done == MiB)
 
         def nat_cold() -> int:
             cold_tlb.invalidate_all()
-            t = nat.translate(cold_tlb, ctx, SRC, MiB, False)
+            t = nat.translate(cold_tlb, ctx, SRC, MiB, False, BANK, cold_tlb.generation)
             return _one(t is not None and t.done == MiB)
 
         def nat_copy() -> int:
-            c = nat.copy(tlb, ctx, SRC, DST, MiB)
+            c = nat.copy(tlb, ctx, SRC, DST, MiB, BANK, tlb.generation)
             return _one(c is not None and c.done == MiB)
 
-        nat.translate(tlb, ctx, SRC, MiB, False)
-        nat.translate(tlb, ctx, DST, MiB, True)
+        nat.translate(tlb, ctx, SRC, MiB, False, BANK, tlb.generation)
+        nat.translate(tlb, ctx, DST, MiB, True, BANK, tlb.generation)
         fns["native_walks_per_s"] = nat_walks
         fns["native_loop_walks_per_s"] = nat_loop_walks
         fns.update(_lookups("native", tlb))
@@ -199,17 +215,26 @@ def _run(host: HostMemory, min_time: float) -> dict[str, Any]:
                           gc.dest_readback, gc.drain_readback),
             min(1 << cfg.max_xfer_shift, gc.max_xfer_size), gc.overlap_copy, not cfg.dedicated, cfg.priv,
             device.config.num_int_handles)
-        nat.translate(tlb, ctx, REC, SZ_4K, True)
+        nat.translate(tlb, ctx, REC, SZ_4K, True, BANK, tlb.generation)
 
         def nat_desc() -> int:
-            done = nat.memmove(tlb, ctx, packed, limits)
+            done = nat.memmove(tlb, ctx, packed, limits, BANK, tlb.generation)
             return _one(done is not None and done.record_written)
 
         fns["native_memmove_desc_per_s"] = nat_desc
+        fast_unit = IommuUnit(host, native=True)
+        for iova, write in ((SRC, False), (DST, True), (REC, True)):
+            fast_unit.translate(SLOT, iova, MiB if iova != REC else SZ_4K, write)
+        fast_device = _device(fast_unit)
+        fast_device.fast_memmove = memmove_hook(fast_unit)
+        run_fast = fast_device.execute_now
+        fns["native_engine_desc_per_s"] = lambda: _one(run_fast(0, desc).code == DsaStatus.SUCCESS)
     try:
         out.update(_best(fns, min_time))
     finally:
         device.close()
+        if fast_device is not None:
+            fast_device.close()
         for view in (src_view, dst_view, small_src, small_dst):
             view.release()
     if bytes(bank1.view[6 * MiB : 7 * MiB]) != bytes(bank1.view[4 * MiB : 5 * MiB]):
@@ -218,11 +243,68 @@ def _run(host: HostMemory, min_time: float) -> dict[str, Any]:
     out["py_memmove_desc_over_memmove_4k"] = out["py_memmove_desc_per_s"] / out["memmove_4k_per_s"]
     if native.AVAILABLE:
         out["native_memmove_desc_over_memmove_4k"] = out["native_memmove_desc_per_s"] / out["memmove_4k_per_s"]
+        out["native_engine_desc_over_memmove_4k"] = out["native_engine_desc_per_s"] / out["memmove_4k_per_s"]
+        out["native_engine_over_py_memmove_desc"] = out["native_engine_desc_per_s"] / out["py_memmove_desc_per_s"]
         for name in ("walks", "lookup_span", "lookup", "translate_warm", "translate_cold", "copy_MiB", "memmove_desc"):
             out[f"native_over_py_{name}"] = out[f"native_{name}_per_s"] / out[f"py_{name}_per_s"]
         out["native_loop_over_py_walks"] = out["native_loop_walks_per_s"] / out["py_walks_per_s"]
         out["native_copy_over_memmove"] = out["native_copy_MiB_per_s"] / out["memmove_MiB_per_s"]
     return out
+
+
+def _device(unit: IommuUnit) -> DsaDevice:
+    """A DSA device on ``unit`` at ``SLOT``, one dedicated WQ enabled."""
+    device = DsaDevice(DmaMemory(unit.host, unit.bind(SLOT)))
+    device.configure_wq(0, WqCfg(wq_size=16))
+    device.configure_group(0, [0], [0])
+    device.enable_device()
+    device.enable_wq(0)
+    return device
+
+
+def unit_rates(quick: bool = False) -> dict[str, Any]:
+    """The unit as a device uses it, compiled vs Python (with its paging-
+    structure caches), interleaved: cold walks/s (a global invalidation before
+    each 8-byte translation of one of 256 pages: full 2-D walks) and warm
+    translations/s (the 256 pages in the IOTLB), and reads per cold walk.
+    Only the Python figures without the compiled core."""
+    min_time = 0.2 if quick else 1.0
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+    with tempfile.TemporaryDirectory(prefix="pviommu-bench-unit-", dir=base) as directory:
+        host = HostMemory(Path(directory))
+        try:
+            _world(host)
+            pages = [Iova(SRC + i * SZ_4K) for i in range(PAGES)]
+            units = {"py": IommuUnit(host, native=False)}
+            if native.AVAILABLE:
+                units["native"] = IommuUnit(host, native=True)
+            fns: dict[str, Callable[[], int]] = {}
+            for name, unit in units.items():
+                def cold(unit: IommuUnit = unit) -> int:
+                    for iova in pages:
+                        unit.invalidate_all()
+                        unit.translate(SLOT, iova, 8, False)
+                    return PAGES
+
+                def warm(unit: IommuUnit = unit) -> int:
+                    for iova in pages:
+                        unit.translate(SLOT, iova, 8, False)
+                    return PAGES
+
+                walks, reads = unit.stats.walks, unit.stats.walk_reads
+                cold()
+                if (unit.stats.walk_reads - reads) != 24 * (unit.stats.walks - walks):
+                    raise RuntimeError(f"{name} unit: a cold walk did not read 24 entries")
+                fns[f"{name}_unit_cold_walks_per_s"] = cold
+                fns[f"{name}_unit_warm_translations_per_s"] = warm
+            warm_up = [fn for key, fn in fns.items() if "warm" in key]
+            for fn in warm_up:
+                fn()
+            out: dict[str, Any] = _best(fns, min_time)
+            out["reads_per_cold_walk"] = 24.0
+            return out
+        finally:
+            host.close()
 
 
 def _one(ok: bool) -> int:
@@ -281,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  memmove 1 MiB {r['memmove_MiB_per_s']:,.0f} MiB/s; copy/memmove: python "
               f"{r['py_copy_over_memmove']:.2f}x, native {r['native_copy_over_memmove']:.2f}x")
         print(f"  memmove 4 KiB {r['memmove_4k_per_s']:,.0f}/s; descriptor/memmove: python "
-              f"{r['py_memmove_desc_over_memmove_4k']:.4f}x, native {r['native_memmove_desc_over_memmove_4k']:.3f}x")
+              f"{r['py_memmove_desc_over_memmove_4k']:.4f}x, native call "
+              f"{r['native_memmove_desc_over_memmove_4k']:.3f}x, native device (execute_now + fast path) "
+              f"{r['native_engine_desc_over_memmove_4k']:.3f}x")
     return 0
 
 

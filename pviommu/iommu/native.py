@@ -41,6 +41,7 @@ then reads as unavailable instead of failing at a call.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -289,6 +290,15 @@ class NativeWalker:
         result: NativeMemmove | None = self.core.memmove(self.host, iotlb.core, ctx, ctx.did, bytes(desc), limits,
                                                          owner_bank, generation)
         return result
+
+    def memmove_for(self, iotlb: NativeIotlb) -> Callable[[ContextEntry, int, bytes, MoveLimits, int, int],
+                                                          NativeMemmove | None]:
+        """``memmove`` on ``iotlb`` as the compiled call itself, without a
+        Python frame (the device's hot path): ``(ctx, ctx.did, desc as bytes,
+        limits, owner_bank, generation)``; None for an owner bank of 0 too."""
+        bound: Callable[[ContextEntry, int, bytes, MoveLimits, int, int], NativeMemmove | None] = functools.partial(
+            self.core.memmove, self.host, iotlb.core)
+        return bound
 
 
 __all__ = [

@@ -180,6 +180,7 @@ class IommuUnit:
         if use_native:
             self.iotlb = _native.NativeIotlb(iotlb_capacity)
             self.walker = self.native = _native.NativeWalker(host, fs_mgaw_lg2=fs_mgaw_lg2)
+            self._memmove = self.native.memmove_for(self.iotlb)
         else:
             self.iotlb = Iotlb(iotlb_capacity)
             self.walker = NestedWalker(host, fs_mgaw_lg2=fs_mgaw_lg2)
@@ -294,16 +295,14 @@ class IommuUnit:
         runs.append(Run(Hpa(run_hpa), run_len))
         return DmaRuns(runs)
 
-    def memmove_warm(self, slot: int, desc: bytes | bytearray | memoryview,
-                     limits: _native.MoveLimits) -> _native.NativeMemmove | None:
+    def memmove_warm(self, slot: int, desc: bytes, limits: _native.MoveLimits) -> _native.NativeMemmove | None:
         """One MEMMOVE descriptor of ``slot`` in one compiled call
         (``NativeWalker.memmove``) when the unit is native, the slot's context
         is cached under its current ownership epoch and every translation is
         in the IOTLB; the counters then read as after the device model's own
         translations. None otherwise, nothing touched or counted: the caller
         runs the model (which reads the context, checks the epoch, walks)."""
-        walker = self.native
-        if walker is None:
+        if self.native is None:
             return None
         generation0 = self.iotlb.generation  # before the context, as translate
         bound = self._contexts.get(slot)
@@ -312,14 +311,16 @@ class IommuUnit:
                 return None
         except PviommuError:
             return None
-        done = walker.memmove(self.iotlb, bound.entry, desc, limits,  # type: ignore[arg-type]
-                              bound.owner_bank, generation0)
+        ctx = bound.entry
+        done = self._memmove(ctx, ctx.did, desc, limits, bound.owner_bank, generation0)
         if done is not None:
+            n, stats = done.translations, self.stats
             with self._lock:  # the model's translations: each a context hit (it was cached)
-                self.stats.translations += done.translations
-                self.stats.context_hits += done.translations
-                self.stats.walks += done.walks
-                self.stats.walk_reads += done.reads
+                stats.translations += n
+                stats.context_hits += n
+                if done.walks:
+                    stats.walks += done.walks
+                    stats.walk_reads += done.reads
         return done
 
     # -- contexts -----------------------------------------------------------------

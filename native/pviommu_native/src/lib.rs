@@ -259,6 +259,9 @@ pub struct PyWalker {
     run: Py<PyAny>,
     translation: Py<PyAny>,
     memmove_result: Py<PyAny>,
+    /// the three results of a warm MEMMOVE (no walk), made once: record not asked,
+    /// record written, record due (results are immutable tuples)
+    memmove_warm: [Py<PyAny>; 3],
     /// exceptions of `host.bank(i)` that mean "no such bank" (the reference's fault)
     missing: Py<PyAny>,
     reasons: Vec<Option<Py<PyAny>>>,
@@ -374,6 +377,7 @@ impl PyWalker {
     #[pyo3(signature = (fs_mgaw_lg2=48, *, walk_ok, walk_fault, run, translation, memmove_result, missing, reasons))]
     #[allow(clippy::too_many_arguments)]
     fn new(
+        py: Python<'_>,
         fs_mgaw_lg2: u32,
         walk_ok: Py<PyAny>,
         walk_fault: Py<PyAny>,
@@ -391,6 +395,14 @@ impl PyWalker {
             let code: u8 = code.extract()?;
             table[code as usize] = Some(member.unbind());
         }
+        let make = |t: u32, written: bool, due: bool| -> PyResult<Py<PyAny>> {
+            let fields = (t, 0u32, 0u64, written, due).into_pyobject(py)?;
+            Ok(py
+                .get_type::<PyTuple>()
+                .call_method1(intern!(py, "__new__"), (memmove_result.bind(py), fields))?
+                .unbind())
+        };
+        let memmove_warm = [make(2, false, false)?, make(3, true, false)?, make(2, false, true)?];
         Ok(PyWalker {
             fs: FsFormat::new(fs_mgaw_lg2),
             walk_ok,
@@ -398,6 +410,7 @@ impl PyWalker {
             run,
             translation,
             memmove_result,
+            memmove_warm,
             missing,
             reasons: table,
         })
@@ -494,6 +507,15 @@ impl PyWalker {
         else {
             return Ok(None);
         };
+        let warm = match (translations, walks, reads, written, due) {
+            (2, 0, 0, false, false) => Some(&self.memmove_warm[0]),
+            (3, 0, 0, true, false) => Some(&self.memmove_warm[1]),
+            (2, 0, 0, false, true) => Some(&self.memmove_warm[2]),
+            _ => None,
+        };
+        if let Some(result) = warm {
+            return Ok(Some(result.bind(py).clone()));
+        }
         let fields = (translations, walks, reads, written, due).into_pyobject(py)?;
         py.get_type::<PyTuple>().call_method1(intern!(py, "__new__"), (self.memmove_result.bind(py), fields)).map(Some)
     }
