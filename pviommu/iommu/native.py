@@ -29,10 +29,15 @@ inputs, and everything the compiled core does not handle goes to them.
   unit read before it looked the context up; ``copy`` is
   ``DmaMemory.copy`` on top of it (memmove semantics, no GIL for long copies).
   Both leave fault records and unit counters to the caller.
-* ``NativeWalker.memmove(iotlb, ctx, desc, limits)``: one whole MEMMOVE
-  descriptor as the DSA model runs it, when it is valid, cannot fault and
-  finds every translation in the IOTLB (the warm case); otherwise None,
-  having touched nothing, and the caller runs the model.
+* ``NativeWalker.memmove(iotlb, ctx, desc, limits, owner_bank, generation)``:
+  one whole MEMMOVE descriptor as the DSA model runs it, when it is valid,
+  cannot fault and finds every translation in the IOTLB (the warm case);
+  otherwise None, having touched nothing, and the caller runs the model
+  (``memmove_for(iotlb)`` is the same as one compiled call, for the unit's
+  hot path).
+
+``IommuUnit(native=None)`` (pviommu/iommu/unit.py) is where these run: it keeps
+the contexts, owner epochs, generations, faults and counters.
 
 Bump ``API_VERSION`` here and in native/pviommu_native/src/lib.rs together
 whenever the compiled interface changes: a module left from an older build
