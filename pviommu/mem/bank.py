@@ -19,6 +19,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import sys
 import threading
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from pviommu.errors import GpaOutOfRange, HpaOutOfRange
 BANK_WINDOW_LG2 = 40
 HYPERVISOR_BANK = 0
 _U64 = struct.Struct("<Q")
+assert sys.byteorder == "little", "banks hold little-endian structures, read as native words"
 
 
 def bank_base(index: int) -> Hpa:
@@ -60,6 +62,10 @@ class Bank:
             os.close(fd)
         #: Zero-copy view of the whole bank, for memmove-speed slices.
         self.view = memoryview(self._map)
+        #: The bank as aligned 8-byte words: a page-table entry, queue index or owner
+        #: record word is read and written in one access, never torn across CPUs (struct
+        #: with an explicit byte order would move it one byte at a time).
+        self._words = self.view.cast("Q")
 
     # -- life cycle -------------------------------------------------------
     @classmethod
@@ -90,6 +96,7 @@ class Bank:
 
     def close(self) -> None:
         try:
+            self._words.release()
             self.view.release()
             self._map.close()
         except BufferError:  # a caller still holds a sub-view; the OS unmaps at exit
@@ -130,11 +137,16 @@ class Bank:
 
     def read_u64(self, offset: int) -> int:
         self._check(offset, 8)
-        return int(_U64.unpack_from(self._map, offset)[0])
+        if offset & 7:
+            return int(_U64.unpack_from(self._map, offset)[0])
+        return int(self._words[offset >> 3])
 
     def write_u64(self, offset: int, value: int) -> None:
         self._check(offset, 8)
-        _U64.pack_into(self._map, offset, value)
+        if offset & 7:
+            _U64.pack_into(self._map, offset, value)
+        else:
+            self._words[offset >> 3] = value
 
     def discard(self, offset: int = 0, length: int | None = None) -> None:
         """Zero a page-aligned range and give its memory back (punch a hole:

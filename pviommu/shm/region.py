@@ -13,11 +13,12 @@ import mmap
 import os
 import select
 import struct
+import sys
 import time
 from collections.abc import Callable
 
-_U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
+assert sys.byteorder == "little", "the shared layouts are little-endian and read as native words"
 
 
 class Region:
@@ -28,6 +29,10 @@ class Region:
         self.size = size
         self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self.map)
+        #: aligned 8-byte words: each read or write is one load or store, never torn (struct
+        #: with an explicit byte order moves one byte at a time: a reader on another CPU could
+        #: see half of a counter's carry)
+        self.words = self.view.cast("Q")
         self._owner = owner
 
     @classmethod
@@ -37,10 +42,12 @@ class Region:
         return cls(fd, size, owner=True)
 
     def u64(self, off: int) -> int:
-        return int(_U64.unpack_from(self.map, off)[0])
+        """The aligned u64 at ``off`` (one load)."""
+        return int(self.words[off >> 3])
 
     def set_u64(self, off: int, value: int) -> None:
-        _U64.pack_into(self.map, off, value)
+        """Store the aligned u64 at ``off`` (one store)."""
+        self.words[off >> 3] = value
 
     def u32(self, off: int) -> int:
         return int(_U32.unpack_from(self.map, off)[0])
@@ -50,6 +57,7 @@ class Region:
 
     def close(self) -> None:
         try:
+            self.words.release()
             self.view.release()
             self.map.close()
         except BufferError:  # a sub-view is still held somewhere: the OS unmaps at exit
