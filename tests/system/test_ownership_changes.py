@@ -28,11 +28,13 @@ import pytest
 from guest_agent.agent import Agent, open_bank
 from guest_agent.dma.api import Direction
 from guest_agent.dsa.driver import DsaDriver, wait_completion
+from guest_agent.dsa.portal import PortalClosed
 from guest_agent.errors import HypercallFailed
 from pvctl.local import VirtualSystem
 from pvctl.procs import ServiceProcess
 from pviommu.abi.dsa import COMP_SIZE, DescFlags, Descriptor, DsaStatus, Opcode
 from pviommu.abi.hv_status import HvStatus
+from pviommu.abi.shm import CloseReason
 from pviommu.addr import Gpa
 from pviommu.mem.bank import Bank
 from pviommu.rpc.client import connect
@@ -163,6 +165,14 @@ def test_a_moved_device_ends_every_session_of_its_old_owner_and_the_new_owners_r
     agent_a.memory.write(bufs_a.src_gpa, b"A" * PAGE)
     assert copy_and_wait(agent_a, drv_a, bufs_a, PAGE) == DsaStatus.SUCCESS  # A's portal stream is open
     assert drv_a.interrupts is not None and drv_a.interrupts.alive
+    assert drv_a.shm, "the driver did not get the shared-memory portals"
+    # a script-style gRPC portal stream too (the control path keeps one)
+    stream_a = drv_a.session()
+    agent_a.ram.write(Gpa(bufs_a.rec_gpa), bytes(COMP_SIZE))
+    assert drv_a.acquire_slot(10)
+    stream_a.post(0, memmove(bufs_a, PAGE))
+    assert wait_completion(agent_a.ram, Gpa(bufs_a.rec_gpa), 10) is not None
+    drv_a.release_slot()
     # A's page-request session: A stops answering, and a BOF descriptor on an unmapped IOVA waits for it
     stream = getattr(agent_a, "_prq_stream", None)
     if stream is not None:
@@ -202,8 +212,15 @@ def test_a_moved_device_ends_every_session_of_its_old_owner_and_the_new_owners_r
             refused = exc
             break
         time.sleep(0.05)
-    assert refused is not None, "A's old portal stream still accepts descriptors"
-    assert isinstance(refused, grpc.RpcError) and refused.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert refused is not None, "A's old portal session still accepts descriptors"
+    assert isinstance(refused, PortalClosed) and refused.reason is CloseReason.OWNER_CHANGED, refused
+    # the gRPC portal stream ends at its next submission
+    with pytest.raises(grpc.RpcError) as ended:
+        for _ in range(50):
+            stream_a.post(0, attack)
+            stream_a.check()
+            time.sleep(0.05)
+    assert ended.value.code() == grpc.StatusCode.PERMISSION_DENIED
     # A's old interrupt stream ended; A's token opens nothing on the device any more
     deadline = time.monotonic() + 5
     while drv_a.interrupts.alive and time.monotonic() < deadline:
