@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pvctl.benchmarks.report import Report, Row
 from pviommu.addr import SZ_2M, SZ_4K, Gpa, Iova
 from pviommu.iommu.context import ContextEntry, write_context
 from pviommu.iommu.owner import OWNER_TABLE_END, OwnerRecord, write_owner
@@ -170,6 +171,41 @@ def main(argv: list[str] | None = None) -> int:
             f"  ({r[f'copy_{name}_over_memmove']:.2f}x memmove, {r[f'copy_{name}_runs_per_MiB']} run(s))"
         )
     return 0
+
+
+
+# -- rows of `pviommu bench` ------------------------------------------------------------------
+def bench_translation(report: Report, quick: bool) -> None:
+    from pvctl.benchmarks import native as native_bench
+
+    r = run(quick=quick)
+    report.add("translation", Row("warm IOTLB translations/s", r["warm_translations_per_s"], "walks/s",
+                                  "cold walks/s", r["cold_translations_per_s"]))
+    report.add("translation", Row("cold (full 2-D) walks/s", r["cold_translations_per_s"], "walks/s",
+                                  "warm translations/s", r["warm_translations_per_s"]))
+    row = report.add("translation", Row("reads per cold walk", r["reads_per_cold_walk"], "reads",
+                                        "2-D walk count (4+1)*(4+1)-1", 24.0))
+    row.target, row.met = "= 24", r["reads_per_cold_walk"] == 24.0
+    report.add("translation", Row("IOTLB-miss walks/s, paging-structure caches warm",
+                                  r["pscache_translations_per_s"], "walks/s",
+                                  "cold walks/s", r["cold_translations_per_s"]))
+    report.add("translation", Row("reads per walk, paging-structure caches warm", r["reads_per_walk_pscache"],
+                                  "reads", "full 2-D walk", r["reads_per_cold_walk"]))
+    note = ("4-level stage 1 over 4-level stage 2, 4 KiB leaves in both (full-depth walks), "
+            "256 pages, one process; cold = a global invalidation before every walk (empty "
+            "IOTLB and paging-structure caches); paging-structure caches warm = the 256 "
+            "neighbouring pages after one global invalidation (each an IOTLB miss, the first "
+            "walk full); the rows above are the Python unit (IommuUnit(native=False))")
+    u = native_bench.unit_rates(quick=quick)
+    if "native_unit_cold_walks_per_s" in u:
+        report.add("translation", Row("cold (full 2-D) walks/s, compiled unit", u["native_unit_cold_walks_per_s"],
+                                      "walks/s", "Python unit", u["py_unit_cold_walks_per_s"]))
+        report.add("translation", Row("warm IOTLB translations/s, compiled unit",
+                                      u["native_unit_warm_translations_per_s"], "walks/s", "Python unit",
+                                      u["py_unit_warm_translations_per_s"]))
+        note += ("; compiled unit = IommuUnit(native=True) (no paging-structure caches) against the Python unit "
+                 "(with them), the same 256 pages, interleaved in the same run (pvctl.benchmarks.native.unit_rates)")
+    report.notes["translation"] = note
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pvctl.bench import SECTIONS
+from pvctl.benchmarks.report import SECTIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 
