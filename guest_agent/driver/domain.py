@@ -28,12 +28,12 @@ still be walking a table page until the flush has completed.
 from __future__ import annotations
 
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum, StrEnum
 from typing import Any
 
 from guest_agent.driver.flushlist import v1_exact_blocks, v2_covering_block
+from guest_agent.driver.flushqueue import FlushQueue, Pending
 from guest_agent.driver.hypercalls import DomainSettings, HvClient
 from guest_agent.driver.iova import RCACHE_MAX_PAGES, IovaAllocator, roundup_pow_of_two
 from guest_agent.driver.stats import Stats
@@ -50,12 +50,6 @@ from pviommu.pt.gather import IotlbGather
 from pviommu.pt.walk import PageTable, stage1_table
 
 log = get_logger("guest.domain")
-
-#: Lazy mode: flush after this many queued unmaps (Linux IOVA_FQ_SIZE) ...
-FQ_SIZE = 256
-#: ... or this long after the first queued one (Linux IOVA_FQ_TIMEOUT, 10 ms).
-FQ_TIMEOUT_S = 0.010
-
 
 class FlushMode(Enum):
     STRICT = "strict"
@@ -74,14 +68,6 @@ class DomainKind(StrEnum):
 class UnmapResult:
     unmapped: int
     flushed: bool
-
-
-@dataclass
-class _Pending:
-    """An unmapped range waiting for the flush that makes it reusable."""
-
-    iova: Iova | None  # IOVA allocation to release (None: nothing to release)
-    gather: IotlbGather[Gpa] = field(default_factory=IotlbGather)
 
 
 def iova_pages(size: int) -> int:
@@ -187,17 +173,11 @@ class _TranslatingDomain(Domain):
         self._iovad = IovaAllocator(iova_limit)
         self.mode = mode
         self._lock = threading.Lock()
-        self._pending_lock = threading.Lock()
-        self._quarantine: list[_Pending] = []
-        self._fq: list[_Pending] = []
-        self._fq_cv = threading.Condition(self._pending_lock)
-        self._fq_first = 0.0
-        self._fq_thread: threading.Thread | None = None
-        self._closed = False
+        self._state_lock = threading.Lock()  # _lengths and _demand
+        self._fq = FlushQueue(str(domain_id), lambda: Domain.flush(self), self._release, stats, self.log)
         self._lengths: dict[int, int] = {}  # IOVA of each live mapping -> bytes mapped
         #: on-demand ranges (PagingDomain): IOVA base -> (GPA base, bytes, rights)
         self._demand: dict[int, tuple[Gpa, int, Perm]] = {}
-        self._inflight = 0  # unmaps taken off the queues whose flush has not finished
 
     @property
     def iovad(self) -> IovaAllocator:
@@ -216,7 +196,7 @@ class _TranslatingDomain(Domain):
         self._iovad.claim(iova, max(1, (size + PAGE_SIZE - 1) >> PAGE_SHIFT))
         return iova
 
-    def _release(self, batch: list[_Pending]) -> None:
+    def _release(self, batch: list[Pending]) -> None:
         """After a flush covered ``batch``: free table pages, then IOVAs."""
         for p in batch:
             self._free_tables(p.gather)
@@ -226,87 +206,19 @@ class _TranslatingDomain(Domain):
     def _free_tables(self, gather: IotlbGather[Gpa]) -> None:
         """Nothing to free by default (the baseline's tables are the hypervisor's)."""
 
-    # -- flush -------------------------------------------------------------------------
+    # -- flush (guest_agent/driver/flushqueue.py decides when a range is reusable) ------------
     def flush(self) -> None:
         """Domain-wide flush, then release every queued and quarantined range."""
-        with self._pending_lock:
-            batch = self._fq + self._quarantine
-            self._fq, self._quarantine = [], []
-            self._inflight += len(batch)
-        try:
-            super().flush()
-        except HypercallFailed:
-            with self._pending_lock:
-                self._quarantine.extend(batch)
-                self._inflight -= len(batch)
-            raise
-        self._release(batch)
-        with self._pending_lock:
-            self._inflight -= len(batch)
-        self.log.debug("domain.flushed", released=len(batch))
+        self._fq.flush_all()
+        self.log.debug("domain.flushed")
 
     def pending(self) -> int:
         """Unmapped ranges not yet reusable (queued + quarantined)."""
-        with self._pending_lock:
-            return len(self._fq) + len(self._quarantine) + self._inflight
-
-    def _defer(self, p: _Pending, skip_flush: bool) -> None:
-        with self._pending_lock:
-            if skip_flush:
-                self._quarantine.append(p)
-                self.stats.add("unmaps_skip_flush")
-                return
-            if not self._fq:
-                self._fq_first = time.monotonic()
-            self._fq.append(p)
-            full = len(self._fq) >= FQ_SIZE
-            if self._fq_thread is None:
-                self._fq_thread = threading.Thread(target=self._fq_loop, name=f"fq-{self.domain_id}", daemon=True)
-                self._fq_thread.start()
-            self._fq_cv.notify()
-        if full:
-            self._fq_flush()
-
-    def _fq_flush(self) -> None:
-        """Flush the lazy queue once (Linux fq_flush_timeout / queue full)."""
-        with self._pending_lock:
-            batch, self._fq = self._fq, []
-            self._inflight += len(batch)
-        if not batch:
-            return
-        try:
-            super().flush()
-        except HypercallFailed as exc:
-            self.log.warning("domain.fq_flush_failed", error=str(exc), entries=len(batch))
-            with self._pending_lock:
-                self._quarantine.extend(batch)
-                self._inflight -= len(batch)
-            return
-        self.stats.add("fq_batches")
-        self._release(batch)
-        with self._pending_lock:
-            self._inflight -= len(batch)
-
-    def _fq_loop(self) -> None:
-        while True:
-            with self._pending_lock:
-                while not self._fq and not self._closed:
-                    self._fq_cv.wait()
-                if self._closed:
-                    return
-                wait = self._fq_first + FQ_TIMEOUT_S - time.monotonic()
-                if wait > 0:
-                    self._fq_cv.wait(wait)
-                    continue
-            self._fq_flush()
+        return self._fq.pending()
 
     def close(self) -> None:
-        """Flush what is queued and stop the flush-queue thread."""
-        with self._pending_lock:
-            self._closed = True
-            self._fq_cv.notify_all()
-        if self._fq_thread is not None:
-            self._fq_thread.join(2)
+        """Stop the flush queue's thread."""
+        self._fq.close()
 
     # -- map / unmap --------------------------------------------------------------------
     def dma_map(self, gpa: Gpa, size: int, perm: Perm, iova: Iova | None = None) -> Iova:
@@ -319,7 +231,7 @@ class _TranslatingDomain(Domain):
         except BaseException:
             self._iovad.free(base, cached=False)
             raise
-        with self._pending_lock:
+        with self._state_lock:
             self._lengths[int(base)] = length
         self.stats.add("maps")
         self.mapped_bytes += length
@@ -331,7 +243,7 @@ class _TranslatingDomain(Domain):
         if iova % PAGE_SIZE or size <= 0:
             raise InvalidRequest(f"unmap {iova:#x}+{size:#x}: IOVA must be page aligned and size > 0")
         length = (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
-        with self._pending_lock:
+        with self._state_lock:
             mapped = self._lengths.get(int(iova))
             if mapped is None:
                 raise InvalidRequest(f"IOVA {iova:#x} is not the start of a mapping of domain {self.domain_id}")
@@ -339,19 +251,18 @@ class _TranslatingDomain(Domain):
             if whole:
                 del self._lengths[int(iova)]
                 self._demand.pop(int(iova), None)
-        p = _Pending(iova if whole else None)
+        p = Pending(iova if whole else None)
         try:
             unmapped, flushed = self._unmap(iova, length, p.gather, skip_flush)
         except HypercallFailed:
-            with self._pending_lock:  # unmapped but not known flushed: never reuse until a flush
-                self._quarantine.append(p)
+            self._fq.quarantine(p)  # unmapped but not known flushed: never reuse until a flush
             raise
         self.stats.add("unmaps")
         self.mapped_bytes -= unmapped
         if flushed:
             self._release([p])
         else:
-            self._defer(p, skip_flush)
+            self._fq.defer(p, skip_flush)
         return UnmapResult(unmapped, flushed)
 
     def _map(self, iova: Iova, gpa: Gpa, length: int, perm: Perm) -> None:
@@ -411,7 +322,7 @@ class PagingDomain(_TranslatingDomain):
             raise InvalidRequest(f"map {gpa:#x}+{size:#x}: GPA must be page aligned and size > 0")
         length = (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
         base = self._take_iova(length, iova)
-        with self._pending_lock:
+        with self._state_lock:
             self._lengths[int(base)] = length
             self._demand[int(base)] = (gpa, length, perm)
         self.stats.add("maps_on_demand")
@@ -422,7 +333,7 @@ class PagingDomain(_TranslatingDomain):
         when the page is (now) mapped, False when the request is invalid.
         A non-present entry is never cached by the IOMMU, so no flush is due."""
         page = iova & ~(PAGE_SIZE - 1)
-        with self._pending_lock:
+        with self._state_lock:
             hit = next(((b, g, n, p) for b, (g, n, p) in self._demand.items() if b <= page < b + n), None)
         if hit is None:
             return False
@@ -490,9 +401,7 @@ class PagingDomain(_TranslatingDomain):
 
     def destroy(self) -> None:
         self.close()
-        with self._pending_lock:
-            batch, self._fq, self._quarantine = self._fq + self._quarantine, [], []
-        for p in batch:
+        for p in self._fq.drain():
             self._free_tables(p.gather)
         with self._lock:
             self.table.destroy()

@@ -12,7 +12,8 @@ from guest_env import HvEnv
 
 from guest_agent.agent import Agent
 from guest_agent.dma.api import Direction
-from guest_agent.driver.domain import FQ_TIMEOUT_S, DomainKind, FlushMode, PagingDomain
+from guest_agent.driver.domain import DomainKind, FlushMode, PagingDomain
+from guest_agent.driver.flushqueue import FQ_TIMEOUT_S
 from guest_agent.driver.hypercalls import DomainSettings, IommuCaps
 from guest_agent.driver.pviommu import decide
 from guest_agent.errors import HypercallFailed, InvalidRequest, IommuAbsent
@@ -184,7 +185,7 @@ def test_skip_flush_quarantines_iova_and_tables_until_flush(hv: HvEnv) -> None:
 def test_lazy_mode_batches_flushes_and_releases_only_after_the_batch_flush(hv: HvEnv,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     # a flush-queue timeout far above the loop's run time even on a loaded machine: one batch, one flush
-    monkeypatch.setattr("guest_agent.driver.domain.FQ_TIMEOUT_S", 1.0)
+    monkeypatch.setattr("guest_agent.driver.flushqueue.FQ_TIMEOUT_S", 1.0)
     p = hv.partition()
     dev = hv.device(p)
     agent = hv.agent(p, mode=FlushMode.LAZY)
