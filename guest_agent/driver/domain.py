@@ -40,7 +40,7 @@ from guest_agent.driver.stats import Stats
 from guest_agent.errors import HypercallFailed, InvalidRequest
 from pviommu.abi import hv
 from pviommu.abi.revision import DEFAULT_REVISION, FlushListStyle, Revision, profile
-from pviommu.addr import MSI_WINDOW_LAST, MSI_WINDOW_START, PAGE_SHIFT, PAGE_SIZE, Gpa, Iova
+from pviommu.addr import MSI_WINDOW_LAST, MSI_WINDOW_START, PAGE_SHIFT, PAGE_SIZE, Gpa, Iova, align_down, align_up
 from pviommu.log import get_logger
 from pviommu.mem.bank import GuestRam
 from pviommu.mem.frames import FrameAllocator
@@ -73,7 +73,7 @@ class UnmapResult:
 def iova_pages(size: int) -> int:
     """Pages of IOVA for a mapping of ``size`` bytes; dma-iommu rounds sizes
     below the rcache limit to a power of two so freed blocks are reusable."""
-    pages = max(1, (size + PAGE_SIZE - 1) >> PAGE_SHIFT)
+    pages = max(1, align_up(size, PAGE_SIZE) >> PAGE_SHIFT)
     return roundup_pow_of_two(pages) if pages < RCACHE_MAX_PAGES else pages
 
 
@@ -193,7 +193,7 @@ class _TranslatingDomain(Domain):
         if in_msi_window(iova, iova + size - 1):
             raise InvalidRequest(f"IOVA {iova:#x}+{size:#x} overlaps the MSI window "
                                  f"{MSI_WINDOW_START:#x}-{MSI_WINDOW_LAST:#x}")
-        self._iovad.claim(iova, max(1, (size + PAGE_SIZE - 1) >> PAGE_SHIFT))
+        self._iovad.claim(iova, max(1, align_up(size, PAGE_SIZE) >> PAGE_SHIFT))
         return iova
 
     def _release(self, batch: list[Pending]) -> None:
@@ -224,7 +224,7 @@ class _TranslatingDomain(Domain):
     def dma_map(self, gpa: Gpa, size: int, perm: Perm, iova: Iova | None = None) -> Iova:
         if gpa % PAGE_SIZE or size <= 0:
             raise InvalidRequest(f"map {gpa:#x}+{size:#x}: GPA must be page aligned and size > 0")
-        length = (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        length = align_up(size, PAGE_SIZE)
         base = self._take_iova(length, iova)
         try:
             self._map(base, gpa, length, perm)
@@ -242,7 +242,7 @@ class _TranslatingDomain(Domain):
         released only when the whole mapping is gone and a flush covered it."""
         if iova % PAGE_SIZE or size <= 0:
             raise InvalidRequest(f"unmap {iova:#x}+{size:#x}: IOVA must be page aligned and size > 0")
-        length = (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        length = align_up(size, PAGE_SIZE)
         with self._state_lock:
             mapped = self._lengths.get(int(iova))
             if mapped is None:
@@ -320,7 +320,7 @@ class PagingDomain(_TranslatingDomain):
         drivers do). Unmapped like any mapping."""
         if gpa % PAGE_SIZE or size <= 0:
             raise InvalidRequest(f"map {gpa:#x}+{size:#x}: GPA must be page aligned and size > 0")
-        length = (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        length = align_up(size, PAGE_SIZE)
         base = self._take_iova(length, iova)
         with self._state_lock:
             self._lengths[int(base)] = length
@@ -332,7 +332,7 @@ class PagingDomain(_TranslatingDomain):
         """Map the page of ``iova`` if it lies in an on-demand range; True
         when the page is (now) mapped, False when the request is invalid.
         A non-present entry is never cached by the IOMMU, so no flush is due."""
-        page = iova & ~(PAGE_SIZE - 1)
+        page = align_down(iova, PAGE_SIZE)
         with self._state_lock:
             hit = next(((b, g, n, p) for b, (g, n, p) in self._demand.items() if b <= page < b + n), None)
         if hit is None:
