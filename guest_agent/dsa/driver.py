@@ -23,6 +23,7 @@ After Linux idxd (reference dsa-dmatest.md sections 1-4):
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -51,7 +52,9 @@ MAX_PORTALS = 16
 DEFAULT_WQ_SIZE = 16
 DEFAULT_WQ_PRIORITY = 10
 _STOP = object()
-#: Completion polling (``wait_completion``): the sleep between polls, and for how long before backing off.
+#: Completion polling (``wait_completion``): spin (yielding) this long, then sleep between polls,
+#: backing off after ``POLL_FAST_S`` (why these values: docs/benchmarks.md, "Waiting for a completion").
+POLL_SPIN_S = 0.0001
 POLL_SLEEP_S = 0.0001
 POLL_FAST_S = 0.002
 
@@ -73,35 +76,26 @@ class WqInfo:
 def wait_completion(ram: GuestRam, gpa: Gpa, timeout_s: float | None,
                     check: Callable[[], None] | None = None,
                     wake: Callable[[float], None] | None = None) -> CompletionRecord | None:
-    """Poll the record's status byte until the device wrote it (None on timeout).
-
-    Yields a few times (``sleep(0)``: a pure spin would hold the GIL the
-    portal's sender thread needs), then polls every ``POLL_SLEEP_S`` (100 us)
-    for ``POLL_FAST_S`` (a descriptor's usual latency through the emulated
-    device is 0.3-3 ms), then backs off exponentially up to 1 ms, so a long
-    wait costs little CPU. Measured on 2 cores: a longer backoff from the
-    start overshot completions by up to half the wait, a pure spin starved
-    the portal's sender thread, 50 us sleeps cost more CPU than 100 us for
-    no lower latency (and several dmatest threads polling compete with the
-    device process for the two cores). ``check`` (called before each sleep)
-    raises when the completion can no longer come, e.g.
-    ``DsaDriver.check_portal`` when this thread's portal stream broke.
-    ``wake(delay)`` replaces the sleep when completion interrupts are on: it
-    returns early when the device raised an interrupt (``Interrupts.wait``)."""
+    """Poll the record's status byte until the device wrote it (None on timeout):
+    spin for ``POLL_SPIN_S`` yielding the CPU (a warm descriptor completes in
+    tens of microseconds), then sleep ``POLL_SLEEP_S`` between polls, backing
+    off to 1 ms after ``POLL_FAST_S`` so a long wait costs little CPU.
+    ``check`` (called before each sleep) raises when the completion can no
+    longer come (``DsaDriver.check_portal``: this thread's portal is over);
+    ``wake(delay)`` replaces the sleep when completion interrupts are on and
+    returns early on an interrupt (``Interrupts.wait``)."""
     start = time.monotonic()
     deadline = None if timeout_s is None or timeout_s < 0 else start + timeout_s
     delay = POLL_SLEEP_S
-    spins = 0
     view = ram.view(gpa, COMP_SIZE)
     try:
         while True:
             if view[0]:
                 return CompletionRecord.unpack(bytes(view))
-            spins += 1
-            if spins < 8:
-                time.sleep(0)
-                continue
             now = time.monotonic()
+            if now - start < POLL_SPIN_S:
+                os.sched_yield()  # time.sleep(0) would cost the timer slack (50-100 us)
+                continue
             if deadline is not None and now >= deadline:
                 return None
             if check is not None:

@@ -12,6 +12,7 @@ the socket's end tells that the device's process is gone.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -114,7 +115,10 @@ class ShmPortal:
                     raise DeviceCommandFailed(f"portal session {self.session}: no answer in {ANSWER_TIMEOUT_S}s")
                 if self.ring.consumer_sleeping():
                     self.doorbell.ring()
-            time.sleep(0 if spins < 256 else 0.0001)
+            if spins < 256:
+                os.sched_yield()
+            else:
+                time.sleep(0.0001)
 
     def close(self) -> None:
         self.sock.close()
