@@ -17,9 +17,9 @@ from guest_env import FakeDevice, HvEnv, PartitionInfo
 from dma_device.portals import PORTAL_SLOTS, SESSIONS_PER_PARTITION
 from guest_agent.agent import Agent
 from guest_agent.dma.api import Direction
+from guest_agent.dsa.dmatest import DmatestParams
 from guest_agent.dsa.driver import wait_completion
 from guest_agent.dsa.portal import PortalClosed, ShmInterrupts, ShmPortal
-from guest_agent.dsa.dmatest import DmatestParams
 from pviommu.abi import shm as L
 from pviommu.abi.dsa import COMP_SIZE, Cmd, DescFlags, Descriptor, DsaStatus, Opcode
 from pviommu.addr import Gpa
@@ -74,7 +74,7 @@ def test_a_session_is_handed_only_to_the_current_owners_token(rig: tuple[Partiti
 
 def test_sessions_are_bounded_per_partition_and_end_with_their_socket(rig: tuple[PartitionInfo, FakeDevice, Agent]
                                                                        ) -> None:
-    p, dev, agent = rig
+    p, dev, _agent = rig
     held = dev.service.portals.counts()["portal_sessions"] + dev.service.portals.counts()["interrupt_sessions"]
     portals = [ShmPortal(_path(dev), p.token, 0) for _ in range(SESSIONS_PER_PARTITION - held)]
     with pytest.raises(SessionError) as err:
