@@ -149,7 +149,7 @@ class DeviceService:
     own: Ownership
     queue: QueueConsumer
     link: HypervisorLink
-    admin: Any
+    admin: admin_pb2_grpc.AdminStub
     registry: CollectorRegistry
     portals: Portals
     sessions: SessionServer
@@ -345,7 +345,8 @@ def device_metrics(device: DsaDevice, unit: IommuUnit | None) -> dict[str, Any]:
     return out
 
 
-def _assign_when_ready(admin: Any, logical: int, partition_name: str, timeout: float = 120.0) -> None:
+def _assign_when_ready(admin: admin_pb2_grpc.AdminStub, logical: int, partition_name: str,
+                       timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for p in admin.ListPartitions(common_pb2.Empty(), timeout=10).partitions:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 
@@ -82,7 +81,7 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
 
     # -- MMIO view -------------------------------------------------------------
     @grpc_errors
-    def GetCapabilities(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def GetCapabilities(self, request: common_pb2.Empty, context: grpc.ServicerContext) -> dsa_pb2.DsaCapabilities:
         self._caller()
         d, cfg = self.device, self.device.config
         words = opcap_words(d.opcap)
@@ -95,7 +94,7 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
             session_socket=self.info.session_socket)
 
     @grpc_errors
-    def ListWqs(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def ListWqs(self, request: common_pb2.Empty, context: grpc.ServicerContext) -> dsa_pb2.WqList:
         self._caller()
         out = []
         for wq_id in range(self.device.config.num_wqs):
@@ -104,7 +103,7 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
         return dsa_pb2.WqList(wqs=out)
 
     @grpc_errors
-    def ConfigureWq(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def ConfigureWq(self, request: dsa_pb2.WqConfig, context: grpc.ServicerContext) -> dsa_pb2.CommandStatus:
         """Write WQCFG, as a driver does while the WQ is disabled. The group
         layout is fixed at start-up (``group_of``); ``group_id`` is ignored."""
         require("partition", "host")
@@ -118,7 +117,7 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
         return dsa_pb2.CommandStatus()
 
     @grpc_errors
-    def Command(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def Command(self, request: dsa_pb2.DeviceCommand, context: grpc.ServicerContext) -> dsa_pb2.CommandStatus:
         self._caller()
         try:
             cmd = Cmd(request.command)
@@ -129,7 +128,7 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
         return dsa_pb2.CommandStatus(cmdsts=status, error=err, message="" if not err else f"CMDSTS error {err:#x}")
 
     # -- portals ------------------------------------------------------------------
-    def _submit(self, sub: Any, epoch: int) -> dsa_pb2.SubmissionAck:
+    def _submit(self, sub: dsa_pb2.Submission, epoch: int) -> dsa_pb2.SubmissionAck:
         if len(sub.descriptor) != DESCRIPTOR_SIZE:
             return dsa_pb2.SubmissionAck(tag=sub.tag, accepted=False,
                                          error=f"a descriptor is {DESCRIPTOR_SIZE} bytes, got {len(sub.descriptor)}")
@@ -141,7 +140,9 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
             return dsa_pb2.SubmissionAck(tag=sub.tag, accepted=False, error=str(exc))
         return dsa_pb2.SubmissionAck(tag=sub.tag, accepted=accepted)
 
-    async def Portal(self, request_iterator: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+    async def Portal(self, request_iterator: AsyncIterator[dsa_pb2.Submission],
+                     context: grpc.aio.ServicerContext[dsa_pb2.Submission, dsa_pb2.SubmissionAck],
+                     ) -> AsyncIterator[dsa_pb2.SubmissionAck]:
         """Descriptors in; an ack out for each one not marked ``posted``. Each
         submission is checked against the owner record: the stream ends
         (PERMISSION_DENIED) at the first one after its owner lost the device.
@@ -165,12 +166,14 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
                                     f"{ack.error or 'the WQ is shared and did not accept it (post to a dedicated WQ)'}")
 
     @grpc_errors
-    def Submit(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def Submit(self, request: dsa_pb2.SubmitBatch, context: grpc.ServicerContext) -> dsa_pb2.SubmitBatchReply:
         _, epoch = self._caller()
         return dsa_pb2.SubmitBatchReply(acks=[self._submit(s, epoch) for s in request.submissions])
 
     @grpc_stream_errors
-    async def StreamInterrupts(self, request: Any, context: Any) -> AsyncIterator[Any]:
+    async def StreamInterrupts(self, request: common_pb2.Empty,
+                               context: grpc.aio.ServicerContext[common_pb2.Empty, dsa_pb2.Interrupt],
+                               ) -> AsyncIterator[dsa_pb2.Interrupt]:
         """The completion interrupts of this epoch's descriptors; ends when the
         device changes owner. Waiting holds no thread."""
         _, epoch = self._caller()
@@ -183,7 +186,7 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
             self.own.unsubscribe(feed)
 
     @grpc_errors
-    def GetCounters(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def GetCounters(self, request: common_pb2.Empty, context: grpc.ServicerContext) -> dsa_pb2.DeviceCounters:
         self._caller()
         snap = self.device.counters.snapshot()
         counters: dict[str, int] = {}
