@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import grpc
 
+from dma_device.counters import device_counters, flat
 from dma_device.dsa.device import DsaConfigError, DsaDevice
 from dma_device.ownership import Ownership
-from pviommu.abi.dsa import Cmd, WqCfg, opcap_words
+from pviommu.abi.dsa import DESC_SIZE, Cmd, WqCfg, opcap_words
 from pviommu.errors import AuthError, PviommuError
 from pviommu.iommu.unit import IommuUnit
 from pviommu.log import get_logger
@@ -33,7 +34,6 @@ from pviommu.rpc.status import grpc_errors, grpc_stream_errors
 from pviommu.v1 import common_pb2, dsa_pb2, dsa_pb2_grpc
 
 log = get_logger("dma_device.rpc")
-DESCRIPTOR_SIZE = 64
 
 
 @dataclass
@@ -129,9 +129,9 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
 
     # -- portals ------------------------------------------------------------------
     def _submit(self, sub: dsa_pb2.Submission, epoch: int) -> dsa_pb2.SubmissionAck:
-        if len(sub.descriptor) != DESCRIPTOR_SIZE:
+        if len(sub.descriptor) != DESC_SIZE:
             return dsa_pb2.SubmissionAck(tag=sub.tag, accepted=False,
-                                         error=f"a descriptor is {DESCRIPTOR_SIZE} bytes, got {len(sub.descriptor)}")
+                                         error=f"a descriptor is {DESC_SIZE} bytes, got {len(sub.descriptor)}")
         if not 0 <= sub.wq_id < self.device.config.num_wqs:
             return dsa_pb2.SubmissionAck(tag=sub.tag, accepted=False, error=f"no WQ {sub.wq_id}")
         try:
@@ -188,31 +188,7 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
     @grpc_errors
     def GetCounters(self, request: common_pb2.Empty, context: grpc.ServicerContext) -> dsa_pb2.DeviceCounters:
         self._caller()
-        snap = self.device.counters.snapshot()
-        counters: dict[str, int] = {}
-        for key, value in snap.items():
-            if isinstance(value, dict):
-                for k, v in value.items():
-                    counters[f"{key}.{k}"] = int(v)
-            else:
-                counters[key] = int(value)
-        it = self.unit.iotlb.stats
-        for name in ("hits", "misses", "inserts", "evictions", "inv_global", "inv_domain", "inv_pages",
-                     "entries_dropped"):
-            counters[f"iotlb.{name}"] = int(getattr(it, name))
-        ps = self.unit.pscache
-        if ps is not None:
-            for name in ("table_hits", "table_misses", "fs_misses", "inserts", "late_inserts_dropped", "evictions",
-                         "rewalks", "entries_dropped"):
-                counters[f"pscache.{name}"] = int(getattr(ps.stats, name))
-            counters["pscache.fs_hits"] = sum(ps.stats.fs_hits)
-        us = self.unit.stats
-        counters["iommu.walks"] = us.walks
-        counters["iommu.walk_reads"] = us.walk_reads
-        counters["iommu.translations"] = us.translations
-        for reason, n in us.faults.items():
-            counters[f"iommu.faults.{reason:#x}"] = n
-        return dsa_pb2.DeviceCounters(counters=counters)
+        return dsa_pb2.DeviceCounters(counters=flat(device_counters(self.device, self.unit)))
 
 
 __all__ = ["DeviceInfo", "DsaDeviceServicer", "common_pb2"]

@@ -40,8 +40,8 @@ from pviommu.mem.frames import guest_frames, host_frames
 from pviommu.pt.common import RW
 from pviommu.pt.fmt import VtdSsFormat, X86_64Format
 from pviommu.pt.walk import stage1_table, stage2_table
+from pviommu.units import MiB
 
-MiB = 1 << 20
 SLOT, DID = 1, 1
 IOVA_4K_SRC, IOVA_4K_DST = Iova(0x10_0000_0000), Iova(0x10_4000_0000)
 IOVA_2M_SRC, IOVA_2M_DST = Iova(0x20_0000_0000), Iova(0x20_4000_0000)
