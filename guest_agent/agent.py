@@ -250,6 +250,8 @@ class Agent:
         c["frames_allocated"] = self.memory.frames.allocated_frames
         c["buffers"] = self.memory.buffers
         c["domains"] = len(self.iommu.domains)
+        # completion interrupts the DSA drivers received (an interrupt wakes every waiter of its device)
+        c["dsa_interrupts"] = sum(d.interrupts.count for d in list(self.dsa.values()) if d.interrupts is not None)
         c["pending_unmaps"] = sum(getattr(d, "pending", lambda: 0)() for d in self.iommu.domains.values())
         for key in ("maps", "unmaps", "flushes", "flush_list"):
             c.setdefault(key, 0)

@@ -55,9 +55,11 @@ def dmatest_params(p: guest_pb2.DmatestParams) -> DmatestParams:
 def dmatest_result(o: DmatestOutcome) -> guest_pb2.DmatestResult:
     return guest_pb2.DmatestResult(
         tests=o.tests, failures=o.failures, iops=o.iops, kb_per_s=o.kb_per_s, lines=o.lines, summary=o.summary,
-        runtime_s=o.runtime_s,
+        runtime_s=o.runtime_s, completions_by_interrupt=o.by_interrupt, completions_polled=o.polled,
         threads=[guest_pb2.DmatestThreadResult(thread=t.name, tests=t.tests, failures=t.failures,
-                                               iops=t.iops_fixpt / 256, kb_per_s=float(t.kbs), status=t.status)
+                                               iops=t.iops_fixpt / 256, kb_per_s=float(t.kbs), status=t.status,
+                                               completions_by_interrupt=t.by_interrupt,
+                                               completions_polled=t.polled)
                  for t in o.threads])
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import grpc
 import pytest
@@ -27,13 +28,17 @@ def test_rci_descriptor_delivers_its_interrupt_handle_to_the_guests_stream() -> 
                        if d.logical_device_id == dev)
         channel = connect(address, g.token)
         events: queue.Queue[int] = queue.Queue()
+        ended: list[grpc.StatusCode] = []  # how the stream ended, judged in the test thread
         stream = dsa_pb2_grpc.DsaDeviceStub(channel).StreamInterrupts(common_pb2.Empty())
+
         def listen() -> None:
             try:
                 for irq in stream:
                     events.put(irq.int_handle)
-            except grpc.RpcError as exc:  # cancelled at the end of the test
-                assert exc.code() == grpc.StatusCode.CANCELLED
+            except grpc.RpcError as exc:
+                ended.append(exc.code())
+            else:
+                ended.append(grpc.StatusCode.OK)
 
         listener = threading.Thread(target=listen, daemon=True)
         listener.start()
@@ -59,7 +64,10 @@ def test_rci_descriptor_delivers_its_interrupt_handle_to_the_guests_stream() -> 
                 events.get(timeout=1)
         finally:
             stream.cancel()
+            listener.join(10)
             channel.close()
+        # the stream ran until the test cancelled it (not ended by an error of its own)
+        assert not listener.is_alive() and ended == [grpc.StatusCode.CANCELLED]
         # another credential may not listen to this device's interrupts
         stranger = connect(address, "not-a-partition-token")
         try:
@@ -71,6 +79,9 @@ def test_rci_descriptor_delivers_its_interrupt_handle_to_the_guests_stream() -> 
 
 
 def test_dmatest_waits_by_interrupt_by_default_and_raises_none_when_polled() -> None:
+    """Default: every completion was waited for on the interrupt the descriptor
+    asked for, the device raised one per descriptor and the guest received
+    them. ``polled``: no completion waited on an interrupt and none was raised."""
     from pvctl.local import run_dmatest_stream
 
     with VirtualSystem(guests=1, devices_per_guest=1, memory_bytes=64 << 20) as system:
@@ -84,17 +95,28 @@ def test_dmatest_waits_by_interrupt_by_default_and_raises_none_when_polled() -> 
         def interrupts() -> int:
             return int(device.GetCounters(common_pb2.Empty(), timeout=30).counters["interrupts"])
 
+        def received() -> int:
+            return int(g.stub.GetStats(common_pb2.Empty(), timeout=30).counters["dsa_interrupts"])
+
         try:
-            before = interrupts()
+            raised, got = interrupts(), received()
             r = run_dmatest_stream(g.stub, guest_pb2.DmatestParams(test_buf_size=16384, threads_per_chan=1,
                                                                    iterations=40, timeout=3000), timeout=120)
             assert r.failures == 0 and r.tests == 40
-            assert interrupts() - before == 40
-            before = interrupts()
+            assert (r.completions_by_interrupt, r.completions_polled) == (40, 0)
+            assert [(t.completions_by_interrupt, t.completions_polled) for t in r.threads] == [(40, 0)]
+            assert interrupts() - raised == 40
+            # the last interrupts may still be on their way to the guest when the run ends
+            deadline = time.monotonic() + 30
+            while received() - got < 40 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert received() - got == 40
+            raised, got = interrupts(), received()
             r = run_dmatest_stream(g.stub, guest_pb2.DmatestParams(test_buf_size=16384, threads_per_chan=1,
                                                                    iterations=40, timeout=3000, polled=True),
                                    timeout=120)
             assert r.failures == 0 and r.tests == 40
-            assert interrupts() == before
+            assert (r.completions_by_interrupt, r.completions_polled) == (0, 40)
+            assert interrupts() == raised and received() == got
         finally:
             channel.close()
