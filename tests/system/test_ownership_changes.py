@@ -264,10 +264,10 @@ def test_a_stopped_device_is_not_written_off_and_a_bystander_keeps_going(host: H
         for _ in range(20):  # C's flushes need C's own device only
             dom_c.flush()
         bystander_s = time.monotonic() - t0
+        # C's flushes were done while A's move still waited for the stopped unit (its 5 s timeout)
         assert mover.is_alive(), f"the move returned before the stopped unit confirmed it: {answer} {bystander_s}"
         mover.join(30)
         assert answer == [HvStatus.TIME_OUT]
-        assert bystander_s < 4.0  # done long before the stopped unit's 5 s flush timeout
         info = host.info(dev)
         assert (info.partition_id, info.domain_id, info.sync) == (a.pid, context_before.domain_id, "unsynced")
         assert host.assign(dev, b) == HvStatus.INVALID_DEVICE_STATE  # still A's: nobody else gets it
