@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
-from guest_env import FakeDevice, HvEnv, PartitionInfo
 
 from guest_agent.agent import Agent
 from guest_agent.driver.flushqueue import FQ_SIZE
@@ -22,6 +21,7 @@ from pviommu.rpc.client import connect
 from pviommu.rpc.server import RunningServer
 from pviommu.rpc.status import error_info
 from pviommu.v1 import common_pb2, guest_pb2, guest_pb2_grpc
+from tests.kit.guest_env import FakeDevice, HvEnv, PartitionInfo
 
 # The aggregate over every thread: a pviommu addition, labelled as such (each thread's own line is dmatest's).
 SUMMARY = re.compile(r"^pviommu aggregate of \d+ threads? \(not a dmatest line\): (\d+) tests, (\d+) failures "

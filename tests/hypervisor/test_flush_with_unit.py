@@ -12,7 +12,17 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from hvkit import (
+
+from pviommu.addr import Gpa, Iova
+from pviommu.iommu.unit import IommuUnit
+from pviommu.mem.bank import bank_base
+from pviommu.mem.frames import guest_frames
+from pviommu.pt.common import Perm
+from pviommu.pt.fmt import X86_64Format
+from pviommu.pt.gather import IotlbGather
+from pviommu.pt.walk import PageTable, stage1_table
+from pviommu.v1 import hypervisor_pb2
+from tests.kit.hvkit import (
     CALL_TIMEOUT,
     FLUSH,
     INVALID_DEVICE_STATE,
@@ -25,16 +35,6 @@ from hvkit import (
     HvEnv,
     MiB,
 )
-
-from pviommu.addr import Gpa, Iova
-from pviommu.iommu.unit import IommuUnit
-from pviommu.mem.bank import bank_base
-from pviommu.mem.frames import guest_frames
-from pviommu.pt.common import Perm
-from pviommu.pt.fmt import X86_64Format
-from pviommu.pt.gather import IotlbGather
-from pviommu.pt.walk import PageTable, stage1_table
-from pviommu.v1 import hypervisor_pb2
 
 FLUSH_TIMEOUT = 0.5
 IOVA0 = 0x4000_0000

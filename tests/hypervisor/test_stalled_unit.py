@@ -13,11 +13,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
-from hvkit import CALL_TIMEOUT, INVALID_DEVICE_STATE, S2, SUCCESS, TIME_OUT, FakeDevice, Guest, HvEnv, MiB
 
 from pviommu.iommu.owner import read_owner
 from pviommu.rpc.auth import token_digest
 from pviommu.v1 import admin_pb2, common_pb2
+from tests.kit.hvkit import CALL_TIMEOUT, INVALID_DEVICE_STATE, S2, SUCCESS, TIME_OUT, FakeDevice, Guest, HvEnv, MiB
 
 FLUSH_TIMEOUT = 0.4
 DOM, SPARE, BASE = 3, 4, 5

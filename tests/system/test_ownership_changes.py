@@ -38,11 +38,11 @@ from pviommu.abi.shm import CloseReason
 from pviommu.addr import Gpa
 from pviommu.mem.bank import Bank
 from pviommu.rpc.client import connect
+from pviommu.units import MiB
 from pviommu.v1 import admin_pb2, common_pb2, dsa_pb2, dsa_pb2_grpc
 
 pytestmark = pytest.mark.system
 
-MiB = 1 << 20
 PAGE = 4096
 FLAGS = int(DescFlags.CRAV | DescFlags.RCR)
 
