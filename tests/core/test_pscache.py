@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from core_env import DATA, DID, HOLE, RO, SLOT, NestedSystem, build_system
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +22,7 @@ from pviommu.mem.dma import DmaRuns
 from pviommu.pt.common import RW, EntryType, Perm
 from pviommu.pt.fmt.x86_64 import A, D
 from pviommu.pt.gather import IotlbGather
+from tests.kit.core_env import DATA, DID, HOLE, RO, SLOT, NestedSystem, build_system
 
 IOVA = Iova(0x7F00_0000_0000)
 FULL = 24  # (4 + 1) * (4 + 1) - 1

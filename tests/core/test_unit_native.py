@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from core_env import DATA, DID, HOLE, RO, SLOT, NestedSystem, build_system
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -40,10 +39,11 @@ from pviommu.pt.common import RW
 from pviommu.pt.fmt import VtdSsFormat, X86_64Format
 from pviommu.pt.gather import IotlbGather
 from pviommu.pt.walk import PageTable, stage1_table, stage2_table
+from pviommu.units import MiB
+from tests.kit.core_env import DATA, DID, HOLE, RO, SLOT, NestedSystem, build_system
 
 needs_native = pytest.mark.skipif(not native.AVAILABLE, reason=native.UNAVAILABLE_REASON)
 ROOT = Path(__file__).resolve().parents[2]
-MiB = 1 << 20
 
 #: IOVAs both partitions map (partition 2 reuses partition 1's DID and IOVAs: the dangerous case)
 SMALL = Iova(0x7F00_0000)  # 16 4 KiB pages

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from core_env import DATA, DID, RO, SLOT, NestedSystem, build_system
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -33,10 +32,11 @@ from pviommu.iommu.unit import IommuUnit
 from pviommu.mem.dma import DmaFault, DmaMemory
 from pviommu.pt.common import RW
 from pviommu.pt.gather import IotlbGather
+from pviommu.units import MiB
+from tests.kit.core_env import DATA, DID, RO, SLOT, NestedSystem, build_system
 
 pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason=native.UNAVAILABLE_REASON)
 
-MiB = 1 << 20
 F = DescFlags
 PAGES = 32
 SRC, DST = 0x7F00_0000, 0x7F40_0000  # 32 scattered / contiguous 4 KiB pages each

@@ -29,12 +29,12 @@ from pviommu.mem.bank import GuestRam, HostMemory
 from pviommu.rpc.client import connect
 from pviommu.rpc.server import RunningServer
 from pviommu.shm.invq import QueueConsumer
+from pviommu.units import MiB
 from pviommu.v1 import admin_pb2, admin_pb2_grpc, common_pb2, hypervisor_pb2, hypervisor_pb2_grpc
 
 ADMIN_TOKEN = "hv-tests-admin-" + os.urandom(8).hex()
 SELF = 0xFFFF_FFFF_FFFF_FFFF
 S2, S1 = 0, 1
-MiB = 1 << 20
 PAGE = 4096
 PV_PROPERTY = 10  # HV_LOGICAL_DEVICE_PROPERTY_PVIOMMU
 #: gRPC deadline of every call the kit makes: a hung server fails a test, never hangs it
