@@ -117,15 +117,17 @@ class Invalidation:
     def context(cls, slot: int | None) -> Invalidation:
         return cls(Scope.CONTEXT, slot=slot)
 
-    def apply(self, unit: InvalidationTarget) -> None:
+    def apply(self, unit: InvalidationTarget) -> int | None:
+        """Do it in ``unit``: the IOTLB entries it dropped (None for a context
+        invalidation, which drops cached contexts and walks, not entries)."""
         if self.scope is Scope.GLOBAL:
-            unit.invalidate_all()
-        elif self.scope is Scope.DOMAIN:
-            unit.invalidate_domain(self.did)
-        elif self.scope is Scope.PAGES:
-            unit.invalidate_pages(self.did, self.addr, self.am)
-        else:
-            unit.invalidate_context(self.slot)
+            return unit.invalidate_all()
+        if self.scope is Scope.DOMAIN:
+            return unit.invalidate_domain(self.did)
+        if self.scope is Scope.PAGES:
+            return unit.invalidate_pages(self.did, self.addr, self.am)
+        unit.invalidate_context(self.slot)
+        return None
 
 
 @dataclass(frozen=True, slots=True)
