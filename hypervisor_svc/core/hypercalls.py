@@ -190,7 +190,7 @@ class Hypercalls:
                      flags=int(req.forward_progress_required) | int(req.inherit_owning_vtl) << 1)
         if dom_type == S2:
             try:
-                dom.table = self.host.tables.new_baseline_table()
+                dom.table = self.host.tables.new_baseline_table(caller.table_frames)
             except Exception:
                 self.host.free_tag(tag)
                 raise
@@ -364,9 +364,9 @@ class Hypercalls:
         except HvError as exc:  # not confirmed: put the mappings back, as if nothing happened
             for iova, tr in removed:
                 table.map(iova, tr.oa, 1 << tr.size_lg2, tr.perm)
-            self.host.tables.free_gathered(freed)
+            self.host.tables.free_gathered(caller.table_frames, freed)
             exc.reps_completed = req.rep_start
             raise
         dom.mapped_pages -= unmapped // PAGE_SIZE
-        self.host.tables.free_gathered(freed)
+        self.host.tables.free_gathered(caller.table_frames, freed)
         return HvAnswer(reps_completed=req.rep_count)
