@@ -30,6 +30,10 @@ from pviommu.mem.dma import DmaFault, DmaMemory, DmaResult
 #: must not make the engine spin forever).
 MAX_RETRIES_PER_ADDRESS = 4
 
+#: Bytes a probe translates per step: the runs it holds stay bounded whatever
+#: the length asked (a 2 GiB probe of 4 KiB pages would otherwise list 512 Ki runs).
+PROBE_CHUNK = 4 << 20
+
 
 class PageRequestOutcome(Enum):
     """What came back for one page request."""
@@ -107,13 +111,15 @@ class DeviceMemory:
     def probe(self, iova: int, length: int, write: bool) -> DmaResult:
         """How much of ``[iova, +length)`` translates for this access, after
         page requests; moves no data. Used by operations that must know the
-        common prefix of several buffers before writing any of them."""
+        common prefix of several buffers before writing any of them.
+        Translates ``PROBE_CHUNK`` at a time, so it holds no more runs than that."""
         done = 0
-        while True:
-            tr = self.dma.translator.translate(Iova(iova + done), length - done, write)
+        while done < length:
+            tr = self.dma.translator.translate(Iova(iova + done), min(PROBE_CHUNK, length - done), write)
             done += tr.done
-            if tr.fault is None or not self._should_retry(tr.fault):
+            if tr.fault is not None and not self._should_retry(tr.fault):
                 return DmaResult(done, tr.fault)
+        return DmaResult(done, None)
 
     def common_prefix(self, ranges: list[tuple[int, int, bool]]) -> DmaResult:
         """Shortest translatable prefix over ``(iova, length, write)`` ranges
