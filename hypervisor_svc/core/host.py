@@ -219,6 +219,11 @@ class Host:
                 with self.lock:
                     del self.partitions[pid]
                 self.memory.destroy_bank(pid)
+            # Its devices were fenced while the bank file still existed, and devices it never held
+            # may still map it (a previous owner's): a fence for the current epoch, posted to every
+            # unit, makes each process unmap the banks whose files are gone (Ownership.fence).
+            for dev in list(self.devices.values()):
+                self._announce(dev)
         self.count("partitions_destroyed")
         log.info("partition.destroyed", partition=pid)
 
