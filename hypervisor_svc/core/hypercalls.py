@@ -33,6 +33,8 @@ Statuses chosen where the reference is silent (see docs/security.md and docs/rev
   * a stage-1 root that is not a page of the caller's RAM -> INVALID_PARAMETER;
     5-level paging without the capability -> INVALID_PARAMETER;
   * more domains than the limit -> INSUFFICIENT_DEVICE_DOMAINS;
+  * a baseline CreateDeviceDomain or MapDeviceGpaPages rep that needs a bank-0 table frame beyond
+    the partition's ``--table-quota`` -> INSUFFICIENT_MEMORY (reps before it stay done);
   * a device whose IOMMU unit is gone (no process serves it) -> INVALID_DEVICE_STATE.
 
 A refused call changes nothing, HV_STATUS_TIME_OUT included: every handler
