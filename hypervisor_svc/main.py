@@ -59,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="max_iova_width reported by GetIommuCapabilities (default: 57 with --five-level, else 48)")
     p.add_argument("--five-level", action="store_true", help="offer 5-level stage-1 paging (57-bit IOVA)")
     p.add_argument("--max-domains", type=int, default=64, help="device domains per partition")
+    p.add_argument("--table-quota", type=int, default=4096, metavar="FRAMES",
+                   help="bank-0 table frames (4 KiB) one partition may hold; beyond: INSUFFICIENT_MEMORY")
     p.add_argument("--bank0-size", type=int, default=1 << 30, help="bytes of hypervisor memory (sparse)")
     p.add_argument("--metrics-port", type=int, default=-1,
                    help="serve Prometheus metrics on this port (0 picks one; default: off)")
@@ -80,7 +82,7 @@ def build(args: argparse.Namespace, listen: str | None = None) -> tuple[Host, Ru
     token = admin_token(args)
     config = HypervisorConfig(
         five_level=args.five_level, max_domains_per_partition=args.max_domains, bank0_bytes=args.bank0_size,
-        flush_timeout_s=args.flush_timeout,
+        flush_timeout_s=args.flush_timeout, table_quota_frames=getattr(args, "table_quota", 4096),
         max_iova_width=getattr(args, "max_iova_width", 0) or (57 if args.five_level else 48),
         revision=Revision.parse(getattr(args, "revision", DEFAULT_REVISION)),
         s2_baseline=bool(getattr(args, "s2_baseline", False)),

@@ -105,7 +105,15 @@ _SUCCESS, _PAGE_FAULT_NOBOF, _PAGE_FAULT_IR = (int(DsaStatus.SUCCESS), int(DsaSt
 
 class DsaConfigError(PviommuError):
     """A configuration write the device ignores (wrong id, or the WQ/device is
-    enabled): raised so a driver bug is loud instead of silently lost."""
+    enabled): raised so a driver bug is loud instead of silently lost.
+    ``cmd_err`` is the CMDSTS code a command would answer for the same problem."""
+
+    cmd_err: CmdErr = CmdErr.INVAL_CMD
+
+    def __init__(self, message: str, cmd_err: CmdErr | None = None) -> None:
+        super().__init__(message)
+        if cmd_err is not None:
+            self.cmd_err = cmd_err
 
 
 class Portal(Enum):
@@ -339,12 +347,27 @@ class DsaDevice:
         with self._cv:
             return WqCfg(**{**_asdict(wq.cfg), "wq_state": wq.state, "occupancy": len(wq.queue)})
 
+    def _wq_space_left(self, wq_id: int) -> int:
+        """WQCAP's total size minus what the other WQs are configured with."""
+        return self.config.total_wq_size - sum(w.cfg.wq_size for i, w in enumerate(self._wqs) if i != wq_id)
+
     def configure_wq(self, wq_id: int, cfg: WqCfg) -> None:
-        """Write WQCFG (allowed while the WQ is disabled)."""
+        """Write WQCFG (allowed while the WQ is disabled). A size beyond WQCAP's
+        total is refused at once; while the device is enabled, so is a size that
+        would make the WQs together exceed it (ENABLE_DEVICE checked the sum
+        once, and no later write may break it)."""
         wq = self._wq(wq_id)
         with self._cv:
             if wq.state != WqState.DISABLED:
                 raise DsaConfigError(f"WQ {wq_id} is enabled: WQCFG is read-only")
+            total = self.config.total_wq_size
+            if cfg.wq_size > total:
+                raise DsaConfigError(f"WQ {wq_id} size {cfg.wq_size} exceeds the device's total of {total} "
+                                     "(WQCAP)", CmdErr.WQ_SIZE_ERANGE)
+            if self._state != DeviceState.DISABLED and cfg.wq_size > (left := self._wq_space_left(wq_id)):
+                raise DsaConfigError(f"WQ {wq_id} size {cfg.wq_size}: the device is enabled and only {left} "
+                                     f"of its {total} WQ entries (WQCAP) are not configured to other WQs",
+                                     CmdErr.WQ_SIZE_ERANGE)
             wq.cfg = WqCfg(**{**_asdict(cfg), "wq_state": WqState.DISABLED, "occupancy": 0})
 
     def configure_group(self, group_id: int, wqs: Iterable[int], engines: Iterable[int]) -> None:
@@ -470,8 +493,8 @@ class DsaDevice:
                 return CmdErr.DEV_NOTEN
             if wq.state != WqState.DISABLED:
                 return CmdErr.WQ_ENABLED
-            if cfg.wq_size == 0 or cfg.wq_thresh > cfg.wq_size:
-                return CmdErr.WQ_SIZE
+            if cfg.wq_size == 0 or cfg.wq_thresh > cfg.wq_size or cfg.wq_size > self._wq_space_left(wq_id):
+                return CmdErr.WQ_SIZE  # empty, threshold above size, or beyond WQCAP's total with the others
             if (cfg.dedicated and not self.config.dedicated_mode) or (
                     not cfg.dedicated and not self.config.shared_mode):
                 return CmdErr.WQ_MODE

@@ -14,7 +14,11 @@ runs it translated.
 
 Streaming reads (compare, CRC) go in ``CHUNK`` pieces so a difference found
 early stops the operation before later pages are touched, as the hardware
-would.
+would. Every other operation also works in bounded steps -- translate a piece,
+move it, go on -- so none allocates in proportion to its transfer size (a
+2 GiB MEMFILL to an unmapped IOVA must not build 2 GiB of pattern first, nor a
+probe list 512 Ki runs); the completion record (bytes completed, fault address)
+is what one pass over the whole transfer gives.
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ from pviommu.addr import Iova
 from pviommu.mem.dma import DmaFault, DmaRuns, common_prefix
 
 CHUNK = 256 * 1024  # a multiple of 8 so COMPVAL patterns stay aligned per chunk
+#: Bytes a step of MEMFILL, COPY_CRC or DIF materialises (a multiple of 8: MEMFILL's pattern stays aligned).
+DATA_CHUNK = 1 << 20
+#: Bytes a step of MEMMOVE, DUALCAST or CFLUSH translates (no data buffer, only the runs translating it).
+MOVE_CHUNK = 4 << 20
 _NO_OP = bytes(COMP_OP_SPECIFIC_SIZE)
 
 
@@ -133,22 +141,38 @@ def op_memmove(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     addresses after partial completion when result is 1."""
     n, src, dst = d.xfer_size, d.src_addr, d.dst_addr
     if dst > src and overlaps(src, n, dst, n):
-        pre = common_prefix(ctx.mem, [(Iova(src), n, False), (Iova(dst), n, True)])
-        if pre.fault is not None:
-            return _fault(ctx, pre.fault, 0, result=1)
-        ctx.mem.copy_runs(pre.runs[0], pre.runs[1], n)
+        # Nothing may be written unless all of it translates; then the highest piece goes first
+        # (a downward memmove), each piece translated again just before it moves.
+        for pos in range(0, n, MOVE_CHUNK):
+            k = min(MOVE_CHUNK, n - pos)
+            pre = common_prefix(ctx.mem, [(Iova(src + pos), k, False), (Iova(dst + pos), k, True)])
+            if pre.fault is not None:
+                return _fault(ctx, pre.fault, 0, result=1)
+        for pos in reversed(range(0, n, MOVE_CHUNK)):
+            k = min(MOVE_CHUNK, n - pos)
+            pre = common_prefix(ctx.mem, [(Iova(src + pos), k, False), (Iova(dst + pos), k, True)])
+            if pre.fault is not None:  # the mapping went away between the passes
+                return _fault(ctx, pre.fault, 0, result=1)
+            ctx.mem.copy_runs(pre.runs[0], pre.runs[1], k)
         return _ok(result=1, bytes_completed=0)
-    res = ctx.mem.copy(Iova(src), Iova(dst), n)
-    if res.fault is not None:
-        return _fault(ctx, res.fault, res.done)
+    pos = 0
+    while pos < n:  # ascending pieces: a forward overlap only overwrites source already copied
+        res = ctx.mem.copy(Iova(src + pos), Iova(dst + pos), min(MOVE_CHUNK, n - pos))
+        pos += res.done
+        if res.fault is not None:
+            return _fault(ctx, res.fault, pos)
     return _ok()
 
 
 def op_memfill(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     """dst[i] = pattern byte i % 8 (8-byte little-endian pattern at @16)."""
-    res = ctx.mem.write(Iova(d.dst_addr), _pattern(d.pattern, d.xfer_size))
-    if res.fault is not None:
-        return _fault(ctx, res.fault, res.done)
+    n, pos = d.xfer_size, 0
+    pat = memoryview(_pattern(d.pattern, min(n, DATA_CHUNK)))
+    while pos < n:
+        res = ctx.mem.write(Iova(d.dst_addr + pos), pat[: min(len(pat), n - pos)])
+        pos += res.done
+        if res.fault is not None:
+            return _fault(ctx, res.fault, pos)
     return _ok()
 
 
@@ -236,13 +260,16 @@ def op_ap_delta(d: Descriptor, ctx: OpContext) -> CompletionRecord:
 
 
 def op_dualcast(d: Descriptor, ctx: OpContext) -> CompletionRecord:
-    n = d.xfer_size
-    pre = common_prefix(ctx.mem, [(Iova(d.src_addr), n, False), (Iova(d.dst_addr), n, True),
-                                  (Iova(d.dest2), n, True)])
-    for dst in pre.runs[1:]:
-        ctx.mem.copy_runs(pre.runs[0], dst, pre.done)
-    if pre.fault is not None:
-        return _fault(ctx, pre.fault, pre.done)
+    n, pos = d.xfer_size, 0
+    while pos < n:
+        k = min(MOVE_CHUNK, n - pos)
+        pre = common_prefix(ctx.mem, [(Iova(d.src_addr + pos), k, False), (Iova(d.dst_addr + pos), k, True),
+                                      (Iova(d.dest2 + pos), k, True)])
+        for dst in pre.runs[1:]:
+            ctx.mem.copy_runs(pre.runs[0], dst, pre.done)
+        pos += pre.done
+        if pre.fault is not None:
+            return _fault(ctx, pre.fault, pos)
     return _ok()
 
 
@@ -275,65 +302,95 @@ def op_copy_crc(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     crc, fault = _seed(d, ctx)
     if fault is not None:
         return _fault(ctx, fault, 0)
-    n = d.xfer_size
-    pre = common_prefix(ctx.mem, [(Iova(d.src_addr), n, False), (Iova(d.dst_addr), n, True)])
-    data = ctx.mem.read_runs(pre.runs[0], pre.done)
-    ctx.mem.write_runs(pre.runs[1], data)
-    crc = crc32c_dsa(data, crc, d.flags)
-    if pre.fault is not None:
-        return _fault(ctx, pre.fault, pre.done, op_specific=comp_op_crc(crc))
+    n, pos = d.xfer_size, 0
+    while pos < n:  # the CRC of each piece seeds the next (crc32c_dsa chains)
+        k = min(DATA_CHUNK, n - pos)
+        pre = common_prefix(ctx.mem, [(Iova(d.src_addr + pos), k, False), (Iova(d.dst_addr + pos), k, True)])
+        data = ctx.mem.read_runs(pre.runs[0], pre.done)
+        ctx.mem.write_runs(pre.runs[1], data)
+        crc = crc32c_dsa(data, crc, d.flags)
+        pos += pre.done
+        if pre.fault is not None:
+            return _fault(ctx, pre.fault, pos, op_specific=comp_op_crc(crc))
     return _ok(op_specific=comp_op_crc(crc))
 
 
 def op_cflush(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     """Flush [dst, +xfer_size) from the caches: memory is always coherent
     here, so only the translation (a read access) matters."""
-    res = ctx.mem.translate(Iova(d.dst_addr), d.xfer_size, False)
-    if res.fault is not None:
-        return _fault(ctx, res.fault, res.done)
+    n, pos = d.xfer_size, 0
+    while pos < n:
+        res = ctx.mem.translate(Iova(d.dst_addr + pos), min(MOVE_CHUNK, n - pos), False)
+        pos += res.done
+        if res.fault is not None:
+            return _fault(ctx, res.fault, pos)
     return _ok()
 
 
 # -- DIF -------------------------------------------------------------------------
-def _dif_prefix(d: Descriptor, ctx: OpContext, src_unit: int, dst_unit: int
+def _dif_prefix(ctx: OpContext, src: int, dst: int, blocks: int, src_unit: int, dst_unit: int
                 ) -> tuple[int, DmaFault | None, DmaRuns, DmaRuns]:
-    """Whole blocks whose source (and destination) translate, the fault that
-    stops the rest, and the source and destination runs to move them over."""
-    blocks = d.xfer_size // src_unit
-    ps = ctx.mem.translate(Iova(d.src_addr), blocks * src_unit, False)
+    """How many of ``blocks`` whole blocks from ``src`` (and to ``dst``)
+    translate, the fault that stops the rest, and the runs to move them over."""
+    ps = ctx.mem.translate(Iova(src), blocks * src_unit, False)
     avail, fault = ps.done // src_unit, ps.fault
     pd = DmaRuns()
     if dst_unit:
-        pd = ctx.mem.translate(Iova(d.dst_addr), blocks * dst_unit, True)
+        pd = ctx.mem.translate(Iova(dst), blocks * dst_unit, True)
         if pd.done // dst_unit < avail:
             avail, fault = pd.done // dst_unit, pd.fault
     return avail, fault if avail < blocks else None, ps, pd
 
 
-def _dif_run(d: Descriptor, ctx: OpContext, out_unit: int,
-             emit: Callable[[memoryview, memoryview, int], bytes] | None) -> CompletionRecord:
+Emit = Callable[[memoryview, memoryview, int], bytes]
+
+
+def _dif_blocks(d: Descriptor, ctx: OpContext, src_unit: int, out_unit: int,
+                step: Callable[[memoryview, int], tuple[int, bytes]]) -> tuple[int, int, DmaFault | None]:
+    """The loop every DIF operation shares: a ``DATA_CHUNK`` of whole blocks at a
+    time, translated, read, each block passed to ``step(block, index)`` (DIF
+    status, output bytes) and the output written, until a DIF error, a fault or
+    the end. Returns (blocks done, DIF status, the fault that stopped it)."""
+    blocks = d.xfer_size // src_unit
+    per = max(1, DATA_CHUNK // max(src_unit, out_unit))
+    done = 0
+    while done < blocks:
+        b0, nb = done, min(per, blocks - done)
+        avail, fault, src_runs, dst_runs = _dif_prefix(ctx, d.src_addr + b0 * src_unit,
+                                                       d.dst_addr + b0 * out_unit, nb, src_unit, out_unit)
+        src = memoryview(ctx.mem.read_runs(src_runs, avail * src_unit))
+        out = bytearray()
+        status = 0
+        for i in range(avail):
+            status, emitted = step(src[i * src_unit : (i + 1) * src_unit], b0 + i)
+            if status:
+                break
+            out += emitted
+            done = b0 + i + 1
+        if out:
+            ctx.mem.write_runs(dst_runs, out)
+        if status:
+            return done, status, None
+        if fault is not None:
+            return done, 0, fault
+    return done, 0, None
+
+
+def _dif_run(d: Descriptor, ctx: OpContext, out_unit: int, emit: Emit | None) -> CompletionRecord:
     """Shared body of DIF_CHECK / DIF_STRP / DIF_UPDT: check each source block,
     emit its output (if any) and stop at the first DIF error or fault."""
     bs = dif.block_size(d.dif_flags)
     unit = bs + DIF_TUPLE_SIZE
-    blocks = d.xfer_size // unit
-    avail, fault, src_runs, dst_runs = _dif_prefix(d, ctx, unit, out_unit)
-    raw = ctx.mem.read_runs(src_runs, avail * unit)
-    src = memoryview(raw)
     tags = dif.Tags(d.chk_ref_tag_seed, d.chk_app_tag_mask, d.chk_app_tag_seed)
-    out = bytearray()
-    status = 0
-    done = 0
-    for i in range(avail):
-        blk, tup = src[i * unit : i * unit + bs], src[i * unit + bs : (i + 1) * unit]
+
+    def step(block: memoryview, i: int) -> tuple[int, bytes]:
+        blk, tup = block[:bs], block[bs:]
         status = dif.check_block(blk, tup, d.dif_flags, d.src_dif_flags, tags, i)
-        if status:
-            break
-        if emit is not None:
-            out += emit(blk, tup, i)
-        done = i + 1
-    if out:
-        ctx.mem.write_runs(dst_runs, out)
+        if status or emit is None:
+            return status, b""
+        return 0, emit(blk, tup, i)
+
+    done, status, fault = _dif_blocks(d, ctx, unit, out_unit, step)
     ref, app = dif.expected_src(tags, d.src_dif_flags, done)
     dref, dapp = dif.dest_tags(dif.Tags(d.ins_ref_tag_seed, d.ins_app_tag_mask, d.ins_app_tag_seed),
                                d.dest_dif_flags, done)
@@ -341,7 +398,7 @@ def _dif_run(d: Descriptor, ctx: OpContext, out_unit: int,
     if status:
         return CompletionRecord(status=int(DsaStatus.DIF_ERR), result=status,
                                 bytes_completed=done * unit, op_specific=tags_rec)
-    if fault is not None and done < blocks:
+    if fault is not None:
         return _fault(ctx, fault, done * unit, op_specific=tags_rec)
     return _ok(op_specific=tags_rec)
 
@@ -365,23 +422,17 @@ def op_dif_ins(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     """Append a generated tuple after each source block."""
     bs = dif.block_size(d.dif_flags)
     unit = bs + DIF_TUPLE_SIZE
-    blocks = d.xfer_size // bs
-    avail, fault, src_runs, dst_runs = _dif_prefix(d, ctx, bs, unit)
-    raw = ctx.mem.read_runs(src_runs, avail * bs)
-    src = memoryview(raw)
     tags = dif.Tags(d.ins_ref_tag_seed, d.ins_app_tag_mask, d.ins_app_tag_seed)
-    out = bytearray()
-    for i in range(avail):
-        blk = src[i * bs : (i + 1) * bs]
+
+    def step(blk: memoryview, i: int) -> tuple[int, bytes]:
         ref, app = dif.dest_tags(tags, d.dest_dif_flags, i)
-        out += blk
-        out += dif.tuple_bytes(dif.guard(blk, d.dif_flags), app, ref)
-    if out:
-        ctx.mem.write_runs(dst_runs, out)
-    ref, app = dif.dest_tags(tags, d.dest_dif_flags, avail)
+        return 0, bytes(blk) + dif.tuple_bytes(dif.guard(blk, d.dif_flags), app, ref)
+
+    done, _, fault = _dif_blocks(d, ctx, bs, unit, step)
+    ref, app = dif.dest_tags(tags, d.dest_dif_flags, done)
     rec = comp_op_dif(ins_ref=ref, ins_mask=d.ins_app_tag_mask, ins_app=app)
-    if fault is not None and avail < blocks:
-        return _fault(ctx, fault, avail * bs, op_specific=rec)
+    if fault is not None:
+        return _fault(ctx, fault, done * bs, op_specific=rec)
     return _ok(op_specific=rec)
 
 

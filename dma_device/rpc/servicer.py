@@ -113,7 +113,7 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
         try:
             self.device.configure_wq(request.wq_id, cfg)
         except (DsaConfigError, ValueError) as exc:
-            return dsa_pb2.CommandStatus(error=1, message=str(exc))
+            return dsa_pb2.CommandStatus(error=int(getattr(exc, "cmd_err", 1)), message=str(exc))
         return dsa_pb2.CommandStatus()
 
     @grpc_errors

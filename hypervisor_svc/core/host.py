@@ -177,13 +177,14 @@ class Host:
             pid = self._next_partition
             self._next_partition += 1
             bank = self.memory.create_bank(pid, memory_bytes)
+            frames = self.tables.partition_frames(self.config.table_quota_frames, f"partition {pid}")
             try:
-                table = self.tables.build_partition_stage2(bank, memory_bytes, holes, read_only)
+                table = self.tables.build_partition_stage2(bank, memory_bytes, holes, read_only, frames)
             except Exception:
                 self.memory.destroy_bank(pid)
                 raise
             part = Partition(pid, name or f"partition{pid}", new_token(), bank, memory_bytes, table,
-                             holes, read_only, faults=FaultLog(self.config.fault_log_size))
+                             holes, read_only, faults=FaultLog(self.config.fault_log_size), frames=frames)
             self.partitions[pid] = part
         self.count("partitions_created")
         log.info("partition.created", partition=pid, name=part.name, memory=memory_bytes,
@@ -218,6 +219,11 @@ class Host:
                 with self.lock:
                     del self.partitions[pid]
                 self.memory.destroy_bank(pid)
+            # Its devices were fenced while the bank file still existed, and devices it never held
+            # may still map it (a previous owner's): a fence for the current epoch, posted to every
+            # unit, makes each process unmap the banks whose files are gone (Ownership.fence).
+            for dev in list(self.devices.values()):
+                self._announce(dev)
         self.count("partitions_destroyed")
         log.info("partition.destroyed", partition=pid)
 

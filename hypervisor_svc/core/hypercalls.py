@@ -33,6 +33,8 @@ Statuses chosen where the reference is silent (see docs/security.md and docs/rev
   * a stage-1 root that is not a page of the caller's RAM -> INVALID_PARAMETER;
     5-level paging without the capability -> INVALID_PARAMETER;
   * more domains than the limit -> INSUFFICIENT_DEVICE_DOMAINS;
+  * a baseline CreateDeviceDomain or MapDeviceGpaPages rep that needs a bank-0 table frame beyond
+    the partition's ``--table-quota`` -> INSUFFICIENT_MEMORY (reps before it stay done);
   * a device whose IOMMU unit is gone (no process serves it) -> INVALID_DEVICE_STATE.
 
 A refused call changes nothing, HV_STATUS_TIME_OUT included: every handler
@@ -190,7 +192,7 @@ class Hypercalls:
                      flags=int(req.forward_progress_required) | int(req.inherit_owning_vtl) << 1)
         if dom_type == S2:
             try:
-                dom.table = self.host.tables.new_baseline_table()
+                dom.table = self.host.tables.new_baseline_table(caller.table_frames)
             except Exception:
                 self.host.free_tag(tag)
                 raise
@@ -364,9 +366,9 @@ class Hypercalls:
         except HvError as exc:  # not confirmed: put the mappings back, as if nothing happened
             for iova, tr in removed:
                 table.map(iova, tr.oa, 1 << tr.size_lg2, tr.perm)
-            self.host.tables.free_gathered(freed)
+            self.host.tables.free_gathered(caller.table_frames, freed)
             exc.reps_completed = req.rep_start
             raise
         dom.mapped_pages -= unmapped // PAGE_SIZE
-        self.host.tables.free_gathered(freed)
+        self.host.tables.free_gathered(caller.table_frames, freed)
         return HvAnswer(reps_completed=req.rep_count)

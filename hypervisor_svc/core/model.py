@@ -8,6 +8,7 @@ from enum import Enum
 from typing import Any
 
 from hypervisor_svc.core.faults import FaultLog
+from hypervisor_svc.core.stage2 import PartitionFrames
 from pviommu.addr import Gpa
 from pviommu.mem.bank import Bank
 
@@ -46,10 +47,18 @@ class Partition:
     domains: dict[int, Domain] = field(default_factory=dict)
     devices: set[int] = field(default_factory=set)
     faults: FaultLog | None = None
+    #: its bank-0 table frames (stage 2 and baseline domain tables), at most its quota
+    frames: PartitionFrames | None = None
     #: Serialises everything that touches this partition's domains, devices and
     #: contexts: its hypercalls and the admin changes that concern it. Unit
     #: waits happen under it (a stalled unit stalls only its own partition).
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+
+    @property
+    def table_frames(self) -> PartitionFrames:
+        if self.frames is None:
+            raise AssertionError(f"partition {self.partition_id} was built without its table frames")
+        return self.frames
 
     def gpa_backed(self, gpa: int, length: int = 1) -> bool:
         """True when every byte of ``[gpa, gpa+length)`` is RAM (not a hole)."""

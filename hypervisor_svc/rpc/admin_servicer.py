@@ -32,6 +32,7 @@ def partition_message(host: Host, p: Partition) -> admin_pb2.Partition:
         partition_id=p.partition_id, name=p.name, memory_bytes=p.memory_bytes, bank_index=p.bank.index,
         bank_path=str(p.bank.path), devices=sorted(p.devices), domain_count=len(p.domains),
         stage2_table_pages=host.tables.table_pages(p.stage2),
+        table_frames_used=p.table_frames.used, table_frames_quota=p.table_frames.quota,
     )
 
 

@@ -410,14 +410,14 @@ def stage1_table(
 
 
 def stage2_table(
-    fmt: PtFormat, host: HostMemory, frames: FrameAllocator[Hpa], page_sizes: int | None = None
+    fmt: PtFormat, host: HostMemory, frames: FrameSource[Hpa], page_sizes: int | None = None
 ) -> PageTable[Gpa, Hpa, Hpa]:
     """The hypervisor's stage-2 (GPA -> HPA) table of a partition, in bank 0."""
     return PageTable(fmt, host, frames, table_addr=Hpa, out_addr=Hpa, page_sizes=page_sizes)
 
 
 def direct_table(
-    fmt: PtFormat, host: HostMemory, frames: FrameAllocator[Hpa], page_sizes: int | None = None
+    fmt: PtFormat, host: HostMemory, frames: FrameSource[Hpa], page_sizes: int | None = None
 ) -> PageTable[Iova, Hpa, Hpa]:
     """A domain-private IOVA -> HPA table the hypervisor fills on map hypercalls
     (the emulated baseline), in bank 0."""
