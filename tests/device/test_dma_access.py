@@ -14,8 +14,7 @@ from dma_device.dsa import DsaDevice
 from pviommu.abi.dsa import COMP_SIZE, DescFlags, Descriptor, DsaStatus, Opcode, op_dif_ins, op_dualcast
 from pviommu.addr import PAGE_SIZE, Iova
 from pviommu.mem.dma import BlockedDma, DmaMemory, DmaRuns, common_prefix
-
-from .rig import DEDICATED_WQ, Rig, default_wqs
+from tests.kit.rig import DEDICATED_WQ, Rig, default_wqs
 
 N = 4 * PAGE_SIZE
 
