@@ -142,12 +142,17 @@ def op_memmove(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     n, src, dst = d.xfer_size, d.src_addr, d.dst_addr
     if dst > src and overlaps(src, n, dst, n):
         # Nothing may be written unless all of it translates; then the highest piece goes first
-        # (a downward memmove), each piece translated again just before it moves.
+        # (a downward memmove). One piece moves over the runs it was checked with; more pieces
+        # are translated again just before each moves (keeping every piece's runs would not be bounded).
+        checked = None
         for pos in range(0, n, MOVE_CHUNK):
             k = min(MOVE_CHUNK, n - pos)
-            pre = common_prefix(ctx.mem, [(Iova(src + pos), k, False), (Iova(dst + pos), k, True)])
-            if pre.fault is not None:
-                return _fault(ctx, pre.fault, 0, result=1)
+            checked = common_prefix(ctx.mem, [(Iova(src + pos), k, False), (Iova(dst + pos), k, True)])
+            if checked.fault is not None:
+                return _fault(ctx, checked.fault, 0, result=1)
+        if checked is not None and n <= MOVE_CHUNK:
+            ctx.mem.copy_runs(checked.runs[0], checked.runs[1], n)
+            return _ok(result=1, bytes_completed=0)
         for pos in reversed(range(0, n, MOVE_CHUNK)):
             k = min(MOVE_CHUNK, n - pos)
             pre = common_prefix(ctx.mem, [(Iova(src + pos), k, False), (Iova(dst + pos), k, True)])
