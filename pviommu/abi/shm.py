@@ -30,7 +30,14 @@ Hypercall page (12 KiB): a control page, the input page, the output page::
     +48    u32 input_len            bytes of input used
     +52    u32 output_len           bytes of output written
     +64    u32 host_state           0 polling, 1 sleeping (the guest rings the doorbell), 2 closed
+    +68    u32 close_reason         why it was closed (CloseReason)
+    +72    u32 guest_state          0 polling, 1 sleeping (the hypervisor rings the completion doorbell)
+    +76    u32 message_len          bytes of message written (a refusal's reason, UTF-8)
+    +1024  message                  up to 3072 bytes
     +4096  input page, +8192 output page
+
+Its session hands over three fds: the region, the request doorbell (guest ->
+hypervisor) and the completion doorbell (hypervisor -> guest).
 """
 
 from __future__ import annotations
@@ -100,5 +107,10 @@ HC_RESULT_VALUE = 40
 HC_INPUT_LEN = 48
 HC_OUTPUT_LEN = 52
 HC_HOST_STATE = 64
+HC_CLOSE_REASON = 68
+HC_GUEST_STATE = 72
+HC_MESSAGE_LEN = 76
+HC_MESSAGE = 1024
+HC_MESSAGE_MAX = PAGE - HC_MESSAGE
 HC_INPUT = PAGE
 HC_OUTPUT = 2 * PAGE
