@@ -54,14 +54,14 @@ class Agent:
 
     def __init__(self, hv_channel: grpc.Channel, token: str, bank: Bank, *, mode: FlushMode = FlushMode.STRICT,
                  allow_no_iommu: bool = False, reserved_low: int = 1 << 20,
-                 revision: Revision | str = DEFAULT_REVISION) -> None:
+                 revision: Revision | str = DEFAULT_REVISION, hypercall_page: bool = True) -> None:
         self.token = token
         self.bank = bank
         self.partition_id = bank.index
         self.ram = GuestRam(bank)
         self.memory = GuestMemory(self.ram, reserved_low=reserved_low)
         self.stats = Stats()
-        self.hv = HvClient(hv_channel)
+        self.hv = HvClient(hv_channel, token=token, hypercall_page=hypercall_page)
         self.iommu = PvIommu(self.hv, self.ram, self.memory.frames, self.stats, mode=mode,
                              allow_no_iommu=allow_no_iommu, revision=revision)
         self.dma = DmaApi(self.iommu, self.memory)
@@ -114,6 +114,7 @@ class Agent:
         for drv in list(self.dsa.values()):
             drv.close()
         self.iommu.shutdown()
+        self.hv.close()
 
     # -- devices ---------------------------------------------------------------------------
     def dsa_driver(self, logical_device_id: int) -> DsaDriver:
