@@ -15,7 +15,7 @@ from typing import Any
 MiB = 1 << 20
 KiB = 1 << 10
 #: the report's sections, in the order they are printed
-SECTIONS = ("map_unmap", "dma", "translation", "hypercall", "dmatest")
+SECTIONS = ("map_unmap", "dma", "translation", "hypercall", "hypercall_page", "dmatest")
 
 
 @dataclass
