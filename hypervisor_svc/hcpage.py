@@ -33,7 +33,7 @@ from pviommu.abi.hv_status import HvStatus
 from pviommu.log import get_logger
 from pviommu.rpc.auth import tokens_equal
 from pviommu.shm.region import Doorbell, Region, adaptive_wait
-from pviommu.shm.sessions import Opened, SessionRefused
+from pviommu.shm.sessions import Opened, Opener, SessionRefused
 
 log = get_logger("hypervisor.hcpage")
 
@@ -56,6 +56,34 @@ class PageSession:
     thread: threading.Thread | None = field(default=None, repr=False)
 
 
+def partition_of(host: Host, request: dict[str, object]) -> tuple[Partition, str]:
+    """The partition whose credential a session request carries (SessionRefused otherwise):
+    data-plane sessions go to a partition's credential holder only."""
+    token = request.get("token")
+    principal = host.resolve(token) if isinstance(token, str) and token else None
+    if principal is None or not isinstance(token, str):
+        raise SessionRefused("UNAUTHENTICATED", "the token is no partition's credential on this hypervisor")
+    if principal.kind != "partition":
+        raise SessionRefused("PERMISSION_DENIED", f"a {principal.kind} credential gets no data-plane session: "
+                                                  "only a partition makes hypercalls and takes faults")
+    with host.lock:
+        part = host.partitions.get(principal.id)
+    if part is None or not tokens_equal(token, part.token):
+        raise SessionRefused("UNAUTHENTICATED", "the partition was reset or destroyed meanwhile")
+    return part, token
+
+
+def session_opener(openers: dict[str, Opener]) -> Opener:
+    """One session socket for several kinds: dispatch on the request's ``kind``."""
+    def open_session(request: dict[str, object]) -> Opened:
+        kind = request.get("kind")
+        opener = openers.get(kind) if isinstance(kind, str) else None
+        if opener is None:
+            raise SessionRefused("INVALID_ARGUMENT", f"unknown session kind {kind!r} ({', '.join(sorted(openers))})")
+        return opener(request)
+    return open_session
+
+
 class HcPages:
     """The hypercall-page sessions of one hypervisor (an opener of its SessionServer)."""
 
@@ -73,22 +101,7 @@ class HcPages:
 
     # -- opening (the session socket's thread) -----------------------------------------------
     def open(self, request: dict[str, object]) -> Opened:
-        token = request.get("token")
-        principal = self.host.resolve(token) if isinstance(token, str) and token else None
-        if principal is None:
-            self.refused += 1
-            raise SessionRefused("UNAUTHENTICATED", "the token is no partition's credential on this hypervisor")
-        if principal.kind != "partition":
-            self.refused += 1
-            raise SessionRefused("PERMISSION_DENIED", f"a {principal.kind} credential gets no hypercall page: "
-                                                      "only a partition makes hypercalls")
-        assert isinstance(token, str)
-        if request.get("kind") != "hypercall_page":
-            raise SessionRefused("INVALID_ARGUMENT", f"unknown session kind {request.get('kind')!r} (hypercall_page)")
-        with self.host.lock:
-            part = self.host.partitions.get(principal.id)
-        if part is None or not tokens_equal(token, part.token):
-            raise SessionRefused("UNAUTHENTICATED", "the partition was reset or destroyed meanwhile")
+        part, token = partition_of(self.host, request)
         with self._lock:
             held = sum(1 for s in self._sessions.values() if s.partition is part and not s.stop)
             if held >= self.per_partition:

@@ -30,6 +30,7 @@ from pviommu.abi.hv_status import HvStatus
 from pviommu.addr import Gpa, Iova
 from pviommu.errors import ServiceUnavailable
 from pviommu.log import get_logger
+from pviommu.shm.faultring import FaultRingReader, RingClosed
 from pviommu.shm.hcpage import HypercallPage, PageAnswer, PageClosed
 from pviommu.shm.sessions import SessionError
 from pviommu.v1 import common_pb2, hypervisor_pb2, hypervisor_pb2_grpc
@@ -107,6 +108,8 @@ class HvClient:
         self._lock = threading.Lock()
         self._token = token
         self._want_page = hypercall_page and bool(token)
+        self._shm_allowed = hypercall_page
+        self._transports: hypervisor_pb2.TransportsReply | None = None
         self._page: HypercallPage | None = None
         self._page_lock = threading.Lock()
         #: why no page is used ("" while one is, or before the first call)
@@ -130,7 +133,7 @@ class HvClient:
                 return None
             self._want_page = False  # one attempt
             try:
-                t = self.stub.GetTransports(common_pb2.Empty(), timeout=self.timeout)
+                t = self.transports()
                 if not t.session_socket or t.hypercall_page_version != 1:
                     self.page_note = "the hypervisor offers no hypercall page"
                     return None
@@ -143,6 +146,26 @@ class HvClient:
                 self.page_note = f"no hypercall page: {exc}"
                 log.warning("hypercall_page.unavailable", error=str(exc))
                 return None
+
+    def transports(self) -> hypervisor_pb2.TransportsReply:
+        """What the hypervisor offers beside gRPC (asked once)."""
+        if self._transports is None:
+            self._transports = self.stub.GetTransports(common_pb2.Empty(), timeout=self.timeout)
+        return self._transports
+
+    def open_fault_ring(self, after: int = 0) -> FaultRingReader | None:
+        """This partition's fault ring when the hypervisor offers one (and this client may use
+        shared memory); None: read the gRPC fault stream."""
+        if not self._shm_allowed or not self._token:
+            return None
+        try:
+            t = self.transports()
+            if not t.session_socket or not t.fault_ring_slots:
+                return None
+            return FaultRingReader(t.session_socket, self._token, after=after, timeout=self.timeout)
+        except (ServiceUnavailable, SessionError, RingClosed, OSError) as exc:
+            log.warning("fault_ring.unavailable", error=str(exc))
+            return None
 
     def _drop_page(self, why: str) -> None:
         page, self._page = self._page, None

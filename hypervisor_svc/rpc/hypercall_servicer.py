@@ -77,7 +77,8 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
         self.calls = calls or Hypercalls(host)
         #: the data plane offered (set by main): the session socket and the hypercall pages' quota
         self.session_socket = ""
-        self.hcpage_sessions = 0
+        self.hcpage_sessions = 0  # 0: no hypercall page offered
+        self.fault_rings = False
 
     def _caller(self) -> Partition:
         principal = require("partition")
@@ -243,8 +244,9 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
         self._caller()
         return hypervisor_pb2.TransportsReply(
             session_socket=self.session_socket,
-            hypercall_page_version=L.HCPAGE_VERSION if self.session_socket else 0,
-            sessions_per_partition=self.hcpage_sessions if self.session_socket else 0)
+            hypercall_page_version=L.HCPAGE_VERSION if self.hcpage_sessions else 0,
+            sessions_per_partition=self.hcpage_sessions,
+            fault_ring_slots=L.FAULT_RING_SLOTS if self.fault_rings else 0)
 
     @grpc_errors
     def Ping(self, request: Any, context: grpc.ServicerContext) -> Any:

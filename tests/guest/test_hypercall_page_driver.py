@@ -127,3 +127,27 @@ def test_reset_partition_ends_the_agents_page(hv: HvEnv) -> None:
     while not page.closed and time.monotonic() < deadline:
         time.sleep(0.01)
     assert page.closed and _pages(hv).held(agent.partition_id) == 0
+
+
+def test_agent_takes_page_requests_from_the_fault_ring_or_the_stream_with_grpc_only(hv: HvEnv) -> None:
+    from hypervisor_svc.faultring import FaultRings
+
+    rings = next(f.__self__ for f in hv.host.on_close if isinstance(getattr(f, "__self__", None), FaultRings))
+    paged, _ = _agent(hv)
+    grpc_only, _ = _agent(hv, page=False)
+    deadline = time.monotonic() + 5
+    while not (paged.page_request_transport and grpc_only.page_request_transport) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (paged.page_request_transport, grpc_only.page_request_transport) == ("fault ring", "grpc stream")
+    assert rings.held(paged.partition_id) == 1 and rings.held(grpc_only.partition_id) == 0
+    paged.close()
+    assert rings.held(paged.partition_id) == 0 or _eventually(lambda: rings.held(paged.partition_id) == 0)
+
+
+def _eventually(pred: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return False

@@ -234,7 +234,14 @@ def test_no_page_is_advertised_when_switched_off(make_hv) -> None:
     hv = make_hv("--no-hypercall-page")
     g = hv.partition()
     r = g.stub.GetTransports(common_pb2.Empty(), timeout=CALL_TIMEOUT)
-    assert (r.session_socket, r.hypercall_page_version, r.sessions_per_partition) == ("", 0, 0)
+    assert (r.hypercall_page_version, r.sessions_per_partition) == (0, 0) and r.fault_ring_slots == 256
+    with pytest.raises(SessionError) as refused:  # the socket serves fault rings only
+        HypercallPage(r.session_socket, g.token)
+    assert refused.value.code == "INVALID_ARGUMENT"
+    hv = make_hv("--no-hypercall-page", "--no-fault-rings")
+    g = hv.partition()
+    r = g.stub.GetTransports(common_pb2.Empty(), timeout=CALL_TIMEOUT)
+    assert (r.session_socket, r.hypercall_page_version, r.fault_ring_slots) == ("", 0, 0)
 
 
 def test_session_socket_option_places_the_socket(make_hv, tmp_path: Path) -> None:
