@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from dataclasses import dataclass, field
 
 from hypervisor_svc.core.host import Host
@@ -37,8 +38,10 @@ from pviommu.shm.sessions import Opened, Opener, SessionRefused
 
 log = get_logger("hypervisor.hcpage")
 
-#: how long a session's thread polls the page after a call before it sleeps on the doorbell
+#: how long a session's thread polls the page after a call before it sleeps on the doorbell, while
+#: calls come at most this far apart on average (else ``HOST_SPIN_MIN_S``)
 HOST_SPIN_S = 0.001
+HOST_SPIN_MIN_S = 0.00005
 #: hypercall pages one partition may hold at once (the default of ``--hypercall-page-sessions``)
 SESSIONS_PER_PARTITION = 4
 
@@ -135,11 +138,18 @@ class HcPages:
             if not s.stop:
                 r.set_u32(L.HC_HOST_STATE, L.ConsumerState.SLEEPING if sleeping else L.ConsumerState.POLLING)
 
+        gap = HOST_SPIN_S  # moving average of the idle time between calls
+        done_at = time.monotonic()
         try:
             while True:
-                adaptive_wait(ready, s.request_bell, spin_s=HOST_SPIN_S, timeout=None, announce_sleep=announce)
+                # poll only when calls come close together: a page used now and then sleeps at once and
+                # leaves the CPU to the units and guests (the doorbell's wake-up is its cost)
+                spin = HOST_SPIN_S if gap <= HOST_SPIN_S else HOST_SPIN_MIN_S
+                adaptive_wait(ready, s.request_bell, spin_s=spin, timeout=None, announce_sleep=announce)
                 if s.stop:
                     return
+                now = time.monotonic()
+                gap += (now - done_at - gap) / 4
                 seq = r.u64(L.HC_SEQ_REQUEST)
                 answer = self._run(s)
                 if answer is None:  # the partition ended under this call: nothing ran
@@ -156,6 +166,7 @@ class HcPages:
                 self.host.count("hcpage_calls")
                 if r.u32(L.HC_GUEST_STATE) == 1:
                     s.done_bell.ring()
+                done_at = time.monotonic()
         except Exception:  # a bug: the page ends, the service goes on
             log.exception("hcpage.failed", session=s.id)
             self._close(s, L.CloseReason.PROTOCOL_ERROR)
