@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hypervisor_svc.core.faults import FaultEntry, FaultLog
 from hypervisor_svc.core.host import Host
@@ -46,10 +46,16 @@ class FaultRingSession:
     written: int = 0
     dropped: int = 0
     closed: bool = False
+    released: bool = False
+    #: put, close and release exclude each other: no slot or doorbell is touched after release
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def put(self, e: FaultEntry) -> None:
-        if self.closed:
-            return
+        with self.lock:
+            if not self.closed:
+                self._put(e)
+
+    def _put(self, e: FaultEntry) -> None:
         rec = L.FaultRecord(e.sequence, e.logical_device_id, e.iova, e.request_id, e.reason, e.domain_id, e.write,
                             e.page_request, e.timestamp)
         try:
@@ -64,14 +70,20 @@ class FaultRingSession:
             self.doorbell.ring()
 
     def close(self, reason: L.CloseReason = L.CloseReason.OWNER_CHANGED) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        try:
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
             self.ring.close(reason)
-        except ValueError:
-            pass
-        self.doorbell.ring()
+            self.doorbell.ring()
+
+    def release(self) -> None:
+        self.close(L.CloseReason.CLIENT_CLOSED)
+        with self.lock:
+            if not self.released:
+                self.released = True
+                self.doorbell.close()
+                self.region.close()
 
 
 class FaultRings:
@@ -116,9 +128,7 @@ class FaultRings:
         if s is None:
             return
         s.log.unsubscribe(s)
-        s.close(L.CloseReason.CLIENT_CLOSED)
-        s.doorbell.close()
-        s.region.close()
+        s.release()
         log.info("faultring.closed", partition=s.partition_id, session=sid, written=s.written, dropped=s.dropped)
 
     def held(self, partition_id: int) -> int:

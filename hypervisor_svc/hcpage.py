@@ -192,24 +192,29 @@ class HcPages:
 
     # -- ending ------------------------------------------------------------------------------
     def _close(self, s: PageSession, reason: L.CloseReason) -> None:
-        """Mark the page closed (the guest sees it at its next look) and stop its thread."""
-        if not s.stop:
-            try:
+        """Mark the page closed (the guest sees it at its next look) and stop its thread.
+        Under the lock, so a doorbell is never rung after ``_release`` closed its fd."""
+        with self._lock:
+            if self._sessions.get(s.id) is not s:
+                return  # released already
+            if not s.stop:
                 s.region.set_u32(L.HC_CLOSE_REASON, reason)
                 s.region.set_u32(L.HC_HOST_STATE, L.ConsumerState.CLOSED)
-            except ValueError:
-                pass
-        s.stop = True
-        s.request_bell.ring()
-        s.done_bell.ring()
+            s.stop = True
+            s.request_bell.ring()
+            s.done_bell.ring()
 
     def _release(self, s: PageSession) -> None:
         with self._lock:
             if self._sessions.pop(s.id, None) is None:
                 return
-        s.request_bell.close()
-        s.done_bell.close()
-        s.region.close()
+            if not s.stop:  # the thread ended on its own (a bug): the guest must still learn it
+                s.region.set_u32(L.HC_CLOSE_REASON, L.CloseReason.PROTOCOL_ERROR)
+                s.region.set_u32(L.HC_HOST_STATE, L.ConsumerState.CLOSED)
+                s.stop = True
+            s.request_bell.close()
+            s.done_bell.close()
+            s.region.close()
         self.closed += 1
         log.info("hcpage.closed", partition=s.partition.partition_id, session=s.id, calls=s.calls)
 
