@@ -77,6 +77,6 @@ def bench_hypercall_page(report: Report, agent: Any, quick: bool) -> None:
                 row.target, row.met = f"<= {TARGET}x gRPC Ping (issue #14)", row.ratio <= TARGET
     report.notes["hypercall_page"] = (
         f"{n} calls of each, in interleaved runs of {BLOCK}, from this process's guest driver: the page "
-        "calls through HvClient (raw ABI in shared memory; the hypervisor's session thread polls 1 ms after "
-        "a call, then sleeps on the eventfd), the gRPC ones on the same partition's channel; every flush is "
+        "calls through HvClient (raw ABI in shared memory; the hypervisor's session thread polls up to 1 ms "
+        "after a call, then sleeps on the eventfd), the gRPC ones on the same partition's channel; every flush is "
         "acknowledged by the DSA process's IOMMU unit")
