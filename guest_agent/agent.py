@@ -31,6 +31,7 @@ from pviommu.addr import PAGE_SIZE, Gpa, Iova
 from pviommu.errors import PviommuError
 from pviommu.log import get_logger
 from pviommu.mem.bank import Bank, GuestRam
+from pviommu.shm.faultring import FaultRingReader, RingClosed
 
 log = get_logger("guest.agent")
 
@@ -54,14 +55,14 @@ class Agent:
 
     def __init__(self, hv_channel: grpc.Channel, token: str, bank: Bank, *, mode: FlushMode = FlushMode.STRICT,
                  allow_no_iommu: bool = False, reserved_low: int = RESERVED_LOW,
-                 revision: Revision | str = DEFAULT_REVISION) -> None:
+                 revision: Revision | str = DEFAULT_REVISION, hypercall_page: bool = True) -> None:
         self.token = token
         self.bank = bank
         self.partition_id = bank.index
         self.ram = GuestRam(bank)
         self.memory = GuestMemory(self.ram, reserved_low=reserved_low)
         self.stats = Stats()
-        self.hv = HvClient(hv_channel)
+        self.hv = HvClient(hv_channel, token=token, hypercall_page=hypercall_page)
         self.iommu = PvIommu(self.hv, self.ram, self.memory.frames, self.stats, mode=mode,
                              allow_no_iommu=allow_no_iommu, revision=revision)
         self.dma = DmaApi(self.iommu, self.memory)
@@ -71,6 +72,10 @@ class Agent:
         #: the Prometheus registry of the service (set by main; None in tests)
         self.metrics_registry: Any = None
         self._map_lock = threading.Lock()
+        self._closing = False
+        self._fault_ring: FaultRingReader | None = None
+        #: how page requests reach this agent: "fault ring", "grpc stream" ("" before start)
+        self.page_request_transport = ""
 
     # -- life cycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -82,38 +87,64 @@ class Agent:
     def _page_requests(self) -> None:
         """Serve the devices' BOF page requests (the guest's IOPF handler):
         map the faulting page when it lies in an on-demand range of the
-        device's domain, then answer through the hypervisor. Runs until the
-        hypervisor stream ends (shutdown or hypervisor gone)."""
+        device's domain, then answer through the hypervisor. Reads the fault
+        ring in shared memory when the hypervisor offers one, else the gRPC
+        fault stream; runs until either ends (shutdown, reset, hypervisor gone)."""
+        ring = self.hv.open_fault_ring()
+        if ring is not None:
+            self._fault_ring = ring
+            self.page_request_transport = "fault ring"
+            try:
+                while not self._closing:
+                    for rec in ring.read(0.5):
+                        if rec.page_request:
+                            self._page_request(rec.logical_device_id, rec.request_id, rec.iova)
+            except RingClosed as exc:
+                if not self._closing:
+                    log.warning("page_request.ring_ended", reason=exc.reason.name)
+            except (ValueError, OSError):  # closed under us by close()
+                pass
+            return
+        self.page_request_transport = "grpc stream"
         try:
             stream = self.hv.stream_faults(follow=True)
             self._prq_stream = stream
             for fault in stream:
-                if not fault.page_request:
-                    continue
-                ok = False
-                try:
-                    dev = self.iommu.device(fault.logical_device_id)
-                    dom = dev.domain
-                    resolve = getattr(dom, "resolve_page_request", None)
-                    ok = bool(resolve(fault.iova)) if resolve is not None else False
-                except PviommuError as exc:
-                    log.warning("page_request.failed", device=fault.logical_device_id, error=str(exc))
-                self.stats.add("page_requests_ok" if ok else "page_requests_refused")
-                try:
-                    self.hv.page_response(fault.logical_device_id, fault.request_id, ok)
-                except PviommuError as exc:
-                    log.warning("page_request.response_failed", device=fault.logical_device_id, error=str(exc))
+                if fault.page_request:
+                    self._page_request(fault.logical_device_id, fault.request_id, fault.iova)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 log.warning("page_request.stream_ended", error=exc.code().name)
 
+    def _page_request(self, logical_device_id: int, request_id: int, iova: int) -> None:
+        ok = False
+        try:
+            dev = self.iommu.device(logical_device_id)
+            dom = dev.domain
+            resolve = getattr(dom, "resolve_page_request", None)
+            ok = bool(resolve(iova)) if resolve is not None else False
+        except PviommuError as exc:
+            log.warning("page_request.failed", device=logical_device_id, error=str(exc))
+        self.stats.add("page_requests_ok" if ok else "page_requests_refused")
+        try:
+            self.hv.page_response(logical_device_id, request_id, ok)
+        except PviommuError as exc:
+            log.warning("page_request.response_failed", device=logical_device_id, error=str(exc))
+
     def close(self) -> None:
+        self._closing = True
         stream = getattr(self, "_prq_stream", None)
         if stream is not None:
             stream.cancel()
+        prq = getattr(self, "_prq", None)
+        if prq is not None and self._fault_ring is not None:
+            self._fault_ring.stop()
+            prq.join(2)
+            self._fault_ring.close()
         for drv in list(self.dsa.values()):
             drv.close()
         self.iommu.shutdown()
+        self.hv.close()
 
     # -- devices ---------------------------------------------------------------------------
     def dsa_driver(self, logical_device_id: int) -> DsaDriver:

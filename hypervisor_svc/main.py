@@ -11,7 +11,10 @@ from prometheus_client import CollectorRegistry
 
 from hypervisor_svc.core.config import HypervisorConfig
 from hypervisor_svc.core.host import Host
+from hypervisor_svc.core.hypercalls import Hypercalls
 from hypervisor_svc.core.trace import TraceWriter
+from hypervisor_svc.faultring import FaultRings
+from hypervisor_svc.hcpage import SESSIONS_PER_PARTITION, HcPages, session_opener
 from hypervisor_svc.rpc.admin_servicer import AdminServicer, DeviceHostServicer
 from hypervisor_svc.rpc.device_client import QueueLink
 from hypervisor_svc.rpc.hypercall_servicer import HypervisorServicer
@@ -30,6 +33,8 @@ from pviommu.rpc.auth import admin_token_from
 from pviommu.rpc.bind import BindError, bind_problem
 from pviommu.rpc.metrics import CounterCollector, RpcMetricsInterceptor, serve_metrics
 from pviommu.rpc.server import RunningServer, Service, create_server
+from pviommu.shm.invq import socket_path
+from pviommu.shm.sessions import Opener, SessionServer
 from pviommu.v1 import admin_pb2_grpc, hypervisor_pb2_grpc
 
 
@@ -65,6 +70,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=-1,
                    help="serve Prometheus metrics on this port (0 picks one; default: off)")
     p.add_argument("--flush-timeout", type=float, default=5.0, help="seconds a unit has to acknowledge a flush")
+    p.add_argument("--session-socket",
+                   help="Unix socket of the data-plane sessions, i.e. the hypercall pages (default: "
+                        "hypervisor.sock beside the banks, so on the shared banks volume under compose/k8s; "
+                        "under /tmp when that path is too long for AF_UNIX)")
+    p.add_argument("--no-hypercall-page", action="store_true",
+                   help="offer no hypercall page: guests make every hypercall over gRPC")
+    p.add_argument("--no-fault-rings", action="store_true",
+                   help="offer no fault rings: guests read faults and page requests from the gRPC stream only")
+    p.add_argument("--hypercall-page-sessions", type=int, default=SESSIONS_PER_PARTITION,
+                   help=f"hypercall pages one partition may hold at once (default {SESSIONS_PER_PARTITION})")
     p.add_argument("--trace", help="append every hypercall, admin change and fault report to this file as JSON "
                                    "lines (replay it with `pviommu replay`)")
 
@@ -111,9 +126,27 @@ def build(args: argparse.Namespace, listen: str | None = None) -> tuple[Host, Ru
     registry.register(CounterCollector("hypervisor", lambda: info, labels={"revision": ("revision", "s2_baseline")},
                                        gauges=frozenset({"revision"})))
     host.metrics_registry = registry
+    calls = Hypercalls(host)
+    hv_servicer = HypervisorServicer(host, calls)
+    openers: dict[str, Opener] = {}
+    if not getattr(args, "no_hypercall_page", False):
+        pages = HcPages(host, calls, per_partition=getattr(args, "hypercall_page_sessions", SESSIONS_PER_PARTITION))
+        openers["hypercall_page"] = pages.open
+        host.on_close.append(pages.close)
+        hv_servicer.hcpage_sessions = pages.per_partition
+    if not getattr(args, "no_fault_rings", False):
+        rings = FaultRings(host)
+        openers["faults"] = rings.open
+        host.on_close.append(rings.close)
+        hv_servicer.fault_rings = True
+    if openers:
+        sessions = SessionServer(getattr(args, "session_socket", None)
+                                 or socket_path(memory_dir, "hypervisor.sock"), session_opener(openers))
+        host.on_close.insert(0, sessions.close)
+        hv_servicer.session_socket = sessions.path
     try:
         server = create_server(listen or args.listen, [
-            Service(HypervisorServicer(host), hypervisor_pb2_grpc.add_HypervisorServicer_to_server,
+            Service(hv_servicer, hypervisor_pb2_grpc.add_HypervisorServicer_to_server,
                     "pviommu.v1.Hypervisor"),
             Service(AdminServicer(host), admin_pb2_grpc.add_AdminServicer_to_server, "pviommu.v1.Admin"),
             Service(DeviceHostServicer(host), admin_pb2_grpc.add_DeviceHostServicer_to_server,

@@ -29,10 +29,13 @@ ratio, because absolute times on shared machines are noisy. Sections:
    4 levels); reuses ``pvctl.benchmarks.translation``.
 4. ``hypercall``: p50/p99 round trip of GetIommuCapabilities and
    FlushDeviceDomain vs the hypervisor's empty ``Ping`` on the same channel.
-5. ``dmatest``: iops and KB/s for 1, 2 and 4 threads, nested vs baseline,
+5. ``hypercall_page``: FlushDeviceDomain (and FlushDeviceDomainList,
+   GetIommuCapabilities) through the hypercall page in shared memory vs the
+   gRPC Ping, interleaved (issue #14: flush p50 <= 0.2x Ping p50).
+6. ``dmatest``: iops and KB/s for 1, 2 and 4 threads, nested vs baseline,
    16 KiB buffers, in a strict guest and in a lazy (DMA_FQ) guest agent
    process (the real ``RunDmatest``).
-6. ``load``: another partition's FlushDeviceDomain p50 while one partition
+7. ``load``: another partition's FlushDeviceDomain p50 while one partition
    holds 100 idle streams, vs without; 16 guests x 2 devices running dmatest
    together, aggregate iops vs one of them alone (``pvctl.benchmarks.load``).
 
@@ -49,7 +52,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pvctl.benchmarks import dma, dmatest, hypercalls, load, map_unmap, translation
+from pvctl.benchmarks import dma, dmatest, hypercall_page, hypercalls, load, map_unmap, translation
 from pvctl.benchmarks.report import Report, kept_analysis, machine_facts, num, render_markdown, table
 from pvctl.benchmarks.system import local_agent, virtual_system
 
@@ -70,6 +73,8 @@ def run_suite(quick: bool, command: str, progress: Callable[[str], None] | None 
             dma.bench_dma_e2e(report, agent, quick)
             say("hypercalls")
             hypercalls.bench_hypercalls(report, agent, quick)
+            say("hypercall page")
+            hypercall_page.bench_hypercall_page(report, agent, quick)
         say("dmatest")
         dmatest.bench_dmatest(report, system, quick)
         say("load: idle streams")

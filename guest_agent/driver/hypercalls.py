@@ -6,6 +6,12 @@ of every answer carries an ``HvResult``; a non-zero status becomes
 exception that already names the call and the HV status. The partition is
 always ``HV_PARTITION_ID_SELF``: the hypervisor takes the caller from the
 bearer token, never from a field.
+
+When the hypervisor advertises a hypercall page (``GetTransports``) and the
+client holds the partition's token, every hypercall goes through the page:
+the same raw ABI as ``HvCall``, in shared memory (docs/transports.md). A
+page that cannot be opened, or that closes, falls back to the typed gRPC
+methods; ``hypercall_page=False`` (the agent's ``--grpc-only``) never uses one.
 """
 
 from __future__ import annotations
@@ -21,8 +27,15 @@ import grpc
 from guest_agent.errors import HypercallFailed
 from pviommu.abi import hv
 from pviommu.abi.hv_status import HvStatus
+from pviommu.addr import Gpa, Iova
 from pviommu.errors import ServiceUnavailable
+from pviommu.log import get_logger
+from pviommu.shm.faultring import FaultRingReader, RingClosed
+from pviommu.shm.hcpage import HypercallPage, PageAnswer, PageClosed
+from pviommu.shm.sessions import SessionError
 from pviommu.v1 import common_pb2, hypervisor_pb2, hypervisor_pb2_grpc
+
+log = get_logger("guest.hypercalls")
 
 SELF = hv.HV_PARTITION_ID_SELF
 #: Rep hypercalls take at most this many elements per call (rep count is 12 bits).
@@ -87,11 +100,109 @@ class _Guarded:
 class HvClient:
     """Hypercalls of this partition. Thread-safe (gRPC stubs are)."""
 
-    def __init__(self, channel: grpc.Channel, *, timeout: float = 10.0) -> None:
+    def __init__(self, channel: grpc.Channel, *, timeout: float = 10.0, token: str = "",
+                 hypercall_page: bool = True) -> None:
         self.stub = _Guarded(hypervisor_pb2_grpc.HypervisorStub(channel))
         self.timeout = timeout
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()
+        self._token = token
+        self._want_page = hypercall_page and bool(token)
+        self._shm_allowed = hypercall_page
+        self._transports: hypervisor_pb2.TransportsReply | None = None
+        self._page: HypercallPage | None = None
+        self._page_lock = threading.Lock()
+        #: why no page is used ("" while one is, or before the first call)
+        self.page_note = "" if self._want_page else "gRPC only"
+
+    # -- the hypercall page ------------------------------------------------------
+    @property
+    def transport(self) -> str:
+        """``hypercall page`` or ``grpc`` (what the next call uses, as far as known)."""
+        return "hypercall page" if self._page is not None and not self._page.closed else "grpc"
+
+    def page(self) -> HypercallPage | None:
+        """The hypercall page, opened on first use when advertised; None: use gRPC."""
+        if not self._want_page:
+            return None
+        with self._page_lock:
+            if self._page is not None and not self._page.closed:
+                return self._page
+            if self._page is not None:  # it closed: gRPC from now on (a reset guest gets a new token anyway)
+                self._drop_page("closed by the hypervisor")
+                return None
+            self._want_page = False  # one attempt
+            try:
+                t = self.transports()
+                if not t.session_socket or t.hypercall_page_version != 1:
+                    self.page_note = "the hypervisor offers no hypercall page"
+                    return None
+                self._page = HypercallPage(t.session_socket, self._token, timeout=self.timeout)
+                self._want_page = True
+                self.page_note = ""
+                log.info("hypercall_page.opened", socket=t.session_socket, session=self._page.session)
+                return self._page
+            except (ServiceUnavailable, SessionError, PageClosed, OSError) as exc:
+                self.page_note = f"no hypercall page: {exc}"
+                log.warning("hypercall_page.unavailable", error=str(exc))
+                return None
+
+    def transports(self) -> hypervisor_pb2.TransportsReply:
+        """What the hypervisor offers beside gRPC (asked once)."""
+        if self._transports is None:
+            self._transports = self.stub.GetTransports(common_pb2.Empty(), timeout=self.timeout)
+        return self._transports
+
+    def open_fault_ring(self, after: int = 0) -> FaultRingReader | None:
+        """This partition's fault ring when the hypervisor offers one (and this client may use
+        shared memory); None: read the gRPC fault stream."""
+        if not self._shm_allowed or not self._token:
+            return None
+        try:
+            t = self.transports()
+            if not t.session_socket or not t.fault_ring_slots:
+                return None
+            return FaultRingReader(t.session_socket, self._token, after=after, timeout=self.timeout)
+        except (ServiceUnavailable, SessionError, RingClosed, OSError) as exc:
+            log.warning("fault_ring.unavailable", error=str(exc))
+            return None
+
+    def _drop_page(self, why: str) -> None:
+        page, self._page = self._page, None
+        self._want_page = False
+        self.page_note = f"hypercall page {why}"
+        if page is not None:
+            page.close()
+        log.warning("hypercall_page.dropped", reason=why)
+
+    def _raw(self, request: hv.HvRequest) -> PageAnswer | None:
+        """Run ``request`` through the page; None when there is none (use gRPC)."""
+        page = self.page()
+        if page is None:
+            return None
+        value, data = hv.encode_request(request)
+        try:
+            return page.call(value.encode(), data)
+        except PageClosed as exc:  # the call did not run, or (a timeout) may have: both sides are idempotent
+            with self._page_lock:
+                if self._page is page:
+                    self._drop_page(str(exc))
+            return None
+
+    def _check_raw(self, call: str, answer: PageAnswer) -> None:
+        self._check(call, common_pb2.HvResult(status=answer.status, status_name=HvStatus.name_of(answer.status),
+                                              message=answer.message), answer.reps_completed)
+
+    @staticmethod
+    def _hv_dd(domain_type: int, domain_id: int) -> hv.DeviceDomain:
+        return hv.DeviceDomain(SELF, hv.DeviceDomainId(domain_type, domain_id))
+
+    def close(self) -> None:
+        with self._page_lock:
+            page, self._page = self._page, None
+            self._want_page = False
+        if page is not None:
+            page.close()
 
     # -- plumbing --------------------------------------------------------------
     def _check(self, call: str, result: common_pb2.HvResult, reps: int = 0) -> None:
@@ -113,6 +224,12 @@ class HvClient:
 
     # -- detection -------------------------------------------------------------
     def get_iommu_capabilities(self) -> IommuCaps:
+        a = self._raw(hv.GetIommuCapabilitiesInput(SELF))
+        if a is not None:
+            self._check_raw("GetIommuCapabilities", a)
+            out = hv.decode_output(hv.HvCallCode.GET_IOMMU_CAPABILITIES, a.output)
+            assert isinstance(out, hv.GetIommuCapabilitiesOutput)
+            return IommuCaps(out.max_iova_width, out.max_pasid_width, out.iommu_cap, out.pgsize_bitmap)
         r = self.stub.GetIommuCapabilities(hypervisor_pb2.GetIommuCapabilitiesRequest(partition_id=SELF),
                                            timeout=self.timeout)
         self._check("GetIommuCapabilities", r.result)
@@ -131,16 +248,25 @@ class HvClient:
 
     # -- domains ---------------------------------------------------------------
     def create_domain(self, domain_type: int, domain_id: int, flags: int = 0) -> None:
+        if not flags & ~0x3 and (a := self._raw(hv.CreateDeviceDomainInput(
+                self._hv_dd(domain_type, domain_id), bool(flags & 1), bool(flags & 2)))) is not None:
+            return self._check_raw("CreateDeviceDomain", a)
         r = self.stub.CreateDeviceDomain(hypervisor_pb2.CreateDeviceDomainRequest(
             device_domain=self._dd(domain_type, domain_id), flags=flags), timeout=self.timeout)
         self._check("CreateDeviceDomain", r.result)
 
     def delete_domain(self, domain_type: int, domain_id: int) -> None:
+        if (a := self._raw(hv.DeleteDeviceDomainInput(self._hv_dd(domain_type, domain_id)))) is not None:
+            return self._check_raw("DeleteDeviceDomain", a)
         r = self.stub.DeleteDeviceDomain(hypervisor_pb2.DeleteDeviceDomainRequest(
             device_domain=self._dd(domain_type, domain_id)), timeout=self.timeout)
         self._check("DeleteDeviceDomain", r.result)
 
     def configure_domain(self, domain_type: int, domain_id: int, settings: DomainSettings) -> None:
+        if (a := self._raw(hv.ConfigureDeviceDomainInput(self._hv_dd(domain_type, domain_id), hv.DeviceDomainSettings(
+                settings.translation_enabled, settings.blocked, int(settings.five_level),
+                Gpa(settings.page_table_root))))) is not None:
+            return self._check_raw("ConfigureDeviceDomain", a)
         s = hypervisor_pb2.DeviceDomainSettings(
             translation_enabled=settings.translation_enabled, blocked=settings.blocked,
             first_stage_paging_mode=settings.five_level, page_table_root=settings.page_table_root)
@@ -152,22 +278,31 @@ class HvClient:
                accept: frozenset[HvStatus] = frozenset({HvStatus.SUCCESS})) -> HvStatus:
         """ATTACH; returns the status when it is one of ``accept`` (a revision's driver decides
         which count as attached), raises ``HypercallFailed`` otherwise."""
-        r = self.stub.AttachDeviceDomain(hypervisor_pb2.AttachDeviceDomainRequest(
-            device_domain=self._dd(domain_type, domain_id), device_id=device_id), timeout=self.timeout)
-        if r.result.status != HvStatus.SUCCESS and r.result.status in accept:
+        a = self._raw(hv.AttachDeviceDomainInput(self._hv_dd(domain_type, domain_id),
+                                                 hv.HvDeviceId.from_u64(device_id)))
+        if a is not None:
+            result = common_pb2.HvResult(status=a.status, status_name=HvStatus.name_of(a.status), message=a.message)
+        else:
+            result = self.stub.AttachDeviceDomain(hypervisor_pb2.AttachDeviceDomainRequest(
+                device_domain=self._dd(domain_type, domain_id), device_id=device_id), timeout=self.timeout).result
+        if result.status != HvStatus.SUCCESS and result.status in accept:
             with self._lock:
                 self.counts["AttachDeviceDomain"] += 1
-            return HvStatus(r.result.status)
-        self._check("AttachDeviceDomain", r.result)
+            return HvStatus(result.status)
+        self._check("AttachDeviceDomain", result)
         return HvStatus.SUCCESS
 
     def detach(self, device_id: int) -> None:
+        if (a := self._raw(hv.DetachDeviceDomainInput(SELF, hv.HvDeviceId.from_u64(device_id)))) is not None:
+            return self._check_raw("DetachDeviceDomain", a)
         r = self.stub.DetachDeviceDomain(hypervisor_pb2.DetachDeviceDomainRequest(
             partition_id=SELF, device_id=device_id), timeout=self.timeout)
         self._check("DetachDeviceDomain", r.result)
 
     # -- IOTLB -------------------------------------------------------------------
     def flush_domain(self, domain_type: int, domain_id: int) -> None:
+        if (a := self._raw(hv.FlushDeviceDomainInput(self._hv_dd(domain_type, domain_id)))) is not None:
+            return self._check_raw("FlushDeviceDomain", a)
         r = self.stub.FlushDeviceDomain(hypervisor_pb2.FlushDeviceDomainRequest(
             device_domain=self._dd(domain_type, domain_id), flags=0), timeout=self.timeout)
         self._check("FlushDeviceDomain", r.result)
@@ -176,6 +311,13 @@ class HvClient:
                           flags: int = hv.HV_FLUSH_DEVICE_DOMAIN_LIST_IOMMU_FORMAT) -> int:
         """One rep call: ``ranges`` are the (page_number, page_mask_shift) rep elements (the rep
         count is their number, the start index 0); returns the reps completed."""
+        if not flags & ~hv.HV_FLUSH_DEVICE_DOMAIN_LIST_IOMMU_FORMAT and 1 <= len(ranges) <= MAX_REPS and (
+                a := self._raw(hv.FlushDeviceDomainListRequest(
+                    hv.FlushDeviceDomainListHeader(self._hv_dd(domain_type, domain_id),
+                                                   bool(flags & hv.HV_FLUSH_DEVICE_DOMAIN_LIST_IOMMU_FORMAT)),
+                    tuple(hv.FlushVa(p, sh) for p, sh in ranges)))) is not None:
+            self._check_raw("FlushDeviceDomainList", a)
+            return a.reps_completed
         r = self.stub.FlushDeviceDomainList(hypervisor_pb2.FlushDeviceDomainListRequest(
             device_domain=self._dd(domain_type, domain_id), flags=flags,
             list=[hypervisor_pb2.FlushVa(page_number=p, page_mask_shift=s) for p, s in ranges]),
@@ -188,6 +330,11 @@ class HvClient:
         """MapDeviceGpaPages in chunks of at most 4095 reps."""
         for i in range(0, len(gpa_pages), MAX_REPS):
             chunk = gpa_pages[i:i + MAX_REPS]
+            if not map_flags & ~0x3 and (a := self._raw(hv.MapDeviceGpaPagesRequest(hv.MapDeviceGpaPagesHeader(
+                    self._hv_dd(hv.DeviceDomainType.S2, domain_id), hv.MapFlags(map_flags),
+                    Iova(va_base + (i << 12))), tuple(chunk)))) is not None:
+                self._check_raw("MapDeviceGpaPages", a)
+                continue
             r = self.stub.MapDeviceGpaPages(hypervisor_pb2.MapDeviceGpaPagesRequest(
                 device_domain=self._dd(hv.DeviceDomainType.S2, domain_id), map_flags=map_flags,
                 target_device_va_base=va_base + (i << 12), gpa_page_list=list(chunk)), timeout=self.timeout)
@@ -197,6 +344,11 @@ class HvClient:
         done = 0
         while done < page_count:
             n = min(MAX_REPS, page_count - done)
+            if (a := self._raw(hv.UnmapDeviceGpaPagesRequest(hv.UnmapDeviceGpaPagesInput(
+                    self._hv_dd(hv.DeviceDomainType.S2, domain_id), Iova(va_base + (done << 12))), n))) is not None:
+                self._check_raw("UnmapDeviceGpaPages", a)
+                done += n
+                continue
             r = self.stub.UnmapDeviceGpaPages(hypervisor_pb2.UnmapDeviceGpaPagesRequest(
                 device_domain=self._dd(hv.DeviceDomainType.S2, domain_id),
                 target_device_va_base=va_base + (done << 12), page_count=n), timeout=self.timeout)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -118,6 +118,10 @@ class Host:
         self.trace: TraceWriter | None = None
         #: why the banks are not where they were asked to be (set by main; "" when they are)
         self.bank_note = ""
+        #: called with a partition once it was reset or destroyed: its data-plane sessions end
+        self.on_partition_end: list[Callable[[Partition], None]] = []
+        #: called first by ``close`` (the data-plane session servers stop)
+        self.on_close: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ identity
     def resolve(self, token: str) -> Principal | None:
@@ -226,6 +230,7 @@ class Host:
                 self._announce(dev)
         self.count("partitions_destroyed")
         log.info("partition.destroyed", partition=pid)
+        self._ended(part)
 
     def reset_partition(self, pid: int) -> Partition:
         """A reboot of the guest: every session of its old credential ends (its
@@ -253,7 +258,15 @@ class Host:
                 part.faults = FaultLog(self.config.fault_log_size)
         self.count("partitions_reset")
         log.info("partition.reset", partition=pid)
+        self._ended(part)
         return part
+
+    def _ended(self, part: Partition) -> None:
+        for listener in self.on_partition_end:
+            try:
+                listener(part)
+            except Exception:
+                log.exception("partition.end_listener_failed", partition=part.partition_id)
 
     # ------------------------------------------------------------------ devices
     def register_device(self, name: str, control_address: str, vendor: int, device_id: int,
@@ -642,6 +655,9 @@ class Host:
 
     # ------------------------------------------------------------------ shutdown, inspection
     def close(self) -> None:
+        for stop in self.on_close:
+            stop()
+        self.on_close.clear()
         with self.admin_lock:
             for part in list(self.partitions.values()):
                 try:

@@ -74,6 +74,19 @@ class HvAnswer:
     reps_completed: int = 0
 
 
+@dataclass(frozen=True)
+class RawAnswer:
+    """A raw hypercall's answer: the TLFS result value, the packed output, and why (refusals)."""
+
+    result_value: int
+    output: bytes = b""
+    message: str = ""
+
+    @property
+    def status(self) -> int:
+        return self.result_value & 0xFFFF
+
+
 def _deny(message: str) -> HvError:
     return HvError(HvStatus.ACCESS_DENIED, message)
 
@@ -107,6 +120,21 @@ class Hypercalls:
             raise
         self.host.count_call(name, HvStatus.SUCCESS)
         return answer
+
+    def raw_call(self, caller: Partition, input_value: int, data: bytes) -> RawAnswer:
+        """The raw ABI (TLFS input value + packed input block): decode, dispatch,
+        encode. The one path of both ``HvCall`` (gRPC) and the hypercall page."""
+        code = input_value & 0xFFFF
+        try:
+            decoded = hv.decode_call(input_value, data)
+            answer = self.dispatch(caller, decoded)
+            output = hv.encode_output(code, answer.output)
+        except HvError as exc:
+            self.host.count(f"hv_status_{int(exc.hv_status):#x}")
+            return RawAnswer(hv.HypercallResult(exc.hv_status, exc.reps_completed).encode(), b"", str(exc))
+        except PviommuError as exc:
+            return RawAnswer(hv.HypercallResult(exc.hv_status, 0).encode(), b"", str(exc))
+        return RawAnswer(hv.HypercallResult(HvStatus.SUCCESS, answer.reps_completed).encode(), output)
 
     # ------------------------------------------------------------------ checks
     @staticmethod

@@ -19,6 +19,7 @@ from hypervisor_svc.core.host import Host
 from hypervisor_svc.core.hypercalls import HvAnswer, Hypercalls
 from hypervisor_svc.core.model import Partition
 from pviommu.abi import hv
+from pviommu.abi import shm as L
 from pviommu.abi.hv_status import HvStatus
 from pviommu.addr import Gpa, Iova
 from pviommu.errors import HvError, PviommuError
@@ -70,9 +71,13 @@ def fault_message(e: FaultEntry) -> hypervisor_pb2.Fault:
 
 
 class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
-    def __init__(self, host: Host) -> None:
+    def __init__(self, host: Host, calls: Hypercalls | None = None) -> None:
         self.host = host
-        self.calls = Hypercalls(host)
+        self.calls = calls or Hypercalls(host)
+        #: the data plane offered (set by main): the session socket and the hypercall pages' quota
+        self.session_socket = ""
+        self.hcpage_sessions = 0  # 0: no hypercall page offered
+        self.fault_rings = False
 
     def _caller(self) -> Partition:
         principal = require("partition")
@@ -220,22 +225,9 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
     def HvCall(self, request: hypervisor_pb2.HvCallRequest,
                context: grpc.ServicerContext,
                ) -> hypervisor_pb2.HvCallReply:
-        caller = self._caller()
-        code = request.input_value & 0xFFFF
-        try:
-            decoded = hv.decode_call(request.input_value, bytes(request.input))
-            answer = self.calls.dispatch(caller, decoded)
-            output = hv.encode_output(code, answer.output)
-            result = hv.HypercallResult(HvStatus.SUCCESS, answer.reps_completed)
-            message = ""
-        except HvError as exc:
-            self.host.count(f"hv_status_{int(exc.hv_status):#x}")
-            output, message = b"", str(exc)
-            result = hv.HypercallResult(exc.hv_status, exc.reps_completed)
-        except PviommuError as exc:
-            output, message = b"", str(exc)
-            result = hv.HypercallResult(exc.hv_status, 0)
-        return hypervisor_pb2.HvCallReply(result_value=result.encode(), output=output, message=message)
+        answer = self.calls.raw_call(self._caller(), request.input_value, bytes(request.input))
+        return hypervisor_pb2.HvCallReply(result_value=answer.result_value, output=answer.output,
+                                          message=answer.message)
 
     # -- the guest's view of its hardware --------------------------------------
     @grpc_errors
@@ -273,6 +265,16 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
         except HvError as exc:
             return hypervisor_pb2.HvReply(result=hv_result(exc.hv_status, str(exc)))
         return hypervisor_pb2.HvReply(result=hv_result(HvStatus.SUCCESS))
+
+    @grpc_errors
+    def GetTransports(self, request: common_pb2.Empty,
+                      context: grpc.ServicerContext) -> hypervisor_pb2.TransportsReply:
+        self._caller()
+        return hypervisor_pb2.TransportsReply(
+            session_socket=self.session_socket,
+            hypercall_page_version=L.HCPAGE_VERSION if self.hcpage_sessions else 0,
+            sessions_per_partition=self.hcpage_sessions,
+            fault_ring_slots=L.FAULT_RING_SLOTS if self.fault_rings else 0)
 
     @grpc_errors
     def Ping(self, request: common_pb2.Empty, context: grpc.ServicerContext) -> common_pb2.Empty:

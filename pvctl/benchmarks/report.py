@@ -15,7 +15,7 @@ from typing import Any
 from pviommu.units import KiB, MiB
 
 #: the report's sections, in the order they are printed
-SECTIONS = ("map_unmap", "dma", "translation", "hypercall", "dmatest", "load")
+SECTIONS = ("map_unmap", "dma", "translation", "hypercall", "hypercall_page", "dmatest", "load")
 
 
 @dataclass

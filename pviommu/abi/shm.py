@@ -11,9 +11,17 @@ page, then ``slots`` slots of ``slot_size`` bytes (both powers of two)::
     +128   u64 head                consumer: entries consumed
     +192   u32 consumer_state      0 polling, 1 sleeping (the producer rings the doorbell), 2 closed
     +196   u32 close_reason        why it was closed (CloseReason)
+    +256   u64 dropped             producer: entries it could not write (ring full; fault rings)
     +1024  u8  answers[slots]      per slot, for non-posted submissions: 0 none yet, 1 accepted,
                                    2 retry (a shared WQ was full: ENQCMD ZF=1), 3 refused
     +4096  slot[0] ... slot[slots - 1]
+
+Fault record (a fault ring's 64-byte slot, hypervisor -> guest; VT-d's fault
+recording and page-request queue in one)::
+
+    +0 u64 sequence   +8 u64 logical_device_id   +16 u64 iova   +24 u64 request_id
+    +32 u32 reason (VT-d fault reason)   +36 u32 domain_id   +40 u8 write   +41 u8 page_request
+    +48 f64 timestamp (seconds since the epoch)
 
 Interrupt page (4 KiB): +0 u32 state (2 = closed), +4 u32 close_reason,
 +64 u64 count[64] (count[v] = interrupts raised on vector v so far); its
@@ -30,11 +38,20 @@ Hypercall page (12 KiB): a control page, the input page, the output page::
     +48    u32 input_len            bytes of input used
     +52    u32 output_len           bytes of output written
     +64    u32 host_state           0 polling, 1 sleeping (the guest rings the doorbell), 2 closed
+    +68    u32 close_reason         why it was closed (CloseReason)
+    +72    u32 guest_state          0 polling, 1 sleeping (the hypervisor rings the completion doorbell)
+    +76    u32 message_len          bytes of message written (a refusal's reason, UTF-8)
+    +1024  message                  up to 3072 bytes
     +4096  input page, +8192 output page
+
+Its session hands over three fds: the region, the request doorbell (guest ->
+hypervisor) and the completion doorbell (hypervisor -> guest).
 """
 
 from __future__ import annotations
 
+import struct
+from dataclasses import dataclass
 from enum import IntEnum
 
 PAGE = 4096
@@ -49,6 +66,7 @@ R_TAIL = 64
 R_HEAD = 128
 R_STATE = 192
 R_CLOSE_REASON = 196
+R_DROPPED = 256
 R_ANSWERS = 1024
 MAX_RING_SLOTS = RING_HEADER - R_ANSWERS  # one answer byte per slot fits the header page
 
@@ -79,6 +97,37 @@ def ring_bytes(slot_size: int, slots: int) -> int:
     return RING_HEADER + slot_size * slots
 
 
+# -- fault records ------------------------------------------------------------------------
+FAULT_RECORD = 64
+FAULT_RING_SLOTS = 256
+_FAULT = struct.Struct("<QQQQIIBB6xd8x")
+assert _FAULT.size == FAULT_RECORD
+
+
+@dataclass(frozen=True)
+class FaultRecord:
+    """One fault or page request as a fault ring carries it (the message text stays on gRPC)."""
+
+    sequence: int
+    logical_device_id: int
+    iova: int
+    request_id: int
+    reason: int
+    domain_id: int
+    write: bool
+    page_request: bool
+    timestamp: float
+
+    def pack(self) -> bytes:
+        return _FAULT.pack(self.sequence, self.logical_device_id, self.iova, self.request_id, self.reason,
+                           self.domain_id, int(self.write), int(self.page_request), self.timestamp)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> FaultRecord:
+        seq, dev, iova, rid, reason, dom, write, prq, ts = _FAULT.unpack_from(raw)
+        return cls(seq, dev, iova, rid, reason, dom, bool(write), bool(prq), ts)
+
+
 # -- interrupts ----------------------------------------------------------------------------
 IRQ_PAGE = PAGE
 IRQ_STATE = 0
@@ -100,5 +149,10 @@ HC_RESULT_VALUE = 40
 HC_INPUT_LEN = 48
 HC_OUTPUT_LEN = 52
 HC_HOST_STATE = 64
+HC_CLOSE_REASON = 68
+HC_GUEST_STATE = 72
+HC_MESSAGE_LEN = 76
+HC_MESSAGE = 1024
+HC_MESSAGE_MAX = PAGE - HC_MESSAGE
 HC_INPUT = PAGE
 HC_OUTPUT = 2 * PAGE
