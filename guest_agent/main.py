@@ -21,7 +21,7 @@ from guest_agent.errors import IommuAbsent
 from guest_agent.rpc.servicer import GuestAgentServicer
 from pviommu.abi.revision import DEFAULT_REVISION, REVISION_NAMES
 from pviommu.errors import PviommuError
-from pviommu.exitcodes import CANNOT_BIND
+from pviommu.exitcodes import CANNOT_BIND, read_secret, usage_exit
 from pviommu.log import bind_identity, configure, get_logger
 from pviommu.rpc.auth import Principal, admin_token_from, tokens_equal
 from pviommu.rpc.bind import BindError, bind_problem
@@ -67,10 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def partition_token(args: argparse.Namespace) -> str:
     if args.token_file:
-        return Path(args.token_file).read_text().strip()
+        return read_secret(args.token_file, "pviommu serve guest", "token")
     token = os.environ.get("PVIOMMU_TOKEN", "")
     if not token:
-        raise SystemExit("pviommu serve guest: set PVIOMMU_TOKEN or --token-file (there is no default credential)")
+        usage_exit("pviommu serve guest: set PVIOMMU_TOKEN or --token-file (there is no default credential)")
     return token
 
 

@@ -34,8 +34,9 @@ def _token_from(args: argparse.Namespace) -> str | None:
         return token
     path = getattr(args, "token_file", None)
     if path:
-        with open(path) as fh:
-            return fh.read().strip()
+        from pviommu.exitcodes import read_secret
+
+        return read_secret(path, f"pviommu {args.command}" if getattr(args, "command", None) else "pviommu", "token")
     return os.environ.get("PVIOMMU_TOKEN") or None
 
 
