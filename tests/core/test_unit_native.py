@@ -25,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pviommu.abi.invq import Invalidation
 from pviommu.addr import SZ_2M, SZ_4K, Gpa, Iova
 from pviommu.errors import PageTableError
 from pviommu.iommu import native
@@ -135,15 +136,11 @@ def apply(t: Twin, op: tuple[Any, ...]) -> Any:
         return res, unit.drain_faults()
     if kind == "inv":
         which = op[1]
-        if which == "all":
-            return unit.invalidate_all()
-        if which == "domain":
-            return unit.invalidate_domain(DID)
-        if which == "other-domain":
-            return unit.invalidate_domain(DID + 1)
-        if which in ("pages", "pages-wide"):
-            return unit.invalidate_pages(DID, SMALL + 3 * SZ_4K, 0 if which == "pages" else 9)
-        return unit.invalidate_context(SLOT if which == "context" else None)
+        return {"all": Invalidation.everything(), "domain": Invalidation.domain(DID),
+                "other-domain": Invalidation.domain(DID + 1),
+                "pages": Invalidation.pages(DID, Iova(SMALL + 3 * SZ_4K), 0),
+                "pages-wide": Invalidation.pages(DID, Iova(SMALL + 3 * SZ_4K), 9),
+                "context": Invalidation.context(SLOT)}.get(which, Invalidation.context(None)).apply(unit)
     if kind == "ctx":  # the hypervisor rewrites the live entry (with or without telling the unit)
         _, which, flush = op
         write_context(t.host, SLOT, t.contexts()[which])

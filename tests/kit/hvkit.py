@@ -63,9 +63,6 @@ DETACH, DELETE, CONFIGURE = 0x00C4, 0x00C5, 0x00CE
 FLUSH, FLUSH_LIST = 0x00D0, 0x00D1
 GET_CAPS, GET_PROPERTY = 0x0125, 0x0127
 
-SCOPE_NAMES = {0: "global", 1: "domain", 2: "pages", 3: "context"}
-
-
 def hv_args(*extra: str) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     add_arguments(p)
@@ -99,7 +96,7 @@ class UnitRecorder:
             self.release.wait(10)
         if isinstance(item, Invalidation):
             with self._lock:
-                self.invalidations.append((SCOPE_NAMES[int(item.scope)], item.did, item.addr, item.am,
+                self.invalidations.append((item.scope.name.lower(), item.did, item.addr, item.am,
                                            slot if item.slot is None else item.slot))
             if self.delay:
                 time.sleep(self.delay)
