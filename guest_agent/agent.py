@@ -12,9 +12,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from guest_agent.dma.api import Direction, DmaApi, DmaMapping
 from guest_agent.dma.pages import RESERVED_LOW, GuestMemory
@@ -69,8 +69,8 @@ class Agent:
         self.dsa: dict[int, DsaDriver] = {}
         self._dsa_lock = threading.Lock()
         self._mappings: dict[tuple[int, int], DmaMapping] = {}  # (domain id, bus address) -> mapping
-        #: the Prometheus registry of the service (set by main; None in tests)
-        self.metrics_registry: Any = None
+        #: the Prometheus registry of the service (main registers its collectors; empty in tests)
+        self.metrics_registry = CollectorRegistry()
         self._map_lock = threading.Lock()
         self._closing = False
         self._fault_ring: FaultRingReader | None = None

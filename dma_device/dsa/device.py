@@ -191,7 +191,7 @@ class Counters:
             self.completions[code] += 1
             self.bytes += nbytes
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, int | dict[str, int]]:
         """A plain-dict copy, for RPC answers and metrics."""
         with self._lock:
             return {

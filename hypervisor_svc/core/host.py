@@ -32,7 +32,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry
 
 from hypervisor_svc.core import stage2
 from hypervisor_svc.core.config import HypervisorConfig
@@ -112,8 +114,8 @@ class Host:
         self._counters_lock = threading.Lock()
         #: True when the service created the bank folder (and removes it on exit).
         self.owns_memory_dir = False
-        #: The Prometheus registry of the service (set by main; None in unit tests).
-        self.metrics_registry: Any = None
+        #: the Prometheus registry of the service (main registers its collectors; empty in tests)
+        self.metrics_registry = CollectorRegistry()
         #: ``--trace FILE``: hypercalls, admin changes and faults as JSON lines (None: off).
         self.trace: TraceWriter | None = None
         #: why the banks are not where they were asked to be (set by main; "" when they are)
@@ -559,7 +561,7 @@ class Host:
             dom.devices.add(dev.logical_device_id)
             dev.tags.add(dom.tag)
 
-    def reconfigure_domain(self, part: Partition, dom: Domain, apply: Any) -> None:
+    def reconfigure_domain(self, part: Partition, dom: Domain, apply: Callable[[Domain], object]) -> None:
         """Change ``dom``'s settings with ``apply(dom)`` and give its devices the
         new context, every unit holding its tag confirming; TIME_OUT: the old
         settings and contexts are back."""

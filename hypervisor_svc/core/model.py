@@ -5,12 +5,15 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING
 
 from hypervisor_svc.core.faults import FaultLog
 from hypervisor_svc.core.stage2 import PartitionFrames
 from pviommu.addr import Gpa
 from pviommu.mem.bank import Bank
+
+if TYPE_CHECKING:
+    from hypervisor_svc.core.stage2 import Baseline, Stage2
 
 
 @dataclass
@@ -30,7 +33,7 @@ class Domain:
     root: Gpa = field(default_factory=lambda: Gpa(0))
     devices: set[int] = field(default_factory=set)
     #: Baseline S2 domains: their own IOVA->HPA table (built by Map hypercalls).
-    table: Any = None
+    table: Baseline | None = None
     mapped_pages: int = 0
 
 
@@ -41,7 +44,7 @@ class Partition:
     token: str
     bank: Bank
     memory_bytes: int
-    stage2: Any  # PageTable over bank 0 (GPA -> HPA)
+    stage2: Stage2  # over bank 0 (GPA -> HPA)
     holes: list[tuple[int, int]] = field(default_factory=list)
     read_only: list[tuple[int, int]] = field(default_factory=list)
     domains: dict[int, Domain] = field(default_factory=dict)

@@ -160,11 +160,9 @@ def test_verbose_with_noverify_reports_every_completed_test_as_passed(guest: Gue
 
 
 def test_timeout_0_looks_once_and_reports_test_timed_out(guest: Guest) -> None:
-    start = time.monotonic()
     r, lines = run(guest.stub, iterations=5, timeout=0)
-    assert time.monotonic() - start < 10, "timeout=0 must not wait 3 s per test"
     # one look: a test whose record was not written yet by then fails as "test timed out" (a fast device
-    # may have finished some already: those pass)
+    # may have finished some already: those pass). A wait of any length would let every record arrive.
     timed_out = [(n, what, v) for _, n, what, v in results(lines)]
     assert r.tests == 5 and r.failures == len(timed_out) >= 1
     assert all(what == "test timed out" and v == 0 for _, what, v in timed_out)
