@@ -20,7 +20,7 @@ Model (reference/dsa-dmatest.md section 4):
   Several engines share a group's WQs, so completions may be out of order
   (DMA_COMPLETION_NO_ORDER); DRAIN restores order.
 * Completion: the record (32-byte aligned, else CRA_ALIGN reported in SWERR
-  since no record can be written) is written through the device's DmaMemory,
+  since no record can be written) is written through the device's DmaAccess,
   bytes 1..31 first and the status byte last, so a poller that sees a nonzero
   status sees the whole record. A record write that faults is CRA_XLAT:
   counted (``cr_faults``), reported to ``on_fault`` and SWERR, no interrupt.
@@ -32,7 +32,7 @@ Model (reference/dsa-dmatest.md section 4):
   queued ones of other epochs and waits for the running ones, so nothing of
   a previous owner runs once the device confirmed the change. Faults, page
   requests and interrupts carry the epoch of their descriptor.
-* Memory: the device is bound to a ``DmaMemory`` or a provider of one per
+* Memory: the device is bound to a ``DmaAccess`` or a provider of one per
   PASID. An unbound device (not attached to any IOMMU domain) sees every
   address as blocked: each access faults, including the completion record
   write, so descriptors complete nowhere and every fault is reported to

@@ -1,4 +1,4 @@
-"""The engines: run a descriptor (the ops over a ``DeviceMemory`` with the
+"""The engines: run a descriptor (the ops over a ``BlockOnFault`` with the
 WQ's block-on-fault policy), write its completion record (status byte last),
 raise its interrupt, and send page requests."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from dataclasses import replace
 
-from dma_device.dsa.access import DeviceMemory, PageRequestOutcome
+from dma_device.dsa.access import BlockOnFault, PageRequestOutcome
 from dma_device.dsa.checks import fail
 from dma_device.dsa.ops import OpContext, execute
 from dma_device.dsa.queues import WorkQueues
@@ -33,7 +33,7 @@ from pviommu.abi.dsa import (
     Opcode,
 )
 from pviommu.addr import Iova
-from pviommu.mem.dma import DmaFault, DmaMemory
+from pviommu.mem.dma import DmaAccess, DmaFault
 
 
 class Engine(WorkQueues):
@@ -78,7 +78,7 @@ class Engine(WorkQueues):
         with self._cv:
             self._cv.wait_for(lambda: not any(s < seq for s in wq.running))
 
-    def _run(self, d: Descriptor, wq: _WorkQueue, dma: DmaMemory, seq: int, pasid: int | None, epoch: int,
+    def _run(self, d: Descriptor, wq: _WorkQueue, dma: DmaAccess, seq: int, pasid: int | None, epoch: int,
              *, in_batch: bool) -> CompletionRecord:
         """Execute one descriptor (or batch entry) and complete it."""
         fast = self.fast_memmove
@@ -110,7 +110,7 @@ class Engine(WorkQueues):
         def report(fault: DmaFault) -> None:
             self._report_fault(fault, epoch)
 
-        mem = DeviceMemory(dma, block_on_fault=bool(d.flags & _BOF) and wq.cfg.bof,
+        mem = BlockOnFault(dma, block_on_fault=bool(d.flags & _BOF) and wq.cfg.bof,
                            page_request=lambda fault: self._page_request(replace(fault, epoch=epoch)),
                            on_fault=report)
         ctx = OpContext(
@@ -127,7 +127,7 @@ class Engine(WorkQueues):
         self._complete(d, rec, dma, wq, pasid, epoch)
         return rec
 
-    def _complete(self, d: Descriptor, rec: CompletionRecord, dma: DmaMemory, wq: _WorkQueue,
+    def _complete(self, d: Descriptor, rec: CompletionRecord, dma: DmaAccess, wq: _WorkQueue,
                   pasid: int | None, epoch: int) -> None:
         code = rec.status & STATUS_MASK
         if code == _SUCCESS:

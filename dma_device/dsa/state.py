@@ -15,7 +15,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -37,16 +36,14 @@ from pviommu.abi.dsa import (
     WqState,
     opcap_encode,
 )
-from pviommu.addr import Iova
 from pviommu.errors import PviommuError
-from pviommu.mem.bank import HostMemory
-from pviommu.mem.dma import DmaFault, DmaMemory, DmaRuns
+from pviommu.mem.dma import BlockedDma, DmaAccess, DmaFault
 
 log = structlog.get_logger("dma_device.dsa")
 
 #: Given the PASID a descriptor runs under (None: no PASID), the memory it
 #: sees, or None when that address space does not exist (all accesses fault).
-MemoryProvider = Callable[[int | None], DmaMemory | None]
+MemoryProvider = Callable[[int | None], DmaAccess | None]
 
 #: Every opcode this model implements (TRANSL_FETCH and DIX_GEN are DSA 2.0).
 SUPPORTED_OPCODES: frozenset[int] = frozenset(int(op) for op in OPS)
@@ -164,14 +161,7 @@ class Counters:
             }
 
 
-class _BlockedTranslator:
-    """Translator of an unbound device: nothing translates."""
-
-    def translate(self, iova: Iova, length: int, write: bool) -> DmaRuns:
-        return DmaRuns([], DmaFault(iova, write, 0, "NO_DOMAIN", "device not attached"))
-
-
-_BLOCKED = DmaMemory(HostMemory(Path("/nonexistent-pviommu-blocked")), _BlockedTranslator())
+_BLOCKED = BlockedDma()  # an unbound device: every access faults
 
 
 @dataclass(slots=True)
@@ -194,7 +184,7 @@ class _Group:
 class DsaCore:
     """What every part of ``DsaDevice`` shares (its docstring lists the hooks)."""
 
-    def __init__(self, memory: DmaMemory | MemoryProvider | None = None,
+    def __init__(self, memory: DmaAccess | MemoryProvider | None = None,
                  config: DsaDeviceConfig | None = None, *,
                  on_interrupt: Callable[[int, int], None] | None = None,
                  on_fault: Callable[[DmaFault], None] | None = None,
@@ -219,7 +209,7 @@ class DsaCore:
         #: SUCCESS exactly as the model would (``record_written``: the completion record is in
         #: memory; else the device writes it, if asked for), None to run the model. It counts
         #: nothing of the device's: the device does, as for the model.
-        self.fast_memmove: Callable[[Descriptor, Limits, DmaMemory], tuple[CompletionRecord, bool] | None] | None = None
+        self.fast_memmove: Callable[[Descriptor, Limits, DmaAccess], tuple[CompletionRecord, bool] | None] | None = None
         self.counters = Counters()
         self.swerr: collections.deque[SwError] = collections.deque(maxlen=64)
         self._provider: MemoryProvider | None = None
@@ -235,16 +225,16 @@ class DsaCore:
         self._stop = False
 
     # ---- binding -------------------------------------------------------------
-    def bind(self, memory: DmaMemory | MemoryProvider | None) -> None:
+    def bind(self, memory: DmaAccess | MemoryProvider | None) -> None:
         """Attach the device to its IOMMU view (None: detach, all DMA blocked)."""
         if memory is None:
             self._provider = None
-        elif isinstance(memory, DmaMemory):
-            self._provider = lambda _pasid, m=memory: m
-        else:
+        elif callable(memory):
             self._provider = memory
+        else:
+            self._provider = lambda _pasid, m=memory: m
 
-    def _memory_for(self, pasid: int | None) -> DmaMemory:
+    def _memory_for(self, pasid: int | None) -> DmaAccess:
         mem = self._provider(pasid) if self._provider is not None else None
         return mem if mem is not None else _BLOCKED
 

@@ -1,7 +1,7 @@
 """Operations work in bounded steps, and the steps do not show.
 
 Each operation translates and moves a bounded piece at a time (``ops.DATA_CHUNK``,
-``ops.MOVE_CHUNK``, ``access.PROBE_CHUNK``). These tests run the same descriptor
+``ops.MOVE_CHUNK``, ``ops.PROBE_CHUNK``). These tests run the same descriptor
 over the same partly mapped memory twice -- with tiny, unaligned steps and with
 one step as large as the whole transfer (what the operations did before) -- and
 require the same completion record (status, bytes completed, fault address,
@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dma_device.dsa import access, ops
-from dma_device.dsa.access import DeviceMemory
+from dma_device.dsa import ops
+from dma_device.dsa.access import BlockOnFault
 from dma_device.dsa.checks import Limits
 from dma_device.dsa.ops import OpContext, execute
 from pviommu.abi.dsa import (
@@ -38,8 +38,7 @@ from pviommu.abi.dsa import (
 )
 from pviommu.addr import PAGE_SIZE
 from pviommu.mem.dma import DmaFault
-
-from .rig import Rig
+from tests.kit.rig import Rig
 
 MiB = 1 << 20
 SRC, DST, DST2, PROT = 1 * MiB, 4 * MiB, 7 * MiB, 10 * MiB  # regions of the rig's 16 MiB bank
@@ -69,17 +68,17 @@ def _limits(rig: Rig) -> Limits:
 
 
 def _run(rig: Rig, d: Descriptor, chunks: dict[str, int], faults: list[DmaFault] | None = None) -> CompletionRecord:
-    saved = {k: getattr(ops if k != "PROBE_CHUNK" else access, k) for k in chunks}
+    saved = {k: getattr(ops, k) for k in chunks}
     for k, v in chunks.items():
-        setattr(ops if k != "PROBE_CHUNK" else access, k, v)
+        setattr(ops, k, v)
     try:
-        mem = DeviceMemory(rig.dma, block_on_fault=False, page_request=None,
+        mem = BlockOnFault(rig.dma, block_on_fault=False, page_request=None,
                            on_fault=(faults if faults is not None else []).append)
         ctx = OpContext(mem, _limits(rig), run_batch_entry=lambda _: CompletionRecord(), drain=lambda: None)
         return execute(d, ctx)
     finally:
         for k, v in saved.items():
-            setattr(ops if k != "PROBE_CHUNK" else access, k, v)
+            setattr(ops, k, v)
 
 
 def _descriptor(op: str, n_units: int, crc_flags: int) -> Descriptor:

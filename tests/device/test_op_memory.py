@@ -17,7 +17,7 @@ from pathlib import Path
 SCRIPT = textwrap.dedent('''
     import json, sys
     from pathlib import Path
-    from dma_device.dsa.access import DeviceMemory
+    from dma_device.dsa.access import BlockOnFault
     from dma_device.dsa.checks import Limits
     from dma_device.dsa.device import SUPPORTED_OPCODES, _opcap_of
     from dma_device.dsa.ops import OpContext, execute
@@ -80,7 +80,7 @@ SCRIPT = textwrap.dedent('''
     # the DIF checks should see good tuples in the mapped part: DIF_INS them there first
     out = {"start": hwm(), "cases": {}}
     for name, d in cases.items():
-        mem = DeviceMemory(dma, block_on_fault=False, page_request=None, on_fault=lambda f: None)
+        mem = BlockOnFault(dma, block_on_fault=False, page_request=None, on_fault=lambda f: None)
         rec = execute(d, OpContext(mem, lim, run_batch_entry=lambda _: CompletionRecord(), drain=lambda: None))
         out["cases"][name] = {"status": rec.status, "bytes_completed": rec.bytes_completed,
                               "fault_addr": rec.fault_addr, "hwm": hwm()}

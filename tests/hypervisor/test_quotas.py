@@ -8,9 +8,8 @@ changes nothing; freed tables give their frames back; the admin sees used/quota.
 
 from __future__ import annotations
 
-from hvkit import PAGE, S2, SUCCESS, Guest, HvEnv, MiB
-
 from pviommu.v1 import admin_pb2, common_pb2
+from tests.kit.hvkit import PAGE, S2, SUCCESS, Guest, HvEnv, MiB
 
 INSUFFICIENT_MEMORY = 0xB  # HV_STATUS_INSUFFICIENT_MEMORY (reference section 4)
 SZ_2M = 2 * MiB
