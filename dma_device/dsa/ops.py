@@ -15,10 +15,10 @@ runs it translated.
 Streaming reads (compare, CRC) go in ``CHUNK`` pieces so a difference found
 early stops the operation before later pages are touched, as the hardware
 would. Every other operation also works in bounded steps -- translate a piece,
-move it, go on -- so none allocates in proportion to its transfer size (a
-2 GiB MEMFILL to an unmapped IOVA must not build 2 GiB of pattern first, nor a
-probe list 512 Ki runs); the completion record (bytes completed, fault address)
-is what one pass over the whole transfer gives.
+move it, go on -- so none allocates in proportion to its transfer size, data
+or runs (a 2 GiB MEMFILL to an unmapped IOVA must not build 2 GiB of pattern
+first); the completion record (bytes completed, fault address) is what one
+pass over the whole transfer gives.
 """
 
 from __future__ import annotations
@@ -49,13 +49,15 @@ from pviommu.abi.dsa import (
     opcap_has,
 )
 from pviommu.addr import Iova
-from pviommu.mem.dma import DmaFault, DmaRuns, common_prefix
+from pviommu.mem.dma import DmaFault, DmaResult, DmaRuns, common_prefix
 
 CHUNK = 256 * 1024  # a multiple of 8 so COMPVAL patterns stay aligned per chunk
 #: Bytes a step of MEMFILL, COPY_CRC or DIF materialises (a multiple of 8: MEMFILL's pattern stays aligned).
 DATA_CHUNK = 1 << 20
-#: Bytes a step of MEMMOVE, DUALCAST or CFLUSH translates (no data buffer, only the runs translating it).
+#: Bytes a step of MEMMOVE or DUALCAST copies (no data buffer, only the runs translating it).
 MOVE_CHUNK = 4 << 20
+#: Bytes CFLUSH translates per step (only the translation matters: no runs are kept).
+PROBE_CHUNK = 4 << 20
 _NO_OP = bytes(COMP_OP_SPECIFIC_SIZE)
 
 
@@ -116,6 +118,18 @@ def first_diff(a: bytes | memoryview, b: bytes | memoryview) -> int:
     return hi
 
 
+def _probe(ctx: OpContext, iova: int, length: int, write: bool) -> DmaResult:
+    """How much of ``[iova, +length)`` translates for this access (after page
+    requests), ``PROBE_CHUNK`` at a time, keeping no runs."""
+    done = 0
+    while done < length:
+        tr = ctx.mem.translate(Iova(iova + done), min(PROBE_CHUNK, length - done), write)
+        done += tr.done
+        if tr.fault is not None:
+            return DmaResult(done, tr.fault)
+    return DmaResult(done, None)
+
+
 def _pattern(value: int, length: int) -> bytes:
     pat = value.to_bytes(8, "little")
     return (pat * (length // 8 + 1))[:length]
@@ -141,24 +155,13 @@ def op_memmove(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     addresses after partial completion when result is 1."""
     n, src, dst = d.xfer_size, d.src_addr, d.dst_addr
     if dst > src and overlaps(src, n, dst, n):
-        # Nothing may be written unless all of it translates; then the highest piece goes first
-        # (a downward memmove). One piece moves over the runs it was checked with; more pieces
-        # are translated again just before each moves (keeping every piece's runs would not be bounded).
-        checked = None
-        for pos in range(0, n, MOVE_CHUNK):
-            k = min(MOVE_CHUNK, n - pos)
-            checked = common_prefix(ctx.mem, [(Iova(src + pos), k, False), (Iova(dst + pos), k, True)])
-            if checked.fault is not None:
-                return _fault(ctx, checked.fault, 0, result=1)
-        if checked is not None and n <= MOVE_CHUNK:
-            ctx.mem.copy_runs(checked.runs[0], checked.runs[1], n)
-            return _ok(result=1, bytes_completed=0)
-        for pos in reversed(range(0, n, MOVE_CHUNK)):
-            k = min(MOVE_CHUNK, n - pos)
-            pre = common_prefix(ctx.mem, [(Iova(src + pos), k, False), (Iova(dst + pos), k, True)])
-            if pre.fault is not None:  # the mapping went away between the passes
-                return _fault(ctx, pre.fault, 0, result=1)
-            ctx.mem.copy_runs(pre.runs[0], pre.runs[1], k)
+        # all of both must translate before anything is copied (downwards): translated once and
+        # the runs kept -- no data buffer, and the runs stop at the first fault, so an unmapped
+        # IOVA costs nothing
+        pre = common_prefix(ctx.mem, [(Iova(src), n, False), (Iova(dst), n, True)])
+        if pre.fault is not None:
+            return _fault(ctx, pre.fault, 0, result=1)
+        ctx.mem.copy_runs(pre.runs[0], pre.runs[1], n)
         return _ok(result=1, bytes_completed=0)
     pos = 0
     while pos < n:  # ascending pieces: a forward overlap only overwrites source already copied
@@ -323,20 +326,17 @@ def op_copy_crc(d: Descriptor, ctx: OpContext) -> CompletionRecord:
 def op_cflush(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     """Flush [dst, +xfer_size) from the caches: memory is always coherent
     here, so only the translation (a read access) matters."""
-    n, pos = d.xfer_size, 0
-    while pos < n:
-        res = ctx.mem.translate(Iova(d.dst_addr + pos), min(MOVE_CHUNK, n - pos), False)
-        pos += res.done
-        if res.fault is not None:
-            return _fault(ctx, res.fault, pos)
+    res = _probe(ctx, d.dst_addr, d.xfer_size, False)
+    if res.fault is not None:
+        return _fault(ctx, res.fault, res.done)
     return _ok()
 
 
 # -- DIF -------------------------------------------------------------------------
 def _dif_prefix(ctx: OpContext, src: int, dst: int, blocks: int, src_unit: int, dst_unit: int
                 ) -> tuple[int, DmaFault | None, DmaRuns, DmaRuns]:
-    """How many of ``blocks`` whole blocks from ``src`` (and to ``dst``)
-    translate, the fault that stops the rest, and the runs to move them over."""
+    """How many of ``blocks`` whole blocks from ``src`` (and ``dst``) translate,
+    the fault that stops the rest, and the source and destination runs."""
     ps = ctx.mem.translate(Iova(src), blocks * src_unit, False)
     avail, fault = ps.done // src_unit, ps.fault
     pd = DmaRuns()
@@ -347,22 +347,19 @@ def _dif_prefix(ctx: OpContext, src: int, dst: int, blocks: int, src_unit: int, 
     return avail, fault if avail < blocks else None, ps, pd
 
 
-Emit = Callable[[memoryview, memoryview, int], bytes]
-
-
 def _dif_blocks(d: Descriptor, ctx: OpContext, src_unit: int, out_unit: int,
                 step: Callable[[memoryview, int], tuple[int, bytes]]) -> tuple[int, int, DmaFault | None]:
-    """The loop every DIF operation shares: a ``DATA_CHUNK`` of whole blocks at a
-    time, translated, read, each block passed to ``step(block, index)`` (DIF
-    status, output bytes) and the output written, until a DIF error, a fault or
-    the end. Returns (blocks done, DIF status, the fault that stopped it)."""
+    """The loop every DIF operation shares: a ``DATA_CHUNK`` of whole blocks at
+    a time, translated, read, each block passed to ``step(block, index)`` (DIF
+    status, output bytes) and the output written, until a DIF error, a fault
+    or the end. Returns (blocks done, DIF status, the fault that stopped it)."""
     blocks = d.xfer_size // src_unit
     per = max(1, DATA_CHUNK // max(src_unit, out_unit))
     done = 0
     while done < blocks:
         b0, nb = done, min(per, blocks - done)
-        avail, fault, src_runs, dst_runs = _dif_prefix(ctx, d.src_addr + b0 * src_unit,
-                                                       d.dst_addr + b0 * out_unit, nb, src_unit, out_unit)
+        avail, fault, src_runs, dst_runs = _dif_prefix(ctx, d.src_addr + b0 * src_unit, d.dst_addr + b0 * out_unit,
+                                                       nb, src_unit, out_unit)
         src = memoryview(ctx.mem.read_runs(src_runs, avail * src_unit))
         out = bytearray()
         status = 0
@@ -374,14 +371,13 @@ def _dif_blocks(d: Descriptor, ctx: OpContext, src_unit: int, out_unit: int,
             done = b0 + i + 1
         if out:
             ctx.mem.write_runs(dst_runs, out)
-        if status:
-            return done, status, None
-        if fault is not None:
-            return done, 0, fault
+        if status or fault is not None:
+            return done, status, fault
     return done, 0, None
 
 
-def _dif_run(d: Descriptor, ctx: OpContext, out_unit: int, emit: Emit | None) -> CompletionRecord:
+def _dif_run(d: Descriptor, ctx: OpContext, out_unit: int,
+             emit: Callable[[memoryview, memoryview, int], bytes] | None) -> CompletionRecord:
     """Shared body of DIF_CHECK / DIF_STRP / DIF_UPDT: check each source block,
     emit its output (if any) and stop at the first DIF error or fault."""
     bs = dif.block_size(d.dif_flags)
@@ -426,14 +422,13 @@ def op_dif_updt(d: Descriptor, ctx: OpContext) -> CompletionRecord:
 def op_dif_ins(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     """Append a generated tuple after each source block."""
     bs = dif.block_size(d.dif_flags)
-    unit = bs + DIF_TUPLE_SIZE
     tags = dif.Tags(d.ins_ref_tag_seed, d.ins_app_tag_mask, d.ins_app_tag_seed)
 
     def step(blk: memoryview, i: int) -> tuple[int, bytes]:
         ref, app = dif.dest_tags(tags, d.dest_dif_flags, i)
         return 0, bytes(blk) + dif.tuple_bytes(dif.guard(blk, d.dif_flags), app, ref)
 
-    done, _, fault = _dif_blocks(d, ctx, bs, unit, step)
+    done, _, fault = _dif_blocks(d, ctx, bs, bs + DIF_TUPLE_SIZE, step)
     ref, app = dif.dest_tags(tags, d.dest_dif_flags, done)
     rec = comp_op_dif(ins_ref=ref, ins_mask=d.ins_app_tag_mask, ins_app=app)
     if fault is not None:

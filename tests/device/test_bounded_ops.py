@@ -1,7 +1,7 @@
 """Operations work in bounded steps, and the steps do not show.
 
 Each operation translates and moves a bounded piece at a time (``ops.DATA_CHUNK``,
-``ops.MOVE_CHUNK``). These tests run the same descriptor
+``ops.MOVE_CHUNK``, ``ops.PROBE_CHUNK``). These tests run the same descriptor
 over the same partly mapped memory twice -- with tiny, unaligned steps and with
 one step as large as the whole transfer (what the operations did before) -- and
 require the same completion record (status, bytes completed, fault address,
@@ -45,8 +45,8 @@ SRC, DST, DST2, PROT = 1 * MiB, 4 * MiB, 7 * MiB, 10 * MiB  # regions of the rig
 SPAN = 2 * MiB + 64 * 1024  # how far from each region start holes may be drawn
 BS, UNIT = 512, 520  # DIF block (flags 0) and block + tuple
 REF, APP = 0xABBA, 0xFACE
-TINY = {"DATA_CHUNK": 3 * 4096 + 520, "MOVE_CHUNK": 9000 + 3}
-WHOLE = {"DATA_CHUNK": 1 << 40, "MOVE_CHUNK": 1 << 40}
+TINY = {"DATA_CHUNK": 3 * 4096 + 520, "MOVE_CHUNK": 9000 + 3, "PROBE_CHUNK": 7 * 1024 + 5}
+WHOLE = {"DATA_CHUNK": 1 << 40, "MOVE_CHUNK": 1 << 40, "PROBE_CHUNK": 1 << 40}
 
 
 @pytest.fixture(scope="module")

@@ -89,7 +89,7 @@ class FakeDevice:
         """Every descriptor completes with ``status`` (fault address = its destination) and moves nothing."""
         def execute(d: Descriptor, ctx: Any, *, in_batch: bool) -> CompletionRecord:
             return CompletionRecord(status=status, fault_addr=d.dst_addr)
-        monkeypatch.setattr("dma_device.dsa.device.execute", execute)
+        monkeypatch.setattr("dma_device.dsa.engine.execute", execute)  # the engine runs the ops
 
 
 @dataclass
