@@ -34,7 +34,7 @@ from dma_device.ownership import Ownership
 from dma_device.portals import Portals
 from dma_device.rpc.servicer import DeviceInfo, DsaDeviceServicer, configure_groups
 from pviommu.abi.dsa import GenCap
-from pviommu.abi.invq import Invalidation, OwnerFence, QueueItem
+from pviommu.abi.invq import Invalidation, OwnerFence, PasidInvalidation, QueueItem
 from pviommu.exitcodes import CANNOT_BIND, CONNECT
 from pviommu.iommu.unit import IommuUnit
 from pviommu.log import bind_identity, configure, get_logger
@@ -264,7 +264,7 @@ def build(args: argparse.Namespace, listen: str | None = None) -> DeviceService:
 
     def handle(item: QueueItem) -> None:
         """Everything the hypervisor sends the unit comes through its queue."""
-        if isinstance(item, Invalidation):
+        if isinstance(item, Invalidation | PasidInvalidation):
             item.apply(unit)
         elif isinstance(item, OwnerFence):
             own.fence(item.epoch)

@@ -47,6 +47,8 @@ from pviommu.iommu.fault import FaultReason, FaultRecord
 from pviommu.iommu.iotlb import Extent, Iotlb, IotlbEntry
 from pviommu.iommu.nested import ExplainStep, NestedWalker, WalkFault, WalkOk
 from pviommu.iommu.owner import OwnerRecord, OwnerTable
+from pviommu.iommu.pasid import PasidStep, SmFault
+from pviommu.iommu.pasid_unit import PasidExplain, PasidPath
 from pviommu.iommu.pscache import PsCache
 from pviommu.mem.bank import HostMemory
 from pviommu.mem.dma import DmaRuns, Run
@@ -105,6 +107,10 @@ class Explanation:
     cached: IotlbEntry | None
     steps: list[ExplainStep]
     result: WalkOk | WalkFault
+    #: the request's PASID (proposal, not in the series; None = without PASID)
+    pasid: int | None = None
+    #: the scalable-mode structures read to reach the PASID entry
+    pasid_steps: list[PasidStep] = field(default_factory=list)
 
     def levels(self) -> tuple[list[ExplainLevel], list[ExplainStep]]:
         """``steps`` grouped: the stage-1 levels (each with the stage-2 walk of
@@ -144,9 +150,11 @@ class BoundTranslator:
 
     unit: IommuUnit
     slot: int
+    #: requests with this PASID (proposal, not in the series); None = without PASID
+    pasid: int | None = None
 
     def translate(self, iova: Iova, length: int, write: bool) -> DmaRuns:
-        return self.unit.translate(self.slot, iova, length, write)
+        return self.unit.translate(self.slot, iova, length, write, self.pasid)
 
 
 class IommuUnit:
@@ -193,12 +201,28 @@ class IommuUnit:
         self._contexts: dict[int, BoundContext] = {}
         self._ctx_generation = 0
         self._lock = threading.Lock()  # contexts, stats, fault log
+        #: requests with a PASID >= 1 (proposal, not in the series), made on the first one
+        self._pasid: PasidPath | None = None
+        self._pasid_options = (fs_mgaw_lg2, iotlb_capacity, self.pscache is not None or not use_native)
 
     # -- device side ------------------------------------------------------------
-    def bind(self, slot: int) -> BoundTranslator:
-        return BoundTranslator(self, slot)
+    def bind(self, slot: int, pasid: int | None = None) -> BoundTranslator:
+        return BoundTranslator(self, slot, pasid)
 
-    def translate(self, slot: int, iova: Iova, length: int, write: bool) -> DmaRuns:
+    @property
+    def pasid_path(self) -> PasidPath:
+        """The path of requests with PASID >= 1 (proposal; ``pasid_unit``)."""
+        path = self._pasid
+        if path is None:
+            with self._lock:
+                if self._pasid is None:
+                    mgaw, capacity, ps = self._pasid_options
+                    self._pasid = PasidPath(self, _check_pasid_entry, fs_mgaw_lg2=mgaw, iotlb_capacity=capacity,
+                                            pscache=ps)
+                path = self._pasid
+        return path
+
+    def translate(self, slot: int, iova: Iova, length: int, write: bool, pasid: int | None = None) -> DmaRuns:
         """Host runs for ``[iova, iova + length)``; stops at the first fault.
 
         The IOTLB and paging-structure generations are taken before the
@@ -208,6 +232,10 @@ class IommuUnit:
         so no cached context or translation outlives a change of owner."""
         if length <= 0:
             return DmaRuns()
+        if pasid:  # a request with PASID >= 1: the proposal's path (PASID 0 is RID_PASID, below)
+            with self._lock:
+                self.stats.translations += 1
+            return self.pasid_path.translate(slot, pasid, iova, length, write)
         pos, end = int(iova), int(iova) + length
         iotlb = self.iotlb
         generation0 = iotlb.generation
@@ -376,11 +404,15 @@ class IommuUnit:
         IOTLB entries dropped."""
         if self.pscache is not None:
             self.pscache.invalidate_all()
+        if self._pasid is not None:
+            self._pasid.invalidate_all()
         return self.iotlb.invalidate_all()
 
     def invalidate_domain(self, did: int) -> int:
         if self.pscache is not None:
             self.pscache.invalidate_domain(did)
+        if self._pasid is not None:
+            self._pasid.invalidate_domain(did)
         return self.iotlb.invalidate_domain(did)
 
     def invalidate_pages(self, did: int, addr: int, am: int) -> int:
@@ -389,7 +421,21 @@ class IommuUnit:
         may have freed table pages, VT-d PSI with IH=0)."""
         if self.pscache is not None:
             self.pscache.invalidate_domain(did, pages=True)
+        if self._pasid is not None:
+            self._pasid.invalidate_pages(did, addr, am)
         return self.iotlb.invalidate_pages(did, addr, am)
+
+    def invalidate_pasid(self, did: int, pasid: int, addr: int | None = None, am: int = 0) -> int:
+        """PASID-based IOTLB invalidation (VT-d type 6; proposal): all of
+        (DID, PASID), or ``2**am`` pages from ``addr``. PASID 0 is the DID's own tag."""
+        if pasid == 0:
+            return self.invalidate_domain(did) if addr is None else self.invalidate_pages(did, addr, am)
+        return self._pasid.invalidate_pasid(did, pasid, addr, am) if self._pasid is not None else 0
+
+    def invalidate_pasid_cache(self, did: int | None = None, pasid: int | None = None) -> int:
+        """PASID-cache invalidation (VT-d type 7; proposal): cached PASID
+        entries of ``did`` (all if None), of one PASID if given."""
+        return self._pasid.invalidate_pasid_cache(did, pasid) if self._pasid is not None else 0
 
     def invalidate_context(self, slot: int | None = None) -> None:
         """Forget the cached context of ``slot`` (all slots if None). Call after
@@ -399,6 +445,8 @@ class IommuUnit:
         if self.pscache is not None:
             self.pscache.invalidate_all(context=True)
         self.iotlb.bump_generation()  # a walk under the old context inserts nothing
+        if self._pasid is not None:
+            self._pasid.invalidate_context(slot)
         with self._lock:
             self._ctx_generation += 1
             if slot is None:
@@ -408,9 +456,11 @@ class IommuUnit:
 
     # -- faults and inspection ----------------------------------------------------
     def _fault(
-        self, slot: int, did: int, iova: Iova, write: bool, reason: FaultReason, detail: str, fpd: bool
+        self, slot: int, did: int, iova: Iova, write: bool, reason: FaultReason | SmFault, detail: str, fpd: bool,
+        pasid: int | None = None,
     ) -> FaultRecord:
-        record = FaultRecord(slot, did, iova, write, reason, detail)
+        record = FaultRecord(slot, did, iova, write, reason, detail) if pasid is None else \
+            FaultRecord(slot, did, iova, write, reason, detail, pasid)
         with self._lock:
             self.stats.faults[int(reason)] += 1
             if not fpd:
@@ -419,6 +469,17 @@ class IommuUnit:
             self.on_fault(record)
         return record
 
+    def record_fault(self, slot: int, did: int, iova: Iova, write: bool, reason: int, detail: str, fpd: bool,
+                     pasid: int) -> FaultRecord:
+        """A fault of the PASID path (reason: a ``FaultReason`` or ``SmFault`` code)."""
+        code: FaultReason | SmFault = FaultReason(reason) if reason in _FAULT_CODES else SmFault(reason)
+        return self._fault(slot, did, iova, write, code, detail, fpd, pasid)
+
+    def count_walk(self, reads: int) -> None:
+        with self._lock:
+            self.stats.walks += 1
+            self.stats.walk_reads += reads
+
     def drain_faults(self) -> list[FaultRecord]:
         """Fault records logged since the last drain, oldest first."""
         with self._lock:
@@ -426,9 +487,12 @@ class IommuUnit:
             self.faults.clear()
         return out
 
-    def explain(self, slot: int, iova: Iova, write: bool) -> Explanation:
+    def explain(self, slot: int, iova: Iova, write: bool, pasid: int | None = None) -> Explanation:
         """Walk ``iova`` recording every entry read, without touching the
-        IOTLB, counters or A/D bits."""
+        IOTLB, counters or A/D bits. With ``pasid`` >= 1 (proposal) the
+        scalable-mode reads that found the PASID entry come first."""
+        if pasid:
+            return _pasid_explanation(slot, iova, write, pasid, self.pasid_path.explain(slot, pasid, iova, write))
         try:
             record = self.owners.read(slot)
             ctx = ContextEntry.unpack(self.host.read(context_hpa(slot), CONTEXT_ENTRY_SIZE))
@@ -459,6 +523,28 @@ class IommuUnit:
         cached = self.iotlb.lookup(ctx.did, int(iova), write, count=False)
         result = self.walker.walk(ctx, iova, write, steps, owner_bank=owner_bank, dry_run=True)
         return Explanation(slot, iova, write, ctx, cached, steps, result)
+
+
+_FAULT_CODES = frozenset(int(r) for r in FaultReason)
+
+
+def _pasid_explanation(slot: int, iova: Iova, write: bool, pasid: int, got: PasidExplain) -> Explanation:
+    result: WalkOk | WalkFault
+    if got.result is not None:
+        result = got.result
+    else:
+        assert got.refused is not None
+        code, name, detail = got.refused
+        # The walk result type carries FaultReason; SM-structure refusals keep their code in the detail.
+        reason = FaultReason(code) if code in _FAULT_CODES else FaultReason.PASID_ENTRY_ACCESS
+        result = WalkFault(reason, f"{name} ({code:#x}): {detail}", 0)
+    return Explanation(slot, iova, write, got.entry, got.cached, got.walk, result, pasid, got.steps)
+
+
+def _check_pasid_entry(slot: int, entry: ContextEntry, record: OwnerRecord) -> None:
+    """A PASID entry is checked as a flat context entry is, owner first."""
+    _check_owner(slot, record)
+    _validate(slot, entry)
 
 
 def _next_table(step: ExplainStep) -> int:
