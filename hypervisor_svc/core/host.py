@@ -38,6 +38,7 @@ from hypervisor_svc.core import stage2
 from hypervisor_svc.core.config import HypervisorConfig
 from hypervisor_svc.core.faults import FaultLog
 from hypervisor_svc.core.model import Device, Domain, Partition, Sync
+from hypervisor_svc.core.sva import SvaState
 from hypervisor_svc.core.trace import TraceWriter
 from pviommu.abi.hv import build_logical_device_id
 from pviommu.abi.hv_status import HvStatus
@@ -100,6 +101,8 @@ class Host:
             p.unlink()
         self.bank0 = self.memory.create_bank(HYPERVISOR_BANK, self.config.bank0_bytes)
         self.tables = stage2.HostTables(self.memory, self.bank0)
+        #: the SVA proposal's PASID tables (None: the series' interface only)
+        self.sva: SvaState | None = SvaState(self) if self.config.proposal_sva else None
         self.partitions: dict[int, Partition] = {}
         self.devices: dict[int, Device] = {}
         self._next_partition = 1
@@ -273,6 +276,8 @@ class Host:
                 reset_queue(self.memory, slot)  # a new unit starts with an empty invalidation queue
                 self.tables.write_context(slot, ContextEntry.blocked())
                 write_owner(self.memory, slot, OwnerRecord(epoch))
+                if self.sva is not None:
+                    self.sva.add_device(dev)
                 self.devices[logical] = dev
         self.count("devices_registered")
         log.info("device.registered", device=logical, name=name, slot=slot, address=control_address)
@@ -301,6 +306,8 @@ class Host:
                 part.devices.discard(dev.logical_device_id)
             self.tables.write_context(dev.slot, ContextEntry.blocked())
             self._publish(dev, None, quarantined=True)
+            if self.sva is not None:
+                self.sva.remove_device(dev, part)
             if dev.sync is not Sync.LOST:
                 try:
                     self.link.post(dev, self._fence_items(dev))
@@ -425,6 +432,8 @@ class Host:
                 d.partition_id = owner.partition_id if owner is not None else 0
                 d.domain_id = 0
                 d.page_requests.clear()
+                if self.sva is not None:
+                    self.sva.reset_device(d, old)
                 if owner is not None:
                     owner.devices.add(d.logical_device_id)
                 if d.sync is not Sync.LOST:

@@ -31,6 +31,8 @@ class Domain:
     #: Baseline S2 domains: their own IOVA->HPA table (built by Map hypercalls).
     table: Any = None
     mapped_pages: int = 0
+    #: (logical device, PASID) pairs attached to this domain (SVA proposal; always empty without it)
+    pasids: set[tuple[int, int]] = field(default_factory=set)
 
 
 @dataclass
@@ -88,6 +90,8 @@ class Device:
     epoch: int = 0
     #: page requests delivered to the owner and not answered yet: request id -> (partition, epoch)
     page_requests: dict[int, tuple[int, int]] = field(default_factory=dict)
+    #: PASID -> attached domain id (SVA proposal; always empty without it)
+    pasids: dict[int, int] = field(default_factory=dict)
     #: one ownership change or resync at a time
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 

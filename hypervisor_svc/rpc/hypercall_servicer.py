@@ -20,6 +20,7 @@ from hypervisor_svc.core.host import Host
 from hypervisor_svc.core.hypercalls import HvAnswer, Hypercalls
 from hypervisor_svc.core.model import Partition
 from pviommu.abi import hv
+from pviommu.abi.hv import sva as sva_abi
 from pviommu.abi.hv_status import HvStatus
 from pviommu.addr import Gpa, Iova
 from pviommu.errors import HvError, PviommuError
@@ -200,9 +201,13 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
         caller = self._caller()
         code = request.input_value & 0xFFFF
         try:
-            decoded = hv.decode_call(request.input_value, bytes(request.input))
+            decoded: hv.HvRequest | sva_abi.SvaInput
+            if self.host.sva is not None and sva_abi.is_sva_code(code):  # the SVA proposal (off: unknown codes)
+                decoded = sva_abi.decode_sva_call(request.input_value, bytes(request.input))
+            else:
+                decoded = hv.decode_call(request.input_value, bytes(request.input))
             answer = self.calls.dispatch(caller, decoded)
-            output = hv.encode_output(code, answer.output)
+            output = b"" if isinstance(decoded, sva_abi.SvaInput) else hv.encode_output(code, answer.output)
             result = hv.HypercallResult(HvStatus.SUCCESS, answer.reps_completed)
             message = ""
         except HvError as exc:
