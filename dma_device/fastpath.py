@@ -47,7 +47,7 @@ def memmove_hook(unit: IommuUnit) -> FastMemmove | None:
 
     def fast(d: Descriptor, lim: Limits, dma: DmaMemory) -> tuple[CompletionRecord, bool] | None:
         tr = dma.translator
-        if type(tr) is not BoundTranslator or tr.unit is not unit:
+        if type(tr) is not BoundTranslator or tr.unit is not unit or tr.pasid:  # PASID >= 1: the model
             return None
         if last and last[0][0] is lim:
             ml = last[0][1]

@@ -633,6 +633,9 @@ class Host:
             if dev is None or dev.partition_id != caller.partition_id:
                 raise HvError(HvStatus.ACCESS_DENIED, f"device {logical:#x} is not the caller's")
             pending = dev.page_requests.get(request_id)
+            if self.sva is not None and (logical, request_id) in self.sva.request_pasids:
+                raise HvError(HvStatus.PAGE_REQUEST_INVALID, f"page request {request_id} carries a PASID: answer it "
+                                                             "with ProcessIommuPrq (0x00C3)")
             if pending is None or pending != (caller.partition_id, dev.epoch):
                 raise HvError(HvStatus.PAGE_REQUEST_INVALID,
                               f"no page request {request_id} of device {logical:#x} is pending for this partition")

@@ -23,11 +23,12 @@ Statuses (checked before anything changes):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pviommu.abi.hv.sva import PrqResponse
 from pviommu.abi.hv_status import HvStatus
 from pviommu.abi.invq import PageResponse, PageResponseCode, PasidInvalidation, QueueItem
+from pviommu.abi.prq import FaultMessage, PageRequestMessage
 from pviommu.errors import HvError, UnitGone, UnitStalled
 from pviommu.iommu.context import ContextEntry
 from pviommu.iommu.pasid import PAGE, PASID_DIR_ENTRY_SIZE, PASID_TABLE_ENTRIES, PasidTables
@@ -156,6 +157,20 @@ class SvaState:
 
     def note_page_request(self, dev: Device, request_id: int, pasid: int) -> None:
         self.request_pasids[(dev.logical_device_id, request_id)] = pasid
+
+    def report(self, dev: Device, request_id: int, pasid: int, page_request: bool, address: int, write: bool,
+               reason: int) -> dict[str, Any]:
+        """A PASID-tagged fault or page request the device reported (already
+        accepted for the owner): the fault-log fields that carry it to the guest
+        as an X64IommuPrq or IommuFault SynIC message."""
+        if page_request:
+            with self.host.lock:
+                if request_id in dev.page_requests:
+                    self.note_page_request(dev, request_id, pasid)
+            message = PageRequestMessage(dev.logical_device_id, request_id, address, pasid, write).pack()
+        else:
+            message = FaultMessage(dev.logical_device_id, address, pasid, reason, write).pack()
+        return {"pasid": pasid, "synic_message": message}
 
     def respond(self, caller: Partition, dev: Device, request_id: int, pasid: int, response: PrqResponse) -> None:
         pending = dev.page_requests.get(request_id)

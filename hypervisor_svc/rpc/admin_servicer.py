@@ -306,11 +306,15 @@ class DeviceHostServicer(admin_pb2_grpc.DeviceHostServicer):
         part = self.host.fault_owner(dev, request.epoch, request.page_request, request.request_id)
         if part is None or part.faults is None:  # unowned, or a previous owner's: counted, delivered to nobody
             return _ok()
+        sva: dict[str, Any] = {}
+        if request.pasid_valid and self.host.sva is not None:  # the SVA proposal only
+            sva = self.host.sva.report(dev, request.request_id, request.pasid, request.page_request, request.iova,
+                                       request.write, request.reason)
         with self.host.lock:
             part.faults.append(
                 partition_id=part.partition_id, logical_device_id=dev.logical_device_id, iova=request.iova,
                 write=request.write, reason=request.reason, reason_name=request.reason_name, detail=request.detail,
-                domain_id=dev.domain_id, page_request=request.page_request, request_id=request.request_id)
+                domain_id=dev.domain_id, page_request=request.page_request, request_id=request.request_id, **sva)
             self.host.count("page_requests" if request.page_request else "faults")
             self.host.count_fault(request.reason_name or f"{request.reason:#x}")
             if self.host.trace is not None:

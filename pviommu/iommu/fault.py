@@ -65,4 +65,6 @@ class FaultRecord:
 
     def to_dma_fault(self) -> DmaFault:
         """The device-side view (``pviommu.mem.dma.DmaFault``)."""
-        return DmaFault(self.iova, self.write, int(self.reason), self.reason.name, self.detail)
+        if self.pasid is None:
+            return DmaFault(self.iova, self.write, int(self.reason), self.reason.name, self.detail)
+        return DmaFault(self.iova, self.write, int(self.reason), self.reason.name, self.detail, pasid=self.pasid)

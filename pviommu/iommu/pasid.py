@@ -155,6 +155,15 @@ def sm_context_hpa(slot: int) -> Hpa:
     return Hpa(bank_base(HYPERVISOR_BANK) + CONTEXT_TABLES_OFFSET + slot * SM_CONTEXT_SIZE)
 
 
+def scalable_mode(host: HostMemory) -> bool:
+    """Whether the hypervisor turned scalable mode on (RTADDR.SMT): only then do
+    requests carry PASIDs (the SVA proposal; off in the series)."""
+    try:
+        return bool(host.read_u64(Hpa(bank_base(HYPERVISOR_BANK) + RTADDR_OFFSET)) & RTADDR_SMT)
+    except PviommuError:
+        return False
+
+
 # -- the reader (the IOMMU unit's side) ------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class PasidStep:
