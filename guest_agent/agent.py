@@ -25,6 +25,7 @@ from guest_agent.driver.stats import Stats
 from guest_agent.dsa.dmatest import Dmatest, DmatestOutcome, DmatestParams, select_devices
 from guest_agent.dsa.driver import DsaDriver, check_record_gpa, wait_completion
 from guest_agent.errors import DeviceCommandFailed, InvalidRequest, NotFound
+from guest_agent.sva import Sva, SvaTestResult, run_sva_test
 from pviommu.abi.dsa import COMP_SIZE, CompletionRecord
 from pviommu.abi.revision import DEFAULT_REVISION, Revision
 from pviommu.addr import PAGE_SIZE, Gpa, Iova
@@ -54,7 +55,7 @@ class Agent:
 
     def __init__(self, hv_channel: grpc.Channel, token: str, bank: Bank, *, mode: FlushMode = FlushMode.STRICT,
                  allow_no_iommu: bool = False, reserved_low: int = 1 << 20,
-                 revision: Revision | str = DEFAULT_REVISION) -> None:
+                 revision: Revision | str = DEFAULT_REVISION, sva: bool = False) -> None:
         self.token = token
         self.bank = bank
         self.partition_id = bank.index
@@ -65,6 +66,8 @@ class Agent:
         self.iommu = PvIommu(self.hv, self.ram, self.memory.frames, self.stats, mode=mode,
                              allow_no_iommu=allow_no_iommu, revision=revision)
         self.dma = DmaApi(self.iommu, self.memory)
+        #: the SVA proposal (``--proposal-sva``; None: the series' driver only)
+        self.sva: Sva | None = Sva(self.hv, self.iommu, self.ram, self.memory.frames, self.stats) if sva else None
         self.dsa: dict[int, DsaDriver] = {}
         self._dsa_lock = threading.Lock()
         self._mappings: dict[tuple[int, int], DmaMapping] = {}  # (domain id, bus address) -> mapping
@@ -75,6 +78,8 @@ class Agent:
     # -- life cycle ----------------------------------------------------------------------
     def start(self) -> None:
         self.iommu.init()
+        if self.sva is not None and self.iommu.geometry is not None:
+            self.sva.check()  # a clear error when the hypervisor does not offer the proposal
         if self.iommu.geometry is not None:
             self._prq = threading.Thread(target=self._page_requests, name="page-requests", daemon=True)
             self._prq.start()
@@ -88,6 +93,9 @@ class Agent:
             stream = self.hv.stream_faults(follow=True)
             self._prq_stream = stream
             for fault in stream:
+                if fault.pasid_valid and self.sva is not None:  # the SVA proposal: answered by ProcessIommuPrq
+                    self._sva_fault(fault)
+                    continue
                 if not fault.page_request:
                     continue
                 ok = False
@@ -106,6 +114,26 @@ class Agent:
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 log.warning("page_request.stream_ended", error=exc.code().name)
+
+    def _sva_fault(self, fault: Any) -> None:
+        try:
+            self.sva.handle(fault)  # type: ignore[union-attr]
+        except (PviommuError, ValueError) as exc:
+            log.warning("sva.page_request_failed", device=fault.logical_device_id, error=str(exc))
+
+    def run_sva_test(self, logical_device_id: int, size: int, iterations: int,
+                     touch_destination: bool) -> SvaTestResult:
+        """The SVA proposal's dsa_test (``guest_agent.sva.run_sva_test``)."""
+        if self.sva is None:
+            raise InvalidRequest("SVA is off: start the agent with --proposal-sva")
+        devices = sorted(self.iommu.devices)
+        if not logical_device_id:
+            if not devices:
+                raise NotFound("no device behind the pv-IOMMU")
+            logical_device_id = devices[0]
+        drv = self.dsa_driver(logical_device_id)
+        return run_sva_test(self.sva, drv, logical_device_id, size=size or 64 << 10, iterations=iterations or 4,
+                            touch_destination=touch_destination)
 
     def close(self) -> None:
         stream = getattr(self, "_prq_stream", None)

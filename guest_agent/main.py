@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", choices=REVISION_NAMES, default=DEFAULT_REVISION.value,
                    help="behave as this revision's driver of the pv-IOMMU series (default: the latest, "
                         f"{DEFAULT_REVISION.value}); see docs/revisions.md")
+    p.add_argument("--proposal-sva", action="store_true",
+                   help="pviommu proposal, not in the series (docs/proposal-sva.md): SVA processes bound to PASIDs "
+                        "and their page requests; needs a hypervisor started with --proposal-sva")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--strict", dest="flush_mode", action="store_const", const="strict",
                       help="flush the IOTLB on every unmap (default)")
@@ -115,7 +118,7 @@ def build(args: argparse.Namespace, token: str | None = None, listen: str | None
                       what="the hypervisor", on_wait=_waiting)
     bank = open_bank(args.bank_path)
     agent = Agent(channel, token, bank, mode=FlushMode(args.flush_mode), allow_no_iommu=args.allow_no_iommu,
-                  revision=getattr(args, "revision", DEFAULT_REVISION))
+                  revision=getattr(args, "revision", DEFAULT_REVISION), sva=bool(getattr(args, "proposal_sva", False)))
     bind_identity(partition=agent.partition_id)
     try:
         agent.start()
