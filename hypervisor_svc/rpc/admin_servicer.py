@@ -236,7 +236,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         require("admin")
         try:
             exp = self.explainer.explain(request.partition_id, request.iova, request.write,
-                                         logical_device_id=request.logical_device_id, domain_id=request.domain_id)
+                                         logical_device_id=request.logical_device_id, domain_id=request.domain_id,
+                                         pasid=request.pasid)
         except HvError as exc:
             return admin_pb2.ExplainIovaReply(result=hv_result(exc.hv_status, str(exc)))
         return explanation_message(exp)
@@ -283,6 +284,11 @@ def explanation_message(exp: Explanation) -> admin_pb2.ExplainIovaReply:
                                     stage1=_step(lv.s1) if lv.s1 is not None else None, has_stage1=lv.s1 is not None)
                 for lv in levels],
         reads=exp.result.reads)
+    if exp.pasid is not None:  # the SVA proposal only
+        reply.pasid = exp.pasid
+        reply.pasid_steps.extend(admin_pb2.WalkStep(stage="PASID", level=-1, table=s.hpa, table_hpa=s.hpa,
+                                                    index=s.index, entry=s.value, note=f"{s.what} {s.note}".strip())
+                                 for s in exp.pasid_steps)
     if isinstance(exp.result, WalkOk):
         r = exp.result
         reply.ok, reply.size_lg2, reply.readable, reply.writable = True, r.size_lg2, r.read, r.write

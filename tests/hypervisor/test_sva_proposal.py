@@ -204,3 +204,17 @@ def test_moving_the_device_to_another_partition_drops_its_pasids(sva: Sva) -> No
     assert sva.translate(5).fault is not None
     assert sva.env.host.devices[sva.dev].pasids == {}
     assert g.delete(SVA_DOM) == SUCCESS  # the old owner's domain lost its PASID users with the move
+
+
+def test_explain_by_device_and_pasid_shows_the_pasid_level(sva: Sva) -> None:
+    from pviommu.v1 import admin_pb2
+
+    g = sva.guest
+    assert g.raw(ATTACH_PASID, attach_input(SVA_DOM, sva.dev, 5))[0] == SUCCESS
+    r = sva.env.admin.ExplainIova(admin_pb2.ExplainIovaRequest(partition_id=g.pid, logical_device_id=sva.dev,
+                                                               iova=VA, pasid=5), timeout=10)
+    assert r.ok and r.pasid == 5 and r.hpa == bank_base(g.pid) + DATA_GPA
+    assert [s.note.split()[0] for s in r.pasid_steps] == ["RTADDR", "root", "context", "pasid-dir", "pasid-entry"]
+    plain = sva.env.admin.ExplainIova(admin_pb2.ExplainIovaRequest(partition_id=g.pid, logical_device_id=sva.dev,
+                                                                   iova=VA), timeout=10)
+    assert not plain.pasid_steps and not plain.ok  # the device's own context is blocked
