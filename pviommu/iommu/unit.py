@@ -43,19 +43,18 @@ from pviommu.iommu.context import (
     Pgtt,
     context_hpa,
 )
+from pviommu.iommu.explain import FAULT_CODES, Explanation, pasid_explanation
 from pviommu.iommu.fault import FaultReason, FaultRecord
 from pviommu.iommu.iotlb import Extent, Iotlb, IotlbEntry
-from pviommu.iommu.nested import ExplainStep, NestedWalker, WalkFault, WalkOk
+from pviommu.iommu.nested import ExplainStep, NestedWalker, WalkFault
 from pviommu.iommu.owner import OwnerRecord, OwnerTable
-from pviommu.iommu.pasid import PasidStep, SmFault
-from pviommu.iommu.pasid_unit import PasidExplain, PasidPath
+from pviommu.iommu.pasid import SmFault
+from pviommu.iommu.pasid_unit import PasidPath
 from pviommu.iommu.pscache import PsCache
 from pviommu.mem.bank import HostMemory
 from pviommu.mem.dma import DmaRuns, Run
-from pviommu.pt.fmt.x86_64 import X86_64Format
 
 _U64_LIMIT = 1 << 64
-_FS_FORMAT = X86_64Format(4)  # table_oa is the same for 4 and 5 levels
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,59 +81,6 @@ class UnitStats:
     @property
     def reads_per_walk(self) -> float:
         return self.walk_reads / self.walks if self.walks else 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class ExplainLevel:
-    """One stage-1 level of a nested walk: the stage-2 walk of its table
-    pointer (``s2``), then the stage-1 entry read (``s1``; None when the
-    stage-2 sub-walk or its checks faulted before the entry could be read)."""
-
-    level: int
-    table_gpa: int
-    s2: list[ExplainStep]
-    s1: ExplainStep | None
-
-
-@dataclass(frozen=True, slots=True)
-class Explanation:
-    """Everything one translation looked at, for ``pviommu inspect``."""
-
-    slot: int
-    iova: Iova
-    write: bool
-    context: ContextEntry | None
-    cached: IotlbEntry | None
-    steps: list[ExplainStep]
-    result: WalkOk | WalkFault
-    #: the request's PASID (proposal, not in the series; None = without PASID)
-    pasid: int | None = None
-    #: the scalable-mode structures read to reach the PASID entry
-    pasid_steps: list[PasidStep] = field(default_factory=list)
-
-    def levels(self) -> tuple[list[ExplainLevel], list[ExplainStep]]:
-        """``steps`` grouped: the stage-1 levels (each with the stage-2 walk of
-        its table), and the final stage-2 walk of the output GPA (or of the
-        IOVA itself without stage 1). Stage-2 steps after a TABLE entry (or
-        before any entry) belong to the next level's table; after a leaf, to
-        the data page."""
-        nested = self.context is not None and self.context.pgtt == Pgtt.NESTED
-        levels: list[ExplainLevel] = []
-        pending: list[ExplainStep] = []
-        next_level = (self.context.fs_levels or 4) - 1 if nested and self.context is not None else -1
-        next_table = int(self.context.fsptptr) if nested and self.context is not None else 0
-        last_s1: ExplainStep | None = None
-        for step in self.steps:
-            if step.stage == "S2":
-                pending.append(step)
-            elif step.stage == "S1":
-                levels.append(ExplainLevel(step.level, step.table, pending, step))
-                pending, last_s1 = [], step
-                next_level, next_table = step.level - 1, _next_table(step)
-        if nested and pending and (last_s1 is None or last_s1.note == "TABLE"):
-            levels.append(ExplainLevel(next_level, next_table, pending, None))
-            pending = []
-        return levels, pending
 
 
 class _CtxFault(Exception):
@@ -472,7 +418,7 @@ class IommuUnit:
     def record_fault(self, slot: int, did: int, iova: Iova, write: bool, reason: int, detail: str, fpd: bool,
                      pasid: int) -> FaultRecord:
         """A fault of the PASID path (reason: a ``FaultReason`` or ``SmFault`` code)."""
-        code: FaultReason | SmFault = FaultReason(reason) if reason in _FAULT_CODES else SmFault(reason)
+        code: FaultReason | SmFault = FaultReason(reason) if reason in FAULT_CODES else SmFault(reason)
         return self._fault(slot, did, iova, write, code, detail, fpd, pasid)
 
     def count_walk(self, reads: int) -> None:
@@ -492,7 +438,7 @@ class IommuUnit:
         IOTLB, counters or A/D bits. With ``pasid`` >= 1 (proposal) the
         scalable-mode reads that found the PASID entry come first."""
         if pasid:
-            return _pasid_explanation(slot, iova, write, pasid, self.pasid_path.explain(slot, pasid, iova, write))
+            return pasid_explanation(slot, iova, write, pasid, self.pasid_path.explain(slot, pasid, iova, write))
         try:
             record = self.owners.read(slot)
             ctx = ContextEntry.unpack(self.host.read(context_hpa(slot), CONTEXT_ENTRY_SIZE))
@@ -525,31 +471,10 @@ class IommuUnit:
         return Explanation(slot, iova, write, ctx, cached, steps, result)
 
 
-_FAULT_CODES = frozenset(int(r) for r in FaultReason)
-
-
-def _pasid_explanation(slot: int, iova: Iova, write: bool, pasid: int, got: PasidExplain) -> Explanation:
-    result: WalkOk | WalkFault
-    if got.result is not None:
-        result = got.result
-    else:
-        assert got.refused is not None
-        code, name, detail = got.refused
-        # The walk result type carries FaultReason; SM-structure refusals keep their code in the detail.
-        reason = FaultReason(code) if code in _FAULT_CODES else FaultReason.PASID_ENTRY_ACCESS
-        result = WalkFault(reason, f"{name} ({code:#x}): {detail}", 0)
-    return Explanation(slot, iova, write, got.entry, got.cached, got.walk, result, pasid, got.steps)
-
-
 def _check_pasid_entry(slot: int, entry: ContextEntry, record: OwnerRecord) -> None:
     """A PASID entry is checked as a flat context entry is, owner first."""
     _check_owner(slot, record)
     _validate(slot, entry)
-
-
-def _next_table(step: ExplainStep) -> int:
-    """GPA of the next-level table a stage-1 TABLE entry points to."""
-    return _FS_FORMAT.table_oa(step.entry)
 
 
 def _check_owner(slot: int, record: OwnerRecord) -> None:
@@ -572,3 +497,6 @@ def _validate(slot: int, ctx: ContextEntry) -> None:
         raise _CtxFault(FaultReason.PASID_ENTRY_INVALID, f"slot {slot}: unsupported PGTT {ctx.pgtt} or AW {ctx.aw}")
     if ctx.pgtt == Pgtt.NESTED and ctx.fspm not in FSPM_LEVELS:
         raise _CtxFault(FaultReason.PASID_ENTRY_INVALID, f"slot {slot}: unsupported FSPM {ctx.fspm}")
+
+
+__all__ = ["BoundContext", "BoundTranslator", "Explanation", "IommuUnit", "UnitStats"]
