@@ -122,7 +122,7 @@ class Agent:
             log.warning("sva.page_request_failed", device=fault.logical_device_id, error=str(exc))
 
     def run_sva_test(self, logical_device_id: int, size: int, iterations: int,
-                     touch_destination: bool) -> SvaTestResult:
+                     touch_destination: bool, unreserved_destination: bool = False) -> SvaTestResult:
         """The SVA proposal's dsa_test (``guest_agent.sva.run_sva_test``)."""
         if self.sva is None:
             raise InvalidRequest("SVA is off: start the agent with --proposal-sva")
@@ -133,7 +133,7 @@ class Agent:
             logical_device_id = devices[0]
         drv = self.dsa_driver(logical_device_id)
         return run_sva_test(self.sva, drv, logical_device_id, size=size or 64 << 10, iterations=iterations or 4,
-                            touch_destination=touch_destination)
+                            touch_destination=touch_destination, unreserved_destination=unreserved_destination)
 
     def close(self) -> None:
         stream = getattr(self, "_prq_stream", None)

@@ -263,12 +263,14 @@ class SvaTestResult:
     completed: int = 0
     page_requests: int = 0
     mismatches: int = 0
+    refused: int = 0
     errors: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
+        refused = f", {self.refused} refused" if self.refused else ""
         return (f"sva_test: {self.completed} memmove(s) on shared WQ {self.wq_id} with PASID {self.pasid}, "
-                f"{self.page_requests} page request(s) resolved, {self.mismatches} mismatch(es): {verdict}")
+                f"{self.page_requests} page request(s) resolved{refused}, {self.mismatches} mismatch(es): {verdict}")
 
 
 SHARED_WQ = 1
@@ -295,7 +297,8 @@ def shared_wq(drv: DsaDriver) -> int:
 
 
 def run_sva_test(sva: Sva, drv: DsaDriver, logical_device_id: int, *, size: int = 64 << 10, iterations: int = 4,
-                 touch_destination: bool = False, timeout_s: float = 60.0) -> SvaTestResult:
+                 touch_destination: bool = False, unreserved_destination: bool = False,
+                 timeout_s: float = 60.0) -> SvaTestResult:
     """accel-config's dsa_test, SVA flavour: a process fills a source buffer
     through the CPU, hands the device its own virtual addresses on a shared WQ
     under its PASID, and the destination (never touched) is faulted in by the
@@ -306,16 +309,20 @@ def run_sva_test(sva: Sva, drv: DsaDriver, logical_device_id: int, *, size: int 
     result.wq_id = shared_wq(drv)
     proc = sva.new_process()
     before = sva.stats.get("sva_page_requests_ok")
+    refused_before = sva.stats.get("sva_page_requests_refused")
+    expect = DsaStatus.PAGE_FAULT_IR if unreserved_destination else DsaStatus.SUCCESS
     binding: Binding | None = None
     try:
         binding = sva.bind(proc, logical_device_id)
         result.pasid = binding.pasid
         for it in range(iterations):
             src, dst, rec = proc.mmap(size), proc.mmap(size), proc.mmap(PAGE_SIZE)
+            if unreserved_destination:  # past every range: no mmap covers it
+                dst = proc.next_va + (1 << 30)
             pattern = bytes(((i * 7 + it * 13) & 0xFF) for i in range(size))
             proc.write(src, pattern)
             proc.write(rec, bytes(COMP_SIZE))  # the record must be present: its write does not page-fault
-            if touch_destination:
+            if touch_destination and not unreserved_destination:
                 proc.write(dst, bytes(size))
             desc = Descriptor(opcode=Opcode.MEMMOVE, flags=int(DescFlags.CRAV | DescFlags.RCR | DescFlags.BOF),
                               pasid=binding.pasid, completion_addr=rec, src_addr=src, dst_addr=dst, xfer_size=size)
@@ -328,11 +335,12 @@ def run_sva_test(sva: Sva, drv: DsaDriver, logical_device_id: int, *, size: int 
             if cr is None:
                 result.errors.append(f"iteration {it}: no completion within {timeout_s} s")
                 continue
-            if cr.code != DsaStatus.SUCCESS:
-                result.errors.append(f"iteration {it}: completion status {cr.status:#x} at {cr.fault_addr:#x}")
+            if cr.code != expect:
+                result.errors.append(f"iteration {it}: completion status {cr.status:#x} at {cr.fault_addr:#x}, "
+                                     f"expected {expect.name}")
                 continue
             result.completed += 1
-            if proc.read(dst, size) != pattern:
+            if expect is DsaStatus.SUCCESS and proc.read(dst, size) != pattern:
                 result.mismatches += 1
     finally:
         if binding is not None:
@@ -342,5 +350,6 @@ def run_sva_test(sva: Sva, drv: DsaDriver, logical_device_id: int, *, size: int 
                 result.errors.append(f"unbind: {exc}")
         proc.close()
     result.page_requests = sva.stats.get("sva_page_requests_ok") - before
+    result.refused = sva.stats.get("sva_page_requests_refused") - refused_before
     result.passed = not result.errors and not result.mismatches and result.completed == iterations
     return result

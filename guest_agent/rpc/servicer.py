@@ -308,10 +308,10 @@ class GuestAgentServicer(guest_pb2_grpc.GuestAgentServicer):
         """SVA proposal, not in the series (docs/proposal-sva.md)."""
         self._auth()
         r = self.agent.run_sva_test(request.logical_device_id, request.size, request.iterations,
-                                    request.touch_destination)
+                                    request.touch_destination, request.unreserved_destination)
         return guest_pb2.SvaTestReply(passed=r.passed, pasid=r.pasid, wq_id=r.wq_id, completed=r.completed,
                                       page_requests=r.page_requests, mismatches=r.mismatches, summary=r.summary(),
-                                      errors=r.errors)
+                                      errors=r.errors, refused=r.refused)
 
     @grpc_errors
     def GetStats(self, request: Any, context: grpc.ServicerContext) -> Any:

@@ -64,3 +64,12 @@ def test_a_pasid_request_on_a_device_without_that_binding_faults_to_its_own_gues
         time.sleep(0.1)
     assert counters(b).get("sva_faults", 0) > before_b, "the IommuFault message never reached the guest"
     assert counters(a).get("sva_faults", 0) == before_a
+
+
+def test_a_page_request_outside_every_reserved_range_is_refused_and_the_record_says_so(
+        system: VirtualSystem) -> None:
+    g = system.guests[1]
+    r = g.stub.RunSvaTest(guest_pb2.SvaTestRequest(size=8192, iterations=2, unreserved_destination=True),
+                          timeout=240)
+    assert r.passed, (r.summary, list(r.errors))  # passed = each record said PAGE_FAULT_IR
+    assert r.refused == 2 and r.page_requests == 0
