@@ -5,6 +5,7 @@ and every refusal's status. Layout offsets are written from docs/proposal-sva.md
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -30,7 +31,7 @@ from pviommu.abi.hv.sva import (
     ProcessIommuPrqInput,
     PrqResponse,
 )
-from pviommu.abi.invq import PasidInvalidation, QueueItem
+from pviommu.abi.invq import PageResponse, PageResponseCode, PasidInvalidation, QueueItem
 from pviommu.addr import Gpa, Iova
 from pviommu.iommu.fault import FaultReason
 from pviommu.mem.bank import bank_base
@@ -88,6 +89,8 @@ class Sva:
     dev: int
     slot: int
     process: PageTable[Iova, Gpa, Gpa]
+    #: page responses the unit received, in order
+    answers: list[PageResponse]
 
     def translate(self, pasid: int | None, write: bool = False):  # type: ignore[no-untyped-def]
         return self.fake.unit.translate(self.slot, Iova(VA), 8, write, pasid)
@@ -104,8 +107,11 @@ def sva(make_hv) -> Sva:  # type: ignore[no-untyped-def]
     def handle(slot: int, item: QueueItem) -> None:  # the fake unit applies the PASID descriptors too
         if isinstance(item, PasidInvalidation):
             item.apply(recorder.unit)
+        if isinstance(item, PageResponse):
+            answers.append(item)
         plain(slot, item)
 
+    answers: list[PageResponse] = []
     recorder.handle = handle  # type: ignore[method-assign]
     dev, _, _ = env.device("dsa0", g, fake=fake)
     slot = env.admin_devices()[dev].slot
@@ -114,7 +120,7 @@ def sva(make_hv) -> Sva:  # type: ignore[no-untyped-def]
     process.map(Iova(VA), Gpa(DATA_GPA), PAGE, Perm.READ | Perm.WRITE)
     assert g.create(SVA_DOM) == SUCCESS
     assert g.configure(SVA_DOM, int(process.root)) == SUCCESS
-    return Sva(env, g, fake, dev, slot, process)
+    return Sva(env, g, fake, dev, slot, process, answers)
 
 
 def test_the_option_advertises_pasid_pri_and_a_pasid_width(sva: Sva) -> None:
@@ -171,6 +177,13 @@ def _pending(sva: Sva, request_id: int, pasid: int) -> None:
     host.sva.note_page_request(dev, request_id, pasid)
 
 
+def _wait_answers(sva: Sva, n: int) -> None:
+    deadline = time.monotonic() + 10
+    while len(sva.answers) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # and no more come
+
+
 def test_page_group_responses_refuse_unknown_duplicate_and_mismatched_requests(sva: Sva) -> None:
     g = sva.guest
     assert g.raw(ATTACH_PASID, attach_input(SVA_DOM, sva.dev, 5))[0] == SUCCESS
@@ -180,6 +193,8 @@ def test_page_group_responses_refuse_unknown_duplicate_and_mismatched_requests(s
     assert g.raw(PRQ, prq_input(sva.dev, 77, 6, 0))[0] == INVALID_PARAMETER  # another PASID's
     assert g.raw(PRQ, prq_input(sva.dev, 77, 5, 0))[0] == SUCCESS
     assert g.raw(PRQ, prq_input(sva.dev, 77, 5, 0))[0] == PAGE_REQUEST_INVALID  # duplicate
+    _wait_answers(sva, 1)
+    assert [(a.request_id, a.code) for a in sva.answers] == [(77, PageResponseCode.SUCCESS)]  # one answer only
 
 
 def test_a_response_after_the_pasid_was_detached_is_refused(sva: Sva) -> None:
@@ -188,6 +203,8 @@ def test_a_response_after_the_pasid_was_detached_is_refused(sva: Sva) -> None:
     _pending(sva, 78, 5)
     assert g.raw(DETACH_PASID, detach_input(sva.dev, 5))[0] == SUCCESS
     assert g.raw(PRQ, prq_input(sva.dev, 78, 5, 0))[0] == PAGE_REQUEST_INVALID
+    _wait_answers(sva, 1)  # the waiting device heard "invalid" at the detach, not nothing
+    assert [(a.request_id, a.code) for a in sva.answers] == [(78, PageResponseCode.INVALID)]
 
 
 def test_moving_the_device_to_another_partition_drops_its_pasids(sva: Sva) -> None:
