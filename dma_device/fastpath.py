@@ -49,7 +49,7 @@ def memmove_hook(unit: IommuUnit) -> FastMemmove | None:
         if type(dma) is not DmaMemory:
             return None
         tr = dma.translator
-        if type(tr) is not BoundTranslator or tr.unit is not unit:
+        if type(tr) is not BoundTranslator or tr.unit is not unit or tr.pasid:  # PASID >= 1: the model
             return None
         if last and last[0][0] is lim:
             ml = last[0][1]

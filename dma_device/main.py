@@ -35,8 +35,9 @@ from dma_device.ownership import Ownership
 from dma_device.portals import Portals
 from dma_device.rpc.servicer import DeviceInfo, DsaDeviceServicer, configure_groups
 from pviommu.abi.dsa import GenCap
-from pviommu.abi.invq import Invalidation, OwnerFence, QueueItem
+from pviommu.abi.invq import Invalidation, OwnerFence, PasidInvalidation, QueueItem
 from pviommu.exitcodes import CANNOT_BIND, CONNECT
+from pviommu.iommu.pasid import scalable_mode
 from pviommu.iommu.unit import IommuUnit
 from pviommu.log import bind_identity, configure, get_logger
 from pviommu.mem.bank import HostMemory
@@ -73,6 +74,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _admin_token(args: argparse.Namespace) -> str:
     return admin_token_from(args.admin_token_file, "pviommu serve dsa")
+
+
+def pasid_memory(memory: HostMemory, unit: IommuUnit, slot: int) -> Callable[[int | None], DmaMemory]:
+    """The device's memory per PASID: one view for requests without PASID (and
+    always, unless the hypervisor turned scalable mode on: the series), one per
+    PASID >= 1 under the SVA proposal (pviommu proposal, not in the series)."""
+    plain = DmaMemory(memory, unit.bind(slot))
+    views: dict[int, DmaMemory] = {}
+
+    def memory_for(pasid: int | None) -> DmaMemory:
+        if not pasid or not scalable_mode(memory):
+            return plain
+        view = views.get(pasid)
+        if view is None:
+            view = DmaMemory(memory, unit.bind(slot, pasid))
+            if len(views) < 4096:  # bounded: a hostile guest cycling PASIDs gets fresh views
+                views[pasid] = view
+        return view
+
+    return memory_for
 
 
 class HypervisorLink:
@@ -112,9 +133,12 @@ class HypervisorLink:
 
     @staticmethod
     def _request(fault: DmaFault, page_request: bool = False, request_id: int = 0) -> admin_pb2.ReportFaultRequest:
-        return admin_pb2.ReportFaultRequest(iova=fault.iova, write=fault.write, reason=fault.reason,
-                                            reason_name=fault.reason_name, detail=fault.detail,
-                                            page_request=page_request, request_id=request_id, epoch=fault.epoch)
+        req = admin_pb2.ReportFaultRequest(iova=fault.iova, write=fault.write, reason=fault.reason,
+                                           reason_name=fault.reason_name, detail=fault.detail,
+                                           page_request=page_request, request_id=request_id, epoch=fault.epoch)
+        if fault.pasid is not None:  # the SVA proposal only
+            req.pasid_valid, req.pasid = True, fault.pasid
+        return req
 
     def on_fault(self, fault: DmaFault) -> None:
         self._queue.put(self._request(fault))
@@ -264,7 +288,7 @@ def build(args: argparse.Namespace, listen: str | None = None) -> DeviceService:
 
     def handle(item: QueueItem) -> None:
         """Everything the hypervisor sends the unit comes through its queue."""
-        if isinstance(item, Invalidation):
+        if isinstance(item, Invalidation | PasidInvalidation):
             item.apply(unit)
         elif isinstance(item, OwnerFence):
             own.fence(item.epoch)
@@ -286,7 +310,7 @@ def build(args: argparse.Namespace, listen: str | None = None) -> DeviceService:
     device.on_fault = link.on_fault
     device.on_page_request = link.on_page_request
     device.on_interrupt = interrupt
-    device.bind(DmaMemory(memory, unit.bind(info.slot)))
+    device.bind(pasid_memory(memory, unit, info.slot))
     device.fast_memmove = memmove_hook(unit)  # warm MEMMOVEs in one compiled call (None: the model alone)
     log.info("dsa.serving", port=server.port, advertise=advertise, slot=info.slot, memory_dir=reg.memory_dir)
 

@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpc-only", action="store_true",
                    help="make every hypercall over gRPC, even when the hypervisor offers a hypercall page "
                         "(docs/transports.md)")
+    p.add_argument("--proposal-sva", action="store_true",
+                   help="pviommu proposal, not in the series (docs/proposal-sva.md): SVA processes bound to PASIDs "
+                        "and their page requests; needs a hypervisor started with --proposal-sva")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--strict", dest="flush_mode", action="store_const", const="strict",
                       help="flush the IOTLB on every unmap (default)")
@@ -119,7 +122,8 @@ def build(args: argparse.Namespace, token: str | None = None, listen: str | None
     bank = open_bank(args.bank_path)
     agent = Agent(channel, token, bank, mode=FlushMode(args.flush_mode), allow_no_iommu=args.allow_no_iommu,
                   revision=getattr(args, "revision", DEFAULT_REVISION),
-                  hypercall_page=not getattr(args, "grpc_only", False))
+                  hypercall_page=not getattr(args, "grpc_only", False),
+                  sva=bool(getattr(args, "proposal_sva", False)))
     bind_identity(partition=agent.partition_id)
     try:
         agent.start()

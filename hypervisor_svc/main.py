@@ -6,6 +6,7 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -80,8 +81,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="offer no fault rings: guests read faults and page requests from the gRPC stream only")
     p.add_argument("--hypercall-page-sessions", type=int, default=SESSIONS_PER_PARTITION,
                    help=f"hypercall pages one partition may hold at once (default {SESSIONS_PER_PARTITION})")
+    p.add_argument("--proposal-sva", action="store_true",
+                   help="pviommu proposal, not in the series (docs/proposal-sva.md): PASID attach/detach, SVA and "
+                        "page-group responses; advertises PASID and PRI and a PASID width")
     p.add_argument("--trace", help="append every hypercall, admin change and fault report to this file as JSON "
                                    "lines (replay it with `pviommu replay`)")
+
+
+def sva_options(on: bool) -> dict[str, Any]:
+    """HypervisorConfig fields of ``--proposal-sva`` (none when off: the series' defaults)."""
+    if not on:
+        return {}
+    from hypervisor_svc.core.sva import PASID_WIDTH
+    return {"proposal_sva": True, "pasid": True, "pri": True, "max_pasid_width": PASID_WIDTH}
 
 
 def admin_token(args: argparse.Namespace) -> str:
@@ -104,7 +116,8 @@ def build(args: argparse.Namespace, listen: str | None = None) -> tuple[Host, Ru
         same_domain_attach=SameDomainAttach(getattr(args, "same_domain_attach", SameDomainAttach.ALREADY_IN_DOMAIN)),
         blocked_without_translation=BlockedWithoutTranslation(
             getattr(args, "blocked_without_translation", BlockedWithoutTranslation.REFUSE)),
-        pgsize_bitmap=getattr(args, "pgsize_bitmap", SZ_4K | SZ_2M | SZ_1G))
+        pgsize_bitmap=getattr(args, "pgsize_bitmap", SZ_4K | SZ_2M | SZ_1G),
+        **sva_options(bool(getattr(args, "proposal_sva", False))))
     own_dir = not args.memory_dir
     folder = make_bank_folder("pviommu-banks-", need_bytes=args.bank0_size) if own_dir else None
     memory_dir = folder.path if folder is not None else Path(args.memory_dir)

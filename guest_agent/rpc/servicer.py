@@ -316,6 +316,17 @@ class GuestAgentServicer(guest_pb2_grpc.GuestAgentServicer):
             raise failure[0]
 
     @grpc_errors
+    def RunSvaTest(self, request: guest_pb2.SvaTestRequest,
+                   context: grpc.ServicerContext) -> guest_pb2.SvaTestReply:
+        """SVA proposal, not in the series (docs/proposal-sva.md)."""
+        self._auth()
+        r = self.agent.run_sva_test(request.logical_device_id, request.size, request.iterations,
+                                    request.touch_destination, request.unreserved_destination)
+        return guest_pb2.SvaTestReply(passed=r.passed, pasid=r.pasid, wq_id=r.wq_id, completed=r.completed,
+                                      page_requests=r.page_requests, mismatches=r.mismatches, summary=r.summary(),
+                                      errors=r.errors, refused=r.refused)
+
+    @grpc_errors
     def GetStats(self, request: common_pb2.Empty, context: grpc.ServicerContext) -> guest_pb2.AgentStats:
         self._auth()
         return guest_pb2.AgentStats(counters=self.agent.counters())

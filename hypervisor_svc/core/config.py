@@ -52,6 +52,9 @@ class HypervisorConfig:
     fault_log_size: int = 4096
     #: IOTLB tags (VT-d DIDs) the host hands out, 1..domain_tags (reused first-in first-out).
     domain_tags: int = 0xFFFF
+    #: pviommu proposal, not in the series (docs/proposal-sva.md): PASID-granular attach, SVA and
+    #: page-group responses; the capability answer then carries PASID and PRI and a PASID width.
+    proposal_sva: bool = False
     #: Unanswered page requests remembered per device (beyond: not delivered, the engine gives up).
     max_page_requests_per_device: int = 1024
 

@@ -40,6 +40,7 @@ from hypervisor_svc.core import stage2
 from hypervisor_svc.core.config import HypervisorConfig
 from hypervisor_svc.core.faults import FaultLog
 from hypervisor_svc.core.model import Device, Domain, Partition, Sync
+from hypervisor_svc.core.sva import SvaState
 from hypervisor_svc.core.trace import TraceWriter
 from pviommu.abi.hv import build_logical_device_id
 from pviommu.abi.hv_status import HvStatus
@@ -102,6 +103,8 @@ class Host:
             p.unlink()
         self.bank0 = self.memory.create_bank(HYPERVISOR_BANK, self.config.bank0_bytes)
         self.tables = stage2.HostTables(self.memory, self.bank0)
+        #: the SVA proposal's PASID tables (None: the series' interface only)
+        self.sva: SvaState | None = SvaState(self) if self.config.proposal_sva else None
         self.partitions: dict[int, Partition] = {}
         self.devices: dict[int, Device] = {}
         self._next_partition = 1
@@ -294,6 +297,8 @@ class Host:
                 reset_queue(self.memory, slot)  # a new unit starts with an empty invalidation queue
                 self.tables.write_context(slot, ContextEntry.blocked())
                 write_owner(self.memory, slot, OwnerRecord(epoch))
+                if self.sva is not None:
+                    self.sva.add_device(dev)
                 self.devices[logical] = dev
         self.count("devices_registered")
         log.info("device.registered", device=logical, name=name, slot=slot, address=control_address)
@@ -322,6 +327,8 @@ class Host:
                 part.devices.discard(dev.logical_device_id)
             self.tables.write_context(dev.slot, ContextEntry.blocked())
             self._publish(dev, None, quarantined=True)
+            if self.sva is not None:
+                self.sva.remove_device(dev, part)
             if dev.sync is not Sync.LOST:
                 try:
                     self.link.post(dev, self._fence_items(dev))
@@ -446,6 +453,8 @@ class Host:
                 d.partition_id = owner.partition_id if owner is not None else 0
                 d.domain_id = 0
                 d.page_requests.clear()
+                if self.sva is not None:
+                    self.sva.reset_device(d, old)
                 if owner is not None:
                     owner.devices.add(d.logical_device_id)
                 if d.sync is not Sync.LOST:
@@ -645,6 +654,9 @@ class Host:
             if dev is None or dev.partition_id != caller.partition_id:
                 raise HvError(HvStatus.ACCESS_DENIED, f"device {logical:#x} is not the caller's")
             pending = dev.page_requests.get(request_id)
+            if self.sva is not None and (logical, request_id) in self.sva.request_pasids:
+                raise HvError(HvStatus.PAGE_REQUEST_INVALID, f"page request {request_id} carries a PASID: answer it "
+                                                             "with ProcessIommuPrq (0x00C3)")
             if pending is None or pending != (caller.partition_id, dev.epoch):
                 raise HvError(HvStatus.PAGE_REQUEST_INVALID,
                               f"no page request {request_id} of device {logical:#x} is pending for this partition")

@@ -55,7 +55,9 @@ from dataclasses import dataclass
 
 from hypervisor_svc.core.host import Host
 from hypervisor_svc.core.model import Device, Domain, Partition
+from hypervisor_svc.core.sva import SvaState
 from pviommu.abi import hv
+from pviommu.abi.hv import sva as sva_abi
 from pviommu.abi.hv_status import HvStatus
 from pviommu.abi.revision import BlockedWithoutTranslation, SameDomainAttach
 from pviommu.addr import PAGE_SHIFT, PAGE_SIZE, Gpa, Iova, align_down
@@ -100,7 +102,7 @@ class Hypercalls:
         self.host = host
 
     # ------------------------------------------------------------------ dispatch
-    def dispatch(self, caller: Partition, request: hv.HvRequest) -> HvAnswer:
+    def dispatch(self, caller: Partition, request: hv.HvRequest | sva_abi.SvaInput) -> HvAnswer:
         """Run one decoded hypercall for ``caller``."""
         name = request.CODE.name
         handler = getattr(self, "do_" + name.lower())
@@ -126,9 +128,13 @@ class Hypercalls:
         encode. The one path of both ``HvCall`` (gRPC) and the hypercall page."""
         code = input_value & 0xFFFF
         try:
-            decoded = hv.decode_call(input_value, data)
+            decoded: hv.HvRequest | sva_abi.SvaInput
+            if self.host.sva is not None and sva_abi.is_sva_code(code):  # the SVA proposal (off: unknown codes)
+                decoded = sva_abi.decode_sva_call(input_value, data)
+            else:
+                decoded = hv.decode_call(input_value, data)
             answer = self.dispatch(caller, decoded)
-            output = hv.encode_output(code, answer.output)
+            output = b"" if isinstance(decoded, sva_abi.SvaInput) else hv.encode_output(code, answer.output)
         except HvError as exc:
             self.host.count(f"hv_status_{int(exc.hv_status):#x}")
             return RawAnswer(hv.HypercallResult(exc.hv_status, exc.reps_completed).encode(), b"", str(exc))
@@ -235,6 +241,9 @@ class Hypercalls:
         if dom.devices:
             raise HvError(HvStatus.INVALID_DEVICE_STATE,
                           f"domain {dom.domain_id} still has {len(dom.devices)} device(s) attached; detach first")
+        if dom.pasids:  # SVA proposal only
+            raise HvError(HvStatus.INVALID_DEVICE_STATE,
+                          f"domain {dom.domain_id} is attached to {len(dom.pasids)} PASID(s); detach them first")
         self.host.delete_domain(caller, dom)
         log.info("domain.deleted", partition=caller.partition_id, domain=dom.domain_id)
         return HvAnswer()
@@ -275,6 +284,9 @@ class Hypercalls:
     def do_configure_device_domain(self, caller: Partition, req: hv.ConfigureDeviceDomainInput) -> HvAnswer:
         dom = self._domain(caller, req.device_domain)
         s = req.settings
+        if dom.pasids:  # SVA proposal only: a PASID's table does not change under it
+            raise HvError(HvStatus.INVALID_DEVICE_STATE,
+                          f"domain {dom.domain_id} is attached to PASIDs; detach them before reconfiguring it")
         if dom.domain_type != S1:
             raise _invalid("only S1 domains are configured; a baseline S2 domain is mapped by MapDeviceGpaPages")
         if s.blocked and not s.translation_enabled and \
@@ -302,6 +314,33 @@ class Hypercalls:
         self.host.reconfigure_domain(caller, dom, apply)
         log.info("domain.configured", partition=caller.partition_id, domain=dom.domain_id,
                  translation=s.translation_enabled, blocked=s.blocked, five_level=five, root=hex(dom.root))
+        return HvAnswer()
+
+    # ------------------------------------------------------------------ SVA proposal (not in the series)
+    def _sva(self) -> SvaState:
+        if self.host.sva is None:
+            raise HvError(HvStatus.INVALID_HYPERCALL_CODE, "PASID calls are offered only with --proposal-sva")
+        return self.host.sva
+
+    def do_attach_device_pasid(self, caller: Partition, req: sva_abi.AttachDevicePasidInput) -> HvAnswer:
+        sva = self._sva()
+        dom = self._domain(caller, req.device_domain)
+        dev = self._device(caller, req.device_id)
+        if dom.domain_type != S1:
+            raise _invalid(f"domain {dom.domain_id} is not an S1 domain")
+        sva.attach(caller, dev, req.pasid, dom)
+        return HvAnswer()
+
+    def do_detach_device_pasid(self, caller: Partition, req: sva_abi.DetachDevicePasidInput) -> HvAnswer:
+        sva = self._sva()
+        self._own(caller, req.partition_id)
+        sva.detach(caller, self._device(caller, req.device_id), req.pasid)
+        return HvAnswer()
+
+    def do_process_iommu_prq(self, caller: Partition, req: sva_abi.ProcessIommuPrqInput) -> HvAnswer:
+        sva = self._sva()
+        self._own(caller, req.partition_id)
+        sva.respond(caller, self._device(caller, req.device_id), req.request_id, req.pasid, req.response)
         return HvAnswer()
 
     # ------------------------------------------------------------------ flushes

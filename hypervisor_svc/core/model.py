@@ -35,6 +35,8 @@ class Domain:
     #: Baseline S2 domains: their own IOVA->HPA table (built by Map hypercalls).
     table: Baseline | None = None
     mapped_pages: int = 0
+    #: (logical device, PASID) pairs attached to this domain (SVA proposal; always empty without it)
+    pasids: set[tuple[int, int]] = field(default_factory=set)
 
 
 @dataclass
@@ -100,6 +102,8 @@ class Device:
     epoch: int = 0
     #: page requests delivered to the owner and not answered yet: request id -> (partition, epoch)
     page_requests: dict[int, tuple[int, int]] = field(default_factory=dict)
+    #: PASID -> attached domain id (SVA proposal; always empty without it)
+    pasids: dict[int, int] = field(default_factory=dict)
     #: one ownership change or resync at a time
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 

@@ -255,7 +255,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         require("admin")
         try:
             exp = self.explainer.explain(request.partition_id, request.iova, request.write,
-                                         logical_device_id=request.logical_device_id, domain_id=request.domain_id)
+                                         logical_device_id=request.logical_device_id, domain_id=request.domain_id,
+                                         pasid=request.pasid)
         except HvError as exc:
             return admin_pb2.ExplainIovaReply(result=hv_result(exc.hv_status, str(exc)))
         return explanation_message(exp)
@@ -302,6 +303,11 @@ def explanation_message(exp: Explanation) -> admin_pb2.ExplainIovaReply:
                                     stage1=_step(lv.s1) if lv.s1 is not None else None, has_stage1=lv.s1 is not None)
                 for lv in levels],
         reads=exp.result.reads)
+    if exp.pasid is not None:  # the SVA proposal only
+        reply.pasid = exp.pasid
+        reply.pasid_steps.extend(admin_pb2.WalkStep(stage="PASID", level=-1, table=s.hpa, table_hpa=s.hpa,
+                                                    index=s.index, entry=s.value, note=f"{s.what} {s.note}".strip())
+                                 for s in exp.pasid_steps)
     if isinstance(exp.result, WalkOk):
         r = exp.result
         reply.ok, reply.size_lg2, reply.readable, reply.writable = True, r.size_lg2, r.read, r.write
@@ -327,11 +333,15 @@ class DeviceHostServicer(admin_pb2_grpc.DeviceHostServicer):
         part = self.host.fault_owner(dev, request.epoch, request.page_request, request.request_id)
         if part is None or part.faults is None:  # unowned, or a previous owner's: counted, delivered to nobody
             return _ok()
+        sva: dict[str, Any] = {}
+        if request.pasid_valid and self.host.sva is not None:  # the SVA proposal only
+            sva = self.host.sva.report(dev, request.request_id, request.pasid, request.page_request, request.iova,
+                                       request.write, request.reason)
         with self.host.lock:
             part.faults.append(
                 partition_id=part.partition_id, logical_device_id=dev.logical_device_id, iova=request.iova,
                 write=request.write, reason=request.reason, reason_name=request.reason_name, detail=request.detail,
-                domain_id=dev.domain_id, page_request=request.page_request, request_id=request.request_id)
+                domain_id=dev.domain_id, page_request=request.page_request, request_id=request.request_id, **sva)
             self.host.count("page_requests" if request.page_request else "faults")
             self.host.count_fault(request.reason_name or f"{request.reason:#x}")
             if self.host.trace is not None:

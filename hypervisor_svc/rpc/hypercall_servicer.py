@@ -63,11 +63,14 @@ async def follow_faults(log: FaultLog, after: int) -> AsyncIterator[FaultEntry]:
 
 
 def fault_message(e: FaultEntry) -> hypervisor_pb2.Fault:
-    return hypervisor_pb2.Fault(
+    m = hypervisor_pb2.Fault(
         sequence=e.sequence, logical_device_id=e.logical_device_id, iova=e.iova, write=e.write, reason=e.reason,
         reason_name=e.reason_name, detail=e.detail, domain_id=e.domain_id, timestamp=e.timestamp,
         page_request=e.page_request, request_id=e.request_id,
     )
+    if e.pasid is not None:  # the SVA proposal only
+        m.pasid_valid, m.pasid, m.synic_message = True, e.pasid, e.synic_message
+    return m
 
 
 class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):

@@ -47,6 +47,8 @@ class DmaFault:
     detail: str = ""
     #: the ownership epoch of the descriptor that faulted (set by the device)
     epoch: int = 0
+    #: the request's PASID (SVA proposal, not in the series); None = a request without PASID
+    pasid: int | None = None
 
 
 @dataclass(slots=True)
