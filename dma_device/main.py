@@ -28,6 +28,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry
 
+from dma_device.counters import GAUGES, LABELS, device_counters
 from dma_device.dsa.device import DsaDevice, DsaDeviceConfig
 from dma_device.fastpath import memmove_hook
 from dma_device.ownership import Ownership
@@ -173,7 +174,7 @@ class DeviceService:
     own: Ownership
     queue: QueueConsumer
     link: HypervisorLink
-    admin: Any
+    admin: admin_pb2_grpc.AdminStub
     registry: CollectorRegistry
     portals: Portals
     sessions: SessionServer
@@ -237,9 +238,8 @@ def build(args: argparse.Namespace, listen: str | None = None) -> DeviceService:
             return box["own"]  # type: ignore[no-any-return]
 
     registry = CollectorRegistry()
-    registry.register(CounterCollector("dsa", lambda: device_metrics(device, box.get("unit")), labels={
-        "descriptors": ("opcode",), "completions": ("status",), "page_request_outcomes": ("outcome",),
-        "iommu_faults": ("reason",)}, gauges=frozenset({"iotlb_entries"})))
+    registry.register(CounterCollector("dsa", lambda: device_counters(device, box.get("unit")), labels=LABELS,
+                                       gauges=GAUGES))
     try:
         server = create_server(listen or args.listen, [Service(_Deferred(),
                                                                dsa_pb2_grpc.add_DsaDeviceServicer_to_server,
@@ -349,27 +349,8 @@ def _waiting(message: str) -> None:
     print_waiting(message)
 
 
-def device_metrics(device: DsaDevice, unit: IommuUnit | None) -> dict[str, Any]:
-    """The device's and its IOMMU unit's counters, for Prometheus."""
-    out: dict[str, Any] = dict(device.counters.snapshot())
-    if unit is not None:
-        st = unit.iotlb.stats
-        out.update({"iotlb_hits": st.hits, "iotlb_misses": st.misses, "iotlb_invalidations_global": st.inv_global,
-                    "iotlb_invalidations_domain": st.inv_domain, "iotlb_invalidations_pages": st.inv_pages,
-                    "iotlb_entries_dropped": st.entries_dropped, "iotlb_entries": len(unit.iotlb),
-                    "iommu_walks": unit.stats.walks, "iommu_walk_reads": unit.stats.walk_reads,
-                    "iommu_translations": unit.stats.translations,
-                    "iommu_faults": {f"{int(k):#x}": v for k, v in unit.stats.faults.items()}})
-        ps = unit.pscache
-        if ps is not None:  # paging-structure caches (pviommu.iommu.pscache)
-            out.update({"pscache_fs_hits": sum(ps.stats.fs_hits), "pscache_fs_misses": ps.stats.fs_misses,
-                        "pscache_table_hits": ps.stats.table_hits, "pscache_table_misses": ps.stats.table_misses,
-                        "pscache_evictions": ps.stats.evictions, "pscache_rewalks": ps.stats.rewalks,
-                        "pscache_entries": len(ps)})
-    return out
-
-
-def _assign_when_ready(admin: Any, logical: int, partition_name: str, timeout: float = 120.0) -> None:
+def _assign_when_ready(admin: admin_pb2_grpc.AdminStub, logical: int, partition_name: str,
+                       timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for p in admin.ListPartitions(common_pb2.Empty(), timeout=10).partitions:

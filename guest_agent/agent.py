@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from guest_agent.dma.api import Direction, DmaApi, DmaMapping
-from guest_agent.dma.pages import GuestMemory
+from guest_agent.dma.pages import RESERVED_LOW, GuestMemory
 from guest_agent.driver.domain import Domain, DomainKind, FlushMode, UnmapResult
 from guest_agent.driver.hypercalls import HvClient
 from guest_agent.driver.pviommu import DeviceState, PvIommu
@@ -54,7 +54,7 @@ class Agent:
     """A guest's IOMMU driver, DMA layer and DSA drivers."""
 
     def __init__(self, hv_channel: grpc.Channel, token: str, bank: Bank, *, mode: FlushMode = FlushMode.STRICT,
-                 allow_no_iommu: bool = False, reserved_low: int = 1 << 20,
+                 allow_no_iommu: bool = False, reserved_low: int = RESERVED_LOW,
                  revision: Revision | str = DEFAULT_REVISION, sva: bool = False) -> None:
         self.token = token
         self.bank = bank
@@ -278,6 +278,8 @@ class Agent:
         c["frames_allocated"] = self.memory.frames.allocated_frames
         c["buffers"] = self.memory.buffers
         c["domains"] = len(self.iommu.domains)
+        # completion interrupts the DSA drivers received (an interrupt wakes every waiter of its device)
+        c["dsa_interrupts"] = sum(d.interrupts.count for d in list(self.dsa.values()) if d.interrupts is not None)
         c["pending_unmaps"] = sum(getattr(d, "pending", lambda: 0)() for d in self.iommu.domains.values())
         for key in ("maps", "unmaps", "flushes", "flush_list"):
             c.setdefault(key, 0)

@@ -20,7 +20,7 @@ Model (reference/dsa-dmatest.md section 4):
   Several engines share a group's WQs, so completions may be out of order
   (DMA_COMPLETION_NO_ORDER); DRAIN restores order.
 * Completion: the record (32-byte aligned, else CRA_ALIGN reported in SWERR
-  since no record can be written) is written through the device's DmaMemory,
+  since no record can be written) is written through the device's DmaAccess,
   bytes 1..31 first and the status byte last, so a poller that sees a nonzero
   status sees the whole record. A record write that faults is CRA_XLAT:
   counted (``cr_faults``), reported to ``on_fault`` and SWERR, no interrupt.
@@ -32,7 +32,7 @@ Model (reference/dsa-dmatest.md section 4):
   queued ones of other epochs and waits for the running ones, so nothing of
   a previous owner runs once the device confirmed the change. Faults, page
   requests and interrupts carry the epoch of their descriptor.
-* Memory: the device is bound to a ``DmaMemory`` or a provider of one per
+* Memory: the device is bound to a ``DmaAccess`` or a provider of one per
   PASID. An unbound device (not attached to any IOMMU domain) sees every
   address as blocked: each access faults, including the completion record
   write, so descriptors complete nowhere and every fault is reported to
@@ -50,12 +50,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 import structlog
 
-from dma_device.dsa.access import DeviceMemory, PageRequestOutcome
+from dma_device.dsa.access import BlockOnFault, PageRequestOutcome
 from dma_device.dsa.checks import Limits, fail
 from dma_device.dsa.ops import OPS, OpContext, execute
 from pviommu.abi.dsa import (
@@ -83,14 +82,13 @@ from pviommu.abi.dsa import (
 )
 from pviommu.addr import Iova
 from pviommu.errors import PviommuError
-from pviommu.mem.bank import HostMemory
-from pviommu.mem.dma import DmaFault, DmaMemory, DmaRuns
+from pviommu.mem.dma import BlockedDma, DmaAccess, DmaFault
 
 log = structlog.get_logger("dma_device.dsa")
 
 #: Given the PASID a descriptor runs under (None: no PASID), the memory it
 #: sees, or None when that address space does not exist (all accesses fault).
-MemoryProvider = Callable[[int | None], DmaMemory | None]
+MemoryProvider = Callable[[int | None], DmaAccess | None]
 
 #: Every opcode this model implements (TRANSL_FETCH and DIX_GEN are DSA 2.0).
 SUPPORTED_OPCODES: frozenset[int] = frozenset(int(op) for op in OPS)
@@ -200,14 +198,7 @@ class Counters:
             }
 
 
-class _BlockedTranslator:
-    """Translator of an unbound device: nothing translates."""
-
-    def translate(self, iova: Iova, length: int, write: bool) -> DmaRuns:
-        return DmaRuns([], DmaFault(iova, write, 0, "NO_DOMAIN", "device not attached"))
-
-
-_BLOCKED = DmaMemory(HostMemory(Path("/nonexistent-pviommu-blocked")), _BlockedTranslator())
+_BLOCKED = BlockedDma()  # an unbound device: every access faults
 
 
 @dataclass(slots=True)
@@ -245,7 +236,7 @@ class DsaDevice:
     * ``on_error(SwError)`` for software errors (SWERR).
     """
 
-    def __init__(self, memory: DmaMemory | MemoryProvider | None = None,
+    def __init__(self, memory: DmaAccess | MemoryProvider | None = None,
                  config: DsaDeviceConfig | None = None, *,
                  on_interrupt: Callable[[int, int], None] | None = None,
                  on_fault: Callable[[DmaFault], None] | None = None,
@@ -270,7 +261,7 @@ class DsaDevice:
         #: SUCCESS exactly as the model would (``record_written``: the completion record is in
         #: memory; else the device writes it, if asked for), None to run the model. It counts
         #: nothing of the device's: the device does, as for the model.
-        self.fast_memmove: Callable[[Descriptor, Limits, DmaMemory], tuple[CompletionRecord, bool] | None] | None = None
+        self.fast_memmove: Callable[[Descriptor, Limits, DmaAccess], tuple[CompletionRecord, bool] | None] | None = None
         self.counters = Counters()
         self.swerr: collections.deque[SwError] = collections.deque(maxlen=64)
         self._provider: MemoryProvider | None = None
@@ -286,16 +277,16 @@ class DsaDevice:
         self._stop = False
 
     # ---- binding -------------------------------------------------------------
-    def bind(self, memory: DmaMemory | MemoryProvider | None) -> None:
+    def bind(self, memory: DmaAccess | MemoryProvider | None) -> None:
         """Attach the device to its IOMMU view (None: detach, all DMA blocked)."""
         if memory is None:
             self._provider = None
-        elif isinstance(memory, DmaMemory):
-            self._provider = lambda _pasid, m=memory: m
-        else:
+        elif callable(memory):
             self._provider = memory
+        else:
+            self._provider = lambda _pasid, m=memory: m
 
-    def _memory_for(self, pasid: int | None) -> DmaMemory:
+    def _memory_for(self, pasid: int | None) -> DmaAccess:
         mem = self._provider(pasid) if self._provider is not None else None
         return mem if mem is not None else _BLOCKED
 
@@ -727,7 +718,7 @@ class DsaDevice:
         with self._cv:
             self._cv.wait_for(lambda: not any(s < seq for s in wq.running))
 
-    def _run(self, d: Descriptor, wq: _WorkQueue, dma: DmaMemory, seq: int, pasid: int | None, epoch: int,
+    def _run(self, d: Descriptor, wq: _WorkQueue, dma: DmaAccess, seq: int, pasid: int | None, epoch: int,
              *, in_batch: bool) -> CompletionRecord:
         """Execute one descriptor (or batch entry) and complete it."""
         fast = self.fast_memmove
@@ -759,7 +750,7 @@ class DsaDevice:
         def report(fault: DmaFault) -> None:
             self._report_fault(fault, epoch)
 
-        mem = DeviceMemory(dma, block_on_fault=bool(d.flags & _BOF) and wq.cfg.bof,
+        mem = BlockOnFault(dma, block_on_fault=bool(d.flags & _BOF) and wq.cfg.bof,
                            page_request=lambda fault: self._page_request(replace(fault, epoch=epoch)),
                            on_fault=report)
         ctx = OpContext(
@@ -776,7 +767,7 @@ class DsaDevice:
         self._complete(d, rec, dma, wq, pasid, epoch)
         return rec
 
-    def _complete(self, d: Descriptor, rec: CompletionRecord, dma: DmaMemory, wq: _WorkQueue,
+    def _complete(self, d: Descriptor, rec: CompletionRecord, dma: DmaAccess, wq: _WorkQueue,
                   pasid: int | None, epoch: int) -> None:
         code = rec.status & STATUS_MASK
         if code == _SUCCESS:

@@ -2,14 +2,15 @@
 
 Each takes a validated ``Descriptor`` and an ``OpContext`` and returns the
 ``CompletionRecord`` to write; none writes its own record (the device does,
-status byte last). All data goes through ``ctx.mem`` (a ``DeviceMemory`` over
-the IOMMU-backed ``DmaMemory``), which stops at the first faulting page; an
+status byte last). All data goes through ``ctx.mem`` (a ``DmaAccess`` over
+IOVAs, with the block-on-fault policy), which stops at the first faulting page; an
 operation that stops reports PAGE_FAULT_NOBOF (0x03), or PAGE_FAULT_IR (0x04)
 when the guest refused the page request, with ``bytes_completed`` = bytes done
 before the fault, ``fault_addr`` = the faulting IOVA, and the 0x80 bit when the
 faulting access was a write (idxd.h DSA_COMP_STATUS_WRITE). Nothing at or
 beyond the fault is written: operations with several buffers first find the
-common translatable prefix, then move only that.
+common translatable prefix (``common_prefix``), then move only that over the
+runs it translated.
 
 Streaming reads (compare, CRC) go in ``CHUNK`` pieces so a difference found
 early stops the operation before later pages are touched, as the hardware
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dma_device.dsa import delta, dif
-from dma_device.dsa.access import DeviceMemory
+from dma_device.dsa.access import BlockOnFault
 from dma_device.dsa.checks import Limits, fail, overlaps, validate
 from dma_device.dsa.crc import crc32c_dsa
 from pviommu.abi.dsa import (
@@ -43,7 +44,8 @@ from pviommu.abi.dsa import (
     comp_op_u32,
     opcap_has,
 )
-from pviommu.mem.dma import DmaFault
+from pviommu.addr import Iova
+from pviommu.mem.dma import DmaFault, DmaRuns, common_prefix
 
 CHUNK = 256 * 1024  # a multiple of 8 so COMPVAL patterns stay aligned per chunk
 _NO_OP = bytes(COMP_OP_SPECIFIC_SIZE)
@@ -53,7 +55,7 @@ _NO_OP = bytes(COMP_OP_SPECIFIC_SIZE)
 class OpContext:
     """What an operation may use besides its descriptor."""
 
-    mem: DeviceMemory
+    mem: BlockOnFault
     limits: Limits
     #: Execute one batch entry completely (validation, operation, its own
     #: completion record and interrupt) and return its record.
@@ -131,14 +133,12 @@ def op_memmove(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     addresses after partial completion when result is 1."""
     n, src, dst = d.xfer_size, d.src_addr, d.dst_addr
     if dst > src and overlaps(src, n, dst, n):
-        pre = ctx.mem.common_prefix([(src, n, False), (dst, n, True)])
+        pre = common_prefix(ctx.mem, [(Iova(src), n, False), (Iova(dst), n, True)])
         if pre.fault is not None:
             return _fault(ctx, pre.fault, 0, result=1)
-        res = ctx.mem.copy_now(src, dst, n)
-        if res.fault is not None:  # mapping removed under our feet
-            return _fault(ctx, res.fault, 0, result=1)
+        ctx.mem.copy_runs(pre.runs[0], pre.runs[1], n)
         return _ok(result=1, bytes_completed=0)
-    res = ctx.mem.copy(src, dst, n)
+    res = ctx.mem.copy(Iova(src), Iova(dst), n)
     if res.fault is not None:
         return _fault(ctx, res.fault, res.done)
     return _ok()
@@ -146,7 +146,7 @@ def op_memmove(d: Descriptor, ctx: OpContext) -> CompletionRecord:
 
 def op_memfill(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     """dst[i] = pattern byte i % 8 (8-byte little-endian pattern at @16)."""
-    res = ctx.mem.write(d.dst_addr, _pattern(d.pattern, d.xfer_size))
+    res = ctx.mem.write(Iova(d.dst_addr), _pattern(d.pattern, d.xfer_size))
     if res.fault is not None:
         return _fault(ctx, res.fault, res.done)
     return _ok()
@@ -157,7 +157,7 @@ def _compare_stream(d: Descriptor, ctx: OpContext, other: Callable[[int, int], t
     n, pos = d.xfer_size, 0
     while pos < n:
         k = min(CHUNK, n - pos)
-        a, fa = ctx.mem.read(d.src_addr + pos, k)
+        a, fa = ctx.mem.read(Iova(d.src_addr + pos), k)
         b, fb = other(pos, k)
         m = min(len(a), len(b))
         if a[:m] != b[:m]:
@@ -172,7 +172,7 @@ def _compare_stream(d: Descriptor, ctx: OpContext, other: Callable[[int, int], t
 
 def op_compare(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     """result 0 equal / 1 different, bytes_completed = first differing byte."""
-    return _compare_stream(d, ctx, lambda pos, k: ctx.mem.read(d.src2_addr + pos, k))
+    return _compare_stream(d, ctx, lambda pos, k: ctx.mem.read(Iova(d.src2_addr + pos), k))
 
 
 def op_compval(d: Descriptor, ctx: OpContext) -> CompletionRecord:
@@ -187,16 +187,16 @@ def op_cr_delta(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     are written and comparing stops). With CR, result N is acceptable when
     bit N of expected_res_mask is set; otherwise 0x02."""
     n = d.xfer_size
-    pre = ctx.mem.common_prefix([(d.src_addr, n, False), (d.src2_addr, n, False)])
+    pre = common_prefix(ctx.mem, [(Iova(d.src_addr), n, False), (Iova(d.src2_addr), n, False)])
     p = pre.done // 8 * 8
-    a, _ = ctx.mem.read_now(d.src_addr, p)
-    b, _ = ctx.mem.read_now(d.src2_addr, p)
+    a = ctx.mem.read_runs(pre.runs[0], p)
+    b = ctx.mem.read_runs(pre.runs[1], p)
     entries = delta.create(a, b)
     room = d.max_delta_size // DELTA_ENTRY_SIZE
     overflow = len(entries) > room
     record = delta.pack(entries[:room])
     if record:
-        w = ctx.mem.write(d.delta_addr, record)
+        w = ctx.mem.write(Iova(d.delta_addr), record)
         if w.fault is not None:
             return _fault(ctx, w.fault, 0, op_specific=comp_op_u32(w.done))
     size = comp_op_u32(len(record))
@@ -215,7 +215,7 @@ def op_ap_delta(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     increasing, 0x07; inside the buffer, 0x08), so a bad record leaves the
     destination untouched. On a write fault bytes_completed counts the record
     bytes applied (inf)."""
-    rec, fault = ctx.mem.read(d.src_addr, d.delta_rec_size)
+    rec, fault = ctx.mem.read(Iova(d.src_addr), d.delta_rec_size)
     if fault is not None:
         return _fault(ctx, fault, 0)
     entries = delta.unpack(rec)
@@ -228,7 +228,7 @@ def op_ap_delta(d: Descriptor, ctx: OpContext) -> CompletionRecord:
         last = idx
     applied = 0
     for start, data in delta.runs(entries):
-        w = ctx.mem.write(d.dst_addr + start * 8, data)
+        w = ctx.mem.write(Iova(d.dst_addr + start * 8), data)
         applied += w.done // 8
         if w.fault is not None:
             return _fault(ctx, w.fault, applied * DELTA_ENTRY_SIZE)
@@ -237,11 +237,10 @@ def op_ap_delta(d: Descriptor, ctx: OpContext) -> CompletionRecord:
 
 def op_dualcast(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     n = d.xfer_size
-    pre = ctx.mem.common_prefix([(d.src_addr, n, False), (d.dst_addr, n, True), (d.dest2, n, True)])
-    for dst in (d.dst_addr, d.dest2):
-        res = ctx.mem.copy_now(d.src_addr, dst, pre.done)
-        if res.fault is not None:
-            return _fault(ctx, res.fault, res.done)
+    pre = common_prefix(ctx.mem, [(Iova(d.src_addr), n, False), (Iova(d.dst_addr), n, True),
+                                  (Iova(d.dest2), n, True)])
+    for dst in pre.runs[1:]:
+        ctx.mem.copy_runs(pre.runs[0], dst, pre.done)
     if pre.fault is not None:
         return _fault(ctx, pre.fault, pre.done)
     return _ok()
@@ -250,7 +249,7 @@ def op_dualcast(d: Descriptor, ctx: OpContext) -> CompletionRecord:
 def _seed(d: Descriptor, ctx: OpContext) -> tuple[int, DmaFault | None]:
     if not d.flags & CRC_FLAG_READ_SEED:
         return d.crc_seed, None
-    raw, fault = ctx.mem.read(d.seed_addr, 4)
+    raw, fault = ctx.mem.read(Iova(d.seed_addr), 4)
     if fault is not None:
         return 0, fault
     return int(struct.unpack("<I", raw)[0]), None
@@ -264,7 +263,7 @@ def op_crcgen(d: Descriptor, ctx: OpContext) -> CompletionRecord:
         return _fault(ctx, fault, 0)
     n, pos = d.xfer_size, 0
     while pos < n:
-        data, fault = ctx.mem.read(d.src_addr + pos, min(CHUNK, n - pos))
+        data, fault = ctx.mem.read(Iova(d.src_addr + pos), min(CHUNK, n - pos))
         crc = crc32c_dsa(data, crc, d.flags)
         pos += len(data)
         if fault is not None:
@@ -277,20 +276,19 @@ def op_copy_crc(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     if fault is not None:
         return _fault(ctx, fault, 0)
     n = d.xfer_size
-    pre = ctx.mem.common_prefix([(d.src_addr, n, False), (d.dst_addr, n, True)])
-    data, rf = ctx.mem.read_now(d.src_addr, pre.done)
-    w = ctx.mem.write_now(d.dst_addr, data)
-    crc = crc32c_dsa(data[: w.done], crc, d.flags)
-    stop = rf or w.fault or pre.fault
-    if stop is not None:
-        return _fault(ctx, stop, w.done, op_specific=comp_op_crc(crc))
+    pre = common_prefix(ctx.mem, [(Iova(d.src_addr), n, False), (Iova(d.dst_addr), n, True)])
+    data = ctx.mem.read_runs(pre.runs[0], pre.done)
+    ctx.mem.write_runs(pre.runs[1], data)
+    crc = crc32c_dsa(data, crc, d.flags)
+    if pre.fault is not None:
+        return _fault(ctx, pre.fault, pre.done, op_specific=comp_op_crc(crc))
     return _ok(op_specific=comp_op_crc(crc))
 
 
 def op_cflush(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     """Flush [dst, +xfer_size) from the caches: memory is always coherent
     here, so only the translation (a read access) matters."""
-    res = ctx.mem.probe(d.dst_addr, d.xfer_size, False)
+    res = ctx.mem.translate(Iova(d.dst_addr), d.xfer_size, False)
     if res.fault is not None:
         return _fault(ctx, res.fault, res.done)
     return _ok()
@@ -298,17 +296,18 @@ def op_cflush(d: Descriptor, ctx: OpContext) -> CompletionRecord:
 
 # -- DIF -------------------------------------------------------------------------
 def _dif_prefix(d: Descriptor, ctx: OpContext, src_unit: int, dst_unit: int
-                ) -> tuple[int, DmaFault | None]:
-    """Whole blocks whose source (and destination) translate, and the fault
-    that stops the rest."""
+                ) -> tuple[int, DmaFault | None, DmaRuns, DmaRuns]:
+    """Whole blocks whose source (and destination) translate, the fault that
+    stops the rest, and the source and destination runs to move them over."""
     blocks = d.xfer_size // src_unit
-    ps = ctx.mem.probe(d.src_addr, blocks * src_unit, False)
+    ps = ctx.mem.translate(Iova(d.src_addr), blocks * src_unit, False)
     avail, fault = ps.done // src_unit, ps.fault
+    pd = DmaRuns()
     if dst_unit:
-        pd = ctx.mem.probe(d.dst_addr, blocks * dst_unit, True)
+        pd = ctx.mem.translate(Iova(d.dst_addr), blocks * dst_unit, True)
         if pd.done // dst_unit < avail:
             avail, fault = pd.done // dst_unit, pd.fault
-    return avail, fault if avail < blocks else None
+    return avail, fault if avail < blocks else None, ps, pd
 
 
 def _dif_run(d: Descriptor, ctx: OpContext, out_unit: int,
@@ -318,8 +317,8 @@ def _dif_run(d: Descriptor, ctx: OpContext, out_unit: int,
     bs = dif.block_size(d.dif_flags)
     unit = bs + DIF_TUPLE_SIZE
     blocks = d.xfer_size // unit
-    avail, fault = _dif_prefix(d, ctx, unit, out_unit)
-    raw, _ = ctx.mem.read_now(d.src_addr, avail * unit)
+    avail, fault, src_runs, dst_runs = _dif_prefix(d, ctx, unit, out_unit)
+    raw = ctx.mem.read_runs(src_runs, avail * unit)
     src = memoryview(raw)
     tags = dif.Tags(d.chk_ref_tag_seed, d.chk_app_tag_mask, d.chk_app_tag_seed)
     out = bytearray()
@@ -334,9 +333,7 @@ def _dif_run(d: Descriptor, ctx: OpContext, out_unit: int,
             out += emit(blk, tup, i)
         done = i + 1
     if out:
-        w = ctx.mem.write_now(d.dst_addr, out)
-        if w.fault is not None:
-            return _fault(ctx, w.fault, w.done // out_unit * unit)
+        ctx.mem.write_runs(dst_runs, out)
     ref, app = dif.expected_src(tags, d.src_dif_flags, done)
     dref, dapp = dif.dest_tags(dif.Tags(d.ins_ref_tag_seed, d.ins_app_tag_mask, d.ins_app_tag_seed),
                                d.dest_dif_flags, done)
@@ -369,8 +366,8 @@ def op_dif_ins(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     bs = dif.block_size(d.dif_flags)
     unit = bs + DIF_TUPLE_SIZE
     blocks = d.xfer_size // bs
-    avail, fault = _dif_prefix(d, ctx, bs, unit)
-    raw, _ = ctx.mem.read_now(d.src_addr, avail * bs)
+    avail, fault, src_runs, dst_runs = _dif_prefix(d, ctx, bs, unit)
+    raw = ctx.mem.read_runs(src_runs, avail * bs)
     src = memoryview(raw)
     tags = dif.Tags(d.ins_ref_tag_seed, d.ins_app_tag_mask, d.ins_app_tag_seed)
     out = bytearray()
@@ -380,9 +377,7 @@ def op_dif_ins(d: Descriptor, ctx: OpContext) -> CompletionRecord:
         out += blk
         out += dif.tuple_bytes(dif.guard(blk, d.dif_flags), app, ref)
     if out:
-        w = ctx.mem.write_now(d.dst_addr, out)
-        if w.fault is not None:
-            return _fault(ctx, w.fault, w.done // unit * bs)
+        ctx.mem.write_runs(dst_runs, out)
     ref, app = dif.dest_tags(tags, d.dest_dif_flags, avail)
     rec = comp_op_dif(ins_ref=ref, ins_mask=d.ins_app_tag_mask, ins_app=app)
     if fault is not None and avail < blocks:
@@ -401,7 +396,7 @@ def op_batch(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     the entries before it, then BATCH_PAGE_FAULT (0x06). A BATCH entry is
     refused with BAD_OPCODE by the entry runner, so a list pointing at its own
     batch descriptor ends after one level, never recursing."""
-    raw, fault = ctx.mem.read(d.desc_list_addr, d.desc_count * DESC_SIZE)
+    raw, fault = ctx.mem.read(Iova(d.desc_list_addr), d.desc_count * DESC_SIZE)
     whole = len(raw) // DESC_SIZE
     ok = True
     done = 0

@@ -43,7 +43,7 @@ from hypervisor_svc.core.trace import TraceWriter
 from pviommu.abi.hv import build_logical_device_id
 from pviommu.abi.hv_status import HvStatus
 from pviommu.abi.invq import Invalidation, OwnerFence, PageResponse, PageResponseCode, QueueItem
-from pviommu.addr import SZ_2M, Gpa
+from pviommu.addr import SZ_2M, Gpa, Iova
 from pviommu.errors import HvError, UnitGone, UnitStalled
 from pviommu.iommu.context import MAX_SLOTS, ContextEntry, context_hpa
 from pviommu.iommu.owner import FLAG_QUARANTINED, OwnerRecord, read_owner, write_owner
@@ -596,7 +596,7 @@ class Host:
         self.tell_units(self.units_holding(part, dom.tag), [Invalidation.domain(dom.tag)])
         self.count("flushes_domain")
 
-    def flush_pages(self, part: Partition, dom: Domain, blocks: Sequence[tuple[int, int]]) -> None:
+    def flush_pages(self, part: Partition, dom: Domain, blocks: Sequence[tuple[Iova, int]]) -> None:
         """Page-selective flushes of ``(address, mask)`` blocks: one batch and
         one wait per unit."""
         items: list[QueueItem] = [Invalidation.pages(dom.tag, a, m) for a, m in blocks]

@@ -58,7 +58,7 @@ from pviommu.abi import hv
 from pviommu.abi.hv import sva as sva_abi
 from pviommu.abi.hv_status import HvStatus
 from pviommu.abi.revision import BlockedWithoutTranslation, SameDomainAttach
-from pviommu.addr import PAGE_SHIFT, PAGE_SIZE, Gpa, Iova
+from pviommu.addr import PAGE_SHIFT, PAGE_SIZE, Gpa, Iova, align_down
 from pviommu.errors import HvError, PviommuError
 from pviommu.log import get_logger
 
@@ -326,7 +326,7 @@ class Hypercalls:
                               f"element {done}: page {va.page_number:#x} is not aligned to 2^{va.page_mask_shift}")
             done += 1
         try:  # every element in one batch, one wait per unit
-            self.host.flush_pages(caller, dom, [(va.page_number << PAGE_SHIFT, va.page_mask_shift)
+            self.host.flush_pages(caller, dom, [(Iova(va.page_number << PAGE_SHIFT), va.page_mask_shift)
                                                 for va in req.flush_vas[req.rep_start:]])
         except HvError as exc:
             exc.reps_completed = req.rep_start  # none is known done
@@ -390,7 +390,7 @@ class Hypercalls:
         unmapped, freed = self.host.tables.unmap_baseline(table, Iova(start), count * PAGE_SIZE)
         # The hypervisor owns this table, so it flushes before freeing its pages.
         mask = max(0, (count - 1).bit_length())
-        aligned = start & ~((PAGE_SIZE << mask) - 1)
+        aligned = Iova(align_down(start, PAGE_SIZE << mask))
         try:
             if aligned + (PAGE_SIZE << mask) < start + count * PAGE_SIZE:
                 self.host.flush_domain(caller, dom)

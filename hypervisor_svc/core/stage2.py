@@ -11,7 +11,7 @@ devices' IOMMU units walk it straight from shared memory.
 from __future__ import annotations
 
 from pviommu.abi.hv_status import HvStatus
-from pviommu.addr import PAGE_SIZE, SZ_2M, Gpa, Hpa, Iova
+from pviommu.addr import PAGE_SIZE, SZ_2M, Gpa, Hpa, Iova, align_up
 from pviommu.errors import HvError
 from pviommu.iommu.context import CONTEXT_ENTRY_SIZE, ContextEntry, context_hpa, write_context
 from pviommu.iommu.owner import OWNER_TABLE_END
@@ -46,7 +46,7 @@ class HostTables:
     def __init__(self, memory: HostMemory, bank0: Bank) -> None:
         self.memory = memory
         # bank 0: context table, owner records, then the invalidation queues, then table frames
-        first = max(SZ_2M, (max(OWNER_TABLE_END, QUEUE_REGION_END) + SZ_2M - 1) & ~(SZ_2M - 1))
+        first = max(SZ_2M, align_up(max(OWNER_TABLE_END, QUEUE_REGION_END), SZ_2M))
         self.frames = host_frames(bank0, first, bank0.size - first)
         self.fmt = VtdSsFormat(levels=S2_LEVELS)
 

@@ -11,7 +11,6 @@ error.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import grpc
 
@@ -106,7 +105,9 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
 
     # -- hypercalls ----------------------------------------------------------
     @grpc_errors
-    def GetIommuCapabilities(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def GetIommuCapabilities(self, request: hypervisor_pb2.GetIommuCapabilitiesRequest,
+                             context: grpc.ServicerContext,
+                             ) -> hypervisor_pb2.GetIommuCapabilitiesReply:
         answer, result, _ = self._run(lambda: hv.GetIommuCapabilitiesInput(request.partition_id))
         reply = hypervisor_pb2.GetIommuCapabilitiesReply(result=result)
         if answer is not None and isinstance(answer.output, hv.GetIommuCapabilitiesOutput):
@@ -116,7 +117,9 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
         return reply
 
     @grpc_errors
-    def GetLogicalDeviceProperty(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def GetLogicalDeviceProperty(self, request: hypervisor_pb2.GetLogicalDevicePropertyRequest,
+                                 context: grpc.ServicerContext,
+                                 ) -> hypervisor_pb2.GetLogicalDevicePropertyReply:
         answer, result, _ = self._run(lambda: hv.GetLogicalDevicePropertyInput(
             request.partition_id, request.logical_device_id, request.code))
         reply = hypervisor_pb2.GetLogicalDevicePropertyReply(result=result)
@@ -125,7 +128,9 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
         return reply
 
     @grpc_errors
-    def CreateDeviceDomain(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def CreateDeviceDomain(self, request: hypervisor_pb2.CreateDeviceDomainRequest,
+                           context: grpc.ServicerContext,
+                           ) -> hypervisor_pb2.HvReply:
         def build() -> hv.HvRequest:
             if request.flags & ~0x3:
                 raise HvError(HvStatus.INVALID_PARAMETER, f"create flags {request.flags:#x} has undefined bits")
@@ -134,21 +139,29 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
         return self._reply(build)
 
     @grpc_errors
-    def DeleteDeviceDomain(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def DeleteDeviceDomain(self, request: hypervisor_pb2.DeleteDeviceDomainRequest,
+                           context: grpc.ServicerContext,
+                           ) -> hypervisor_pb2.HvReply:
         return self._reply(lambda: hv.DeleteDeviceDomainInput(device_domain(request.device_domain)))
 
     @grpc_errors
-    def AttachDeviceDomain(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def AttachDeviceDomain(self, request: hypervisor_pb2.AttachDeviceDomainRequest,
+                           context: grpc.ServicerContext,
+                           ) -> hypervisor_pb2.HvReply:
         return self._reply(lambda: hv.AttachDeviceDomainInput(
             device_domain(request.device_domain), hv.HvDeviceId.from_u64(request.device_id)))
 
     @grpc_errors
-    def DetachDeviceDomain(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def DetachDeviceDomain(self, request: hypervisor_pb2.DetachDeviceDomainRequest,
+                           context: grpc.ServicerContext,
+                           ) -> hypervisor_pb2.HvReply:
         return self._reply(lambda: hv.DetachDeviceDomainInput(
             request.partition_id, hv.HvDeviceId.from_u64(request.device_id)))
 
     @grpc_errors
-    def ConfigureDeviceDomain(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def ConfigureDeviceDomain(self, request: hypervisor_pb2.ConfigureDeviceDomainRequest,
+                              context: grpc.ServicerContext,
+                              ) -> hypervisor_pb2.HvReply:
         s = request.settings
         return self._reply(lambda: hv.ConfigureDeviceDomainInput(
             device_domain(request.device_domain),
@@ -156,7 +169,9 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
                                     Gpa(s.page_table_root))))
 
     @grpc_errors
-    def FlushDeviceDomain(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def FlushDeviceDomain(self, request: hypervisor_pb2.FlushDeviceDomainRequest,
+                          context: grpc.ServicerContext,
+                          ) -> hypervisor_pb2.HvReply:
         def build() -> hv.HvRequest:
             if request.flags:
                 raise HvError(HvStatus.INVALID_PARAMETER, f"flush flags {request.flags:#x}: no flag is defined")
@@ -164,7 +179,9 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
         return self._reply(build)
 
     @grpc_errors
-    def FlushDeviceDomainList(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def FlushDeviceDomainList(self, request: hypervisor_pb2.FlushDeviceDomainListRequest,
+                              context: grpc.ServicerContext,
+                              ) -> hypervisor_pb2.HvReply:
         def build() -> hv.HvRequest:
             if request.flags & ~hv.HV_FLUSH_DEVICE_DOMAIN_LIST_IOMMU_FORMAT:
                 raise HvError(HvStatus.INVALID_PARAMETER, f"flush-list flags {request.flags:#x} has undefined bits")
@@ -177,7 +194,9 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
         return self._reply(build)
 
     @grpc_errors
-    def MapDeviceGpaPages(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def MapDeviceGpaPages(self, request: hypervisor_pb2.MapDeviceGpaPagesRequest,
+                          context: grpc.ServicerContext,
+                          ) -> hypervisor_pb2.HvReply:
         def build() -> hv.HvRequest:
             if request.map_flags & ~int(hv.MapFlags.READABLE | hv.MapFlags.WRITABLE):
                 raise HvError(HvStatus.INVALID_PARAMETER, f"map_flags {request.map_flags:#x} has undefined bits")
@@ -190,7 +209,9 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
         return self._reply(build)
 
     @grpc_errors
-    def UnmapDeviceGpaPages(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def UnmapDeviceGpaPages(self, request: hypervisor_pb2.UnmapDeviceGpaPagesRequest,
+                            context: grpc.ServicerContext,
+                            ) -> hypervisor_pb2.HvReply:
         def build() -> hv.HvRequest:
             if not 1 <= request.page_count <= hv.HV_MAX_REP_COUNT:
                 raise HvError(HvStatus.INVALID_HYPERCALL_INPUT, f"page_count {request.page_count}: 1..4095 allowed")
@@ -200,7 +221,9 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
         return self._reply(build)
 
     @grpc_errors
-    def HvCall(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def HvCall(self, request: hypervisor_pb2.HvCallRequest,
+               context: grpc.ServicerContext,
+               ) -> hypervisor_pb2.HvCallReply:
         caller = self._caller()
         code = request.input_value & 0xFFFF
         try:
@@ -224,7 +247,7 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
 
     # -- the guest's view of its hardware --------------------------------------
     @grpc_errors
-    def ListDevices(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def ListDevices(self, request: common_pb2.Empty, context: grpc.ServicerContext) -> hypervisor_pb2.ListDevicesReply:
         caller = self._caller()
         with self.host.lock:
             devs = [self.host.devices[d] for d in sorted(caller.devices) if d in self.host.devices]
@@ -235,7 +258,9 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
             for d in devs])
 
     @grpc_stream_errors
-    async def StreamFaults(self, request: Any, context: Any) -> AsyncIterator[Any]:
+    async def StreamFaults(self, request: hypervisor_pb2.StreamFaultsRequest,
+                           context: grpc.aio.ServicerContext[hypervisor_pb2.StreamFaultsRequest, hypervisor_pb2.Fault],
+                           ) -> AsyncIterator[hypervisor_pb2.Fault]:
         caller = self._caller()
         log = caller.faults
         assert log is not None
@@ -247,7 +272,9 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
             yield fault_message(e)
 
     @grpc_errors
-    def PageResponse(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def PageResponse(self, request: hypervisor_pb2.PageResponseRequest,
+                     context: grpc.ServicerContext,
+                     ) -> hypervisor_pb2.HvReply:
         caller = self._caller()
         try:
             self.host.answer_page_request(caller, request.logical_device_id, request.request_id, request.success)
@@ -256,7 +283,7 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
         return hypervisor_pb2.HvReply(result=hv_result(HvStatus.SUCCESS))
 
     @grpc_errors
-    def Ping(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def Ping(self, request: common_pb2.Empty, context: grpc.ServicerContext) -> common_pb2.Empty:
         return common_pb2.Empty()
 
 

@@ -16,7 +16,6 @@ from typing import Any
 
 import grpc
 import pytest
-from guest_env import FakeDevice, HvEnv
 
 from guest_agent.agent import Agent
 from guest_agent.dma.api import Direction
@@ -24,6 +23,7 @@ from guest_agent.main import build
 from pviommu.rpc.client import connect
 from pviommu.rpc.server import RunningServer
 from pviommu.v1 import guest_pb2, guest_pb2_grpc
+from tests.kit.guest_env import FakeDevice, HvEnv
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -12,7 +12,11 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hvkit import (
+
+from pviommu.addr import Iova
+from pviommu.mem.bank import bank_base
+from pviommu.v1 import hypervisor_pb2
+from tests.kit.hvkit import (
     ATTACH,
     CAP_PRESENT,
     CAP_S1,
@@ -39,10 +43,6 @@ from hvkit import (
     HvEnv,
     MiB,
 )
-
-from pviommu.addr import Iova
-from pviommu.mem.bank import bank_base
-from pviommu.v1 import hypervisor_pb2
 
 
 def value(code: int, reps: int = 0, start: int = 0) -> int:

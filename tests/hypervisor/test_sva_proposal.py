@@ -9,20 +9,6 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from hvkit import (
-    ACCESS_DENIED,
-    DEVICE_ALREADY_IN_DOMAIN,
-    INVALID_DEVICE_STATE,
-    INVALID_HYPERCALL_CODE,
-    INVALID_PARAMETER,
-    PAGE,
-    SELF,
-    SUCCESS,
-    FakeDevice,
-    Guest,
-    HvEnv,
-    MiB,
-)
 
 from pviommu.abi.hv import DeviceDomain, DeviceDomainId, HvDeviceId, IommuCap
 from pviommu.abi.hv.sva import (
@@ -39,6 +25,20 @@ from pviommu.mem.frames import guest_frames
 from pviommu.pt.common import Perm
 from pviommu.pt.fmt import X86_64Format
 from pviommu.pt.walk import PageTable, stage1_table
+from tests.kit.hvkit import (
+    ACCESS_DENIED,
+    DEVICE_ALREADY_IN_DOMAIN,
+    INVALID_DEVICE_STATE,
+    INVALID_HYPERCALL_CODE,
+    INVALID_PARAMETER,
+    PAGE,
+    SELF,
+    SUCCESS,
+    FakeDevice,
+    Guest,
+    HvEnv,
+    MiB,
+)
 
 ATTACH_PASID, DETACH_PASID, PRQ = 0x7F01, 0x7F02, 0x00C3
 PAGE_REQUEST_INVALID = 0x60

@@ -28,9 +28,8 @@ from pviommu.iommu.unit import IommuUnit
 from pviommu.rpc.auth import new_token
 from pviommu.rpc.client import connect
 from pviommu.rpc.server import RunningServer
+from pviommu.units import MiB
 from pviommu.v1 import admin_pb2, admin_pb2_grpc
-
-MiB = 1 << 20
 
 
 class QueueLog:
