@@ -17,7 +17,8 @@ from pviommu.addr import SZ_4K, Gpa, Hpa, Iova
 from pviommu.iommu.fault import FaultReason
 from pviommu.iommu.pasid import SmFault, sm_context_hpa
 from pviommu.pt.common import RW
-from tests.kit.pasidkit import IOVA, SLOT_A, SLOT_B, MiB, World, build
+from pviommu.units import MiB
+from tests.kit.pasid_env import IOVA, SLOT_A, SLOT_B, World, build
 
 _KNOWN = {int(r) for r in FaultReason} | {int(r) for r in SmFault}
 

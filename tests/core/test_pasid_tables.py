@@ -27,7 +27,8 @@ from pviommu.iommu.pasid import (
 )
 from pviommu.pt.common import RW
 from pviommu.pt.walk import PageTable
-from tests.kit.pasidkit import DID, IOVA, SLOT_A, SLOT_B, MiB, World, build
+from pviommu.units import MiB
+from tests.kit.pasid_env import DID, IOVA, SLOT_A, SLOT_B, World, build
 
 
 def bits(value: int, hi: int, lo: int) -> int:
@@ -102,7 +103,6 @@ def test_pasid_splits_into_directory_bits_19_6_and_table_bits_5_0() -> None:
     assert (dir_index(63), dir_index(64)) == (0, 1)
 
 
-# -- a small system ---------------------------------------------------------------------------
 @pytest.fixture(params=["python", "native"])
 def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
     if request.param == "native" and not native_core.AVAILABLE:

@@ -1,5 +1,6 @@
-"""A small scalable-mode system for the PASID proposal's suites: bank 0 with
-PASID tables for two device slots, a partition's stage 2 and guest RAM."""
+"""A small host for the PASID tests (SVA proposal, not in the series): bank 0 with the
+scalable-mode structures (``PasidTables``) and a stage 2 for partition 1 (bank 1), two
+devices with PASID directories, and a unit."""
 
 from __future__ import annotations
 
@@ -9,22 +10,18 @@ from pathlib import Path
 from pviommu.addr import Gpa, Hpa, Iova
 from pviommu.iommu.context import ContextEntry
 from pviommu.iommu.owner import OwnerRecord, write_owner
-from pviommu.iommu.pasid import (
-    SM_REGION_END,
-    PasidTables,
-)
+from pviommu.iommu.pasid import SM_REGION_END, PasidTables
 from pviommu.iommu.unit import IommuUnit
 from pviommu.mem.bank import Bank, GuestRam, HostMemory
 from pviommu.mem.frames import FrameAllocator, guest_frames, host_frames
 from pviommu.pt.common import RW
 from pviommu.pt.fmt import VtdSsFormat, X86_64Format
 from pviommu.pt.walk import PageTable, stage1_table, stage2_table
+from pviommu.units import MiB
 
-MiB = 1 << 20
 SLOT_A, SLOT_B = 3, 130  # one in each half of bus 0's context tables (LP / UP)
 DID = 9
 IOVA = Iova(0x7F00_0000_0000)
-
 
 
 @dataclass
