@@ -55,8 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="behave as this revision's driver of the pv-IOMMU series (default: the latest, "
                         f"{DEFAULT_REVISION.value}); see docs/revisions.md")
     p.add_argument("--grpc-only", action="store_true",
-                   help="make every hypercall over gRPC, even when the hypervisor offers a hypercall page "
-                        "(docs/transports.md)")
+                   help="make every hypercall over gRPC and read page requests from the gRPC fault stream, "
+                        "even when the hypervisor offers a hypercall page and fault rings (docs/transports.md)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--strict", dest="flush_mode", action="store_const", const="strict",
                       help="flush the IOTLB on every unmap (default)")
