@@ -37,7 +37,7 @@ case "$cmd" in
     test)
         setup
         echo "== ruff"; "$VENV/bin/ruff" check .
-        echo "== mypy --strict (shared core)"; "$VENV/bin/mypy" pviommu
+        echo "== mypy --strict (core, services, command)"; "$VENV/bin/mypy"
         echo "== pytest"; exec "$VENV/bin/python" -m pytest "$@"
         ;;
     *) sed -n '2,10p' "$0"; exit 2 ;;

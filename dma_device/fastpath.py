@@ -19,10 +19,10 @@ from dma_device.dsa.checks import Limits, allowed_flags
 from pviommu.abi.dsa import CompletionRecord, Descriptor, DsaStatus, Opcode, opcap_has
 from pviommu.iommu.native import MoveLimits
 from pviommu.iommu.unit import BoundTranslator, IommuUnit
-from pviommu.mem.dma import DmaMemory
+from pviommu.mem.dma import DmaAccess, DmaMemory
 
 #: The hook's type (``DsaDevice.fast_memmove``).
-FastMemmove = Callable[[Descriptor, Limits, DmaMemory], tuple[CompletionRecord, bool] | None]
+FastMemmove = Callable[[Descriptor, Limits, DmaAccess], tuple[CompletionRecord, bool] | None]
 
 _SUCCESS = CompletionRecord(status=int(DsaStatus.SUCCESS))  # immutable: every fast completion shares it
 
@@ -45,9 +45,11 @@ def memmove_hook(unit: IommuUnit) -> FastMemmove | None:
         return None
     last: list[tuple[Limits, MoveLimits | None]] = []  # the WQ's limits are one object per WQCFG
 
-    def fast(d: Descriptor, lim: Limits, dma: DmaMemory) -> tuple[CompletionRecord, bool] | None:
+    def fast(d: Descriptor, lim: Limits, dma: DmaAccess) -> tuple[CompletionRecord, bool] | None:
+        if type(dma) is not DmaMemory:
+            return None
         tr = dma.translator
-        if type(tr) is not BoundTranslator or tr.unit is not unit:
+        if type(tr) is not BoundTranslator or tr.unit is not unit or tr.pasid:  # PASID >= 1: the model
             return None
         if last and last[0][0] is lim:
             ml = last[0][1]

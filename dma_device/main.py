@@ -28,14 +28,16 @@ import grpc
 from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry
 
+from dma_device.counters import GAUGES, LABELS, device_counters
 from dma_device.dsa.device import DsaDevice, DsaDeviceConfig
 from dma_device.fastpath import memmove_hook
 from dma_device.ownership import Ownership
 from dma_device.portals import Portals
 from dma_device.rpc.servicer import DeviceInfo, DsaDeviceServicer, configure_groups
 from pviommu.abi.dsa import GenCap
-from pviommu.abi.invq import Invalidation, OwnerFence, QueueItem
+from pviommu.abi.invq import Invalidation, OwnerFence, PasidInvalidation, QueueItem
 from pviommu.exitcodes import CANNOT_BIND, CONNECT
+from pviommu.iommu.pasid import scalable_mode
 from pviommu.iommu.unit import IommuUnit
 from pviommu.log import bind_identity, configure, get_logger
 from pviommu.mem.bank import HostMemory
@@ -72,6 +74,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _admin_token(args: argparse.Namespace) -> str:
     return admin_token_from(args.admin_token_file, "pviommu serve dsa")
+
+
+def pasid_memory(memory: HostMemory, unit: IommuUnit, slot: int) -> Callable[[int | None], DmaMemory]:
+    """The device's memory per PASID: one view for requests without PASID (and
+    always, unless the hypervisor turned scalable mode on: the series), one per
+    PASID >= 1 under the SVA proposal (pviommu proposal, not in the series)."""
+    plain = DmaMemory(memory, unit.bind(slot))
+    views: dict[int, DmaMemory] = {}
+
+    def memory_for(pasid: int | None) -> DmaMemory:
+        if not pasid or not scalable_mode(memory):
+            return plain
+        view = views.get(pasid)
+        if view is None:
+            view = DmaMemory(memory, unit.bind(slot, pasid))
+            if len(views) < 4096:  # bounded: a hostile guest cycling PASIDs gets fresh views
+                views[pasid] = view
+        return view
+
+    return memory_for
 
 
 class HypervisorLink:
@@ -111,9 +133,12 @@ class HypervisorLink:
 
     @staticmethod
     def _request(fault: DmaFault, page_request: bool = False, request_id: int = 0) -> admin_pb2.ReportFaultRequest:
-        return admin_pb2.ReportFaultRequest(iova=fault.iova, write=fault.write, reason=fault.reason,
-                                            reason_name=fault.reason_name, detail=fault.detail,
-                                            page_request=page_request, request_id=request_id, epoch=fault.epoch)
+        req = admin_pb2.ReportFaultRequest(iova=fault.iova, write=fault.write, reason=fault.reason,
+                                           reason_name=fault.reason_name, detail=fault.detail,
+                                           page_request=page_request, request_id=request_id, epoch=fault.epoch)
+        if fault.pasid is not None:  # the SVA proposal only
+            req.pasid_valid, req.pasid = True, fault.pasid
+        return req
 
     def on_fault(self, fault: DmaFault) -> None:
         self._queue.put(self._request(fault))
@@ -149,7 +174,7 @@ class DeviceService:
     own: Ownership
     queue: QueueConsumer
     link: HypervisorLink
-    admin: Any
+    admin: admin_pb2_grpc.AdminStub
     registry: CollectorRegistry
     portals: Portals
     sessions: SessionServer
@@ -213,9 +238,8 @@ def build(args: argparse.Namespace, listen: str | None = None) -> DeviceService:
             return box["own"]  # type: ignore[no-any-return]
 
     registry = CollectorRegistry()
-    registry.register(CounterCollector("dsa", lambda: device_metrics(device, box.get("unit")), labels={
-        "descriptors": ("opcode",), "completions": ("status",), "page_request_outcomes": ("outcome",),
-        "iommu_faults": ("reason",)}, gauges=frozenset({"iotlb_entries"})))
+    registry.register(CounterCollector("dsa", lambda: device_counters(device, box.get("unit")), labels=LABELS,
+                                       gauges=GAUGES))
     try:
         server = create_server(listen or args.listen, [Service(_Deferred(),
                                                                dsa_pb2_grpc.add_DsaDeviceServicer_to_server,
@@ -264,7 +288,7 @@ def build(args: argparse.Namespace, listen: str | None = None) -> DeviceService:
 
     def handle(item: QueueItem) -> None:
         """Everything the hypervisor sends the unit comes through its queue."""
-        if isinstance(item, Invalidation):
+        if isinstance(item, Invalidation | PasidInvalidation):
             item.apply(unit)
         elif isinstance(item, OwnerFence):
             own.fence(item.epoch)
@@ -286,7 +310,7 @@ def build(args: argparse.Namespace, listen: str | None = None) -> DeviceService:
     device.on_fault = link.on_fault
     device.on_page_request = link.on_page_request
     device.on_interrupt = interrupt
-    device.bind(DmaMemory(memory, unit.bind(info.slot)))
+    device.bind(pasid_memory(memory, unit, info.slot))
     device.fast_memmove = memmove_hook(unit)  # warm MEMMOVEs in one compiled call (None: the model alone)
     log.info("dsa.serving", port=server.port, advertise=advertise, slot=info.slot, memory_dir=reg.memory_dir)
 
@@ -325,27 +349,8 @@ def _waiting(message: str) -> None:
     print_waiting(message)
 
 
-def device_metrics(device: DsaDevice, unit: IommuUnit | None) -> dict[str, Any]:
-    """The device's and its IOMMU unit's counters, for Prometheus."""
-    out: dict[str, Any] = dict(device.counters.snapshot())
-    if unit is not None:
-        st = unit.iotlb.stats
-        out.update({"iotlb_hits": st.hits, "iotlb_misses": st.misses, "iotlb_invalidations_global": st.inv_global,
-                    "iotlb_invalidations_domain": st.inv_domain, "iotlb_invalidations_pages": st.inv_pages,
-                    "iotlb_entries_dropped": st.entries_dropped, "iotlb_entries": len(unit.iotlb),
-                    "iommu_walks": unit.stats.walks, "iommu_walk_reads": unit.stats.walk_reads,
-                    "iommu_translations": unit.stats.translations,
-                    "iommu_faults": {f"{int(k):#x}": v for k, v in unit.stats.faults.items()}})
-        ps = unit.pscache
-        if ps is not None:  # paging-structure caches (pviommu.iommu.pscache)
-            out.update({"pscache_fs_hits": sum(ps.stats.fs_hits), "pscache_fs_misses": ps.stats.fs_misses,
-                        "pscache_table_hits": ps.stats.table_hits, "pscache_table_misses": ps.stats.table_misses,
-                        "pscache_evictions": ps.stats.evictions, "pscache_rewalks": ps.stats.rewalks,
-                        "pscache_entries": len(ps)})
-    return out
-
-
-def _assign_when_ready(admin: Any, logical: int, partition_name: str, timeout: float = 120.0) -> None:
+def _assign_when_ready(admin: admin_pb2_grpc.AdminStub, logical: int, partition_name: str,
+                       timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for p in admin.ListPartitions(common_pb2.Empty(), timeout=10).partitions:

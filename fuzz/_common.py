@@ -1,4 +1,4 @@
-"""Shared plumbing of the atheris targets: make the test rigs importable and
+"""Shared plumbing of the atheris targets: make the test kits (tests.kit) importable and
 quiet the services' logs (a fuzzer prints millions of lines otherwise)."""
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import structlog
 os.environ.setdefault("PVIOMMU_LOG_LEVEL", "critical")  # before the services configure logging
 ROOT = Path(__file__).resolve().parent.parent
 ROBUSTNESS = ROOT / "tests" / "robustness"
-for folder in (ROOT, ROBUSTNESS, ROOT / "tests" / "hypervisor"):
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
+if str(ROOT) not in sys.path:  # a script run from fuzz/: the rigs are tests.kit.*, as under pytest
+    sys.path.insert(0, str(ROOT))
 
 
 

@@ -21,13 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 with atheris.instrument_imports():  # the product code, then the rig
-    import robustkit as rk
-
     import hypervisor_svc.core.host
     import hypervisor_svc.core.hypercalls
     import hypervisor_svc.rpc.hypercall_servicer  # noqa: F401
     import pviommu.abi.hv
     import pviommu.rpc.auth  # noqa: F401
+    from tests.kit import robustkit as rk
 
     t2 = _common.load_test_module("test_hostile_hypercalls")
 

@@ -23,8 +23,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 with atheris.instrument_imports():  # the product code, then the rig
-    import robustkit as rk
-
     import dma_device.dsa.access
     import dma_device.dsa.checks
     import dma_device.dsa.device
@@ -37,6 +35,7 @@ with atheris.instrument_imports():  # the product code, then the rig
     import pviommu.iommu.unit
     import pviommu.mem.dma
     import pviommu.pt.fmt.x86_64  # noqa: F401
+    from tests.kit import robustkit as rk
 
     t1 = _common.load_test_module("test_hostile_stage1")
 

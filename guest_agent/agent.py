@@ -12,12 +12,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from guest_agent.dma.api import Direction, DmaApi, DmaMapping
-from guest_agent.dma.pages import GuestMemory
+from guest_agent.dma.pages import RESERVED_LOW, GuestMemory
 from guest_agent.driver.domain import Domain, DomainKind, FlushMode, UnmapResult
 from guest_agent.driver.hypercalls import HvClient
 from guest_agent.driver.pviommu import DeviceState, PvIommu
@@ -25,6 +25,7 @@ from guest_agent.driver.stats import Stats
 from guest_agent.dsa.dmatest import Dmatest, DmatestOutcome, DmatestParams, select_devices
 from guest_agent.dsa.driver import DsaDriver, check_record_gpa, wait_completion
 from guest_agent.errors import DeviceCommandFailed, InvalidRequest, NotFound
+from guest_agent.sva import Sva, SvaTestResult, run_sva_test
 from pviommu.abi.dsa import COMP_SIZE, CompletionRecord
 from pviommu.abi.revision import DEFAULT_REVISION, Revision
 from pviommu.addr import PAGE_SIZE, Gpa, Iova
@@ -32,6 +33,7 @@ from pviommu.errors import PviommuError
 from pviommu.log import get_logger
 from pviommu.mem.bank import Bank, GuestRam
 from pviommu.shm.faultring import FaultRingReader, RingClosed
+from pviommu.v1 import hypervisor_pb2
 
 log = get_logger("guest.agent")
 
@@ -54,8 +56,9 @@ class Agent:
     """A guest's IOMMU driver, DMA layer and DSA drivers."""
 
     def __init__(self, hv_channel: grpc.Channel, token: str, bank: Bank, *, mode: FlushMode = FlushMode.STRICT,
-                 allow_no_iommu: bool = False, reserved_low: int = 1 << 20,
-                 revision: Revision | str = DEFAULT_REVISION, hypercall_page: bool = True) -> None:
+                 allow_no_iommu: bool = False, reserved_low: int = RESERVED_LOW,
+                 revision: Revision | str = DEFAULT_REVISION, hypercall_page: bool = True,
+                 sva: bool = False) -> None:
         self.token = token
         self.bank = bank
         self.partition_id = bank.index
@@ -66,11 +69,13 @@ class Agent:
         self.iommu = PvIommu(self.hv, self.ram, self.memory.frames, self.stats, mode=mode,
                              allow_no_iommu=allow_no_iommu, revision=revision)
         self.dma = DmaApi(self.iommu, self.memory)
+        #: the SVA proposal (``--proposal-sva``; None: the series' driver only)
+        self.sva: Sva | None = Sva(self.hv, self.iommu, self.ram, self.memory.frames, self.stats) if sva else None
         self.dsa: dict[int, DsaDriver] = {}
         self._dsa_lock = threading.Lock()
         self._mappings: dict[tuple[int, int], DmaMapping] = {}  # (domain id, bus address) -> mapping
-        #: the Prometheus registry of the service (set by main; None in tests)
-        self.metrics_registry: Any = None
+        #: the Prometheus registry of the service (main registers its collectors; empty in tests)
+        self.metrics_registry = CollectorRegistry()
         self._map_lock = threading.Lock()
         self._closing = False
         self._fault_ring: FaultRingReader | None = None
@@ -80,6 +85,8 @@ class Agent:
     # -- life cycle ----------------------------------------------------------------------
     def start(self) -> None:
         self.iommu.init()
+        if self.sva is not None and self.iommu.geometry is not None:
+            self.sva.check()  # a clear error when the hypervisor does not offer the proposal
         if self.iommu.geometry is not None:
             self._prq = threading.Thread(target=self._page_requests, name="page-requests", daemon=True)
             self._prq.start()
@@ -89,8 +96,9 @@ class Agent:
         map the faulting page when it lies in an on-demand range of the
         device's domain, then answer through the hypervisor. Reads the fault
         ring in shared memory when the hypervisor offers one, else the gRPC
-        fault stream; runs until either ends (shutdown, reset, hypervisor gone)."""
-        ring = self.hv.open_fault_ring()
+        fault stream (always with the SVA proposal on); runs until either ends (shutdown, reset, hypervisor gone)."""
+        # SVA page requests carry a PASID, which only the gRPC stream's records hold (proposal)
+        ring = self.hv.open_fault_ring() if self.sva is None else None
         if ring is not None:
             self._fault_ring = ring
             self.page_request_transport = "fault ring"
@@ -110,6 +118,9 @@ class Agent:
             stream = self.hv.stream_faults(follow=True)
             self._prq_stream = stream
             for fault in stream:
+                if fault.pasid_valid and self.sva is not None:  # the SVA proposal: answered by ProcessIommuPrq
+                    self._sva_fault(fault)
+                    continue
                 if fault.page_request:
                     self._page_request(fault.logical_device_id, fault.request_id, fault.iova)
         except grpc.RpcError as exc:
@@ -130,6 +141,28 @@ class Agent:
             self.hv.page_response(logical_device_id, request_id, ok)
         except PviommuError as exc:
             log.warning("page_request.response_failed", device=logical_device_id, error=str(exc))
+
+    def _sva_fault(self, fault: hypervisor_pb2.Fault) -> None:
+        if self.sva is None:
+            return
+        try:
+            self.sva.handle(fault)
+        except (PviommuError, ValueError) as exc:
+            log.warning("sva.page_request_failed", device=fault.logical_device_id, error=str(exc))
+
+    def run_sva_test(self, logical_device_id: int, size: int, iterations: int,
+                     touch_destination: bool, unreserved_destination: bool = False) -> SvaTestResult:
+        """The SVA proposal's dsa_test (``guest_agent.sva.run_sva_test``)."""
+        if self.sva is None:
+            raise InvalidRequest("SVA is off: start the agent with --proposal-sva")
+        devices = sorted(self.iommu.devices)
+        if not logical_device_id:
+            if not devices:
+                raise NotFound("no device behind the pv-IOMMU")
+            logical_device_id = devices[0]
+        drv = self.dsa_driver(logical_device_id)
+        return run_sva_test(self.sva, drv, logical_device_id, size=size or 64 << 10, iterations=iterations or 4,
+                            touch_destination=touch_destination, unreserved_destination=unreserved_destination)
 
     def close(self) -> None:
         self._closing = True
@@ -281,6 +314,8 @@ class Agent:
         c["frames_allocated"] = self.memory.frames.allocated_frames
         c["buffers"] = self.memory.buffers
         c["domains"] = len(self.iommu.domains)
+        # completion interrupts the DSA drivers received (an interrupt wakes every waiter of its device)
+        c["dsa_interrupts"] = sum(d.interrupts.count for d in list(self.dsa.values()) if d.interrupts is not None)
         c["pending_unmaps"] = sum(getattr(d, "pending", lambda: 0)() for d in self.iommu.domains.values())
         for key in ("maps", "unmaps", "flushes", "flush_list"):
             c.setdefault(key, 0)

@@ -21,7 +21,7 @@ from guest_agent.errors import IommuAbsent
 from guest_agent.rpc.servicer import GuestAgentServicer
 from pviommu.abi.revision import DEFAULT_REVISION, REVISION_NAMES
 from pviommu.errors import PviommuError
-from pviommu.exitcodes import CANNOT_BIND
+from pviommu.exitcodes import CANNOT_BIND, read_secret, usage_exit
 from pviommu.log import bind_identity, configure, get_logger
 from pviommu.rpc.auth import Principal, admin_token_from, tokens_equal
 from pviommu.rpc.bind import BindError, bind_problem
@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpc-only", action="store_true",
                    help="make every hypercall over gRPC and read page requests from the gRPC fault stream, "
                         "even when the hypervisor offers a hypercall page and fault rings (docs/transports.md)")
+    p.add_argument("--proposal-sva", action="store_true",
+                   help="pviommu proposal, not in the series (docs/proposal-sva.md): SVA processes bound to PASIDs "
+                        "and their page requests; needs a hypervisor started with --proposal-sva")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--strict", dest="flush_mode", action="store_const", const="strict",
                       help="flush the IOTLB on every unmap (default)")
@@ -67,10 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def partition_token(args: argparse.Namespace) -> str:
     if args.token_file:
-        return Path(args.token_file).read_text().strip()
+        return read_secret(args.token_file, "pviommu serve guest", "token")
     token = os.environ.get("PVIOMMU_TOKEN", "")
     if not token:
-        raise SystemExit("pviommu serve guest: set PVIOMMU_TOKEN or --token-file (there is no default credential)")
+        usage_exit("pviommu serve guest: set PVIOMMU_TOKEN or --token-file (there is no default credential)")
     return token
 
 
@@ -119,7 +122,8 @@ def build(args: argparse.Namespace, token: str | None = None, listen: str | None
     bank = open_bank(args.bank_path)
     agent = Agent(channel, token, bank, mode=FlushMode(args.flush_mode), allow_no_iommu=args.allow_no_iommu,
                   revision=getattr(args, "revision", DEFAULT_REVISION),
-                  hypercall_page=not getattr(args, "grpc_only", False))
+                  hypercall_page=not getattr(args, "grpc_only", False),
+                  sva=bool(getattr(args, "proposal_sva", False)))
     bind_identity(partition=agent.partition_id)
     try:
         agent.start()

@@ -6,6 +6,7 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -64,6 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="max_iova_width reported by GetIommuCapabilities (default: 57 with --five-level, else 48)")
     p.add_argument("--five-level", action="store_true", help="offer 5-level stage-1 paging (57-bit IOVA)")
     p.add_argument("--max-domains", type=int, default=64, help="device domains per partition")
+    p.add_argument("--table-quota", type=int, default=4096, metavar="FRAMES",
+                   help="bank-0 table frames (4 KiB) one partition may hold; beyond: INSUFFICIENT_MEMORY")
     p.add_argument("--bank0-size", type=int, default=1 << 30, help="bytes of hypervisor memory (sparse)")
     p.add_argument("--metrics-port", type=int, default=-1,
                    help="serve Prometheus metrics on this port (0 picks one; default: off)")
@@ -78,8 +81,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="offer no fault rings: guests read faults and page requests from the gRPC stream only")
     p.add_argument("--hypercall-page-sessions", type=int, default=SESSIONS_PER_PARTITION,
                    help=f"hypercall pages one partition may hold at once (default {SESSIONS_PER_PARTITION})")
+    p.add_argument("--proposal-sva", action="store_true",
+                   help="pviommu proposal, not in the series (docs/proposal-sva.md): PASID attach/detach, SVA and "
+                        "page-group responses; advertises PASID and PRI and a PASID width")
     p.add_argument("--trace", help="append every hypercall, admin change and fault report to this file as JSON "
                                    "lines (replay it with `pviommu replay`)")
+
+
+def sva_options(on: bool) -> dict[str, Any]:
+    """HypervisorConfig fields of ``--proposal-sva`` (none when off: the series' defaults)."""
+    if not on:
+        return {}
+    from hypervisor_svc.core.sva import PASID_WIDTH
+    return {"proposal_sva": True, "pasid": True, "pri": True, "max_pasid_width": PASID_WIDTH}
 
 
 def admin_token(args: argparse.Namespace) -> str:
@@ -95,14 +109,15 @@ def build(args: argparse.Namespace, listen: str | None = None) -> tuple[Host, Ru
     token = admin_token(args)
     config = HypervisorConfig(
         five_level=args.five_level, max_domains_per_partition=args.max_domains, bank0_bytes=args.bank0_size,
-        flush_timeout_s=args.flush_timeout,
+        flush_timeout_s=args.flush_timeout, table_quota_frames=getattr(args, "table_quota", 4096),
         max_iova_width=getattr(args, "max_iova_width", 0) or (57 if args.five_level else 48),
         revision=Revision.parse(getattr(args, "revision", DEFAULT_REVISION)),
         s2_baseline=bool(getattr(args, "s2_baseline", False)),
         same_domain_attach=SameDomainAttach(getattr(args, "same_domain_attach", SameDomainAttach.ALREADY_IN_DOMAIN)),
         blocked_without_translation=BlockedWithoutTranslation(
             getattr(args, "blocked_without_translation", BlockedWithoutTranslation.REFUSE)),
-        pgsize_bitmap=getattr(args, "pgsize_bitmap", SZ_4K | SZ_2M | SZ_1G))
+        pgsize_bitmap=getattr(args, "pgsize_bitmap", SZ_4K | SZ_2M | SZ_1G),
+        **sva_options(bool(getattr(args, "proposal_sva", False))))
     own_dir = not args.memory_dir
     folder = make_bank_folder("pviommu-banks-", need_bytes=args.bank0_size) if own_dir else None
     memory_dir = folder.path if folder is not None else Path(args.memory_dir)

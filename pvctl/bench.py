@@ -35,6 +35,9 @@ ratio, because absolute times on shared machines are noisy. Sections:
 6. ``dmatest``: iops and KB/s for 1, 2 and 4 threads, nested vs baseline,
    16 KiB buffers, in a strict guest and in a lazy (DMA_FQ) guest agent
    process (the real ``RunDmatest``).
+7. ``load``: another partition's FlushDeviceDomain p50 while one partition
+   holds 100 idle streams, vs without; 16 guests x 2 devices running dmatest
+   together, aggregate iops vs one of them alone (``pvctl.benchmarks.load``).
 
 ``--quick`` shortens every loop (the smoke test); a full run takes about
 three minutes on two cores.
@@ -49,7 +52,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pvctl.benchmarks import dma, dmatest, hypercall_page, hypercalls, map_unmap, translation
+from pvctl.benchmarks import dma, dmatest, hypercall_page, hypercalls, load, map_unmap, translation
 from pvctl.benchmarks.report import Report, kept_analysis, machine_facts, num, render_markdown, table
 from pvctl.benchmarks.system import local_agent, virtual_system
 
@@ -74,6 +77,10 @@ def run_suite(quick: bool, command: str, progress: Callable[[str], None] | None 
             hypercall_page.bench_hypercall_page(report, agent, quick)
         say("dmatest")
         dmatest.bench_dmatest(report, system, quick)
+        say("load: idle streams")
+        load.bench_idle_streams(report, system, quick)
+    say("load: many guests")
+    load.bench_many_guests(report, quick)
     report.seconds = time.perf_counter() - start
     return report
 

@@ -34,8 +34,9 @@ def _token_from(args: argparse.Namespace) -> str | None:
         return token
     path = getattr(args, "token_file", None)
     if path:
-        with open(path) as fh:
-            return fh.read().strip()
+        from pviommu.exitcodes import read_secret
+
+        return read_secret(path, f"pviommu {args.command}" if getattr(args, "command", None) else "pviommu", "token")
     return os.environ.get("PVIOMMU_TOKEN") or None
 
 
@@ -269,6 +270,13 @@ def build_parser(serve_only: str | None = None, command: str | None = None) -> a
     p.add_argument("--guest-revision", choices=REVISION_NAMES,
                    help="run the guests' driver as another revision than the hypervisor (e.g. a v1 driver on a "
                         "v2 hypervisor); default: --revision")
+    p.add_argument("--sva", action="store_true",
+                   help="pviommu proposal, not in the series (docs/proposal-sva.md): start the hypervisor and the "
+                        "guests with --proposal-sva and, after dmatest, run a dsa_test-style SVA test in each guest "
+                        "(a process's own addresses on a shared WQ under its PASID, the destination faulted in "
+                        "by page requests)")
+    p.add_argument("--sva-size", type=int, default=64 << 10, help="bytes per SVA memmove (with --sva)")
+    p.add_argument("--sva-iterations", type=int, default=4, help="SVA memmoves per guest (with --sva)")
     add_dmatest_options(p)
     p.set_defaults(func=cmd_run)
 

@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=lambda s: int(s, 0), default=0, help="logical device id (explain)")
     p.add_argument("--iova", type=lambda s: int(s, 0), help="the IOVA to explain")
     p.add_argument("--write", action="store_true", help="explain a write (default: a read)")
+    p.add_argument("--pasid", type=lambda s: int(s, 0), default=0,
+                   help="explain: a request with this PASID (SVA proposal, not in the series; with --device)")
     p.add_argument("--svg", help="explain: also draw the walk into this SVG file")
     p.add_argument("--fail-on-status", action="store_true",
                    help="explain: exit 1 when the walk faults (a refused request always exits 1)")
@@ -82,7 +84,7 @@ def run_inspect(args: argparse.Namespace, token: str | None) -> int:
             return _print_dump(dump, f"stage 1 of domain {args.domain} in partition {args.partition}", args.json)
         reply = admin.ExplainIova(admin_pb2.ExplainIovaRequest(
             partition_id=args.partition, logical_device_id=args.device, domain_id=args.domain, iova=args.iova,
-            write=args.write), timeout=30)
+            write=args.write, pasid=getattr(args, "pasid", 0)), timeout=30)
         return _print_explain(reply, args)
     except grpc.RpcError as exc:
         print(f"pviommu inspect: {exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -140,6 +142,10 @@ def _print_explain(reply: admin_pb2.ExplainIovaReply, args: argparse.Namespace) 
 
         with open(args.svg, "w", encoding="utf-8") as fh:
             fh.write(walk_svg(reply, args.iova, args.write))
+    if reply.pasid_steps and not args.json:  # the SVA proposal: the PASID level first
+        print(f"PASID {reply.pasid:#x}:")
+        for s in reply.pasid_steps:
+            print(f"  {s.note:<40} at {s.table:#x} [{s.index}] = {s.entry:#018x}")
     print(json.dumps(_dict(reply), indent=2) if args.json else explain_text(reply, args.iova, args.write))
     if args.fail_on_status and not reply.ok:
         print(f"pviommu inspect: the walk faults: {reply.fault_reason_name}", file=sys.stderr)

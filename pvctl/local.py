@@ -143,10 +143,12 @@ def run_local(args: argparse.Namespace) -> int:
     rc = exitcodes.OK
     with _StopSignals() as stop:
         revisions = _revisions(args)
+        sva = ["--proposal-sva"] if getattr(args, "sva", False) else []  # the SVA proposal, not in the series
         system = VirtualSystem(args.guests, args.devices, args.memory, args.memory_dir,
-                               guest_args=[*(["--lazy"] if args.lazy else []), "--revision", revisions["guests"]],
+                               guest_args=[*(["--lazy"] if args.lazy else []), "--revision", revisions["guests"],
+                                           *sva],
                                hypervisor_args=["--revision", revisions["hypervisor"],
-                                                *(["--s2-baseline"] if args.design == "baseline" else [])],
+                                                *(["--s2-baseline"] if args.design == "baseline" else []), *sva],
                                metrics=args.keep or args.metrics)
         try:
             fs = system.bank_fs
@@ -201,6 +203,9 @@ def run_local(args: argparse.Namespace) -> int:
                             say(console, f"progress: {parts} tests, {time.monotonic() - t0:.0f}s")
                             next_line = time.monotonic() + periodic
             rc = report(results, errors, args.json, run_config(args), fs.as_dict())
+            if sva:
+                sva_rc = run_sva(system, args)
+                rc = rc if rc != exitcodes.OK else sva_rc
             if args.junit_xml:
                 cases = []
                 for g in system.guests:
@@ -240,6 +245,28 @@ def run_local(args: argparse.Namespace) -> int:
             if endpoints_file is not None:
                 endpoints_file.unlink(missing_ok=True)
     return rc
+
+
+def run_sva(system: LocalHost, args: argparse.Namespace) -> int:
+    """The SVA proposal's dsa_test in every guest (``RunSvaTest``); prints one
+    summary line per guest (not with --json, whose document is dmatest's)."""
+    ok = True
+    for g in system.guests:
+        try:
+            r = g.stub.RunSvaTest(guest_pb2.SvaTestRequest(size=args.sva_size, iterations=args.sva_iterations),
+                                  timeout=600)
+        except grpc.RpcError as exc:
+            ok = False
+            if not args.json:
+                print(f"guest{g.index}: sva_test error: {exc.code().name}: {exc.details()}")
+            continue
+        ok = ok and r.passed
+        if not args.json:
+            print(f"guest{g.index}: {r.summary}")
+            for e in r.errors:
+                print(f"guest{g.index}: sva_test: {e}")
+    sys.stdout.flush()
+    return exitcodes.OK if ok else exitcodes.FAILED
 
 
 def report(results: dict[int, guest_pb2.DmatestResult], errors: dict[int, str], as_json: bool,

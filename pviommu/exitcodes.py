@@ -9,6 +9,9 @@ with 128 + the signal number, as shells report it.
 
 from __future__ import annotations
 
+import sys
+from typing import NoReturn
+
 OK = 0
 #: The job ran and failed: dmatest failures, a failed scenario step, a replay
 #: mismatch, or an in-band failure when --fail-on-status asks for it.
@@ -33,3 +36,19 @@ SIGNAL_BASE = 128
 
 def for_signal(signum: int) -> int:
     return SIGNAL_BASE + signum
+
+
+def usage_exit(message: str) -> NoReturn:
+    """End a command on a user error (a missing credential, a file it cannot
+    read): ``message`` as one line on stderr, exit code USAGE, no traceback."""
+    print(message, file=sys.stderr)
+    raise SystemExit(USAGE)
+
+
+def read_secret(path: str, who: str, what: str) -> str:
+    """The stripped contents of a token file, or ``usage_exit`` naming it."""
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError as exc:
+        usage_exit(f"{who}: cannot read the {what} file {path}: {exc.strerror or exc}")

@@ -2,7 +2,8 @@
 
 No transport here (STYLE.md convention 8): the gRPC portal calls
 ``DsaDevice.submit`` and the hooks; every byte the device touches goes through a
-``pviommu.mem.dma.DmaMemory`` bound to its IOMMU unit.
+``pviommu.mem.dma.DmaAccess`` (a ``DmaMemory`` bound to its IOMMU unit, or
+``BlockedDma`` while unbound), under the block-on-fault policy of ``access``.
 """
 
 from dma_device.dsa.access import PageRequestOutcome

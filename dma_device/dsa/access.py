@@ -1,8 +1,9 @@
-"""Data access of one descriptor: ``DmaMemory`` plus the device's fault policy.
+"""Data access of one descriptor: the device's fault policy as a wrapper of
+``pviommu.mem.dma.DmaAccess``.
 
-``DmaMemory`` already stops at the first faulting page and reports how many
-bytes were done. What it does not know is what the DSA does next, which depends
-on the descriptor and its work queue:
+Every ``DmaAccess`` already stops at the first faulting page and reports how
+many bytes were done. What it does not know is what the DSA does next, which
+depends on the descriptor and its work queue:
 
 * Block-on-fault off (or not allowed by WQCFG.bof): stop, and the operation
   completes with PAGE_FAULT_NOBOF (0x03) and a partial ``bytes_completed``.
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from enum import Enum
 
 from pviommu.addr import Iova
-from pviommu.mem.dma import DmaFault, DmaMemory, DmaResult
+from pviommu.mem.dma import Data, DmaAccess, DmaFault, DmaResult, DmaRuns, Run
 
 #: How often one faulting address is retried after "resolved" answers before
 #: the device gives up (a handler that says "resolved" without mapping the page
@@ -43,16 +44,18 @@ PageRequester = Callable[[DmaFault], PageRequestOutcome]
 FaultSink = Callable[[DmaFault], None]
 
 
-class DeviceMemory:
-    """Reads, writes and copies for one descriptor, with its BOF policy.
+class BlockOnFault:
+    """``DmaAccess`` for one descriptor, with its BOF policy around ``inner``.
 
-    After a call that returns a fault, ``refused`` tells whether the fault is
-    final because the page request was refused (status 0x04) rather than not
-    attempted or unanswered (status 0x03)."""
+    Each access that faults reports the fault and, with BOF, asks for the page
+    and resumes after the part already done. Moves over translated runs cannot
+    fault and pass straight through. After an access that returned a fault,
+    ``refused`` tells whether it is final because the page request was refused
+    (status 0x04) rather than not attempted or unanswered (status 0x03)."""
 
-    def __init__(self, dma: DmaMemory, *, block_on_fault: bool, page_request: PageRequester | None,
+    def __init__(self, inner: DmaAccess, *, block_on_fault: bool, page_request: PageRequester | None,
                  on_fault: FaultSink) -> None:
-        self.dma = dma
+        self.inner = inner
         self.block_on_fault = block_on_fault and page_request is not None
         self._page_request = page_request
         self._on_fault = on_fault
@@ -74,67 +77,61 @@ class DeviceMemory:
             self.refused = True
         return outcome is PageRequestOutcome.RESOLVED
 
-    # -- moving bytes -------------------------------------------------------
-    def read(self, iova: int, length: int) -> tuple[bytes, DmaFault | None]:
+    # -- accesses that may fault ------------------------------------------------
+    def translate(self, iova: Iova, length: int, write: bool) -> DmaRuns:
+        """The runs of ``[iova, +length)`` for this access, after page
+        requests; moves no data (operations that must know the common prefix
+        of several buffers before writing any of them, then move over these)."""
+        runs: list[Run] = []
+        done = 0
+        while True:
+            tr = self.inner.translate(Iova(iova + done), length - done, write)
+            runs += tr.runs
+            done += tr.done
+            if tr.fault is None or not self._should_retry(tr.fault):
+                return DmaRuns(runs, tr.fault)
+
+    def read(self, iova: Iova, length: int) -> tuple[bytes, DmaFault | None]:
         parts: list[bytes] = []
         done = 0
         while True:
-            data, fault = self.dma.read(Iova(iova + done), length - done)
+            data, fault = self.inner.read(Iova(iova + done), length - done)
             parts.append(data)
             done += len(data)
             if fault is None or not self._should_retry(fault):
                 return b"".join(parts), fault
 
-    def write(self, iova: int, data: bytes | bytearray | memoryview) -> DmaResult:
+    def write(self, iova: Iova, data: Data) -> DmaResult:
         view = memoryview(data)
         done = 0
         while True:
-            res = self.dma.write(Iova(iova + done), view[done:])
+            res = self.inner.write(Iova(iova + done), view[done:])
             done += res.done
             if res.fault is None or not self._should_retry(res.fault):
                 return DmaResult(done, res.fault)
 
-    def copy(self, src: int, dst: int, length: int) -> DmaResult:
-        """Forward copy at memmove speed (``DmaMemory.copy``), resumed after
-        each resolved page request."""
+    def copy(self, src: Iova, dst: Iova, length: int) -> DmaResult:
+        """Forward copy at memmove speed, resumed after each resolved page request."""
         done = 0
         while True:
-            res = self.dma.copy(Iova(src + done), Iova(dst + done), length - done)
+            res = self.inner.copy(Iova(src + done), Iova(dst + done), length - done)
             done += res.done
             if res.fault is None or not self._should_retry(res.fault):
                 return DmaResult(done, res.fault)
 
-    def probe(self, iova: int, length: int, write: bool) -> DmaResult:
-        """How much of ``[iova, +length)`` translates for this access, after
-        page requests; moves no data. Used by operations that must know the
-        common prefix of several buffers before writing any of them."""
-        done = 0
-        while True:
-            tr = self.dma.translator.translate(Iova(iova + done), length - done, write)
-            done += tr.done
-            if tr.fault is None or not self._should_retry(tr.fault):
-                return DmaResult(done, tr.fault)
+    def write_record(self, iova: Iova, data: Data) -> DmaResult:
+        """A record is never retried (the device writes it after the operation)."""
+        res = self.inner.write_record(iova, data)
+        if res.fault is not None:
+            self._on_fault(res.fault)
+        return res
 
-    def common_prefix(self, ranges: list[tuple[int, int, bool]]) -> DmaResult:
-        """Shortest translatable prefix over ``(iova, length, write)`` ranges
-        (all of the same length), and the fault that limits it."""
-        best = DmaResult(ranges[0][1] if ranges else 0, None)
-        for iova, _length, write in ranges:
-            if best.done == 0:
-                break
-            res = self.probe(iova, best.done, write)
-            if res.fault is not None:
-                best = res
-        return best
+    # -- moves over translated runs: no fault, no policy ------------------------------
+    def read_runs(self, runs: DmaRuns, length: int) -> bytes:
+        return self.inner.read_runs(runs, length)
 
-    # -- after probing: plain moves, no fault policy ------------------------
-    def read_now(self, iova: int, length: int) -> tuple[bytes, DmaFault | None]:
-        """Read a range already probed (a fault here means the mapping went
-        away meanwhile; the caller reports it as usual)."""
-        return self.dma.read(Iova(iova), length)
+    def write_runs(self, runs: DmaRuns, data: Data) -> None:
+        self.inner.write_runs(runs, data)
 
-    def write_now(self, iova: int, data: bytes | bytearray | memoryview) -> DmaResult:
-        return self.dma.write(Iova(iova), data)
-
-    def copy_now(self, src: int, dst: int, length: int) -> DmaResult:
-        return self.dma.copy(Iova(src), Iova(dst), length)
+    def copy_runs(self, src: DmaRuns, dst: DmaRuns, length: int) -> None:
+        self.inner.copy_runs(src, dst, length)

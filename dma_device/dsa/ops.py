@@ -2,18 +2,23 @@
 
 Each takes a validated ``Descriptor`` and an ``OpContext`` and returns the
 ``CompletionRecord`` to write; none writes its own record (the device does,
-status byte last). All data goes through ``ctx.mem`` (a ``DeviceMemory`` over
-the IOMMU-backed ``DmaMemory``), which stops at the first faulting page; an
+status byte last). All data goes through ``ctx.mem`` (a ``DmaAccess`` over
+IOVAs, with the block-on-fault policy), which stops at the first faulting page; an
 operation that stops reports PAGE_FAULT_NOBOF (0x03), or PAGE_FAULT_IR (0x04)
 when the guest refused the page request, with ``bytes_completed`` = bytes done
 before the fault, ``fault_addr`` = the faulting IOVA, and the 0x80 bit when the
 faulting access was a write (idxd.h DSA_COMP_STATUS_WRITE). Nothing at or
 beyond the fault is written: operations with several buffers first find the
-common translatable prefix, then move only that.
+common translatable prefix (``common_prefix``), then move only that over the
+runs it translated.
 
 Streaming reads (compare, CRC) go in ``CHUNK`` pieces so a difference found
 early stops the operation before later pages are touched, as the hardware
-would.
+would. Every other operation also works in bounded steps -- translate a piece,
+move it, go on -- so none allocates in proportion to its transfer size, data
+or runs (a 2 GiB MEMFILL to an unmapped IOVA must not build 2 GiB of pattern
+first); the completion record (bytes completed, fault address) is what one
+pass over the whole transfer gives.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dma_device.dsa import delta, dif
-from dma_device.dsa.access import DeviceMemory
+from dma_device.dsa.access import BlockOnFault
 from dma_device.dsa.checks import Limits, fail, overlaps, validate
 from dma_device.dsa.crc import crc32c_dsa
 from pviommu.abi.dsa import (
@@ -43,9 +48,16 @@ from pviommu.abi.dsa import (
     comp_op_u32,
     opcap_has,
 )
-from pviommu.mem.dma import DmaFault
+from pviommu.addr import Iova
+from pviommu.mem.dma import DmaFault, DmaResult, DmaRuns, common_prefix
 
 CHUNK = 256 * 1024  # a multiple of 8 so COMPVAL patterns stay aligned per chunk
+#: Bytes a step of MEMFILL, COPY_CRC or DIF materialises (a multiple of 8: MEMFILL's pattern stays aligned).
+DATA_CHUNK = 1 << 20
+#: Bytes a step of MEMMOVE or DUALCAST copies (no data buffer, only the runs translating it).
+MOVE_CHUNK = 4 << 20
+#: Bytes CFLUSH translates per step (only the translation matters: no runs are kept).
+PROBE_CHUNK = 4 << 20
 _NO_OP = bytes(COMP_OP_SPECIFIC_SIZE)
 
 
@@ -53,7 +65,7 @@ _NO_OP = bytes(COMP_OP_SPECIFIC_SIZE)
 class OpContext:
     """What an operation may use besides its descriptor."""
 
-    mem: DeviceMemory
+    mem: BlockOnFault
     limits: Limits
     #: Execute one batch entry completely (validation, operation, its own
     #: completion record and interrupt) and return its record.
@@ -106,6 +118,18 @@ def first_diff(a: bytes | memoryview, b: bytes | memoryview) -> int:
     return hi
 
 
+def _probe(ctx: OpContext, iova: int, length: int, write: bool) -> DmaResult:
+    """How much of ``[iova, +length)`` translates for this access (after page
+    requests), ``PROBE_CHUNK`` at a time, keeping no runs."""
+    done = 0
+    while done < length:
+        tr = ctx.mem.translate(Iova(iova + done), min(PROBE_CHUNK, length - done), write)
+        done += tr.done
+        if tr.fault is not None:
+            return DmaResult(done, tr.fault)
+    return DmaResult(done, None)
+
+
 def _pattern(value: int, length: int) -> bytes:
     pat = value.to_bytes(8, "little")
     return (pat * (length // 8 + 1))[:length]
@@ -131,24 +155,32 @@ def op_memmove(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     addresses after partial completion when result is 1."""
     n, src, dst = d.xfer_size, d.src_addr, d.dst_addr
     if dst > src and overlaps(src, n, dst, n):
-        pre = ctx.mem.common_prefix([(src, n, False), (dst, n, True)])
+        # all of both must translate before anything is copied (downwards): translated once and
+        # the runs kept -- no data buffer, and the runs stop at the first fault, so an unmapped
+        # IOVA costs nothing
+        pre = common_prefix(ctx.mem, [(Iova(src), n, False), (Iova(dst), n, True)])
         if pre.fault is not None:
             return _fault(ctx, pre.fault, 0, result=1)
-        res = ctx.mem.copy_now(src, dst, n)
-        if res.fault is not None:  # mapping removed under our feet
-            return _fault(ctx, res.fault, 0, result=1)
+        ctx.mem.copy_runs(pre.runs[0], pre.runs[1], n)
         return _ok(result=1, bytes_completed=0)
-    res = ctx.mem.copy(src, dst, n)
-    if res.fault is not None:
-        return _fault(ctx, res.fault, res.done)
+    pos = 0
+    while pos < n:  # ascending pieces: a forward overlap only overwrites source already copied
+        res = ctx.mem.copy(Iova(src + pos), Iova(dst + pos), min(MOVE_CHUNK, n - pos))
+        pos += res.done
+        if res.fault is not None:
+            return _fault(ctx, res.fault, pos)
     return _ok()
 
 
 def op_memfill(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     """dst[i] = pattern byte i % 8 (8-byte little-endian pattern at @16)."""
-    res = ctx.mem.write(d.dst_addr, _pattern(d.pattern, d.xfer_size))
-    if res.fault is not None:
-        return _fault(ctx, res.fault, res.done)
+    n, pos = d.xfer_size, 0
+    pat = memoryview(_pattern(d.pattern, min(n, DATA_CHUNK)))
+    while pos < n:
+        res = ctx.mem.write(Iova(d.dst_addr + pos), pat[: min(len(pat), n - pos)])
+        pos += res.done
+        if res.fault is not None:
+            return _fault(ctx, res.fault, pos)
     return _ok()
 
 
@@ -157,7 +189,7 @@ def _compare_stream(d: Descriptor, ctx: OpContext, other: Callable[[int, int], t
     n, pos = d.xfer_size, 0
     while pos < n:
         k = min(CHUNK, n - pos)
-        a, fa = ctx.mem.read(d.src_addr + pos, k)
+        a, fa = ctx.mem.read(Iova(d.src_addr + pos), k)
         b, fb = other(pos, k)
         m = min(len(a), len(b))
         if a[:m] != b[:m]:
@@ -172,7 +204,7 @@ def _compare_stream(d: Descriptor, ctx: OpContext, other: Callable[[int, int], t
 
 def op_compare(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     """result 0 equal / 1 different, bytes_completed = first differing byte."""
-    return _compare_stream(d, ctx, lambda pos, k: ctx.mem.read(d.src2_addr + pos, k))
+    return _compare_stream(d, ctx, lambda pos, k: ctx.mem.read(Iova(d.src2_addr + pos), k))
 
 
 def op_compval(d: Descriptor, ctx: OpContext) -> CompletionRecord:
@@ -187,16 +219,16 @@ def op_cr_delta(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     are written and comparing stops). With CR, result N is acceptable when
     bit N of expected_res_mask is set; otherwise 0x02."""
     n = d.xfer_size
-    pre = ctx.mem.common_prefix([(d.src_addr, n, False), (d.src2_addr, n, False)])
+    pre = common_prefix(ctx.mem, [(Iova(d.src_addr), n, False), (Iova(d.src2_addr), n, False)])
     p = pre.done // 8 * 8
-    a, _ = ctx.mem.read_now(d.src_addr, p)
-    b, _ = ctx.mem.read_now(d.src2_addr, p)
+    a = ctx.mem.read_runs(pre.runs[0], p)
+    b = ctx.mem.read_runs(pre.runs[1], p)
     entries = delta.create(a, b)
     room = d.max_delta_size // DELTA_ENTRY_SIZE
     overflow = len(entries) > room
     record = delta.pack(entries[:room])
     if record:
-        w = ctx.mem.write(d.delta_addr, record)
+        w = ctx.mem.write(Iova(d.delta_addr), record)
         if w.fault is not None:
             return _fault(ctx, w.fault, 0, op_specific=comp_op_u32(w.done))
     size = comp_op_u32(len(record))
@@ -215,7 +247,7 @@ def op_ap_delta(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     increasing, 0x07; inside the buffer, 0x08), so a bad record leaves the
     destination untouched. On a write fault bytes_completed counts the record
     bytes applied (inf)."""
-    rec, fault = ctx.mem.read(d.src_addr, d.delta_rec_size)
+    rec, fault = ctx.mem.read(Iova(d.src_addr), d.delta_rec_size)
     if fault is not None:
         return _fault(ctx, fault, 0)
     entries = delta.unpack(rec)
@@ -228,7 +260,7 @@ def op_ap_delta(d: Descriptor, ctx: OpContext) -> CompletionRecord:
         last = idx
     applied = 0
     for start, data in delta.runs(entries):
-        w = ctx.mem.write(d.dst_addr + start * 8, data)
+        w = ctx.mem.write(Iova(d.dst_addr + start * 8), data)
         applied += w.done // 8
         if w.fault is not None:
             return _fault(ctx, w.fault, applied * DELTA_ENTRY_SIZE)
@@ -236,21 +268,23 @@ def op_ap_delta(d: Descriptor, ctx: OpContext) -> CompletionRecord:
 
 
 def op_dualcast(d: Descriptor, ctx: OpContext) -> CompletionRecord:
-    n = d.xfer_size
-    pre = ctx.mem.common_prefix([(d.src_addr, n, False), (d.dst_addr, n, True), (d.dest2, n, True)])
-    for dst in (d.dst_addr, d.dest2):
-        res = ctx.mem.copy_now(d.src_addr, dst, pre.done)
-        if res.fault is not None:
-            return _fault(ctx, res.fault, res.done)
-    if pre.fault is not None:
-        return _fault(ctx, pre.fault, pre.done)
+    n, pos = d.xfer_size, 0
+    while pos < n:
+        k = min(MOVE_CHUNK, n - pos)
+        pre = common_prefix(ctx.mem, [(Iova(d.src_addr + pos), k, False), (Iova(d.dst_addr + pos), k, True),
+                                      (Iova(d.dest2 + pos), k, True)])
+        for dst in pre.runs[1:]:
+            ctx.mem.copy_runs(pre.runs[0], dst, pre.done)
+        pos += pre.done
+        if pre.fault is not None:
+            return _fault(ctx, pre.fault, pos)
     return _ok()
 
 
 def _seed(d: Descriptor, ctx: OpContext) -> tuple[int, DmaFault | None]:
     if not d.flags & CRC_FLAG_READ_SEED:
         return d.crc_seed, None
-    raw, fault = ctx.mem.read(d.seed_addr, 4)
+    raw, fault = ctx.mem.read(Iova(d.seed_addr), 4)
     if fault is not None:
         return 0, fault
     return int(struct.unpack("<I", raw)[0]), None
@@ -264,7 +298,7 @@ def op_crcgen(d: Descriptor, ctx: OpContext) -> CompletionRecord:
         return _fault(ctx, fault, 0)
     n, pos = d.xfer_size, 0
     while pos < n:
-        data, fault = ctx.mem.read(d.src_addr + pos, min(CHUNK, n - pos))
+        data, fault = ctx.mem.read(Iova(d.src_addr + pos), min(CHUNK, n - pos))
         crc = crc32c_dsa(data, crc, d.flags)
         pos += len(data)
         if fault is not None:
@@ -276,39 +310,70 @@ def op_copy_crc(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     crc, fault = _seed(d, ctx)
     if fault is not None:
         return _fault(ctx, fault, 0)
-    n = d.xfer_size
-    pre = ctx.mem.common_prefix([(d.src_addr, n, False), (d.dst_addr, n, True)])
-    data, rf = ctx.mem.read_now(d.src_addr, pre.done)
-    w = ctx.mem.write_now(d.dst_addr, data)
-    crc = crc32c_dsa(data[: w.done], crc, d.flags)
-    stop = rf or w.fault or pre.fault
-    if stop is not None:
-        return _fault(ctx, stop, w.done, op_specific=comp_op_crc(crc))
+    n, pos = d.xfer_size, 0
+    while pos < n:  # the CRC of each piece seeds the next (crc32c_dsa chains)
+        k = min(DATA_CHUNK, n - pos)
+        pre = common_prefix(ctx.mem, [(Iova(d.src_addr + pos), k, False), (Iova(d.dst_addr + pos), k, True)])
+        data = ctx.mem.read_runs(pre.runs[0], pre.done)
+        ctx.mem.write_runs(pre.runs[1], data)
+        crc = crc32c_dsa(data, crc, d.flags)
+        pos += pre.done
+        if pre.fault is not None:
+            return _fault(ctx, pre.fault, pos, op_specific=comp_op_crc(crc))
     return _ok(op_specific=comp_op_crc(crc))
 
 
 def op_cflush(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     """Flush [dst, +xfer_size) from the caches: memory is always coherent
     here, so only the translation (a read access) matters."""
-    res = ctx.mem.probe(d.dst_addr, d.xfer_size, False)
+    res = _probe(ctx, d.dst_addr, d.xfer_size, False)
     if res.fault is not None:
         return _fault(ctx, res.fault, res.done)
     return _ok()
 
 
 # -- DIF -------------------------------------------------------------------------
-def _dif_prefix(d: Descriptor, ctx: OpContext, src_unit: int, dst_unit: int
-                ) -> tuple[int, DmaFault | None]:
-    """Whole blocks whose source (and destination) translate, and the fault
-    that stops the rest."""
-    blocks = d.xfer_size // src_unit
-    ps = ctx.mem.probe(d.src_addr, blocks * src_unit, False)
+def _dif_prefix(ctx: OpContext, src: int, dst: int, blocks: int, src_unit: int, dst_unit: int
+                ) -> tuple[int, DmaFault | None, DmaRuns, DmaRuns]:
+    """How many of ``blocks`` whole blocks from ``src`` (and ``dst``) translate,
+    the fault that stops the rest, and the source and destination runs."""
+    ps = ctx.mem.translate(Iova(src), blocks * src_unit, False)
     avail, fault = ps.done // src_unit, ps.fault
+    pd = DmaRuns()
     if dst_unit:
-        pd = ctx.mem.probe(d.dst_addr, blocks * dst_unit, True)
+        pd = ctx.mem.translate(Iova(dst), blocks * dst_unit, True)
         if pd.done // dst_unit < avail:
             avail, fault = pd.done // dst_unit, pd.fault
-    return avail, fault if avail < blocks else None
+    return avail, fault if avail < blocks else None, ps, pd
+
+
+def _dif_blocks(d: Descriptor, ctx: OpContext, src_unit: int, out_unit: int,
+                step: Callable[[memoryview, int], tuple[int, bytes]]) -> tuple[int, int, DmaFault | None]:
+    """The loop every DIF operation shares: a ``DATA_CHUNK`` of whole blocks at
+    a time, translated, read, each block passed to ``step(block, index)`` (DIF
+    status, output bytes) and the output written, until a DIF error, a fault
+    or the end. Returns (blocks done, DIF status, the fault that stopped it)."""
+    blocks = d.xfer_size // src_unit
+    per = max(1, DATA_CHUNK // max(src_unit, out_unit))
+    done = 0
+    while done < blocks:
+        b0, nb = done, min(per, blocks - done)
+        avail, fault, src_runs, dst_runs = _dif_prefix(ctx, d.src_addr + b0 * src_unit, d.dst_addr + b0 * out_unit,
+                                                       nb, src_unit, out_unit)
+        src = memoryview(ctx.mem.read_runs(src_runs, avail * src_unit))
+        out = bytearray()
+        status = 0
+        for i in range(avail):
+            status, emitted = step(src[i * src_unit : (i + 1) * src_unit], b0 + i)
+            if status:
+                break
+            out += emitted
+            done = b0 + i + 1
+        if out:
+            ctx.mem.write_runs(dst_runs, out)
+        if status or fault is not None:
+            return done, status, fault
+    return done, 0, None
 
 
 def _dif_run(d: Descriptor, ctx: OpContext, out_unit: int,
@@ -317,26 +382,16 @@ def _dif_run(d: Descriptor, ctx: OpContext, out_unit: int,
     emit its output (if any) and stop at the first DIF error or fault."""
     bs = dif.block_size(d.dif_flags)
     unit = bs + DIF_TUPLE_SIZE
-    blocks = d.xfer_size // unit
-    avail, fault = _dif_prefix(d, ctx, unit, out_unit)
-    raw, _ = ctx.mem.read_now(d.src_addr, avail * unit)
-    src = memoryview(raw)
     tags = dif.Tags(d.chk_ref_tag_seed, d.chk_app_tag_mask, d.chk_app_tag_seed)
-    out = bytearray()
-    status = 0
-    done = 0
-    for i in range(avail):
-        blk, tup = src[i * unit : i * unit + bs], src[i * unit + bs : (i + 1) * unit]
+
+    def step(block: memoryview, i: int) -> tuple[int, bytes]:
+        blk, tup = block[:bs], block[bs:]
         status = dif.check_block(blk, tup, d.dif_flags, d.src_dif_flags, tags, i)
-        if status:
-            break
-        if emit is not None:
-            out += emit(blk, tup, i)
-        done = i + 1
-    if out:
-        w = ctx.mem.write_now(d.dst_addr, out)
-        if w.fault is not None:
-            return _fault(ctx, w.fault, w.done // out_unit * unit)
+        if status or emit is None:
+            return status, b""
+        return 0, emit(blk, tup, i)
+
+    done, status, fault = _dif_blocks(d, ctx, unit, out_unit, step)
     ref, app = dif.expected_src(tags, d.src_dif_flags, done)
     dref, dapp = dif.dest_tags(dif.Tags(d.ins_ref_tag_seed, d.ins_app_tag_mask, d.ins_app_tag_seed),
                                d.dest_dif_flags, done)
@@ -344,7 +399,7 @@ def _dif_run(d: Descriptor, ctx: OpContext, out_unit: int,
     if status:
         return CompletionRecord(status=int(DsaStatus.DIF_ERR), result=status,
                                 bytes_completed=done * unit, op_specific=tags_rec)
-    if fault is not None and done < blocks:
+    if fault is not None:
         return _fault(ctx, fault, done * unit, op_specific=tags_rec)
     return _ok(op_specific=tags_rec)
 
@@ -367,26 +422,17 @@ def op_dif_updt(d: Descriptor, ctx: OpContext) -> CompletionRecord:
 def op_dif_ins(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     """Append a generated tuple after each source block."""
     bs = dif.block_size(d.dif_flags)
-    unit = bs + DIF_TUPLE_SIZE
-    blocks = d.xfer_size // bs
-    avail, fault = _dif_prefix(d, ctx, bs, unit)
-    raw, _ = ctx.mem.read_now(d.src_addr, avail * bs)
-    src = memoryview(raw)
     tags = dif.Tags(d.ins_ref_tag_seed, d.ins_app_tag_mask, d.ins_app_tag_seed)
-    out = bytearray()
-    for i in range(avail):
-        blk = src[i * bs : (i + 1) * bs]
+
+    def step(blk: memoryview, i: int) -> tuple[int, bytes]:
         ref, app = dif.dest_tags(tags, d.dest_dif_flags, i)
-        out += blk
-        out += dif.tuple_bytes(dif.guard(blk, d.dif_flags), app, ref)
-    if out:
-        w = ctx.mem.write_now(d.dst_addr, out)
-        if w.fault is not None:
-            return _fault(ctx, w.fault, w.done // unit * bs)
-    ref, app = dif.dest_tags(tags, d.dest_dif_flags, avail)
+        return 0, bytes(blk) + dif.tuple_bytes(dif.guard(blk, d.dif_flags), app, ref)
+
+    done, _, fault = _dif_blocks(d, ctx, bs, bs + DIF_TUPLE_SIZE, step)
+    ref, app = dif.dest_tags(tags, d.dest_dif_flags, done)
     rec = comp_op_dif(ins_ref=ref, ins_mask=d.ins_app_tag_mask, ins_app=app)
-    if fault is not None and avail < blocks:
-        return _fault(ctx, fault, avail * bs, op_specific=rec)
+    if fault is not None:
+        return _fault(ctx, fault, done * bs, op_specific=rec)
     return _ok(op_specific=rec)
 
 
@@ -401,7 +447,7 @@ def op_batch(d: Descriptor, ctx: OpContext) -> CompletionRecord:
     the entries before it, then BATCH_PAGE_FAULT (0x06). A BATCH entry is
     refused with BAD_OPCODE by the entry runner, so a list pointing at its own
     batch descriptor ends after one level, never recursing."""
-    raw, fault = ctx.mem.read(d.desc_list_addr, d.desc_count * DESC_SIZE)
+    raw, fault = ctx.mem.read(Iova(d.desc_list_addr), d.desc_count * DESC_SIZE)
     whole = len(raw) // DESC_SIZE
     ok = True
     done = 0

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 
+from dma_device.counters import device_counters, flat
 from dma_device.dsa.device import DsaConfigError, DsaDevice
 from dma_device.ownership import Ownership
-from pviommu.abi.dsa import Cmd, WqCfg, opcap_words
+from pviommu.abi.dsa import DESC_SIZE, Cmd, WqCfg, opcap_words
 from pviommu.errors import AuthError, PviommuError
 from pviommu.iommu.unit import IommuUnit
 from pviommu.log import get_logger
@@ -34,7 +34,6 @@ from pviommu.rpc.status import grpc_errors, grpc_stream_errors
 from pviommu.v1 import common_pb2, dsa_pb2, dsa_pb2_grpc
 
 log = get_logger("dma_device.rpc")
-DESCRIPTOR_SIZE = 64
 
 
 @dataclass
@@ -82,7 +81,7 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
 
     # -- MMIO view -------------------------------------------------------------
     @grpc_errors
-    def GetCapabilities(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def GetCapabilities(self, request: common_pb2.Empty, context: grpc.ServicerContext) -> dsa_pb2.DsaCapabilities:
         self._caller()
         d, cfg = self.device, self.device.config
         words = opcap_words(d.opcap)
@@ -95,7 +94,7 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
             session_socket=self.info.session_socket)
 
     @grpc_errors
-    def ListWqs(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def ListWqs(self, request: common_pb2.Empty, context: grpc.ServicerContext) -> dsa_pb2.WqList:
         self._caller()
         out = []
         for wq_id in range(self.device.config.num_wqs):
@@ -104,7 +103,7 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
         return dsa_pb2.WqList(wqs=out)
 
     @grpc_errors
-    def ConfigureWq(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def ConfigureWq(self, request: dsa_pb2.WqConfig, context: grpc.ServicerContext) -> dsa_pb2.CommandStatus:
         """Write WQCFG, as a driver does while the WQ is disabled. The group
         layout is fixed at start-up (``group_of``); ``group_id`` is ignored."""
         require("partition", "host")
@@ -114,11 +113,11 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
         try:
             self.device.configure_wq(request.wq_id, cfg)
         except (DsaConfigError, ValueError) as exc:
-            return dsa_pb2.CommandStatus(error=1, message=str(exc))
+            return dsa_pb2.CommandStatus(error=int(getattr(exc, "cmd_err", 1)), message=str(exc))
         return dsa_pb2.CommandStatus()
 
     @grpc_errors
-    def Command(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def Command(self, request: dsa_pb2.DeviceCommand, context: grpc.ServicerContext) -> dsa_pb2.CommandStatus:
         self._caller()
         try:
             cmd = Cmd(request.command)
@@ -129,10 +128,10 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
         return dsa_pb2.CommandStatus(cmdsts=status, error=err, message="" if not err else f"CMDSTS error {err:#x}")
 
     # -- portals ------------------------------------------------------------------
-    def _submit(self, sub: Any, epoch: int) -> dsa_pb2.SubmissionAck:
-        if len(sub.descriptor) != DESCRIPTOR_SIZE:
+    def _submit(self, sub: dsa_pb2.Submission, epoch: int) -> dsa_pb2.SubmissionAck:
+        if len(sub.descriptor) != DESC_SIZE:
             return dsa_pb2.SubmissionAck(tag=sub.tag, accepted=False,
-                                         error=f"a descriptor is {DESCRIPTOR_SIZE} bytes, got {len(sub.descriptor)}")
+                                         error=f"a descriptor is {DESC_SIZE} bytes, got {len(sub.descriptor)}")
         if not 0 <= sub.wq_id < self.device.config.num_wqs:
             return dsa_pb2.SubmissionAck(tag=sub.tag, accepted=False, error=f"no WQ {sub.wq_id}")
         try:
@@ -141,7 +140,9 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
             return dsa_pb2.SubmissionAck(tag=sub.tag, accepted=False, error=str(exc))
         return dsa_pb2.SubmissionAck(tag=sub.tag, accepted=accepted)
 
-    async def Portal(self, request_iterator: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+    async def Portal(self, request_iterator: AsyncIterator[dsa_pb2.Submission],
+                     context: grpc.aio.ServicerContext[dsa_pb2.Submission, dsa_pb2.SubmissionAck],
+                     ) -> AsyncIterator[dsa_pb2.SubmissionAck]:
         """Descriptors in; an ack out for each one not marked ``posted``. Each
         submission is checked against the owner record: the stream ends
         (PERMISSION_DENIED) at the first one after its owner lost the device.
@@ -165,12 +166,14 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
                                     f"{ack.error or 'the WQ is shared and did not accept it (post to a dedicated WQ)'}")
 
     @grpc_errors
-    def Submit(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def Submit(self, request: dsa_pb2.SubmitBatch, context: grpc.ServicerContext) -> dsa_pb2.SubmitBatchReply:
         _, epoch = self._caller()
         return dsa_pb2.SubmitBatchReply(acks=[self._submit(s, epoch) for s in request.submissions])
 
     @grpc_stream_errors
-    async def StreamInterrupts(self, request: Any, context: Any) -> AsyncIterator[Any]:
+    async def StreamInterrupts(self, request: common_pb2.Empty,
+                               context: grpc.aio.ServicerContext[common_pb2.Empty, dsa_pb2.Interrupt],
+                               ) -> AsyncIterator[dsa_pb2.Interrupt]:
         """The completion interrupts of this epoch's descriptors; ends when the
         device changes owner. Waiting holds no thread."""
         _, epoch = self._caller()
@@ -183,33 +186,9 @@ class DsaDeviceServicer(dsa_pb2_grpc.DsaDeviceServicer):
             self.own.unsubscribe(feed)
 
     @grpc_errors
-    def GetCounters(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def GetCounters(self, request: common_pb2.Empty, context: grpc.ServicerContext) -> dsa_pb2.DeviceCounters:
         self._caller()
-        snap = self.device.counters.snapshot()
-        counters: dict[str, int] = {}
-        for key, value in snap.items():
-            if isinstance(value, dict):
-                for k, v in value.items():
-                    counters[f"{key}.{k}"] = int(v)
-            else:
-                counters[key] = int(value)
-        it = self.unit.iotlb.stats
-        for name in ("hits", "misses", "inserts", "evictions", "inv_global", "inv_domain", "inv_pages",
-                     "entries_dropped"):
-            counters[f"iotlb.{name}"] = int(getattr(it, name))
-        ps = self.unit.pscache
-        if ps is not None:
-            for name in ("table_hits", "table_misses", "fs_misses", "inserts", "late_inserts_dropped", "evictions",
-                         "rewalks", "entries_dropped"):
-                counters[f"pscache.{name}"] = int(getattr(ps.stats, name))
-            counters["pscache.fs_hits"] = sum(ps.stats.fs_hits)
-        us = self.unit.stats
-        counters["iommu.walks"] = us.walks
-        counters["iommu.walk_reads"] = us.walk_reads
-        counters["iommu.translations"] = us.translations
-        for reason, n in us.faults.items():
-            counters[f"iommu.faults.{reason:#x}"] = n
-        return dsa_pb2.DeviceCounters(counters=counters)
+        return dsa_pb2.DeviceCounters(counters=flat(device_counters(self.device, self.unit)))
 
 
 __all__ = ["DeviceInfo", "DsaDeviceServicer", "common_pb2"]

@@ -16,7 +16,7 @@ from guest_agent.dma.pages import GuestMemory
 from guest_agent.driver.domain import Domain, UnmapResult
 from guest_agent.driver.pviommu import DeviceState, PvIommu
 from guest_agent.errors import InvalidRequest
-from pviommu.addr import PAGE_SIZE, Gpa, Iova
+from pviommu.addr import PAGE_SIZE, Gpa, Iova, align_down, align_up
 from pviommu.pt.common import Perm
 
 
@@ -41,7 +41,7 @@ class DmaMapping:
     """One mapped buffer: ``dma_addr`` is what the device is given."""
 
     domain: Domain
-    dma_addr: int
+    dma_addr: Iova
     size: int
     base: Iova  # page-aligned IOVA of the mapping
     span: int  # page-aligned bytes mapped
@@ -72,12 +72,12 @@ class DmaApi:
             raise InvalidRequest(f"cannot map {size} bytes")
         self.memory.check(gpa, size)
         offset = gpa & (PAGE_SIZE - 1)
-        span = (offset + size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        span = align_up(offset + size, PAGE_SIZE)
         if iova is not None and iova & (PAGE_SIZE - 1) not in (0, offset):
             raise InvalidRequest(f"IOVA {iova:#x} must be page aligned or keep the GPA's page offset {offset:#x}")
-        want = None if iova is None else Iova(iova & ~(PAGE_SIZE - 1))
+        want = None if iova is None else Iova(align_down(iova, PAGE_SIZE))
         base = dom.dma_map(Gpa(gpa - offset), span, perm_of(direction), want)
-        return DmaMapping(dom, base + offset, size, base, span)
+        return DmaMapping(dom, Iova(base + offset), size, base, span)
 
     def map_on_demand(self, dom: Domain, gpa: int, size: int, direction: Direction,
                       iova: Iova | None = None) -> DmaMapping:
@@ -88,9 +88,9 @@ class DmaApi:
         if size <= 0 or gpa % PAGE_SIZE:
             raise InvalidRequest("an on-demand mapping needs a page-aligned GPA and a positive size")
         self.memory.check(gpa, size)
-        span = (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        span = align_up(size, PAGE_SIZE)
         base = demand(Gpa(gpa), span, perm_of(direction), iova)
-        return DmaMapping(dom, int(base), size, base, span)
+        return DmaMapping(dom, base, size, base, span)
 
     def map_single(self, dev: DeviceState, gpa: int, size: int, direction: Direction) -> DmaMapping:
         return self.map_in(self.domain_of(dev), gpa, size, direction)

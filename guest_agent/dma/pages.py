@@ -14,8 +14,9 @@ from pviommu.addr import PAGE_SHIFT, PAGE_SIZE, Gpa
 from pviommu.errors import GpaOutOfRange
 from pviommu.mem.bank import GuestRam
 from pviommu.mem.frames import MAX_ORDER, FrameAllocator, guest_frames
+from pviommu.units import MiB
 
-RESERVED_LOW = 1 << 20
+RESERVED_LOW = MiB
 
 
 class GuestMemory:

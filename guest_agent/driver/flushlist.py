@@ -15,7 +15,7 @@ pages (the x86 guest's PAGE_SHIFT equals the Hyper-V page shift):
 from __future__ import annotations
 
 from pviommu.abi.revision import FLUSH_LIST_CAPACITY
-from pviommu.addr import PAGE_SHIFT, PAGE_SIZE
+from pviommu.addr import PAGE_SHIFT, PAGE_SIZE, align_down, align_up
 
 #: BITS_PER_LONG - 1: v1's alignment of page 0 (__ffs(0) is undefined, so it is special-cased).
 _PFN0_ALIGN = 63
@@ -24,7 +24,7 @@ _PFN0_ALIGN = 63
 def v1_exact_blocks(start: int, last: int, capacity: int = FLUSH_LIST_CAPACITY) -> list[tuple[int, int]] | None:
     """v1's blocks for ``start..last``; ``None`` on overflow (more than ``capacity`` blocks)."""
     start_pfn = start >> PAGE_SHIFT
-    end_pfn = ((last + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)) >> PAGE_SHIFT  # PAGE_ALIGN(end) >> PAGE_SHIFT
+    end_pfn = align_up(last, PAGE_SIZE) >> PAGE_SHIFT  # PAGE_ALIGN(end) >> PAGE_SHIFT
     nr_pages = end_pfn - start_pfn
     out: list[tuple[int, int]] = []
     while nr_pages > 0:
@@ -43,4 +43,4 @@ def v2_covering_block(start: int, last: int) -> tuple[int, int]:
     """v2's one covering block for ``start..last``: ``(page_number, page_mask_shift)``."""
     first, final = start >> PAGE_SHIFT, last >> PAGE_SHIFT
     shift = (first ^ final).bit_length()  # highest differing bit + 1; 0 when first == final
-    return first & ~((1 << shift) - 1), shift
+    return align_down(first, 1 << shift), shift

@@ -135,6 +135,10 @@ class ThreadResult:
     runtime_us: int = 0
     total_len: int = 0
     status: int = 0
+    #: completions waited for on the device's interrupt (RCI asked, the wait woken by interrupts)
+    by_interrupt: int = 0
+    #: completions waited for by polling the record alone (``polled``, or no interrupt line)
+    polled: int = 0
 
     @property
     def iops_fixpt(self) -> int:
@@ -155,6 +159,8 @@ class DmatestOutcome:
     failures: int = 0
     iops: float = 0.0
     kb_per_s: float = 0.0
+    by_interrupt: int = 0
+    polled: int = 0
 
 
 def select_devices(devices: list[DeviceState], params: DmatestParams) -> list[DeviceState]:
@@ -302,7 +308,8 @@ class Dmatest:
         summary = aggregate_line(len(results), tests, failures, runtime_us, total_len)
         iops = persec(runtime_us, tests) / (1 << FIXPT_SHIFT)
         return DmatestOutcome(results, list(self.lines), summary, wall, tests, failures, iops,
-                              float(kbs(runtime_us, total_len)))
+                              float(kbs(runtime_us, total_len)), sum(r.by_interrupt for r in results),
+                              sum(r.polled for r in results))
 
     # -- one thread --------------------------------------------------------------------------
     def _thread_main(self, ch: Channel, index: int, res: ThreadResult) -> None:
@@ -369,7 +376,7 @@ class Dmatest:
                     ram.write(src, pat.src_image(src_off, length))
                     ram.write(dst, pat.dst_image(dst_off, length))
                     filltime += time.perf_counter() - t0
-                err = self._one(drv, dev, src, dst, slots, src_off, dst_off, length)
+                err = self._one(drv, dev, src, dst, slots, src_off, dst_off, length, res)
                 if err is not None:
                     res.failures += 1
                     self.emit(result_line(res.name, n, err[0], src_off, dst_off, length, err[1]))
@@ -403,7 +410,7 @@ class Dmatest:
 
     # -- one test ------------------------------------------------------------------------------
     def _one(self, drv: DsaDriver, dev: DeviceState, src: Gpa, dst: Gpa, slots: _Slots, src_off: int, dst_off: int,
-             length: int) -> tuple[str, int] | None:
+             length: int, res: ThreadResult) -> tuple[str, int] | None:
         """Map, submit, wait, unmap one test: the failure (text, value), or None once the
         descriptor completed (the data check then decides)."""
         buf_size = self.params.test_buf_size
@@ -420,7 +427,7 @@ class Dmatest:
             log.warning("dmatest.map_failed", which="dst", error=str(exc))
             return "dst mapping error", -ENOMEM
         try:
-            return self._transfer(drv, slots, srcm.dma_addr + src_off, dstm.dma_addr + dst_off, length)
+            return self._transfer(drv, slots, srcm.dma_addr + src_off, dstm.dma_addr + dst_off, length, res)
         finally:
             self._unmap(srcm)
             self._unmap(dstm)
@@ -435,7 +442,7 @@ class Dmatest:
         self._stop.wait(ERROR_SLEEP_S)
 
     def _transfer(self, drv: DsaDriver, slots: _Slots, src_iova: int, dst_iova: int,
-                  length: int) -> tuple[str, int] | None:
+                  length: int, res: ThreadResult) -> tuple[str, int] | None:
         p = self.params
         if drv.max_xfer and length > drv.max_xfer:  # idxd_dma_submit_memcpy returns NULL
             self._error_pause()
@@ -470,7 +477,7 @@ class Dmatest:
             self._error_pause()
             return "submit error", 0
         try:
-            rec = self._wait(drv, rec_gpa, irq)
+            rec = self._wait(drv, rec_gpa, irq, res)
         except _StopWaiting:
             rec = None
         except DEVICE_ERRORS as exc:  # the portal broke with the descriptor in flight: aborted, as idxd does
@@ -516,12 +523,16 @@ class Dmatest:
             drv.release_slot()
         slots.late.clear()
 
-    def _wait(self, drv: DsaDriver, rec_gpa: Gpa, irq: bool) -> CompletionRecord | None:
-        """The completion record, or None after ``timeout`` ms (negative: no limit, 0: one look)."""
+    def _wait(self, drv: DsaDriver, rec_gpa: Gpa, irq: bool, res: ThreadResult) -> CompletionRecord | None:
+        """The completion record, or None after ``timeout`` ms (negative: no limit, 0: one look);
+        counts the completion in ``res`` as waited for by interrupt or by polling."""
         timeout_ms = self.params.timeout
         if timeout_ms == 0:  # wait_event_timeout(..., 0): the condition is evaluated once
             view = self.memory.ram.read(rec_gpa, COMP_SIZE)
-            return CompletionRecord.unpack(view) if view[0] else None
+            if not view[0]:
+                return None
+            res.polled += 1
+            return CompletionRecord.unpack(view)
 
         def check() -> None:
             drv.check_portal()
@@ -529,7 +540,13 @@ class Dmatest:
                 raise _StopWaiting
 
         wake = drv.interrupts.wait if irq and drv.interrupts is not None else None
-        return wait_completion(self.memory.ram, rec_gpa, None if timeout_ms < 0 else timeout_ms / 1000, check, wake)
+        rec = wait_completion(self.memory.ram, rec_gpa, None if timeout_ms < 0 else timeout_ms / 1000, check, wake)
+        if rec is not None:
+            if wake is not None:
+                res.by_interrupt += 1
+            else:
+                res.polled += 1
+        return rec
 
     def _verify(self, thread: str, src: Gpa, dst: Gpa, src_off: int, dst_off: int, length: int) -> int:
         """The six dmatest_verify calls; a fast whole-buffer compare first."""

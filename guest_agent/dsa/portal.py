@@ -149,12 +149,12 @@ class ShmInterrupts:
     def _listen(self) -> None:
         try:
             while not self._stop:
-                rung = self.doorbell.wait(0.5)
+                rung = self.doorbell.rings(0.5)  # interrupts since the last look (the eventfd sums them)
                 if self._closed():
                     return
                 if rung:
                     with self._cv:
-                        self.count += 1
+                        self.count += rung
                         self._cv.notify_all()
         finally:
             with self._cv:

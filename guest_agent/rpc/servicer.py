@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 
@@ -26,7 +25,7 @@ from pviommu.log import get_logger
 from pviommu.rpc.auth import require
 from pviommu.rpc.feeds import AsyncFeed
 from pviommu.rpc.status import grpc_errors, grpc_stream_errors
-from pviommu.v1 import common_pb2, guest_pb2, guest_pb2_grpc
+from pviommu.v1 import common_pb2, guest_pb2, guest_pb2_grpc, hypervisor_pb2
 
 log = get_logger("guest.rpc")
 
@@ -56,9 +55,11 @@ def dmatest_params(p: guest_pb2.DmatestParams) -> DmatestParams:
 def dmatest_result(o: DmatestOutcome) -> guest_pb2.DmatestResult:
     return guest_pb2.DmatestResult(
         tests=o.tests, failures=o.failures, iops=o.iops, kb_per_s=o.kb_per_s, lines=o.lines, summary=o.summary,
-        runtime_s=o.runtime_s,
+        runtime_s=o.runtime_s, completions_by_interrupt=o.by_interrupt, completions_polled=o.polled,
         threads=[guest_pb2.DmatestThreadResult(thread=t.name, tests=t.tests, failures=t.failures,
-                                               iops=t.iops_fixpt / 256, kb_per_s=float(t.kbs), status=t.status)
+                                               iops=t.iops_fixpt / 256, kb_per_s=float(t.kbs), status=t.status,
+                                               completions_by_interrupt=t.by_interrupt,
+                                               completions_polled=t.polled)
                  for t in o.threads])
 
 
@@ -83,7 +84,7 @@ class GuestAgentServicer(guest_pb2_grpc.GuestAgentServicer):
 
     # -- inventory ---------------------------------------------------------------------
     @grpc_errors
-    def GetIommuInfo(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def GetIommuInfo(self, request: common_pb2.Empty, context: grpc.ServicerContext) -> guest_pb2.IommuInfo:
         self._auth()
         g = self.agent.iommu.geometry
         info = guest_pb2.IommuInfo(present=g is not None, ram_bytes=self.agent.ram.size,
@@ -95,7 +96,7 @@ class GuestAgentServicer(guest_pb2_grpc.GuestAgentServicer):
         return info
 
     @grpc_errors
-    def ListDevices(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def ListDevices(self, request: common_pb2.Empty, context: grpc.ServicerContext) -> guest_pb2.AgentDevices:
         self._auth()
         self.agent.iommu.rescan()
         out = guest_pb2.AgentDevices()
@@ -108,83 +109,87 @@ class GuestAgentServicer(guest_pb2_grpc.GuestAgentServicer):
         return out
 
     @grpc_errors
-    def ListDomains(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def ListDomains(self, request: common_pb2.Empty, context: grpc.ServicerContext) -> guest_pb2.AgentDomains:
         self._auth()
         doms = sorted(self.agent.iommu.domains.values(), key=lambda d: d.domain_id)
         return guest_pb2.AgentDomains(domains=[domain_message(d) for d in doms])
 
     # -- memory ------------------------------------------------------------------------
     @grpc_errors
-    def AllocBuffer(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def AllocBuffer(self, request: guest_pb2.AllocRequest, context: grpc.ServicerContext) -> guest_pb2.Buffer:
         self._auth()
         gpa, size = self.agent.alloc_buffer(request.size)
         return guest_pb2.Buffer(gpa=gpa, size=size)
 
     @grpc_errors
-    def FreeBuffer(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def FreeBuffer(self, request: guest_pb2.Buffer, context: grpc.ServicerContext) -> common_pb2.Empty:
         self._auth()
         self.agent.free_buffer(request.gpa)
         return common_pb2.Empty()
 
     @grpc_errors
-    def ReadMemory(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def ReadMemory(self, request: guest_pb2.ReadRequest, context: grpc.ServicerContext) -> guest_pb2.Bytes:
         self._auth()
         return guest_pb2.Bytes(data=self.agent.memory.read(request.gpa, request.size))
 
     @grpc_errors
-    def WriteMemory(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def WriteMemory(self, request: guest_pb2.WriteRequest, context: grpc.ServicerContext) -> common_pb2.Empty:
         self._auth()
         self.agent.memory.write(request.gpa, bytes(request.data))
         return common_pb2.Empty()
 
     # -- mappings -----------------------------------------------------------------------
     @grpc_errors
-    def Map(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def Map(self, request: guest_pb2.MapRequest, context: grpc.ServicerContext) -> guest_pb2.MapReply:
         self._auth()
         m = self.agent.map(request.logical_device_id, request.domain_id, request.gpa, request.size,
                            Direction(request.direction), request.iova, on_demand=request.on_demand)
         return guest_pb2.MapReply(iova=m.dma_addr, size=m.size)
 
     @grpc_errors
-    def Unmap(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def Unmap(self, request: guest_pb2.UnmapRequest, context: grpc.ServicerContext) -> guest_pb2.UnmapReply:
         self._auth()
         r = self.agent.unmap(request.logical_device_id, request.domain_id, request.iova, request.size,
                              request.skip_flush)
         return guest_pb2.UnmapReply(unmapped=r.unmapped, flushed=r.flushed)
 
     @grpc_errors
-    def Flush(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def Flush(self, request: guest_pb2.FlushRequest, context: grpc.ServicerContext) -> common_pb2.Empty:
         self._auth()
         self.agent.flush(request.logical_device_id, request.domain_id)
         return common_pb2.Empty()
 
     # -- domains -------------------------------------------------------------------------
     @grpc_errors
-    def CreateDomain(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def CreateDomain(self, request: guest_pb2.CreateDomainRequest,
+                     context: grpc.ServicerContext,
+                     ) -> guest_pb2.AgentDomain:
         self._auth()
         return domain_message(self.agent.create_domain(request.kind))
 
     @grpc_errors
-    def DeleteDomain(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def DeleteDomain(self, request: guest_pb2.DomainRequest, context: grpc.ServicerContext) -> common_pb2.Empty:
         self._auth()
         self.agent.delete_domain(request.domain_id)
         return common_pb2.Empty()
 
     @grpc_errors
-    def AttachDevice(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def AttachDevice(self, request: guest_pb2.AttachRequest, context: grpc.ServicerContext) -> common_pb2.Empty:
         self._auth()
         self.agent.attach(request.domain_id, request.logical_device_id)
         return common_pb2.Empty()
 
     @grpc_errors
-    def DetachDevice(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def DetachDevice(self, request: guest_pb2.DeviceRef, context: grpc.ServicerContext) -> common_pb2.Empty:
         self._auth()
         self.agent.detach(request.logical_device_id)
         return common_pb2.Empty()
 
     # -- device work ---------------------------------------------------------------------
     @grpc_errors
-    def SubmitDescriptor(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def SubmitDescriptor(self, request: guest_pb2.DescriptorRequest,
+                         context: grpc.ServicerContext,
+                         ) -> guest_pb2.DescriptorReply:
         self._auth()
         r = self.agent.submit_descriptor(request.logical_device_id, request.wq_id if request.wq_id else None,
                                          bytes(request.descriptor), request.wait, request.timeout_ms,
@@ -199,7 +204,9 @@ class GuestAgentServicer(guest_pb2_grpc.GuestAgentServicer):
         return reply
 
     @grpc_stream_errors
-    async def RunDmatest(self, request: Any, context: Any) -> AsyncIterator[Any]:
+    async def RunDmatest(self, request: guest_pb2.DmatestParams,
+                         context: grpc.aio.ServicerContext[guest_pb2.DmatestParams, guest_pb2.DmatestEvent],
+                         ) -> AsyncIterator[guest_pb2.DmatestEvent]:
         """Runs dmatest in a worker thread and streams its run id, lines and
         progress, then the result. StopDmatest ends it as dmatest's run=0 does
         (summaries and result still come); a cancelled call stops it too. The
@@ -208,8 +215,9 @@ class GuestAgentServicer(guest_pb2_grpc.GuestAgentServicer):
         params = dmatest_params(request)
         run_id = next(self._run_ids)
         run = _Run()
-        events: AsyncFeed[object] = AsyncFeed(maxsize=1 << 16)
-        box: dict[str, Any] = {}
+        events: AsyncFeed[guest_pb2.DmatestEvent] = AsyncFeed(maxsize=1 << 16)
+        outcomes: list[DmatestOutcome] = []
+        errors: list[BaseException] = []
         last_progress = [0]
 
         def progress(done: int) -> None:
@@ -226,11 +234,11 @@ class GuestAgentServicer(guest_pb2_grpc.GuestAgentServicer):
 
         def work() -> None:
             try:
-                box["outcome"] = self.agent.run_dmatest(
+                outcomes.append(self.agent.run_dmatest(
                     params, emit=lambda line: events.put(guest_pb2.DmatestEvent(line=line)), progress=progress,
-                    started=started)
+                    started=started))
             except BaseException as exc:
-                box["error"] = exc
+                errors.append(exc)
             finally:
                 events.close()
 
@@ -252,14 +260,16 @@ class GuestAgentServicer(guest_pb2_grpc.GuestAgentServicer):
                     test.stop()
             with self._runs_lock:
                 self._runs.pop(run_id, None)
-        if "error" in box:
-            raise box["error"]
-        outcome: DmatestOutcome = box["outcome"]
+        if errors:
+            raise errors[0]
+        outcome = outcomes[0]
         yield guest_pb2.DmatestEvent(progress=outcome.tests)
         yield guest_pb2.DmatestEvent(result=dmatest_result(outcome))
 
     @grpc_errors
-    def StopDmatest(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def StopDmatest(self, request: guest_pb2.DmatestStopRequest,
+                    context: grpc.ServicerContext,
+                    ) -> guest_pb2.DmatestStopReply:
         """dmatest's ``echo 0 > run``: stop one run (or, with run_id 0, every run of this guest)."""
         self._auth()
         with self._runs_lock:
@@ -272,12 +282,14 @@ class GuestAgentServicer(guest_pb2_grpc.GuestAgentServicer):
         return guest_pb2.DmatestStopReply(stopped=len(runs))
 
     @grpc_stream_errors
-    async def StreamFaults(self, request: Any, context: Any) -> AsyncIterator[Any]:
+    async def StreamFaults(self, request: guest_pb2.FaultsRequest,
+                           context: grpc.aio.ServicerContext[guest_pb2.FaultsRequest, guest_pb2.GuestFault],
+                           ) -> AsyncIterator[guest_pb2.GuestFault]:
         """Relay the hypervisor's fault stream of this partition (a relay thread
         reads upstream; this stream waits on the event loop)."""
         self._auth()
         upstream = self.agent.hv.stream_faults(follow=request.follow)
-        feed: AsyncFeed[Any] = AsyncFeed()
+        feed: AsyncFeed[hypervisor_pb2.Fault] = AsyncFeed()
         failure: list[grpc.RpcError] = []
 
         def relay() -> None:
@@ -304,6 +316,17 @@ class GuestAgentServicer(guest_pb2_grpc.GuestAgentServicer):
             raise failure[0]
 
     @grpc_errors
-    def GetStats(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def RunSvaTest(self, request: guest_pb2.SvaTestRequest,
+                   context: grpc.ServicerContext) -> guest_pb2.SvaTestReply:
+        """SVA proposal, not in the series (docs/proposal-sva.md)."""
+        self._auth()
+        r = self.agent.run_sva_test(request.logical_device_id, request.size, request.iterations,
+                                    request.touch_destination, request.unreserved_destination)
+        return guest_pb2.SvaTestReply(passed=r.passed, pasid=r.pasid, wq_id=r.wq_id, completed=r.completed,
+                                      page_requests=r.page_requests, mismatches=r.mismatches, summary=r.summary(),
+                                      errors=r.errors, refused=r.refused)
+
+    @grpc_errors
+    def GetStats(self, request: common_pb2.Empty, context: grpc.ServicerContext) -> guest_pb2.AgentStats:
         self._auth()
         return guest_pb2.AgentStats(counters=self.agent.counters())

@@ -41,6 +41,9 @@ class HypervisorConfig:
     blocked_without_translation: BlockedWithoutTranslation = BlockedWithoutTranslation.REFUSE
     #: Device domains one partition may hold at once (beyond: INSUFFICIENT_DEVICE_DOMAINS).
     max_domains_per_partition: int = 64
+    #: Bank-0 table frames one partition may hold (its stage 2 and baseline domain tables); a
+    #: hypercall that needs one more is refused with INSUFFICIENT_MEMORY and changes nothing.
+    table_quota_frames: int = 4096
     #: Size of bank 0 (stage-2 tables and context entries); sparse, so cheap.
     bank0_bytes: int = 1 << 30
     #: How long a flush waits for every IOMMU unit to acknowledge.
@@ -49,6 +52,9 @@ class HypervisorConfig:
     fault_log_size: int = 4096
     #: IOTLB tags (VT-d DIDs) the host hands out, 1..domain_tags (reused first-in first-out).
     domain_tags: int = 0xFFFF
+    #: pviommu proposal, not in the series (docs/proposal-sva.md): PASID-granular attach, SVA and
+    #: page-group responses; the capability answer then carries PASID and PRI and a PASID width.
+    proposal_sva: bool = False
     #: Unanswered page requests remembered per device (beyond: not delivered, the engine gives up).
     max_page_requests_per_device: int = 1024
 

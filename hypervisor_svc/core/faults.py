@@ -27,6 +27,9 @@ class FaultEntry:
     page_request: bool = False
     request_id: int = 0
     timestamp: float = field(default_factory=time.time)
+    #: SVA proposal only: the request's PASID and its SynIC-shaped message (pviommu.abi.prq)
+    pasid: int | None = None
+    synic_message: bytes = b""
 
 
 class Follower(Protocol):

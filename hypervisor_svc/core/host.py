@@ -32,17 +32,20 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry
 
 from hypervisor_svc.core import stage2
 from hypervisor_svc.core.config import HypervisorConfig
 from hypervisor_svc.core.faults import FaultLog
 from hypervisor_svc.core.model import Device, Domain, Partition, Sync
+from hypervisor_svc.core.sva import SvaState
 from hypervisor_svc.core.trace import TraceWriter
 from pviommu.abi.hv import build_logical_device_id
 from pviommu.abi.hv_status import HvStatus
 from pviommu.abi.invq import Invalidation, OwnerFence, PageResponse, PageResponseCode, QueueItem
-from pviommu.addr import SZ_2M, Gpa
+from pviommu.addr import SZ_2M, Gpa, Iova
 from pviommu.errors import HvError, UnitGone, UnitStalled
 from pviommu.iommu.context import MAX_SLOTS, ContextEntry, context_hpa
 from pviommu.iommu.owner import FLAG_QUARANTINED, OwnerRecord, read_owner, write_owner
@@ -100,6 +103,8 @@ class Host:
             p.unlink()
         self.bank0 = self.memory.create_bank(HYPERVISOR_BANK, self.config.bank0_bytes)
         self.tables = stage2.HostTables(self.memory, self.bank0)
+        #: the SVA proposal's PASID tables (None: the series' interface only)
+        self.sva: SvaState | None = SvaState(self) if self.config.proposal_sva else None
         self.partitions: dict[int, Partition] = {}
         self.devices: dict[int, Device] = {}
         self._next_partition = 1
@@ -112,8 +117,8 @@ class Host:
         self._counters_lock = threading.Lock()
         #: True when the service created the bank folder (and removes it on exit).
         self.owns_memory_dir = False
-        #: The Prometheus registry of the service (set by main; None in unit tests).
-        self.metrics_registry: Any = None
+        #: the Prometheus registry of the service (main registers its collectors; empty in tests)
+        self.metrics_registry = CollectorRegistry()
         #: ``--trace FILE``: hypercalls, admin changes and faults as JSON lines (None: off).
         self.trace: TraceWriter | None = None
         #: why the banks are not where they were asked to be (set by main; "" when they are)
@@ -181,13 +186,14 @@ class Host:
             pid = self._next_partition
             self._next_partition += 1
             bank = self.memory.create_bank(pid, memory_bytes)
+            frames = self.tables.partition_frames(self.config.table_quota_frames, f"partition {pid}")
             try:
-                table = self.tables.build_partition_stage2(bank, memory_bytes, holes, read_only)
+                table = self.tables.build_partition_stage2(bank, memory_bytes, holes, read_only, frames)
             except Exception:
                 self.memory.destroy_bank(pid)
                 raise
             part = Partition(pid, name or f"partition{pid}", new_token(), bank, memory_bytes, table,
-                             holes, read_only, faults=FaultLog(self.config.fault_log_size))
+                             holes, read_only, faults=FaultLog(self.config.fault_log_size), frames=frames)
             self.partitions[pid] = part
         self.count("partitions_created")
         log.info("partition.created", partition=pid, name=part.name, memory=memory_bytes,
@@ -222,6 +228,11 @@ class Host:
                 with self.lock:
                     del self.partitions[pid]
                 self.memory.destroy_bank(pid)
+            # Its devices were fenced while the bank file still existed, and devices it never held
+            # may still map it (a previous owner's): a fence for the current epoch, posted to every
+            # unit, makes each process unmap the banks whose files are gone (Ownership.fence).
+            for dev in list(self.devices.values()):
+                self._announce(dev)
         self.count("partitions_destroyed")
         log.info("partition.destroyed", partition=pid)
         self._ended(part)
@@ -286,6 +297,8 @@ class Host:
                 reset_queue(self.memory, slot)  # a new unit starts with an empty invalidation queue
                 self.tables.write_context(slot, ContextEntry.blocked())
                 write_owner(self.memory, slot, OwnerRecord(epoch))
+                if self.sva is not None:
+                    self.sva.add_device(dev)
                 self.devices[logical] = dev
         self.count("devices_registered")
         log.info("device.registered", device=logical, name=name, slot=slot, address=control_address)
@@ -314,6 +327,8 @@ class Host:
                 part.devices.discard(dev.logical_device_id)
             self.tables.write_context(dev.slot, ContextEntry.blocked())
             self._publish(dev, None, quarantined=True)
+            if self.sva is not None:
+                self.sva.remove_device(dev, part)
             if dev.sync is not Sync.LOST:
                 try:
                     self.link.post(dev, self._fence_items(dev))
@@ -438,6 +453,8 @@ class Host:
                 d.partition_id = owner.partition_id if owner is not None else 0
                 d.domain_id = 0
                 d.page_requests.clear()
+                if self.sva is not None:
+                    self.sva.reset_device(d, old)
                 if owner is not None:
                     owner.devices.add(d.logical_device_id)
                 if d.sync is not Sync.LOST:
@@ -553,7 +570,7 @@ class Host:
             dom.devices.add(dev.logical_device_id)
             dev.tags.add(dom.tag)
 
-    def reconfigure_domain(self, part: Partition, dom: Domain, apply: Any) -> None:
+    def reconfigure_domain(self, part: Partition, dom: Domain, apply: Callable[[Domain], object]) -> None:
         """Change ``dom``'s settings with ``apply(dom)`` and give its devices the
         new context, every unit holding its tag confirming; TIME_OUT: the old
         settings and contexts are back."""
@@ -600,7 +617,7 @@ class Host:
         self.tell_units(self.units_holding(part, dom.tag), [Invalidation.domain(dom.tag)])
         self.count("flushes_domain")
 
-    def flush_pages(self, part: Partition, dom: Domain, blocks: Sequence[tuple[int, int]]) -> None:
+    def flush_pages(self, part: Partition, dom: Domain, blocks: Sequence[tuple[Iova, int]]) -> None:
         """Page-selective flushes of ``(address, mask)`` blocks: one batch and
         one wait per unit."""
         items: list[QueueItem] = [Invalidation.pages(dom.tag, a, m) for a, m in blocks]
@@ -637,6 +654,9 @@ class Host:
             if dev is None or dev.partition_id != caller.partition_id:
                 raise HvError(HvStatus.ACCESS_DENIED, f"device {logical:#x} is not the caller's")
             pending = dev.page_requests.get(request_id)
+            if self.sva is not None and (logical, request_id) in self.sva.request_pasids:
+                raise HvError(HvStatus.PAGE_REQUEST_INVALID, f"page request {request_id} carries a PASID: answer it "
+                                                             "with ProcessIommuPrq (0x00C3)")
             if pending is None or pending != (caller.partition_id, dev.epoch):
                 raise HvError(HvStatus.PAGE_REQUEST_INVALID,
                               f"no page request {request_id} of device {logical:#x} is pending for this partition")

@@ -33,6 +33,8 @@ Statuses chosen where the reference is silent (see docs/security.md and docs/rev
   * a stage-1 root that is not a page of the caller's RAM -> INVALID_PARAMETER;
     5-level paging without the capability -> INVALID_PARAMETER;
   * more domains than the limit -> INSUFFICIENT_DEVICE_DOMAINS;
+  * a baseline CreateDeviceDomain or MapDeviceGpaPages rep that needs a bank-0 table frame beyond
+    the partition's ``--table-quota`` -> INSUFFICIENT_MEMORY (reps before it stay done);
   * a device whose IOMMU unit is gone (no process serves it) -> INVALID_DEVICE_STATE.
 
 A refused call changes nothing, HV_STATUS_TIME_OUT included: every handler
@@ -53,10 +55,12 @@ from dataclasses import dataclass
 
 from hypervisor_svc.core.host import Host
 from hypervisor_svc.core.model import Device, Domain, Partition
+from hypervisor_svc.core.sva import SvaState
 from pviommu.abi import hv
+from pviommu.abi.hv import sva as sva_abi
 from pviommu.abi.hv_status import HvStatus
 from pviommu.abi.revision import BlockedWithoutTranslation, SameDomainAttach
-from pviommu.addr import PAGE_SHIFT, PAGE_SIZE, Gpa, Iova
+from pviommu.addr import PAGE_SHIFT, PAGE_SIZE, Gpa, Iova, align_down
 from pviommu.errors import HvError, PviommuError
 from pviommu.log import get_logger
 
@@ -98,7 +102,7 @@ class Hypercalls:
         self.host = host
 
     # ------------------------------------------------------------------ dispatch
-    def dispatch(self, caller: Partition, request: hv.HvRequest) -> HvAnswer:
+    def dispatch(self, caller: Partition, request: hv.HvRequest | sva_abi.SvaInput) -> HvAnswer:
         """Run one decoded hypercall for ``caller``."""
         name = request.CODE.name
         handler = getattr(self, "do_" + name.lower())
@@ -124,9 +128,13 @@ class Hypercalls:
         encode. The one path of both ``HvCall`` (gRPC) and the hypercall page."""
         code = input_value & 0xFFFF
         try:
-            decoded = hv.decode_call(input_value, data)
+            decoded: hv.HvRequest | sva_abi.SvaInput
+            if self.host.sva is not None and sva_abi.is_sva_code(code):  # the SVA proposal (off: unknown codes)
+                decoded = sva_abi.decode_sva_call(input_value, data)
+            else:
+                decoded = hv.decode_call(input_value, data)
             answer = self.dispatch(caller, decoded)
-            output = hv.encode_output(code, answer.output)
+            output = b"" if isinstance(decoded, sva_abi.SvaInput) else hv.encode_output(code, answer.output)
         except HvError as exc:
             self.host.count(f"hv_status_{int(exc.hv_status):#x}")
             return RawAnswer(hv.HypercallResult(exc.hv_status, exc.reps_completed).encode(), b"", str(exc))
@@ -218,7 +226,7 @@ class Hypercalls:
                      flags=int(req.forward_progress_required) | int(req.inherit_owning_vtl) << 1)
         if dom_type == S2:
             try:
-                dom.table = self.host.tables.new_baseline_table()
+                dom.table = self.host.tables.new_baseline_table(caller.table_frames)
             except Exception:
                 self.host.free_tag(tag)
                 raise
@@ -233,6 +241,9 @@ class Hypercalls:
         if dom.devices:
             raise HvError(HvStatus.INVALID_DEVICE_STATE,
                           f"domain {dom.domain_id} still has {len(dom.devices)} device(s) attached; detach first")
+        if dom.pasids:  # SVA proposal only
+            raise HvError(HvStatus.INVALID_DEVICE_STATE,
+                          f"domain {dom.domain_id} is attached to {len(dom.pasids)} PASID(s); detach them first")
         self.host.delete_domain(caller, dom)
         log.info("domain.deleted", partition=caller.partition_id, domain=dom.domain_id)
         return HvAnswer()
@@ -273,6 +284,9 @@ class Hypercalls:
     def do_configure_device_domain(self, caller: Partition, req: hv.ConfigureDeviceDomainInput) -> HvAnswer:
         dom = self._domain(caller, req.device_domain)
         s = req.settings
+        if dom.pasids:  # SVA proposal only: a PASID's table does not change under it
+            raise HvError(HvStatus.INVALID_DEVICE_STATE,
+                          f"domain {dom.domain_id} is attached to PASIDs; detach them before reconfiguring it")
         if dom.domain_type != S1:
             raise _invalid("only S1 domains are configured; a baseline S2 domain is mapped by MapDeviceGpaPages")
         if s.blocked and not s.translation_enabled and \
@@ -302,6 +316,33 @@ class Hypercalls:
                  translation=s.translation_enabled, blocked=s.blocked, five_level=five, root=hex(dom.root))
         return HvAnswer()
 
+    # ------------------------------------------------------------------ SVA proposal (not in the series)
+    def _sva(self) -> SvaState:
+        if self.host.sva is None:
+            raise HvError(HvStatus.INVALID_HYPERCALL_CODE, "PASID calls are offered only with --proposal-sva")
+        return self.host.sva
+
+    def do_attach_device_pasid(self, caller: Partition, req: sva_abi.AttachDevicePasidInput) -> HvAnswer:
+        sva = self._sva()
+        dom = self._domain(caller, req.device_domain)
+        dev = self._device(caller, req.device_id)
+        if dom.domain_type != S1:
+            raise _invalid(f"domain {dom.domain_id} is not an S1 domain")
+        sva.attach(caller, dev, req.pasid, dom)
+        return HvAnswer()
+
+    def do_detach_device_pasid(self, caller: Partition, req: sva_abi.DetachDevicePasidInput) -> HvAnswer:
+        sva = self._sva()
+        self._own(caller, req.partition_id)
+        sva.detach(caller, self._device(caller, req.device_id), req.pasid)
+        return HvAnswer()
+
+    def do_process_iommu_prq(self, caller: Partition, req: sva_abi.ProcessIommuPrqInput) -> HvAnswer:
+        sva = self._sva()
+        self._own(caller, req.partition_id)
+        sva.respond(caller, self._device(caller, req.device_id), req.request_id, req.pasid, req.response)
+        return HvAnswer()
+
     # ------------------------------------------------------------------ flushes
     def do_flush_device_domain(self, caller: Partition, req: hv.FlushDeviceDomainInput) -> HvAnswer:
         dom = self._domain(caller, req.device_domain)
@@ -319,7 +360,7 @@ class Hypercalls:
                               f"element {done}: page {va.page_number:#x} is not aligned to 2^{va.page_mask_shift}")
             done += 1
         try:  # every element in one batch, one wait per unit
-            self.host.flush_pages(caller, dom, [(va.page_number << PAGE_SHIFT, va.page_mask_shift)
+            self.host.flush_pages(caller, dom, [(Iova(va.page_number << PAGE_SHIFT), va.page_mask_shift)
                                                 for va in req.flush_vas[req.rep_start:]])
         except HvError as exc:
             exc.reps_completed = req.rep_start  # none is known done
@@ -383,7 +424,7 @@ class Hypercalls:
         unmapped, freed = self.host.tables.unmap_baseline(table, Iova(start), count * PAGE_SIZE)
         # The hypervisor owns this table, so it flushes before freeing its pages.
         mask = max(0, (count - 1).bit_length())
-        aligned = start & ~((PAGE_SIZE << mask) - 1)
+        aligned = Iova(align_down(start, PAGE_SIZE << mask))
         try:
             if aligned + (PAGE_SIZE << mask) < start + count * PAGE_SIZE:
                 self.host.flush_domain(caller, dom)
@@ -392,9 +433,9 @@ class Hypercalls:
         except HvError as exc:  # not confirmed: put the mappings back, as if nothing happened
             for iova, tr in removed:
                 table.map(iova, tr.oa, 1 << tr.size_lg2, tr.perm)
-            self.host.tables.free_gathered(freed)
+            self.host.tables.free_gathered(caller.table_frames, freed)
             exc.reps_completed = req.rep_start
             raise
         dom.mapped_pages -= unmapped // PAGE_SIZE
-        self.host.tables.free_gathered(freed)
+        self.host.tables.free_gathered(caller.table_frames, freed)
         return HvAnswer(reps_completed=req.rep_count)

@@ -104,7 +104,7 @@ class Explainer:
         self.unit = IommuUnit(host.memory)
 
     def explain(self, partition_id: int, iova: int, write: bool, *, logical_device_id: int = 0,
-                domain_id: int = 0) -> Explanation:
+                domain_id: int = 0, pasid: int = 0) -> Explanation:
         """By device: the device's live context entry (what its unit reads);
         by domain: the context a device attached to it would get."""
         host = self.host
@@ -114,7 +114,9 @@ class Explainer:
                 if partition_id and dev.partition_id != partition_id:
                     raise HvError(HvStatus.ACCESS_DENIED,
                                   f"device {logical_device_id:#x} is not assigned to partition {partition_id}")
-                return self.unit.explain(dev.slot, Iova(iova), write)
+                return self.unit.explain(dev.slot, Iova(iova), write, pasid or None)
+            if pasid:
+                raise HvError(HvStatus.INVALID_PARAMETER, "a PASID is explained for a device, not a domain")
             if not domain_id:
                 raise HvError(HvStatus.INVALID_PARAMETER, "name a device or a domain")
             part = host.partition(partition_id)

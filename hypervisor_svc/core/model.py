@@ -5,11 +5,15 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING
 
 from hypervisor_svc.core.faults import FaultLog
+from hypervisor_svc.core.stage2 import PartitionFrames
 from pviommu.addr import Gpa
 from pviommu.mem.bank import Bank
+
+if TYPE_CHECKING:
+    from hypervisor_svc.core.stage2 import Baseline, Stage2
 
 
 @dataclass
@@ -29,8 +33,10 @@ class Domain:
     root: Gpa = field(default_factory=lambda: Gpa(0))
     devices: set[int] = field(default_factory=set)
     #: Baseline S2 domains: their own IOVA->HPA table (built by Map hypercalls).
-    table: Any = None
+    table: Baseline | None = None
     mapped_pages: int = 0
+    #: (logical device, PASID) pairs attached to this domain (SVA proposal; always empty without it)
+    pasids: set[tuple[int, int]] = field(default_factory=set)
 
 
 @dataclass
@@ -40,16 +46,24 @@ class Partition:
     token: str
     bank: Bank
     memory_bytes: int
-    stage2: Any  # PageTable over bank 0 (GPA -> HPA)
+    stage2: Stage2  # over bank 0 (GPA -> HPA)
     holes: list[tuple[int, int]] = field(default_factory=list)
     read_only: list[tuple[int, int]] = field(default_factory=list)
     domains: dict[int, Domain] = field(default_factory=dict)
     devices: set[int] = field(default_factory=set)
     faults: FaultLog | None = None
+    #: its bank-0 table frames (stage 2 and baseline domain tables), at most its quota
+    frames: PartitionFrames | None = None
     #: Serialises everything that touches this partition's domains, devices and
     #: contexts: its hypercalls and the admin changes that concern it. Unit
     #: waits happen under it (a stalled unit stalls only its own partition).
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+
+    @property
+    def table_frames(self) -> PartitionFrames:
+        if self.frames is None:
+            raise AssertionError(f"partition {self.partition_id} was built without its table frames")
+        return self.frames
 
     def gpa_backed(self, gpa: int, length: int = 1) -> bool:
         """True when every byte of ``[gpa, gpa+length)`` is RAM (not a hole)."""
@@ -88,6 +102,8 @@ class Device:
     epoch: int = 0
     #: page requests delivered to the owner and not answered yet: request id -> (partition, epoch)
     page_requests: dict[int, tuple[int, int]] = field(default_factory=dict)
+    #: PASID -> attached domain id (SVA proposal; always empty without it)
+    pasids: dict[int, int] = field(default_factory=dict)
     #: one ownership change or resync at a time
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 

@@ -33,6 +33,7 @@ from typing import Any, TextIO
 from hypervisor_svc.core.config import HypervisorConfig
 from hypervisor_svc.core.model import Partition
 from pviommu.abi import hv
+from pviommu.abi.hv.sva import SvaInput, encode_sva_request
 from pviommu.abi.hv_status import HvStatus
 from pviommu.log import get_logger
 
@@ -69,9 +70,9 @@ class TraceWriter:
             self._fh.write(line + "\n")
             self._fh.flush()
 
-    def hypercall(self, caller: Partition, request: hv.HvRequest, status: int, reps: int) -> None:
+    def hypercall(self, caller: Partition, request: hv.HvRequest | SvaInput, status: int, reps: int) -> None:
         try:
-            value, data = hv.encode_request(request)
+            value, data = encode_sva_request(request) if isinstance(request, SvaInput) else hv.encode_request(request)
         except Exception as exc:  # a trace must never change a hypercall's answer
             log.warning("trace.encode_failed", call=request.CODE.name, error=str(exc))
             return

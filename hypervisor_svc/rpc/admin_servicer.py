@@ -22,7 +22,7 @@ from pviommu.iommu.unit import Explanation
 from pviommu.log import get_logger
 from pviommu.rpc.auth import require
 from pviommu.rpc.status import grpc_errors, grpc_stream_errors
-from pviommu.v1 import admin_pb2, admin_pb2_grpc, hypervisor_pb2
+from pviommu.v1 import admin_pb2, admin_pb2_grpc, common_pb2, hypervisor_pb2
 
 log = get_logger("admin")
 
@@ -32,6 +32,7 @@ def partition_message(host: Host, p: Partition) -> admin_pb2.Partition:
         partition_id=p.partition_id, name=p.name, memory_bytes=p.memory_bytes, bank_index=p.bank.index,
         bank_path=str(p.bank.path), devices=sorted(p.devices), domain_count=len(p.domains),
         stage2_table_pages=host.tables.table_pages(p.stage2),
+        table_frames_used=p.table_frames.used, table_frames_quota=p.table_frames.quota,
     )
 
 
@@ -81,7 +82,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return _ok()
 
     @grpc_errors
-    def CreatePartition(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def CreatePartition(self, request: admin_pb2.CreatePartitionRequest,
+                        context: grpc.ServicerContext,
+                        ) -> admin_pb2.CreatePartitionReply:
         require("admin")
         holes = [(r.gpa, r.size) for r in request.mmio_holes]
         read_only = [(r.gpa, r.size) for r in request.read_only]
@@ -98,13 +101,17 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                                               partition=partition_message(self.host, part), token=part.token)
 
     @grpc_errors
-    def DestroyPartition(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def DestroyPartition(self, request: admin_pb2.PartitionRequest,
+                         context: grpc.ServicerContext,
+                         ) -> hypervisor_pb2.HvReply:
         require("admin")
         return self._change("destroy_partition", self.host.destroy_partition, request.partition_id,
                             partition=who(self.host.partitions.get(request.partition_id), request.partition_id))
 
     @grpc_errors
-    def ResetPartition(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def ResetPartition(self, request: admin_pb2.PartitionRequest,
+                       context: grpc.ServicerContext,
+                       ) -> admin_pb2.CreatePartitionReply:
         require("admin")
         with self.host.admin_lock:
             try:
@@ -117,14 +124,16 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                                               partition=partition_message(self.host, part), token=part.token)
 
     @grpc_errors
-    def ListPartitions(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def ListPartitions(self, request: common_pb2.Empty, context: grpc.ServicerContext) -> admin_pb2.ListPartitionsReply:
         require("admin")
         with self.host.lock:
             parts = [partition_message(self.host, p) for p in self.host.partitions.values()]
         return admin_pb2.ListPartitionsReply(partitions=parts)
 
     @grpc_errors
-    def RegisterDevice(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def RegisterDevice(self, request: admin_pb2.RegisterDeviceRequest,
+                       context: grpc.ServicerContext,
+                       ) -> admin_pb2.RegisterDeviceReply:
         require("admin")
         if not request.control_address:
             raise HvError(HvStatus.INVALID_PARAMETER, "control_address is required")
@@ -141,39 +150,45 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             memory_dir=str(self.host.memory.directory), context_table_hpa=context_hpa(0))
 
     @grpc_errors
-    def UnregisterDevice(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def UnregisterDevice(self, request: admin_pb2.DeviceRequest,
+                         context: grpc.ServicerContext,
+                         ) -> hypervisor_pb2.HvReply:
         require("admin")
         return self._change("unregister_device", self.host.unregister_device, request.logical_device_id,
                             device=self._dev_ref(request.logical_device_id))
 
     @grpc_errors
-    def AssignDevice(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def AssignDevice(self, request: admin_pb2.AssignDeviceRequest,
+                     context: grpc.ServicerContext,
+                     ) -> hypervisor_pb2.HvReply:
         require("admin")
         return self._change("assign_device", self.host.assign_device, request.logical_device_id,
                             request.partition_id, device=self._dev_ref(request.logical_device_id),
                             partition=who(self.host.partitions.get(request.partition_id), request.partition_id))
 
     @grpc_errors
-    def UnassignDevice(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def UnassignDevice(self, request: admin_pb2.DeviceRequest, context: grpc.ServicerContext) -> hypervisor_pb2.HvReply:
         require("admin")
         return self._change("unassign_device", self.host.unassign_device, request.logical_device_id,
                             device=self._dev_ref(request.logical_device_id))
 
     @grpc_errors
-    def ResyncDevice(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def ResyncDevice(self, request: admin_pb2.DeviceRequest, context: grpc.ServicerContext) -> hypervisor_pb2.HvReply:
         require("admin")
         return self._change("resync_device", self.host.resync_device, request.logical_device_id,
                             device=self._dev_ref(request.logical_device_id))
 
     @grpc_errors
-    def ListDevices(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def ListDevices(self, request: common_pb2.Empty, context: grpc.ServicerContext) -> admin_pb2.ListDevicesAdminReply:
         require("admin")
         with self.host.lock:
             devs = [device_message(d) for d in self.host.devices.values()]
         return admin_pb2.ListDevicesAdminReply(devices=devs)
 
     @grpc_errors
-    def ListDomains(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def ListDomains(self, request: admin_pb2.ListDomainsRequest,
+                    context: grpc.ServicerContext,
+                    ) -> admin_pb2.ListDomainsReply:
         require("admin")
         out = []
         with self.host.lock:
@@ -189,7 +204,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return admin_pb2.ListDomainsReply(domains=out)
 
     @grpc_errors
-    def GetStats(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def GetStats(self, request: common_pb2.Empty, context: grpc.ServicerContext) -> admin_pb2.Stats:
         require("admin")
         with self.host.lock:
             counters = dict(self.host.stats)
@@ -200,7 +215,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return admin_pb2.Stats(counters=counters)
 
     @grpc_stream_errors
-    async def StreamFaults(self, request: Any, context: Any) -> AsyncIterator[Any]:
+    async def StreamFaults(self, request: admin_pb2.StreamFaultsAdminRequest,
+                           context: grpc.aio.ServicerContext[admin_pb2.StreamFaultsAdminRequest, hypervisor_pb2.Fault],
+                           ) -> AsyncIterator[hypervisor_pb2.Fault]:
         require("admin")
         with self.host.lock:
             parts = [p for p in self.host.partitions.values()
@@ -216,7 +233,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     # -- inspection ------------------------------------------------------------------
     @grpc_errors
-    def DumpStage2(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def DumpStage2(self, request: admin_pb2.DumpStage2Request, context: grpc.ServicerContext) -> admin_pb2.TableDump:
         require("admin")
         try:
             return dump_message(dump_stage2(self.host, request.partition_id))
@@ -224,7 +241,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             return admin_pb2.TableDump(result=hv_result(exc.hv_status, str(exc)))
 
     @grpc_errors
-    def DumpStage1(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def DumpStage1(self, request: admin_pb2.DumpStage1Request, context: grpc.ServicerContext) -> admin_pb2.TableDump:
         require("admin")
         try:
             return dump_message(dump_stage1(self.host, request.partition_id, request.domain_id))
@@ -232,11 +249,14 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             return admin_pb2.TableDump(result=hv_result(exc.hv_status, str(exc)))
 
     @grpc_errors
-    def ExplainIova(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def ExplainIova(self, request: admin_pb2.ExplainIovaRequest,
+                    context: grpc.ServicerContext,
+                    ) -> admin_pb2.ExplainIovaReply:
         require("admin")
         try:
             exp = self.explainer.explain(request.partition_id, request.iova, request.write,
-                                         logical_device_id=request.logical_device_id, domain_id=request.domain_id)
+                                         logical_device_id=request.logical_device_id, domain_id=request.domain_id,
+                                         pasid=request.pasid)
         except HvError as exc:
             return admin_pb2.ExplainIovaReply(result=hv_result(exc.hv_status, str(exc)))
         return explanation_message(exp)
@@ -283,6 +303,11 @@ def explanation_message(exp: Explanation) -> admin_pb2.ExplainIovaReply:
                                     stage1=_step(lv.s1) if lv.s1 is not None else None, has_stage1=lv.s1 is not None)
                 for lv in levels],
         reads=exp.result.reads)
+    if exp.pasid is not None:  # the SVA proposal only
+        reply.pasid = exp.pasid
+        reply.pasid_steps.extend(admin_pb2.WalkStep(stage="PASID", level=-1, table=s.hpa, table_hpa=s.hpa,
+                                                    index=s.index, entry=s.value, note=f"{s.what} {s.note}".strip())
+                                 for s in exp.pasid_steps)
     if isinstance(exp.result, WalkOk):
         r = exp.result
         reply.ok, reply.size_lg2, reply.readable, reply.writable = True, r.size_lg2, r.read, r.write
@@ -300,17 +325,23 @@ class DeviceHostServicer(admin_pb2_grpc.DeviceHostServicer):
         self.host = host
 
     @grpc_errors
-    def ReportFault(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def ReportFault(self, request: admin_pb2.ReportFaultRequest,
+                    context: grpc.ServicerContext,
+                    ) -> hypervisor_pb2.HvReply:
         principal = require("device")
         dev = self.host.device(principal.id)
         part = self.host.fault_owner(dev, request.epoch, request.page_request, request.request_id)
         if part is None or part.faults is None:  # unowned, or a previous owner's: counted, delivered to nobody
             return _ok()
+        sva: dict[str, Any] = {}
+        if request.pasid_valid and self.host.sva is not None:  # the SVA proposal only
+            sva = self.host.sva.report(dev, request.request_id, request.pasid, request.page_request, request.iova,
+                                       request.write, request.reason)
         with self.host.lock:
             part.faults.append(
                 partition_id=part.partition_id, logical_device_id=dev.logical_device_id, iova=request.iova,
                 write=request.write, reason=request.reason, reason_name=request.reason_name, detail=request.detail,
-                domain_id=dev.domain_id, page_request=request.page_request, request_id=request.request_id)
+                domain_id=dev.domain_id, page_request=request.page_request, request_id=request.request_id, **sva)
             self.host.count("page_requests" if request.page_request else "faults")
             self.host.count_fault(request.reason_name or f"{request.reason:#x}")
             if self.host.trace is not None:
@@ -322,7 +353,7 @@ class DeviceHostServicer(admin_pb2_grpc.DeviceHostServicer):
         return _ok()
 
     @grpc_errors
-    def Heartbeat(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def Heartbeat(self, request: common_pb2.Empty, context: grpc.ServicerContext) -> hypervisor_pb2.HvReply:
         principal = require("device")
         self.host.heartbeat(principal.id)
         return _ok()

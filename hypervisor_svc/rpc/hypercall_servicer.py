@@ -11,7 +11,6 @@ error.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import grpc
 
@@ -64,11 +63,14 @@ async def follow_faults(log: FaultLog, after: int) -> AsyncIterator[FaultEntry]:
 
 
 def fault_message(e: FaultEntry) -> hypervisor_pb2.Fault:
-    return hypervisor_pb2.Fault(
+    m = hypervisor_pb2.Fault(
         sequence=e.sequence, logical_device_id=e.logical_device_id, iova=e.iova, write=e.write, reason=e.reason,
         reason_name=e.reason_name, detail=e.detail, domain_id=e.domain_id, timestamp=e.timestamp,
         page_request=e.page_request, request_id=e.request_id,
     )
+    if e.pasid is not None:  # the SVA proposal only
+        m.pasid_valid, m.pasid, m.synic_message = True, e.pasid, e.synic_message
+    return m
 
 
 class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
@@ -107,7 +109,9 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
 
     # -- hypercalls ----------------------------------------------------------
     @grpc_errors
-    def GetIommuCapabilities(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def GetIommuCapabilities(self, request: hypervisor_pb2.GetIommuCapabilitiesRequest,
+                             context: grpc.ServicerContext,
+                             ) -> hypervisor_pb2.GetIommuCapabilitiesReply:
         answer, result, _ = self._run(lambda: hv.GetIommuCapabilitiesInput(request.partition_id))
         reply = hypervisor_pb2.GetIommuCapabilitiesReply(result=result)
         if answer is not None and isinstance(answer.output, hv.GetIommuCapabilitiesOutput):
@@ -117,7 +121,9 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
         return reply
 
     @grpc_errors
-    def GetLogicalDeviceProperty(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def GetLogicalDeviceProperty(self, request: hypervisor_pb2.GetLogicalDevicePropertyRequest,
+                                 context: grpc.ServicerContext,
+                                 ) -> hypervisor_pb2.GetLogicalDevicePropertyReply:
         answer, result, _ = self._run(lambda: hv.GetLogicalDevicePropertyInput(
             request.partition_id, request.logical_device_id, request.code))
         reply = hypervisor_pb2.GetLogicalDevicePropertyReply(result=result)
@@ -126,7 +132,9 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
         return reply
 
     @grpc_errors
-    def CreateDeviceDomain(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def CreateDeviceDomain(self, request: hypervisor_pb2.CreateDeviceDomainRequest,
+                           context: grpc.ServicerContext,
+                           ) -> hypervisor_pb2.HvReply:
         def build() -> hv.HvRequest:
             if request.flags & ~0x3:
                 raise HvError(HvStatus.INVALID_PARAMETER, f"create flags {request.flags:#x} has undefined bits")
@@ -135,21 +143,29 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
         return self._reply(build)
 
     @grpc_errors
-    def DeleteDeviceDomain(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def DeleteDeviceDomain(self, request: hypervisor_pb2.DeleteDeviceDomainRequest,
+                           context: grpc.ServicerContext,
+                           ) -> hypervisor_pb2.HvReply:
         return self._reply(lambda: hv.DeleteDeviceDomainInput(device_domain(request.device_domain)))
 
     @grpc_errors
-    def AttachDeviceDomain(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def AttachDeviceDomain(self, request: hypervisor_pb2.AttachDeviceDomainRequest,
+                           context: grpc.ServicerContext,
+                           ) -> hypervisor_pb2.HvReply:
         return self._reply(lambda: hv.AttachDeviceDomainInput(
             device_domain(request.device_domain), hv.HvDeviceId.from_u64(request.device_id)))
 
     @grpc_errors
-    def DetachDeviceDomain(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def DetachDeviceDomain(self, request: hypervisor_pb2.DetachDeviceDomainRequest,
+                           context: grpc.ServicerContext,
+                           ) -> hypervisor_pb2.HvReply:
         return self._reply(lambda: hv.DetachDeviceDomainInput(
             request.partition_id, hv.HvDeviceId.from_u64(request.device_id)))
 
     @grpc_errors
-    def ConfigureDeviceDomain(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def ConfigureDeviceDomain(self, request: hypervisor_pb2.ConfigureDeviceDomainRequest,
+                              context: grpc.ServicerContext,
+                              ) -> hypervisor_pb2.HvReply:
         s = request.settings
         return self._reply(lambda: hv.ConfigureDeviceDomainInput(
             device_domain(request.device_domain),
@@ -157,7 +173,9 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
                                     Gpa(s.page_table_root))))
 
     @grpc_errors
-    def FlushDeviceDomain(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def FlushDeviceDomain(self, request: hypervisor_pb2.FlushDeviceDomainRequest,
+                          context: grpc.ServicerContext,
+                          ) -> hypervisor_pb2.HvReply:
         def build() -> hv.HvRequest:
             if request.flags:
                 raise HvError(HvStatus.INVALID_PARAMETER, f"flush flags {request.flags:#x}: no flag is defined")
@@ -165,7 +183,9 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
         return self._reply(build)
 
     @grpc_errors
-    def FlushDeviceDomainList(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def FlushDeviceDomainList(self, request: hypervisor_pb2.FlushDeviceDomainListRequest,
+                              context: grpc.ServicerContext,
+                              ) -> hypervisor_pb2.HvReply:
         def build() -> hv.HvRequest:
             if request.flags & ~hv.HV_FLUSH_DEVICE_DOMAIN_LIST_IOMMU_FORMAT:
                 raise HvError(HvStatus.INVALID_PARAMETER, f"flush-list flags {request.flags:#x} has undefined bits")
@@ -178,7 +198,9 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
         return self._reply(build)
 
     @grpc_errors
-    def MapDeviceGpaPages(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def MapDeviceGpaPages(self, request: hypervisor_pb2.MapDeviceGpaPagesRequest,
+                          context: grpc.ServicerContext,
+                          ) -> hypervisor_pb2.HvReply:
         def build() -> hv.HvRequest:
             if request.map_flags & ~int(hv.MapFlags.READABLE | hv.MapFlags.WRITABLE):
                 raise HvError(HvStatus.INVALID_PARAMETER, f"map_flags {request.map_flags:#x} has undefined bits")
@@ -191,7 +213,9 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
         return self._reply(build)
 
     @grpc_errors
-    def UnmapDeviceGpaPages(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def UnmapDeviceGpaPages(self, request: hypervisor_pb2.UnmapDeviceGpaPagesRequest,
+                            context: grpc.ServicerContext,
+                            ) -> hypervisor_pb2.HvReply:
         def build() -> hv.HvRequest:
             if not 1 <= request.page_count <= hv.HV_MAX_REP_COUNT:
                 raise HvError(HvStatus.INVALID_HYPERCALL_INPUT, f"page_count {request.page_count}: 1..4095 allowed")
@@ -201,14 +225,16 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
         return self._reply(build)
 
     @grpc_errors
-    def HvCall(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def HvCall(self, request: hypervisor_pb2.HvCallRequest,
+               context: grpc.ServicerContext,
+               ) -> hypervisor_pb2.HvCallReply:
         answer = self.calls.raw_call(self._caller(), request.input_value, bytes(request.input))
         return hypervisor_pb2.HvCallReply(result_value=answer.result_value, output=answer.output,
                                           message=answer.message)
 
     # -- the guest's view of its hardware --------------------------------------
     @grpc_errors
-    def ListDevices(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def ListDevices(self, request: common_pb2.Empty, context: grpc.ServicerContext) -> hypervisor_pb2.ListDevicesReply:
         caller = self._caller()
         with self.host.lock:
             devs = [self.host.devices[d] for d in sorted(caller.devices) if d in self.host.devices]
@@ -219,7 +245,9 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
             for d in devs])
 
     @grpc_stream_errors
-    async def StreamFaults(self, request: Any, context: Any) -> AsyncIterator[Any]:
+    async def StreamFaults(self, request: hypervisor_pb2.StreamFaultsRequest,
+                           context: grpc.aio.ServicerContext[hypervisor_pb2.StreamFaultsRequest, hypervisor_pb2.Fault],
+                           ) -> AsyncIterator[hypervisor_pb2.Fault]:
         caller = self._caller()
         log = caller.faults
         assert log is not None
@@ -231,7 +259,9 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
             yield fault_message(e)
 
     @grpc_errors
-    def PageResponse(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def PageResponse(self, request: hypervisor_pb2.PageResponseRequest,
+                     context: grpc.ServicerContext,
+                     ) -> hypervisor_pb2.HvReply:
         caller = self._caller()
         try:
             self.host.answer_page_request(caller, request.logical_device_id, request.request_id, request.success)
@@ -240,7 +270,8 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
         return hypervisor_pb2.HvReply(result=hv_result(HvStatus.SUCCESS))
 
     @grpc_errors
-    def GetTransports(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def GetTransports(self, request: common_pb2.Empty,
+                      context: grpc.ServicerContext) -> hypervisor_pb2.TransportsReply:
         self._caller()
         return hypervisor_pb2.TransportsReply(
             session_socket=self.session_socket,
@@ -249,7 +280,7 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
             fault_ring_slots=L.FAULT_RING_SLOTS if self.fault_rings else 0)
 
     @grpc_errors
-    def Ping(self, request: Any, context: grpc.ServicerContext) -> Any:
+    def Ping(self, request: common_pb2.Empty, context: grpc.ServicerContext) -> common_pb2.Empty:
         return common_pb2.Empty()
 
 

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pvctl.benchmarks.report import KiB, MiB, Report, Row, memmove_rate, size_label, timed_rate
+from pvctl.benchmarks.report import Report, Row, memmove_rate, size_label, timed_rate
+from pviommu.units import KiB, MiB
 
 #: issue #14's targets for the engine (the compiled unit + warm MEMMOVE fast path): a 4 KiB descriptor on
 #: 4 KiB mappings, stage 1 of 4 levels over stage 2 of 4 levels

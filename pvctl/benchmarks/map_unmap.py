@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pvctl.benchmarks.report import KiB, Report, Row, rate, size_label
+from pvctl.benchmarks.report import Report, Row, rate, size_label
+from pviommu.units import KiB
 
 
 def bench_map_unmap(report: Report, agent: Any, quick: bool) -> None:

@@ -57,8 +57,8 @@ from pviommu.mem.frames import guest_frames, host_frames
 from pviommu.pt.common import RW
 from pviommu.pt.fmt import VtdSsFormat, X86_64Format
 from pviommu.pt.walk import stage1_table, stage2_table
+from pviommu.units import MiB
 
-MiB = 1 << 20
 SLOT, DID, BANK = 1, 1, 1
 SRC, DST, REC = Iova(0x10_0000_0000), Iova(0x10_4000_0000), Iova(0x10_8000_0000)
 PAGES = 256

@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-MiB = 1 << 20
-KiB = 1 << 10
+from pviommu.units import KiB, MiB
+
 #: the report's sections, in the order they are printed
-SECTIONS = ("map_unmap", "dma", "translation", "hypercall", "hypercall_page", "dmatest")
+SECTIONS = ("map_unmap", "dma", "translation", "hypercall", "hypercall_page", "dmatest", "load")
 
 
 @dataclass

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from pviommu.addr import Gpa, Iova
 from pviommu.client.device import Device
 from pviommu.client.errors import ClientError
 from pviommu.client.memory import Buffer, Mapping
@@ -131,7 +132,7 @@ class Guest:
     def alloc(self, size: int, *, data: bytes | None = None, fill: int | None = None, track: bool = True) -> Buffer:
         """A contiguous buffer of guest RAM (zeroed, or ``data``, or ``fill`` bytes)."""
         reply = self._call("AllocBuffer", guest_pb2.AllocRequest(size=size), f"alloc {size:#x}")
-        buf = Buffer(reply.gpa, reply.size, self)
+        buf = Buffer(Gpa(reply.gpa), reply.size, self)
         if track:
             with self._lock:
                 self._buffers[buf.gpa] = buf
@@ -186,7 +187,7 @@ class Guest:
                                        direction=guest_pb2.Direction.ValueType(int(direction)), iova=iova,
                                        on_demand=on_demand)
         reply = self._call("Map", request, f"map {size:#x} at GPA {gpa:#x}")
-        m = Mapping(reply.iova, reply.size, gpa, direction, self, dev_id, dom_id,
+        m = Mapping(Iova(reply.iova), reply.size, Gpa(gpa), direction, self, dev_id, dom_id,
                     buffer if isinstance(buffer, Buffer) else None)
         if track:
             with self._lock:

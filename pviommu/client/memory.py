@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pviommu.addr import Gpa, Iova
 from pviommu.client.fmt import hex_repr
 from pviommu.client.types import Direction, UnmapResult
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 class Buffer:
     """``size`` bytes of guest RAM at ``gpa`` (physically contiguous, page aligned)."""
 
-    gpa: int
+    gpa: Gpa
     size: int
     guest: Guest = field(repr=False)
     freed: bool = False
@@ -53,9 +54,9 @@ class Mapping:
     write go to the buffer (the guest's CPU view), ``unmap`` removes the
     IOVA range (``skip_flush=True`` leaves the IOTLB stale on purpose)."""
 
-    iova: int
+    iova: Iova
     size: int
-    gpa: int
+    gpa: Gpa
     direction: Direction
     guest: Guest = field(repr=False)
     device_id: int = 0

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from pviommu.addr import Iova
+from pviommu.iommu.pasid import SmFault
 from pviommu.mem.dma import DmaFault
 
 
@@ -57,9 +58,13 @@ class FaultRecord:
     did: int
     iova: Iova
     write: bool
-    reason: FaultReason
+    reason: FaultReason | SmFault
     detail: str = ""
+    #: the request's PASID (proposal, not in the series); None = a request without PASID
+    pasid: int | None = None
 
     def to_dma_fault(self) -> DmaFault:
         """The device-side view (``pviommu.mem.dma.DmaFault``)."""
-        return DmaFault(self.iova, self.write, int(self.reason), self.reason.name, self.detail)
+        if self.pasid is None:
+            return DmaFault(self.iova, self.write, int(self.reason), self.reason.name, self.detail)
+        return DmaFault(self.iova, self.write, int(self.reason), self.reason.name, self.detail, pasid=self.pasid)

@@ -21,7 +21,7 @@ import bisect
 import threading
 from dataclasses import dataclass, field
 
-from pviommu.addr import PAGE_SHIFT, Hpa
+from pviommu.addr import PAGE_SHIFT, Hpa, Iova, align_down
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +31,7 @@ class IotlbEntry:
     stage-1 Dirty bit is known set); a write through a read-only-cached entry
     misses and walks again, as hardware re-walks to set D."""
 
-    iova: int
+    iova: Iova
     hpa: Hpa
     size_lg2: int
     read: bool
@@ -249,7 +249,7 @@ class Iotlb:
         if not 0 <= am <= 52:
             raise ValueError(f"address mask {am} out of range")
         span_lg2 = PAGE_SHIFT + am
-        start = addr & ~((1 << span_lg2) - 1)
+        start = align_down(addr, 1 << span_lg2)
         last = start + (1 << span_lg2) - 1
         with self._lock:
             self._generation += 1

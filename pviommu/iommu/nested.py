@@ -81,7 +81,7 @@ class ExplainStep:
 class WalkOk:
     """A translation to cache: ``2**size_lg2`` bytes from ``iova`` at ``hpa``."""
 
-    iova: int
+    iova: Iova
     hpa: Hpa
     size_lg2: int
     read: bool
@@ -331,4 +331,4 @@ class NestedWalker:
         self._host(st, hpa - low, 1 << shift, f"data page of IOVA {iova:#x}")
         if st.trace is not None:
             st.trace.append(ExplainStep("out", 0, gpa, 0, hpa, 0, 0, f"HPA {hpa:#x}, 2^{shift} page"))
-        return WalkOk(iova - low, Hpa(hpa - low), shift, bool(perm & _R), write, st.reads)
+        return WalkOk(Iova(iova - low), Hpa(hpa - low), shift, bool(perm & _R), write, st.reads)

@@ -43,17 +43,18 @@ from pviommu.iommu.context import (
     Pgtt,
     context_hpa,
 )
+from pviommu.iommu.explain import FAULT_CODES, Explanation, pasid_explanation
 from pviommu.iommu.fault import FaultReason, FaultRecord
 from pviommu.iommu.iotlb import Extent, Iotlb, IotlbEntry
-from pviommu.iommu.nested import ExplainStep, NestedWalker, WalkFault, WalkOk
+from pviommu.iommu.nested import ExplainStep, NestedWalker, WalkFault
 from pviommu.iommu.owner import OwnerRecord, OwnerTable
+from pviommu.iommu.pasid import SmFault
+from pviommu.iommu.pasid_unit import PasidPath
 from pviommu.iommu.pscache import PsCache
 from pviommu.mem.bank import HostMemory
 from pviommu.mem.dma import DmaRuns, Run
-from pviommu.pt.fmt.x86_64 import X86_64Format
 
 _U64_LIMIT = 1 << 64
-_FS_FORMAT = X86_64Format(4)  # table_oa is the same for 4 and 5 levels
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,55 +83,6 @@ class UnitStats:
         return self.walk_reads / self.walks if self.walks else 0.0
 
 
-@dataclass(frozen=True, slots=True)
-class ExplainLevel:
-    """One stage-1 level of a nested walk: the stage-2 walk of its table
-    pointer (``s2``), then the stage-1 entry read (``s1``; None when the
-    stage-2 sub-walk or its checks faulted before the entry could be read)."""
-
-    level: int
-    table_gpa: int
-    s2: list[ExplainStep]
-    s1: ExplainStep | None
-
-
-@dataclass(frozen=True, slots=True)
-class Explanation:
-    """Everything one translation looked at, for ``pviommu inspect``."""
-
-    slot: int
-    iova: Iova
-    write: bool
-    context: ContextEntry | None
-    cached: IotlbEntry | None
-    steps: list[ExplainStep]
-    result: WalkOk | WalkFault
-
-    def levels(self) -> tuple[list[ExplainLevel], list[ExplainStep]]:
-        """``steps`` grouped: the stage-1 levels (each with the stage-2 walk of
-        its table), and the final stage-2 walk of the output GPA (or of the
-        IOVA itself without stage 1). Stage-2 steps after a TABLE entry (or
-        before any entry) belong to the next level's table; after a leaf, to
-        the data page."""
-        nested = self.context is not None and self.context.pgtt == Pgtt.NESTED
-        levels: list[ExplainLevel] = []
-        pending: list[ExplainStep] = []
-        next_level = (self.context.fs_levels or 4) - 1 if nested and self.context is not None else -1
-        next_table = int(self.context.fsptptr) if nested and self.context is not None else 0
-        last_s1: ExplainStep | None = None
-        for step in self.steps:
-            if step.stage == "S2":
-                pending.append(step)
-            elif step.stage == "S1":
-                levels.append(ExplainLevel(step.level, step.table, pending, step))
-                pending, last_s1 = [], step
-                next_level, next_table = step.level - 1, _next_table(step)
-        if nested and pending and (last_s1 is None or last_s1.note == "TABLE"):
-            levels.append(ExplainLevel(next_level, next_table, pending, None))
-            pending = []
-        return levels, pending
-
-
 class _CtxFault(Exception):
     def __init__(self, reason: FaultReason, detail: str) -> None:
         super().__init__(detail)
@@ -144,9 +96,11 @@ class BoundTranslator:
 
     unit: IommuUnit
     slot: int
+    #: requests with this PASID (proposal, not in the series); None = without PASID
+    pasid: int | None = None
 
     def translate(self, iova: Iova, length: int, write: bool) -> DmaRuns:
-        return self.unit.translate(self.slot, iova, length, write)
+        return self.unit.translate(self.slot, iova, length, write, self.pasid)
 
 
 class IommuUnit:
@@ -193,12 +147,28 @@ class IommuUnit:
         self._contexts: dict[int, BoundContext] = {}
         self._ctx_generation = 0
         self._lock = threading.Lock()  # contexts, stats, fault log
+        #: requests with a PASID >= 1 (proposal, not in the series), made on the first one
+        self._pasid: PasidPath | None = None
+        self._pasid_options = (fs_mgaw_lg2, iotlb_capacity, self.pscache is not None or not use_native)
 
     # -- device side ------------------------------------------------------------
-    def bind(self, slot: int) -> BoundTranslator:
-        return BoundTranslator(self, slot)
+    def bind(self, slot: int, pasid: int | None = None) -> BoundTranslator:
+        return BoundTranslator(self, slot, pasid)
 
-    def translate(self, slot: int, iova: Iova, length: int, write: bool) -> DmaRuns:
+    @property
+    def pasid_path(self) -> PasidPath:
+        """The path of requests with PASID >= 1 (proposal; ``pasid_unit``)."""
+        path = self._pasid
+        if path is None:
+            with self._lock:
+                if self._pasid is None:
+                    mgaw, capacity, ps = self._pasid_options
+                    self._pasid = PasidPath(self, _check_pasid_entry, fs_mgaw_lg2=mgaw, iotlb_capacity=capacity,
+                                            pscache=ps)
+                path = self._pasid
+        return path
+
+    def translate(self, slot: int, iova: Iova, length: int, write: bool, pasid: int | None = None) -> DmaRuns:
         """Host runs for ``[iova, iova + length)``; stops at the first fault.
 
         The IOTLB and paging-structure generations are taken before the
@@ -208,6 +178,10 @@ class IommuUnit:
         so no cached context or translation outlives a change of owner."""
         if length <= 0:
             return DmaRuns()
+        if pasid:  # a request with PASID >= 1: the proposal's path (PASID 0 is RID_PASID, below)
+            with self._lock:
+                self.stats.translations += 1
+            return self.pasid_path.translate(slot, pasid, iova, length, write)
         pos, end = int(iova), int(iova) + length
         iotlb = self.iotlb
         generation0 = iotlb.generation
@@ -376,11 +350,15 @@ class IommuUnit:
         IOTLB entries dropped."""
         if self.pscache is not None:
             self.pscache.invalidate_all()
+        if self._pasid is not None:
+            self._pasid.invalidate_all()
         return self.iotlb.invalidate_all()
 
     def invalidate_domain(self, did: int) -> int:
         if self.pscache is not None:
             self.pscache.invalidate_domain(did)
+        if self._pasid is not None:
+            self._pasid.invalidate_domain(did)
         return self.iotlb.invalidate_domain(did)
 
     def invalidate_pages(self, did: int, addr: int, am: int) -> int:
@@ -389,7 +367,21 @@ class IommuUnit:
         may have freed table pages, VT-d PSI with IH=0)."""
         if self.pscache is not None:
             self.pscache.invalidate_domain(did, pages=True)
+        if self._pasid is not None:
+            self._pasid.invalidate_pages(did, addr, am)
         return self.iotlb.invalidate_pages(did, addr, am)
+
+    def invalidate_pasid(self, did: int, pasid: int, addr: int | None = None, am: int = 0) -> int:
+        """PASID-based IOTLB invalidation (VT-d type 6; proposal): all of
+        (DID, PASID), or ``2**am`` pages from ``addr``. PASID 0 is the DID's own tag."""
+        if pasid == 0:
+            return self.invalidate_domain(did) if addr is None else self.invalidate_pages(did, addr, am)
+        return self._pasid.invalidate_pasid(did, pasid, addr, am) if self._pasid is not None else 0
+
+    def invalidate_pasid_cache(self, did: int | None = None, pasid: int | None = None) -> int:
+        """PASID-cache invalidation (VT-d type 7; proposal): cached PASID
+        entries of ``did`` (all if None), of one PASID if given."""
+        return self._pasid.invalidate_pasid_cache(did, pasid) if self._pasid is not None else 0
 
     def invalidate_context(self, slot: int | None = None) -> None:
         """Forget the cached context of ``slot`` (all slots if None). Call after
@@ -399,6 +391,8 @@ class IommuUnit:
         if self.pscache is not None:
             self.pscache.invalidate_all(context=True)
         self.iotlb.bump_generation()  # a walk under the old context inserts nothing
+        if self._pasid is not None:
+            self._pasid.invalidate_context(slot)
         with self._lock:
             self._ctx_generation += 1
             if slot is None:
@@ -408,9 +402,11 @@ class IommuUnit:
 
     # -- faults and inspection ----------------------------------------------------
     def _fault(
-        self, slot: int, did: int, iova: Iova, write: bool, reason: FaultReason, detail: str, fpd: bool
+        self, slot: int, did: int, iova: Iova, write: bool, reason: FaultReason | SmFault, detail: str, fpd: bool,
+        pasid: int | None = None,
     ) -> FaultRecord:
-        record = FaultRecord(slot, did, iova, write, reason, detail)
+        record = FaultRecord(slot, did, iova, write, reason, detail) if pasid is None else \
+            FaultRecord(slot, did, iova, write, reason, detail, pasid)
         with self._lock:
             self.stats.faults[int(reason)] += 1
             if not fpd:
@@ -419,6 +415,17 @@ class IommuUnit:
             self.on_fault(record)
         return record
 
+    def record_fault(self, slot: int, did: int, iova: Iova, write: bool, reason: int, detail: str, fpd: bool,
+                     pasid: int) -> FaultRecord:
+        """A fault of the PASID path (reason: a ``FaultReason`` or ``SmFault`` code)."""
+        code: FaultReason | SmFault = FaultReason(reason) if reason in FAULT_CODES else SmFault(reason)
+        return self._fault(slot, did, iova, write, code, detail, fpd, pasid)
+
+    def count_walk(self, reads: int) -> None:
+        with self._lock:
+            self.stats.walks += 1
+            self.stats.walk_reads += reads
+
     def drain_faults(self) -> list[FaultRecord]:
         """Fault records logged since the last drain, oldest first."""
         with self._lock:
@@ -426,9 +433,12 @@ class IommuUnit:
             self.faults.clear()
         return out
 
-    def explain(self, slot: int, iova: Iova, write: bool) -> Explanation:
+    def explain(self, slot: int, iova: Iova, write: bool, pasid: int | None = None) -> Explanation:
         """Walk ``iova`` recording every entry read, without touching the
-        IOTLB, counters or A/D bits."""
+        IOTLB, counters or A/D bits. With ``pasid`` >= 1 (proposal) the
+        scalable-mode reads that found the PASID entry come first."""
+        if pasid:
+            return pasid_explanation(slot, iova, write, pasid, self.pasid_path.explain(slot, pasid, iova, write))
         try:
             record = self.owners.read(slot)
             ctx = ContextEntry.unpack(self.host.read(context_hpa(slot), CONTEXT_ENTRY_SIZE))
@@ -461,9 +471,10 @@ class IommuUnit:
         return Explanation(slot, iova, write, ctx, cached, steps, result)
 
 
-def _next_table(step: ExplainStep) -> int:
-    """GPA of the next-level table a stage-1 TABLE entry points to."""
-    return _FS_FORMAT.table_oa(step.entry)
+def _check_pasid_entry(slot: int, entry: ContextEntry, record: OwnerRecord) -> None:
+    """A PASID entry is checked as a flat context entry is, owner first."""
+    _check_owner(slot, record)
+    _validate(slot, entry)
 
 
 def _check_owner(slot: int, record: OwnerRecord) -> None:
@@ -486,3 +497,6 @@ def _validate(slot: int, ctx: ContextEntry) -> None:
         raise _CtxFault(FaultReason.PASID_ENTRY_INVALID, f"slot {slot}: unsupported PGTT {ctx.pgtt} or AW {ctx.aw}")
     if ctx.pgtt == Pgtt.NESTED and ctx.fspm not in FSPM_LEVELS:
         raise _CtxFault(FaultReason.PASID_ENTRY_INVALID, f"slot {slot}: unsupported FSPM {ctx.fspm}")
+
+
+__all__ = ["BoundContext", "BoundTranslator", "Explanation", "IommuUnit", "UnitStats"]

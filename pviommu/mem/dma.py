@@ -5,11 +5,17 @@ The contract between the IOMMU unit (provider) and a device model (consumer):
 * a ``DmaTranslator`` turns ``[iova, iova + length)`` into a list of host
   ``Run``s covering the longest translatable *prefix*, plus the ``DmaFault``
   that stopped it (``None`` when the whole range translated);
-* ``DmaMemory`` moves bytes with those runs at memmove speed (memoryview
-  slices of the banks, a few runs per transfer, never a byte loop) and stops
-  at the faulting page: nothing at or beyond the fault is read or written,
-  and the caller learns how many bytes were done. That is exactly the DSA's
-  partial-completion rule.
+* ``DmaAccess`` is the one byte API a device uses (after rust-vmm's
+  ``Bytes<A>``, over ``Iova``): every access stops at the faulting page --
+  nothing at or beyond the fault is read or written, and the caller learns
+  how many bytes were done (the DSA's partial-completion rule). An operation
+  with several buffers translates each once (``translate``, or
+  ``common_prefix``) and then moves bytes over those runs (``*_runs``), so
+  nothing is translated twice;
+* ``DmaMemory`` implements it over a translator and the banks at memmove
+  speed (memoryview slices, a few runs per transfer, never a byte loop);
+  ``BlockedDma`` is a device with no domain (every access faults); the DSA's
+  block-on-fault policy (``dma_device.dsa.access``) wraps either.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ class DmaFault:
     detail: str = ""
     #: the ownership epoch of the descriptor that faulted (set by the device)
     epoch: int = 0
+    #: the request's PASID (SVA proposal, not in the series); None = a request without PASID
+    pasid: int | None = None
 
 
 @dataclass(slots=True)
@@ -70,12 +78,120 @@ class DmaResult:
     fault: DmaFault | None = None
 
 
+Data = bytes | bytearray | memoryview
+
+
+class DmaAccess(Protocol):
+    """One device's byte access to its IOVA space (see the module doc)."""
+
+    def translate(self, iova: Iova, length: int, write: bool) -> DmaRuns:
+        """The runs of the longest translatable prefix for this access, and
+        the fault that stopped it; moves no data."""
+        ...
+
+    def read(self, iova: Iova, length: int) -> tuple[bytes, DmaFault | None]:
+        """The bytes readable from ``iova`` (a prefix on fault) and the fault."""
+        ...
+
+    def write(self, iova: Iova, data: Data) -> DmaResult:
+        """Write ``data``; on a fault, only the translated prefix is written."""
+        ...
+
+    def copy(self, src: Iova, dst: Iova, length: int) -> DmaResult:
+        """memmove from ``src`` to ``dst``, up to the first fault of either side."""
+        ...
+
+    def write_record(self, iova: Iova, data: Data) -> DmaResult:
+        """All or nothing, byte 0 last (a record its reader polls by byte 0)."""
+        ...
+
+    def read_runs(self, runs: DmaRuns, length: int) -> bytes:
+        """The first ``length`` bytes of translated ``runs`` (``length <= runs.done``)."""
+        ...
+
+    def write_runs(self, runs: DmaRuns, data: Data) -> None:
+        """``data`` into the first ``len(data)`` bytes of translated ``runs``."""
+        ...
+
+    def copy_runs(self, src: DmaRuns, dst: DmaRuns, length: int) -> None:
+        """memmove ``length`` bytes between translated runs."""
+        ...
+
+
+@dataclass(slots=True)
+class Prefix:
+    """What several equal-length ranges have in common: ``done`` bytes
+    translate for every one (``runs[i]`` covers at least that much of range
+    ``i``), ``fault`` is what stops the shortest (None: all of them)."""
+
+    done: int
+    fault: DmaFault | None
+    runs: list[DmaRuns]
+
+
+def common_prefix(mem: DmaAccess, ranges: list[tuple[Iova, int, bool]]) -> Prefix:
+    """Shortest translatable prefix over ``(iova, length, write)`` ranges (all
+    of the same length), each range translated once, in order, and each only
+    as far as the ranges before it reached."""
+    done = ranges[0][1] if ranges else 0
+    fault: DmaFault | None = None
+    runs: list[DmaRuns] = []
+    for iova, _length, write in ranges:
+        if done == 0:
+            runs.append(DmaRuns())
+            continue
+        tr = mem.translate(iova, done, write)
+        runs.append(tr)
+        if tr.fault is not None:
+            done, fault = tr.done, tr.fault
+    return Prefix(done, fault, runs)
+
+
+def _check_length(runs: DmaRuns, length: int) -> None:
+    if not 0 <= length <= runs.done:
+        raise ValueError(f"{length} bytes asked of runs covering {runs.done}")
+
+
+class BlockedDma:
+    """The DMA of a device attached to no domain: nothing translates, every
+    access faults at its first byte, nothing is read or written."""
+
+    def translate(self, iova: Iova, length: int, write: bool) -> DmaRuns:
+        return DmaRuns([], DmaFault(iova, write, 0, "NO_DOMAIN", "device not attached"))
+
+    def read(self, iova: Iova, length: int) -> tuple[bytes, DmaFault | None]:
+        return b"", self.translate(iova, length, False).fault
+
+    def write(self, iova: Iova, data: Data) -> DmaResult:
+        return DmaResult(0, self.translate(iova, len(data), True).fault)
+
+    def copy(self, src: Iova, dst: Iova, length: int) -> DmaResult:
+        return DmaResult(0, self.translate(src, length, False).fault)
+
+    def write_record(self, iova: Iova, data: Data) -> DmaResult:
+        return self.write(iova, data)
+
+    def read_runs(self, runs: DmaRuns, length: int) -> bytes:
+        _check_length(runs, length)
+        return b""
+
+    def write_runs(self, runs: DmaRuns, data: Data) -> None:
+        _check_length(runs, len(data))
+
+    def copy_runs(self, src: DmaRuns, dst: DmaRuns, length: int) -> None:
+        _check_length(src, length)
+        _check_length(dst, length)
+
+
 class DmaMemory:
-    """Byte movement for a device through its translator."""
+    """``DmaAccess`` through a translator, over the host's banks."""
 
     def __init__(self, host: HostMemory, translator: DmaTranslator) -> None:
         self.host = host
         self.translator = translator
+
+    def translate(self, iova: Iova, length: int, write: bool) -> DmaRuns:
+        return self.translator.translate(iova, length, write)
 
     def _views(self, runs: list[Run]) -> list[memoryview]:
         views = []
@@ -89,7 +205,7 @@ class DmaMemory:
         tr = self.translator.translate(iova, length, False)
         return b"".join(bytes(v) for v in self._views(tr.runs)), tr.fault
 
-    def write(self, iova: Iova, data: bytes | bytearray | memoryview) -> DmaResult:
+    def write(self, iova: Iova, data: Data) -> DmaResult:
         """Write ``data``; on a fault, only the translated prefix is written."""
         tr = self.translator.translate(iova, len(data), True)
         src = memoryview(data)
@@ -99,7 +215,25 @@ class DmaMemory:
             pos += len(view)
         return DmaResult(pos, tr.fault)
 
-    def write_record(self, iova: Iova, data: bytes | bytearray | memoryview) -> DmaResult:
+    def read_runs(self, runs: DmaRuns, length: int) -> bytes:
+        _check_length(runs, length)
+        return b"".join(bytes(v) for v in _clip(self._views(runs.runs), length))
+
+    def write_runs(self, runs: DmaRuns, data: Data) -> None:
+        _check_length(runs, len(data))
+        _scatter([memoryview(data)], _clip(self._views(runs.runs), len(data)))
+
+    def copy_runs(self, src: DmaRuns, dst: DmaRuns, length: int) -> None:
+        _check_length(src, length)
+        _check_length(dst, length)
+        sviews = _clip(self._views(src.runs), length)
+        dviews = _clip(self._views(dst.runs), length)
+        if _overlaps(src.runs, dst.runs, length):
+            data = b"".join(bytes(v) for v in sviews)  # memmove semantics
+            sviews = [memoryview(data)]
+        _scatter(sviews, dviews)
+
+    def write_record(self, iova: Iova, data: Data) -> DmaResult:
         """Write a record its reader polls by its first byte: one translation,
         bytes ``1..`` first and byte 0 last, so a reader that sees byte 0 sees
         the whole record. All or nothing: on a fault (a record lies in one
@@ -139,12 +273,7 @@ class DmaMemory:
         fault = None
         if limit < length:
             fault = rs.fault if rs.done <= rd.done else rd.fault
-        sviews = _clip(self._views(rs.runs), limit)
-        dviews = _clip(self._views(rd.runs), limit)
-        if _overlaps(rs.runs, rd.runs, limit):
-            data = b"".join(bytes(v) for v in sviews)  # memmove semantics
-            sviews = [memoryview(data)]
-        _scatter(sviews, dviews)
+        self.copy_runs(rs, rd, limit)
         return DmaResult(limit, fault)
 
 

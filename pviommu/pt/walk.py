@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from pviommu.addr import PAGE_SIZE, Gpa, Hpa, Iova
+from pviommu.addr import PAGE_SIZE, Gpa, Hpa, Iova, align_down
 from pviommu.errors import OutOfFrames, PageTableError, PviommuError
 from pviommu.mem.bank import GuestRam, HostMemory
 from pviommu.mem.frames import FrameAllocator
@@ -148,7 +148,7 @@ class PageTable(Generic[V, OA, T]):
     def _check_free(self, table: int, level: int, start: int, last: int) -> None:
         fmt, rd, ta = self.fmt, self._mem.read_u64, self._ta
         shift = item_lg2(level)
-        base = start & ~((1 << (shift + ITEMS_LG2)) - 1)
+        base = align_down(start, 1 << (shift + ITEMS_LG2))
         for idx in range(fmt.index(start, level), fmt.index(last, level) + 1):
             entry = rd(ta(table + (idx << ENTRY_LG2)))
             kind = fmt.entry_type(entry, level)
@@ -206,7 +206,7 @@ class PageTable(Generic[V, OA, T]):
     def _unmap(self, table: int, level: int, start: int, last: int, gather: IotlbGather[T]) -> int:
         fmt, rd, wr, ta, count = self.fmt, self._mem.read_u64, self._mem.write_u64, self._ta, self._count
         shift = item_lg2(level)
-        base = start & ~((1 << (shift + ITEMS_LG2)) - 1)
+        base = align_down(start, 1 << (shift + ITEMS_LG2))
         done = 0
         lo, hi = -1, -1  # first/last index of leaves removed here, for one gather update
         for idx in range(fmt.index(start, level), fmt.index(last, level) + 1):
@@ -249,7 +249,7 @@ class PageTable(Generic[V, OA, T]):
                 return None
             if kind is _OA:
                 shift = item_lg2(level)
-                return va & ~((1 << shift) - 1), shift, entry
+                return align_down(va, 1 << shift), shift, entry
             table = fmt.table_oa(entry)
         raise AssertionError("level 0 holds only leaves")
 
@@ -410,14 +410,14 @@ def stage1_table(
 
 
 def stage2_table(
-    fmt: PtFormat, host: HostMemory, frames: FrameAllocator[Hpa], page_sizes: int | None = None
+    fmt: PtFormat, host: HostMemory, frames: FrameSource[Hpa], page_sizes: int | None = None
 ) -> PageTable[Gpa, Hpa, Hpa]:
     """The hypervisor's stage-2 (GPA -> HPA) table of a partition, in bank 0."""
     return PageTable(fmt, host, frames, table_addr=Hpa, out_addr=Hpa, page_sizes=page_sizes)
 
 
 def direct_table(
-    fmt: PtFormat, host: HostMemory, frames: FrameAllocator[Hpa], page_sizes: int | None = None
+    fmt: PtFormat, host: HostMemory, frames: FrameSource[Hpa], page_sizes: int | None = None
 ) -> PageTable[Iova, Hpa, Hpa]:
     """A domain-private IOVA -> HPA table the hypervisor fills on map hypercalls
     (the emulated baseline), in bank 0."""

@@ -61,11 +61,12 @@ def admin_token_from(token_file: str | None, who: str) -> str:
     """The admin credential from ``token_file`` or ``$PVIOMMU_ADMIN_TOKEN``;
     exits with a clear message when neither gives one (there is no default)."""
     import os
-    from pathlib import Path
 
-    token = Path(token_file).read_text().strip() if token_file else os.environ.get(ADMIN_TOKEN_ENV, "")
+    from pviommu.exitcodes import read_secret, usage_exit
+
+    token = read_secret(token_file, who, "admin token") if token_file else os.environ.get(ADMIN_TOKEN_ENV, "")
     if not token:
-        raise SystemExit(f"{who}: set {ADMIN_TOKEN_ENV} or --admin-token-file (there is no default credential)")
+        usage_exit(f"{who}: set {ADMIN_TOKEN_ENV} or --admin-token-file (there is no default credential)")
     return token
 
 

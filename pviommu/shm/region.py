@@ -102,6 +102,17 @@ class Doorbell:
             return False
         return bool(ready) and self.consume()
 
+    def rings(self, timeout: float | None) -> int:
+        """Like ``wait``, but how many rings it consumed (0 after ``timeout``):
+        for a listener that counts interrupts, which an eventfd coalesces."""
+        if self.closed:
+            return 0
+        try:
+            ready, _, _ = select.select([self.fd], [], [], timeout)
+            return int(os.eventfd_read(self.fd)) if ready else 0
+        except (BlockingIOError, OSError, ValueError):
+            return 0
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True

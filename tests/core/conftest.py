@@ -1,15 +1,11 @@
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-# tests/ is not a package; make the shared builder importable as ``core_env``.
-sys.path.insert(0, str(Path(__file__).parent))
-
-from core_env import NestedSystem, build_system
+from tests.kit.core_env import NestedSystem, build_system
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from core_env import DATA, SLOT, NestedSystem, build_system, u64s
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +14,7 @@ from pviommu.addr import SZ_4K, Gpa, Iova
 from pviommu.iommu.fault import FaultReason
 from pviommu.pt.common import RW
 from pviommu.pt.fmt.x86_64 import A, D
+from tests.kit.core_env import DATA, SLOT, NestedSystem, build_system, u64s
 
 IOVAS = [0x7F00_0000_0000, 0x7F00_0000_1000, 0x7F00_0020_0000, 0x0, 0xFFFF_8000_0000_0000]
 

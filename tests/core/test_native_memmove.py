@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from native_env import OWNER, World, build_world
 
 from dma_device.dsa import DsaDevice
 from dma_device.dsa.checks import allowed_flags
@@ -26,6 +25,7 @@ from pviommu.iommu.context import ContextEntry
 from pviommu.iommu.unit import IommuUnit
 from pviommu.mem.dma import DmaMemory, DmaRuns
 from pviommu.pt.common import RW, Perm
+from tests.kit.native_env import OWNER, World, build_world
 
 pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason=native.UNAVAILABLE_REASON)
 

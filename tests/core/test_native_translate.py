@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from native_env import OWNER, Kept, World, build_world, scribble
 
 from pviommu.addr import SZ_2M, SZ_4K, Gpa, Iova
 from pviommu.iommu import native
@@ -24,6 +23,7 @@ from pviommu.iommu.context import ContextEntry
 from pviommu.iommu.unit import IommuUnit
 from pviommu.mem.dma import DmaMemory
 from pviommu.pt.common import RW
+from tests.kit.native_env import OWNER, Kept, World, build_world, scribble
 
 pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason=native.UNAVAILABLE_REASON)
 

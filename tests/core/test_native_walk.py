@@ -14,7 +14,17 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from native_env import (
+
+from pviommu.addr import SZ_2M, SZ_4K, Gpa, Hpa, Iova
+from pviommu.iommu import native
+from pviommu.iommu.context import ContextEntry
+from pviommu.iommu.fault import FaultReason
+from pviommu.iommu.nested import ExplainStep, NestedWalker, WalkFault, WalkOk
+from pviommu.iommu.pscache import PsCache
+from pviommu.mem.bank import HostMemory, bank_base, bank_path
+from pviommu.pt.common import RW, Perm
+from pviommu.pt.fmt.x86_64 import A, D
+from tests.kit.native_env import (
     BANK0,
     BIG_GPA,
     FOREIGN_GPA,
@@ -30,16 +40,6 @@ from native_env import (
     iovas,
     scribble,
 )
-
-from pviommu.addr import SZ_2M, SZ_4K, Gpa, Hpa, Iova
-from pviommu.iommu import native
-from pviommu.iommu.context import ContextEntry
-from pviommu.iommu.fault import FaultReason
-from pviommu.iommu.nested import ExplainStep, NestedWalker, WalkFault, WalkOk
-from pviommu.iommu.pscache import PsCache
-from pviommu.mem.bank import HostMemory, bank_base, bank_path
-from pviommu.pt.common import RW, Perm
-from pviommu.pt.fmt.x86_64 import A, D
 
 pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason=native.UNAVAILABLE_REASON)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import pytest
-from core_env import DATA, DID, HOLE, RO, SLOT, NestedSystem
 
 from pviommu.addr import MSI_WINDOW_START, SZ_2M, SZ_4K, Gpa, Iova
 from pviommu.iommu.context import ContextEntry, write_context
@@ -15,6 +14,7 @@ from pviommu.pt.common import RW, Perm
 from pviommu.pt.fmt.x86_64 import PS, A, D
 from pviommu.pt.gather import IotlbGather
 from pviommu.pt.walk import direct_table
+from tests.kit.core_env import DATA, DID, HOLE, RO, SLOT, NestedSystem
 
 IOVA = Iova(0x7F00_0000_0000)
 

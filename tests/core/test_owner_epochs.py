@@ -9,7 +9,6 @@ import struct
 from pathlib import Path
 
 import pytest
-from core_env import DATA, DID, SLOT, NestedSystem, build_system
 
 from pviommu.addr import SZ_4K, Gpa, Iova
 from pviommu.iommu.context import ContextEntry, write_context
@@ -21,6 +20,7 @@ from pviommu.mem.frames import guest_frames
 from pviommu.pt.common import RW
 from pviommu.pt.fmt import X86_64Format
 from pviommu.pt.walk import stage1_table
+from tests.kit.core_env import DATA, DID, SLOT, NestedSystem, build_system
 
 IOVA = Iova(0x7F00_0000)
 

@@ -5,15 +5,15 @@ path to a freed table page, race-safe, and never a different answer."""
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from core_env import DATA, DID, HOLE, RO, SLOT, NestedSystem, build_system
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from pviommu.abi.invq import Invalidation
 from pviommu.addr import SZ_2M, SZ_4K, Gpa, Iova
 from pviommu.errors import PageTableError
 from pviommu.iommu.fault import FaultReason
@@ -23,6 +23,7 @@ from pviommu.mem.dma import DmaRuns
 from pviommu.pt.common import RW, EntryType, Perm
 from pviommu.pt.fmt.x86_64 import A, D
 from pviommu.pt.gather import IotlbGather
+from tests.kit.core_env import DATA, DID, HOLE, RO, SLOT, NestedSystem, build_system
 
 IOVA = Iova(0x7F00_0000_0000)
 FULL = 24  # (4 + 1) * (4 + 1) - 1
@@ -76,14 +77,14 @@ def test_caches_disabled_every_iotlb_miss_is_a_full_walk(system: NestedSystem) -
     assert reads_of(unit, IOVA + SZ_4K)[1] == FULL
 
 
-INVALIDATIONS: dict[str, Callable[[IommuUnit], object]] = {
-    "global": lambda u: u.invalidate_all(),
-    "domain": lambda u: u.invalidate_domain(DID),
+INVALIDATIONS: dict[str, Invalidation] = {
+    "global": Invalidation.everything(),
+    "domain": Invalidation.domain(DID),
     # a PSI of one page far from the next walk's page still drops every entry of the DID
-    "pages": lambda u: u.invalidate_pages(DID, 0x1000_0000, 0),
-    "pages, large mask": lambda u: u.invalidate_pages(DID, IOVA, 9),
-    "context of the slot": lambda u: u.invalidate_context(SLOT),
-    "every context": lambda u: u.invalidate_context(None),
+    "pages": Invalidation.pages(DID, Iova(0x1000_0000), 0),
+    "pages, large mask": Invalidation.pages(DID, IOVA, 9),
+    "context of the slot": Invalidation.context(SLOT),
+    "every context": Invalidation.context(None),
 }
 
 
@@ -96,7 +97,7 @@ def test_every_invalidation_kind_drops_the_caches_so_the_next_walk_reads_every_l
     assert reads_of(unit, IOVA)[1] == FULL
     assert reads_of(unit, IOVA + SZ_4K)[1] == NEIGHBOUR
     assert unit.pscache is not None and len(unit.pscache) > 0
-    INVALIDATIONS[kind](unit)
+    INVALIDATIONS[kind].apply(unit)
     assert len(unit.pscache) == 0
     runs, n = reads_of(unit, IOVA + 2 * SZ_4K)  # never walked: an IOTLB miss whatever the kind
     assert runs.fault is None and n == FULL

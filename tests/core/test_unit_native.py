@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from core_env import DATA, DID, HOLE, RO, SLOT, NestedSystem, build_system
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pviommu.abi.invq import Invalidation
 from pviommu.addr import SZ_2M, SZ_4K, Gpa, Iova
 from pviommu.errors import PageTableError
 from pviommu.iommu import native
@@ -40,10 +40,11 @@ from pviommu.pt.common import RW
 from pviommu.pt.fmt import VtdSsFormat, X86_64Format
 from pviommu.pt.gather import IotlbGather
 from pviommu.pt.walk import PageTable, stage1_table, stage2_table
+from pviommu.units import MiB
+from tests.kit.core_env import DATA, DID, HOLE, RO, SLOT, NestedSystem, build_system
 
 needs_native = pytest.mark.skipif(not native.AVAILABLE, reason=native.UNAVAILABLE_REASON)
 ROOT = Path(__file__).resolve().parents[2]
-MiB = 1 << 20
 
 #: IOVAs both partitions map (partition 2 reuses partition 1's DID and IOVAs: the dangerous case)
 SMALL = Iova(0x7F00_0000)  # 16 4 KiB pages
@@ -135,15 +136,11 @@ def apply(t: Twin, op: tuple[Any, ...]) -> Any:
         return res, unit.drain_faults()
     if kind == "inv":
         which = op[1]
-        if which == "all":
-            return unit.invalidate_all()
-        if which == "domain":
-            return unit.invalidate_domain(DID)
-        if which == "other-domain":
-            return unit.invalidate_domain(DID + 1)
-        if which in ("pages", "pages-wide"):
-            return unit.invalidate_pages(DID, SMALL + 3 * SZ_4K, 0 if which == "pages" else 9)
-        return unit.invalidate_context(SLOT if which == "context" else None)
+        return {"all": Invalidation.everything(), "domain": Invalidation.domain(DID),
+                "other-domain": Invalidation.domain(DID + 1),
+                "pages": Invalidation.pages(DID, Iova(SMALL + 3 * SZ_4K), 0),
+                "pages-wide": Invalidation.pages(DID, Iova(SMALL + 3 * SZ_4K), 9),
+                "context": Invalidation.context(SLOT)}.get(which, Invalidation.context(None)).apply(unit)
     if kind == "ctx":  # the hypervisor rewrites the live entry (with or without telling the unit)
         _, which, flush = op
         write_context(t.host, SLOT, t.contexts()[which])

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from core_env import DATA, DID, RO, SLOT, NestedSystem, build_system
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +24,7 @@ from dma_device.dsa import DsaDevice
 from dma_device.dsa.device import SwError
 from dma_device.fastpath import memmove_hook
 from pviommu.abi.dsa import DESC_SIZE, CompletionRecord, DescFlags, Descriptor, Opcode, WqCfg
+from pviommu.abi.invq import Invalidation
 from pviommu.addr import SZ_2M, SZ_4K, Gpa, Iova
 from pviommu.iommu import native
 from pviommu.iommu.context import ContextEntry, write_context
@@ -33,10 +33,11 @@ from pviommu.iommu.unit import IommuUnit
 from pviommu.mem.dma import DmaFault, DmaMemory
 from pviommu.pt.common import RW
 from pviommu.pt.gather import IotlbGather
+from pviommu.units import MiB
+from tests.kit.core_env import DATA, DID, RO, SLOT, NestedSystem, build_system
 
 pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason=native.UNAVAILABLE_REASON)
 
-MiB = 1 << 20
 F = DescFlags
 PAGES = 32
 SRC, DST = 0x7F00_0000, 0x7F40_0000  # 32 scattered / contiguous 4 KiB pages each
@@ -171,13 +172,8 @@ def apply(r: Rig, op: tuple[Any, ...]) -> Any:
         return r.device.execute_now(0, batch, epoch=r.epoch), r.system.ram.read(Gpa(LIST_GPA), DESC_SIZE * 2)
     if kind == "inv":
         which = op[1]
-        if which == "all":
-            return unit.invalidate_all()
-        if which == "domain":
-            return unit.invalidate_domain(DID)
-        if which == "pages":
-            return unit.invalidate_pages(DID, SRC, 2)
-        return unit.invalidate_context(SLOT)
+        return {"all": Invalidation.everything(), "domain": Invalidation.domain(DID),
+                "pages": Invalidation.pages(DID, Iova(SRC), 2)}.get(which, Invalidation.context(SLOT)).apply(unit)
     if kind == "owner":  # a new epoch (the same owner after a reboot, another one, nobody)
         _, who, flush = op
         r.epoch += 1

@@ -26,8 +26,7 @@ from pviommu.abi.dsa import (
 )
 from pviommu.addr import PAGE_SHIFT, PAGE_SIZE
 from pviommu.mem.dma import DmaFault
-
-from .rig import DEDICATED_WQ, SHARED_WQ, Rig, default_wqs
+from tests.kit.rig import DEDICATED_WQ, SHARED_WQ, Rig, default_wqs
 
 F = DescFlags.CRAV | DescFlags.RCR
 

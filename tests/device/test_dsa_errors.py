@@ -23,8 +23,7 @@ from pviommu.abi.dsa import (
     op_crc,
     op_dualcast,
 )
-
-from .rig import DEDICATED_WQ, SHARED_WQ, Rig
+from tests.kit.rig import DEDICATED_WQ, SHARED_WQ, Rig
 
 N = 8192
 

@@ -21,17 +21,15 @@ from pviommu.abi.dsa import (
 )
 from pviommu.addr import PAGE_SHIFT, PAGE_SIZE
 from pviommu.mem.dma import DmaFault
-
-from .rig import DEDICATED_WQ, Rig
-
-MIB = 1 << 20
+from pviommu.units import MiB
+from tests.kit.rig import DEDICATED_WQ, Rig
 
 
 def move(src: int, dst: int, n: int, flags: int = 0) -> Descriptor:
     return Descriptor(opcode=Opcode.MEMMOVE, flags=flags, src_addr=src, dst_addr=dst, xfer_size=n)
 
 
-def setup_copy(rig: Rig, n: int = MIB) -> tuple[int, int]:
+def setup_copy(rig: Rig, n: int = MiB) -> tuple[int, int]:
     src, dst = rig.alloc(n), rig.alloc(n)
     rig.write(src, bytes(range(256)) * (n // 256))
     return src, dst
@@ -39,15 +37,15 @@ def setup_copy(rig: Rig, n: int = MIB) -> tuple[int, int]:
 
 def test_unmapped_source_page_mid_copy_completes_partially(rig: Rig) -> None:
     src, dst = setup_copy(rig)
-    hole = src + MIB // 2
+    hole = src + MiB // 2
     rig.iommu.unmapped.add(hole >> PAGE_SHIFT)
-    before = rig.read(dst, MIB)
-    rec = rig.run(move(src, dst, MIB))
+    before = rig.read(dst, MiB)
+    rec = rig.run(move(src, dst, MiB))
     assert rec.status == DsaStatus.PAGE_FAULT_NOBOF  # read fault: write bit clear
-    assert rec.bytes_completed == MIB // 2 and rec.fault_addr == hole
-    after = rig.read(dst, MIB)
-    assert after[: MIB // 2] == rig.read(src, MIB // 2)
-    assert after[MIB // 2 :] == before[MIB // 2 :]  # nothing beyond the fault written
+    assert rec.bytes_completed == MiB // 2 and rec.fault_addr == hole
+    after = rig.read(dst, MiB)
+    assert after[: MiB // 2] == rig.read(src, MiB // 2)
+    assert after[MiB // 2 :] == before[MiB // 2 :]  # nothing beyond the fault written
     assert [f.iova for f in rig.faults] == [hole]
 
 
@@ -55,7 +53,7 @@ def test_read_only_destination_page_sets_write_bit(rig: Rig) -> None:
     src, dst = setup_copy(rig)
     ro = dst + 3 * PAGE_SIZE
     rig.iommu.readonly.add(ro >> PAGE_SHIFT)
-    rec = rig.run(move(src, dst, MIB))
+    rec = rig.run(move(src, dst, MiB))
     assert rec.status == DsaStatus.PAGE_FAULT_NOBOF | STATUS_WRITE
     assert rec.bytes_completed == 3 * PAGE_SIZE and rec.fault_addr == ro
     assert rig.read(ro, PAGE_SIZE) == bytes(PAGE_SIZE)
@@ -63,17 +61,17 @@ def test_read_only_destination_page_sets_write_bit(rig: Rig) -> None:
 
 def test_software_resubmits_rest_after_partial_completion(rig: Rig) -> None:
     src, dst = setup_copy(rig)
-    rig.iommu.unmapped.add((src + MIB // 4) >> PAGE_SHIFT)
-    rec = rig.run(move(src, dst, MIB))
+    rig.iommu.unmapped.add((src + MiB // 4) >> PAGE_SHIFT)
+    rec = rig.run(move(src, dst, MiB))
     rig.iommu.unmapped.clear()  # "touch the page"
     bc = rec.bytes_completed
-    assert rig.run(move(src + bc, dst + bc, MIB - bc)).code == DsaStatus.SUCCESS
-    assert rig.read(dst, MIB) == rig.read(src, MIB)
+    assert rig.run(move(src + bc, dst + bc, MiB - bc)).code == DsaStatus.SUCCESS
+    assert rig.read(dst, MiB) == rig.read(src, MiB)
 
 
 def test_bof_page_request_that_maps_the_page_completes_the_copy(rig: Rig) -> None:
     src, dst = setup_copy(rig)
-    hole = (src + MIB // 2) >> PAGE_SHIFT
+    hole = (src + MiB // 2) >> PAGE_SHIFT
     rig.iommu.unmapped.add(hole)
     asked: list[DmaFault] = []
 
@@ -83,9 +81,9 @@ def test_bof_page_request_that_maps_the_page_completes_the_copy(rig: Rig) -> Non
         return True
 
     rig.device.on_page_request = resolve
-    rec = rig.run(move(src, dst, MIB, DescFlags.BOF))
+    rec = rig.run(move(src, dst, MiB, DescFlags.BOF))
     assert rec.code == DsaStatus.SUCCESS
-    assert rig.read(dst, MIB) == rig.read(src, MIB)
+    assert rig.read(dst, MiB) == rig.read(src, MiB)
     assert [int(f.iova) for f in asked] == [hole << PAGE_SHIFT]
     assert rig.device.counters.page_requests == 1 and rig.device.counters.faults == 1
 
@@ -94,7 +92,7 @@ def test_bof_page_request_refused_gives_page_fault_ir(rig: Rig) -> None:
     src, dst = setup_copy(rig)
     rig.iommu.unmapped.add((dst + PAGE_SIZE) >> PAGE_SHIFT)
     rig.device.on_page_request = lambda fault: False
-    rec = rig.run(move(src, dst, MIB, DescFlags.BOF))
+    rec = rig.run(move(src, dst, MiB, DescFlags.BOF))
     assert rec.status == DsaStatus.PAGE_FAULT_IR | STATUS_WRITE
     assert rec.bytes_completed == PAGE_SIZE
 
@@ -117,18 +115,18 @@ def test_bof_page_request_timeout_gives_partial_completion(tmp_path: Path) -> No
 def test_bof_without_page_request_handler_completes_partially(rig: Rig) -> None:
     src, dst = setup_copy(rig)
     rig.iommu.unmapped.add((src + 2 * PAGE_SIZE) >> PAGE_SHIFT)
-    rec = rig.run(move(src, dst, MIB, DescFlags.BOF))
+    rec = rig.run(move(src, dst, MiB, DescFlags.BOF))
     assert rec.code == DsaStatus.PAGE_FAULT_NOBOF and rec.bytes_completed == 2 * PAGE_SIZE
 
 
 def test_compare_and_crc_report_progress_at_fault(rig: Rig) -> None:
     a, b = setup_copy(rig)
-    rig.write(b, rig.read(a, MIB))
+    rig.write(b, rig.read(a, MiB))
     rig.iommu.unmapped.add((b + 5 * PAGE_SIZE) >> PAGE_SHIFT)
-    rec = rig.run(Descriptor(opcode=Opcode.COMPARE, src_addr=a, dst_addr=b, xfer_size=MIB))
+    rec = rig.run(Descriptor(opcode=Opcode.COMPARE, src_addr=a, dst_addr=b, xfer_size=MiB))
     assert rec.code == DsaStatus.PAGE_FAULT_NOBOF and rec.bytes_completed == 5 * PAGE_SIZE
     rig.iommu.unmapped = {(a + 7 * PAGE_SIZE) >> PAGE_SHIFT}
-    rec = rig.run(Descriptor(opcode=Opcode.CRCGEN, src_addr=a, xfer_size=MIB, op_specific=op_crc(7)))
+    rec = rig.run(Descriptor(opcode=Opcode.CRCGEN, src_addr=a, xfer_size=MiB, op_specific=op_crc(7)))
     assert rec.code == DsaStatus.PAGE_FAULT_NOBOF and rec.bytes_completed == 7 * PAGE_SIZE
     assert rec.crc_val == crc32c.crc32c(rig.read(a, 7 * PAGE_SIZE), 7)
 

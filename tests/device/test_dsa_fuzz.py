@@ -12,8 +12,7 @@ from hypothesis import strategies as st
 
 from pviommu.abi.dsa import COMP_SIZE, STATUS_MASK, DescFlags, Descriptor, DsaStatus, Opcode
 from pviommu.addr import PAGE_SHIFT, PAGE_SIZE
-
-from .rig import BANK_SIZE, DEDICATED_WQ, SHARED_WQ, Rig
+from tests.kit.rig import BANK_SIZE, DEDICATED_WQ, SHARED_WQ, Rig
 
 WINDOW = 0x100000  # data addresses live in [WINDOW, WINDOW + SPAN)
 SPAN = 0x40000

@@ -20,8 +20,7 @@ import pytest
 
 from dma_device.dsa import DsaDeviceConfig
 from pviommu.abi.dsa import CompletionRecord, Descriptor, GenCap
-
-from .rig import Rig
+from tests.kit.rig import Rig
 
 # Flag bits as the sources give them.
 READ_SEED, BYPASS_CRC_INV_REF, BYPASS_DATA_REF = 0x10000, 0x20000, 0x40000

@@ -28,8 +28,7 @@ from pviommu.abi.dsa import (
     op_dif_updt,
     op_dualcast,
 )
-
-from .rig import DEDICATED_WQ, SHARED_WQ, Rig
+from tests.kit.rig import DEDICATED_WQ, SHARED_WQ, Rig
 
 SIZES = [1, 4096, 65536, 1 << 20, 2 << 20]
 WQS = [pytest.param(SHARED_WQ, id="shared"), pytest.param(DEDICATED_WQ, id="dedicated")]

@@ -16,7 +16,6 @@ from typing import Any
 
 import grpc
 import pytest
-from guest_env import FakeDevice, HvEnv
 
 from guest_agent.agent import Agent
 from guest_agent.dma.api import Direction
@@ -24,6 +23,7 @@ from guest_agent.main import build
 from pviommu.rpc.client import connect
 from pviommu.rpc.server import RunningServer
 from pviommu.v1 import guest_pb2, guest_pb2_grpc
+from tests.kit.guest_env import FakeDevice, HvEnv
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -160,11 +160,9 @@ def test_verbose_with_noverify_reports_every_completed_test_as_passed(guest: Gue
 
 
 def test_timeout_0_looks_once_and_reports_test_timed_out(guest: Guest) -> None:
-    start = time.monotonic()
     r, lines = run(guest.stub, iterations=5, timeout=0)
-    assert time.monotonic() - start < 10, "timeout=0 must not wait 3 s per test"
     # one look: a test whose record was not written yet by then fails as "test timed out" (a fast device
-    # may have finished some already: those pass)
+    # may have finished some already: those pass). A wait of any length would let every record arrive.
     timed_out = [(n, what, v) for _, n, what, v in results(lines)]
     assert r.tests == 5 and r.failures == len(timed_out) >= 1
     assert all(what == "test timed out" and v == 0 for _, what, v in timed_out)

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from guest_env import HvEnv
 
 from guest_agent.agent import Agent
 from guest_agent.dma.api import Direction
@@ -26,6 +25,7 @@ from pviommu.rpc.auth import Principal
 from pviommu.rpc.client import connect
 from pviommu.rpc.server import Service, create_server
 from pviommu.v1 import common_pb2, hypervisor_pb2, hypervisor_pb2_grpc
+from tests.kit.guest_env import HvEnv
 
 CAP_OK = int(hvabi.IommuCap.PRESENT | hvabi.IommuCap.S1)
 PGSIZES = (1 << 12) | (1 << 21) | (1 << 30)

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from guest_env import HvEnv, start_hypervisor
 
 from guest_agent.agent import Agent, open_bank
 from guest_agent.dma.api import Direction
@@ -19,6 +18,7 @@ from pviommu.abi import hv as hvabi
 from pviommu.abi.hv_status import HvStatus
 from pviommu.rpc.client import connect
 from pviommu.v1 import admin_pb2
+from tests.kit.guest_env import HvEnv, start_hypervisor
 
 S1 = int(hvabi.DeviceDomainType.S1)
 

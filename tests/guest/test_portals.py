@@ -12,7 +12,6 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from guest_env import FakeDevice, HvEnv, PartitionInfo
 
 from dma_device.portals import PORTAL_SLOTS, SESSIONS_PER_PARTITION
 from guest_agent.agent import Agent
@@ -25,6 +24,7 @@ from pviommu.abi.dsa import COMP_SIZE, Cmd, DescFlags, Descriptor, DsaStatus, Op
 from pviommu.addr import Gpa
 from pviommu.shm.sessions import SessionError, open_session
 from pviommu.v1 import dsa_pb2
+from tests.kit.guest_env import FakeDevice, HvEnv, PartitionInfo
 
 FLAGS = int(DescFlags.CRAV | DescFlags.RCR)
 

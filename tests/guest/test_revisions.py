@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from guest_env import HvEnv, PartitionInfo, start_hypervisor
 
 from guest_agent.agent import Agent
 from guest_agent.driver.domain import PagingDomain
@@ -24,6 +23,7 @@ from guest_agent.driver.stats import Stats
 from guest_agent.errors import HypercallFailed, InvalidRequest, IommuAbsent
 from pviommu.addr import Gpa, Iova
 from pviommu.pt.common import Perm
+from tests.kit.guest_env import HvEnv, PartitionInfo, start_hypervisor
 
 SELF = 0xFFFF_FFFF_FFFF_FFFF
 CREATE, ATTACH, DETACH, CONFIGURE, FLUSH, FLUSH_LIST = 0xB1, 0xB2, 0xC4, 0xCE, 0xD0, 0xD1

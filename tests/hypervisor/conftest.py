@@ -3,15 +3,9 @@ real channels, everything stopped in teardown (STYLE.md conventions 10-11)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-# tests/ is not a package (importlib mode): make the kit importable as ``hvkit``.
-sys.path.insert(0, str(Path(__file__).parent))
-
-from hvkit import HvEnv, make_hv  # noqa: F401  (make_hv: a shared fixture)
+from tests.kit.hvkit import HvEnv, make_hv  # noqa: F401  (make_hv: a shared fixture)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ taking a device away makes its IOMMU unit forget everything it cached."""
 from __future__ import annotations
 
 import pytest
-from hvkit import CALL_TIMEOUT, INVALID_DEVICE_ID, INVALID_DEVICE_STATE, INVALID_PARAMETER, PAGE, SUCCESS, HvEnv, MiB
 
 from pviommu.addr import Gpa, Iova
 from pviommu.mem.frames import guest_frames
@@ -12,6 +11,16 @@ from pviommu.pt.common import Perm
 from pviommu.pt.fmt import X86_64Format
 from pviommu.pt.walk import stage1_table
 from pviommu.v1 import admin_pb2
+from tests.kit.hvkit import (
+    CALL_TIMEOUT,
+    INVALID_DEVICE_ID,
+    INVALID_DEVICE_STATE,
+    INVALID_PARAMETER,
+    PAGE,
+    SUCCESS,
+    HvEnv,
+    MiB,
+)
 
 INVALID_PARTITION_ID = 0xD
 NOT_PRESENT = 0x59  # the unit's fault reason for a blocked context

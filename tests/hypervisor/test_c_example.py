@@ -9,11 +9,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hvkit import CALL_TIMEOUT, SUCCESS, MiB, dd
 
 from pvctl.procs import Supervisor
 from pviommu.rpc.client import connect
 from pviommu.v1 import admin_pb2, admin_pb2_grpc, common_pb2, hypervisor_pb2, hypervisor_pb2_grpc
+from tests.kit.hvkit import CALL_TIMEOUT, SUCCESS, MiB, dd
 
 SOURCE = Path(__file__).resolve().parents[2] / "examples" / "c-hypercall" / "hvcall.c"
 TOKEN = "c-example-admin-" + os.urandom(6).hex()

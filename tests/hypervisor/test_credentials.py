@@ -9,10 +9,10 @@ import grpc
 import pytest
 from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hvkit import ADMIN_TOKEN, CALL_TIMEOUT, SELF, SUCCESS, HvEnv
 
 from pviommu.rpc.client import connect
 from pviommu.v1 import admin_pb2, admin_pb2_grpc, common_pb2, hypervisor_pb2
+from tests.kit.hvkit import ADMIN_TOKEN, CALL_TIMEOUT, SELF, SUCCESS, HvEnv
 
 HYPERVISOR = hypervisor_pb2.DESCRIPTOR.services_by_name["Hypervisor"]
 ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
@@ -142,9 +142,8 @@ def test_admin_token_comes_from_a_file_too(make_hv, tmp_path, monkeypatch) -> No
 
 
 def test_no_admin_token_configured_refuses_to_start(tmp_path, monkeypatch) -> None:
-    from hvkit import hv_args
-
     from hypervisor_svc.main import build
+    from tests.kit.hvkit import hv_args
 
     monkeypatch.delenv("PVIOMMU_ADMIN_TOKEN", raising=False)
     with pytest.raises(SystemExit):

@@ -5,12 +5,12 @@ partition's credential holder only, ending with the partition."""
 from __future__ import annotations
 
 import pytest
-from hvkit import ADMIN_TOKEN, CALL_TIMEOUT, SUCCESS, Guest, HvEnv
 
 from pviommu.abi import shm as L
 from pviommu.shm.faultring import FaultRingReader, RingClosed
 from pviommu.shm.sessions import SessionError
 from pviommu.v1 import admin_pb2, admin_pb2_grpc, common_pb2
+from tests.kit.hvkit import ADMIN_TOKEN, CALL_TIMEOUT, SUCCESS, Guest, HvEnv
 
 
 def socket_of(g: Guest) -> str:

@@ -7,9 +7,9 @@ import threading
 
 import grpc
 import pytest
-from hvkit import CALL_TIMEOUT, S2, SUCCESS, HvEnv, MiB
 
 from pviommu.v1 import admin_pb2, admin_pb2_grpc, common_pb2, hypervisor_pb2, hypervisor_pb2_grpc
+from tests.kit.hvkit import CALL_TIMEOUT, S2, SUCCESS, HvEnv, MiB
 
 INVALID_PARTITION_ID = 0xD
 

@@ -15,9 +15,15 @@ import time
 from pathlib import Path
 
 import pytest
-from hvkit import ADMIN_TOKEN, CALL_TIMEOUT, SUCCESS, Guest, HvEnv, MiB
-from test_raw_abi import (
+
+from pviommu.abi import shm as L
+from pviommu.shm.hcpage import HypercallPage, PageAnswer, PageClosed
+from pviommu.shm.sessions import SessionError, open_session
+from pviommu.v1 import admin_pb2, common_pb2
+from tests.kit.hvkit import (
+    ADMIN_TOKEN,
     ATTACH,
+    CALL_TIMEOUT,
     CONFIGURE,
     CREATE,
     DELETE,
@@ -27,7 +33,13 @@ from test_raw_abi import (
     GET_CAPS,
     GET_PROPERTY,
     MAP,
+    SUCCESS,
     UNMAP,
+    Guest,
+    HvEnv,
+    MiB,
+)
+from tests.kit.rawabi import (
     attach_in,
     caps_in,
     configure_in,
@@ -41,11 +53,6 @@ from test_raw_abi import (
     unmap_in,
     value,
 )
-
-from pviommu.abi import shm as L
-from pviommu.shm.hcpage import HypercallPage, PageAnswer, PageClosed
-from pviommu.shm.sessions import SessionError, open_session
-from pviommu.v1 import admin_pb2, common_pb2
 
 S2 = 0
 UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED = "UNAUTHENTICATED", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED"

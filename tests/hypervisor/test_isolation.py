@@ -7,7 +7,9 @@ import struct
 from dataclasses import dataclass
 
 import pytest
-from hvkit import (
+
+from pviommu.v1 import common_pb2
+from tests.kit.hvkit import (
     ACCESS_DENIED,
     ATTACH,
     CONFIGURE,
@@ -30,8 +32,6 @@ from hvkit import (
     HvEnv,
     MiB,
 )
-
-from pviommu.v1 import common_pb2
 
 ROOT = 1 * MiB
 

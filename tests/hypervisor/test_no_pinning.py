@@ -7,10 +7,10 @@ from __future__ import annotations
 import time
 
 import grpc
-from hvkit import CALL_TIMEOUT, SUCCESS, HvEnv, MiB
 
 from pviommu.rpc.server import STREAMS_PER_PRINCIPAL
 from pviommu.v1 import common_pb2, hypervisor_pb2
+from tests.kit.hvkit import CALL_TIMEOUT, SUCCESS, HvEnv, MiB
 
 
 def _follow(g: object) -> grpc.Future:  # type: ignore[type-arg]

@@ -10,12 +10,12 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hvkit import CALL_TIMEOUT, SUCCESS, MiB
 
 from pvctl.grpc_client import ReflectionClient
 from pvctl.procs import Supervisor
 from pviommu.rpc.client import connect
 from pviommu.v1 import admin_pb2, admin_pb2_grpc
+from tests.kit.hvkit import CALL_TIMEOUT, SUCCESS, MiB
 
 TOKEN = "process-test-admin-" + os.urandom(6).hex()
 

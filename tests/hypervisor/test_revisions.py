@@ -11,7 +11,14 @@ import struct
 from dataclasses import dataclass
 
 import pytest
-from hvkit import (
+
+from pviommu.addr import Gpa, Iova
+from pviommu.mem.bank import bank_base
+from pviommu.mem.frames import guest_frames
+from pviommu.pt.common import Perm
+from pviommu.pt.fmt import X86_64Format
+from pviommu.pt.walk import PageTable, stage1_table
+from tests.kit.hvkit import (
     ACCESS_DENIED,
     DEVICE_ALREADY_IN_DOMAIN,
     INVALID_PARAMETER,
@@ -23,13 +30,6 @@ from hvkit import (
     HvEnv,
     MiB,
 )
-
-from pviommu.addr import Gpa, Iova
-from pviommu.mem.bank import bank_base
-from pviommu.mem.frames import guest_frames
-from pviommu.pt.common import Perm
-from pviommu.pt.fmt import X86_64Format
-from pviommu.pt.walk import PageTable, stage1_table
 
 CREATE, ATTACH, MAP, UNMAP, DETACH, CONFIGURE, GET_CAPS = 0xB1, 0xB2, 0xB3, 0xB4, 0xC4, 0xCE, 0x125
 S2_TYPE, S1_TYPE = 0, 1

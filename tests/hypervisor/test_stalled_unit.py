@@ -13,11 +13,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
-from hvkit import CALL_TIMEOUT, INVALID_DEVICE_STATE, S2, SUCCESS, TIME_OUT, FakeDevice, Guest, HvEnv, MiB
 
 from pviommu.iommu.owner import read_owner
 from pviommu.rpc.auth import token_digest
 from pviommu.v1 import admin_pb2, common_pb2
+from tests.kit.hvkit import CALL_TIMEOUT, INVALID_DEVICE_STATE, S2, SUCCESS, TIME_OUT, FakeDevice, Guest, HvEnv, MiB
 
 FLUSH_TIMEOUT = 0.4
 DOM, SPARE, BASE = 3, 4, 5
@@ -183,7 +183,6 @@ def test_a_stalled_unit_stalls_only_its_own_partition(make_hv: Callable[..., HvE
     stuck.servicer.hang.set()
     answer: list[int] = []
     blocked = threading.Thread(target=lambda: answer.append(g.flush(DOM)))
-    t0 = time.monotonic()
     blocked.start()
     try:
         time.sleep(0.2)  # g's flush is now waiting for its unit
@@ -191,11 +190,10 @@ def test_a_stalled_unit_stalls_only_its_own_partition(make_hv: Callable[..., HvE
             assert h.flush(DOM) == SUCCESS
             assert h.create(10 + i) == SUCCESS and h.configure(10 + i, MiB) == SUCCESS
         env.admin.ListPartitions(common_pb2.Empty(), timeout=CALL_TIMEOUT)
-        bystander_done = time.monotonic() - t0
+        # every bystander call finished while g's call was still stuck on its unit
         assert blocked.is_alive(), "g's flush returned before its unit answered"
     finally:
         blocked.join(10)
         stuck.servicer.hang.clear()
         stuck.servicer.release.set()
     assert answer == [TIME_OUT]
-    assert bystander_done < time.monotonic() - t0  # every bystander call finished while g's call was stuck

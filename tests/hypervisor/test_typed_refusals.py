@@ -7,7 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
-from hvkit import (
+
+from tests.kit.hvkit import (
     ACCESS_DENIED,
     DEVICE_ALREADY_IN_DOMAIN,
     INSUFFICIENT_DEVICE_DOMAINS,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from hvkit import (
+from pviommu.addr import Iova
+from pviommu.mem.bank import bank_base
+from pviommu.pt.common import Perm
+from tests.kit.hvkit import (
     CAP_PRESENT,
     CAP_S1,
     CAP_S1_5LVL,
@@ -14,10 +17,6 @@ from hvkit import (
     HvEnv,
     MiB,
 )
-
-from pviommu.addr import Iova
-from pviommu.mem.bank import bank_base
-from pviommu.pt.common import Perm
 
 PGSIZES_4K_2M_1G = (1 << 12) | (1 << 21) | (1 << 30)
 

@@ -4,17 +4,9 @@ stopped in teardown."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 from hypothesis import HealthCheck, settings
 
-# tests/ is not a package (importlib mode): make the kits importable by name.
-_HERE = Path(__file__).parent
-sys.path.insert(0, str(_HERE))
-sys.path.insert(0, str(_HERE.parent / "hypervisor"))
-
-from hvkit import make_hv  # noqa: E402, F401  (a shared fixture)
+from tests.kit.hvkit import make_hv  # noqa: F401  (a shared fixture)
 
 settings.register_profile(
     "inspect", deadline=None, print_blob=True,

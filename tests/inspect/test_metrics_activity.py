@@ -124,6 +124,15 @@ def test_hypercall_counters_and_latency_histogram_move_by_the_calls_made(system:
     assert value(after, "pviommu_hypervisor_partitions") == 1  # a gauge
 
 
+def test_the_hypervisor_exports_the_revision_it_enforces_the_default_v2(system: System) -> None:
+    """Issue #15: the revision is shown in metrics (docs/revisions.md); v2 is the default."""
+    samples = scrape(system.hv_metrics)
+    assert value(samples, "pviommu_hypervisor_revision", revision="v2", s2_baseline="0") == 1
+    shown = {dict(labels)["revision"] for (name, labels), v in samples.items()
+             if name == "pviommu_hypervisor_revision" and v}
+    assert shown == {"v2"}
+
+
 def test_a_first_dma_misses_the_iotlb_and_walks_and_a_repeat_only_hits(system: System) -> None:
     a = system.agent
     rec, src, dst = (a.AllocBuffer(guest_pb2.AllocRequest(size=4096), timeout=10) for _ in range(3))

@@ -10,16 +10,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hvkit import ADMIN_TOKEN, HvEnv, MiB
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from inspectkit import DATA_START, DOM, HOLE, RAM, RO, Nested, nested
 
 from pvctl.cli import main as cli
 from pviommu.addr import Gpa, Iova
 from pviommu.mem.bank import bank_base
 from pviommu.pt.common import Perm
 from pviommu.v1 import admin_pb2
+from tests.kit.hvkit import ADMIN_TOKEN, HvEnv, MiB
+from tests.kit.inspectkit import DATA_START, DOM, HOLE, RAM, RO, Nested, nested
 
 IOVA_BASE = 0x40_0000_0000
 RW = Perm.READ | Perm.WRITE

@@ -10,7 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hvkit import (
+
+from pvctl.cli import main as cli
+from pvctl.replay import read_trace, replay_file
+from pviommu.abi import hv
+from pviommu.v1 import admin_pb2, common_pb2, hypervisor_pb2_grpc
+from tests.kit.hvkit import (
     ACCESS_DENIED,
     ADMIN_TOKEN,
     DEVICE_ALREADY_IN_DOMAIN,
@@ -25,11 +30,6 @@ from hvkit import (
     HvEnv,
     MiB,
 )
-
-from pvctl.cli import main as cli
-from pvctl.replay import read_trace, replay_file
-from pviommu.abi import hv
-from pviommu.v1 import admin_pb2, common_pb2, hypervisor_pb2_grpc
 
 #: The recording and every fresh hypervisor: the v1 semantics (ATTACH of a device in a domain is
 #: refused with 0x66, one of the statuses the trace must show) and the S2 baseline (domain 5).

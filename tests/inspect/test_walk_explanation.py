@@ -8,14 +8,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from hvkit import HvEnv, MiB
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from inspectkit import DATA_START, RAM, Nested, nested
 
 from pviommu.addr import Gpa, Iova
 from pviommu.mem.bank import bank_base
 from pviommu.pt.common import Perm
+from tests.kit.hvkit import HvEnv, MiB
+from tests.kit.inspectkit import DATA_START, RAM, Nested, nested
 
 IOVA_BASE = 0x4000_0000
 SZ_2M = 2 * MiB
@@ -96,7 +96,7 @@ def test_a_translated_4k_page_shows_four_stage1_levels_each_with_a_stage2_subwal
 
 def test_a_fault_in_a_table_pointers_stage2_walk_ends_the_levels_without_a_stage1_entry(rig: Nested) -> None:
     """The guest points a level-2 table at a GPA stage 2 leaves unmapped (the hole)."""
-    from inspectkit import HOLE
+    from tests.kit.inspectkit import HOLE
 
     iova = IOVA_BASE
     rig.s1.map(Iova(iova), Gpa(DATA_START), 4096, Perm.READ | Perm.WRITE)

@@ -18,13 +18,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import robustkit as rk
 from hypothesis import event, given
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
 from pviommu.abi.dsa import STATUS_MASK, DescFlags, Descriptor, DsaStatus, Opcode
 from pviommu.addr import Gpa
+from tests.kit import robustkit as rk
 
 U64 = (1 << 64) - 1
 #: the only GPA ranges of A a descriptor may change (mapped writable by both stages)

@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import hvkit  # type: ignore[import-not-found,unused-ignore]
 import pytest
-import robustkit as rk
 from hypothesis import event, given
 from hypothesis import strategies as st
 
 from pviommu.abi.hv_status import HvStatus
 from pviommu.v1 import admin_pb2, hypervisor_pb2, hypervisor_pb2_grpc
+from tests.kit import hvkit  # type: ignore[import-not-found,unused-ignore]
+from tests.kit import robustkit as rk
 
 U64 = (1 << 64) - 1
 U32 = (1 << 32) - 1

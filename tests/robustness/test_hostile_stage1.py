@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import robustkit as rk
 from hypothesis import event, given
 from hypothesis import strategies as st
 
@@ -26,6 +25,7 @@ from pviommu.abi.dsa import DescFlags, Descriptor, DsaStatus, Opcode
 from pviommu.abi.hv_status import HvStatus
 from pviommu.addr import Gpa
 from pviommu.mem.bank import bank_base
+from tests.kit import robustkit as rk
 
 U64 = (1 << 64) - 1
 

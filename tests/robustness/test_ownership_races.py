@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-import racekit
-import robustkit
+
+from tests.kit import racekit, robustkit
 
 STEPS = 150
 

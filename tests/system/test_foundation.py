@@ -80,12 +80,25 @@ def test_grpc_cli_without_credential_fails_with_unauthenticated(hypervisor) -> N
     assert "UNAUTHENTICATED" in out.stderr
 
 
-def test_hypervisor_refuses_to_start_without_an_admin_token(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "PVIOMMU_ADMIN_TOKEN"}
-    out = subprocess.run([sys.executable, "-m", "pvctl.cli", "serve", "hypervisor", "--listen", "127.0.0.1:0"],
-                         capture_output=True, text=True, timeout=60, env=env)
-    assert out.returncode != 0
-    assert "PVIOMMU_ADMIN_TOKEN" in out.stderr
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["serve", "hypervisor", "--listen", "127.0.0.1:0"], "set PVIOMMU_ADMIN_TOKEN"),
+    (["serve", "hypervisor", "--listen", "127.0.0.1:0", "--admin-token-file", "/nonexistent/t"],
+     "cannot read the admin token file /nonexistent/t"),
+    (["serve", "dsa", "--hypervisor", "127.0.0.1:1"], "set PVIOMMU_ADMIN_TOKEN"),
+    (["serve", "guest", "--hypervisor", "127.0.0.1:1", "--bank-path", "/nonexistent/b"], "set PVIOMMU_TOKEN"),
+    (["serve", "guest", "--hypervisor", "127.0.0.1:1", "--bank-path", "/nonexistent/b", "--token-file",
+      "/nonexistent/t"], "cannot read the token file /nonexistent/t"),
+    (["grpc", "call", "127.0.0.1:1", "pviommu.v1.Admin/ListPartitions", "--token-file", "/nonexistent/t"],
+     "cannot read the token file /nonexistent/t"),
+], ids=["hv-no-token", "hv-token-file", "dsa-no-token", "guest-no-token", "guest-token-file", "grpc-token-file"])
+def test_a_missing_or_unreadable_credential_is_one_line_exit_2(argv: list[str], needle: str) -> None:
+    """A user error (docs/cli.md: exit 2), not a failed job (1) or a traceback."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PVIOMMU_ADMIN_TOKEN", "PVIOMMU_TOKEN")}
+    out = subprocess.run([sys.executable, "-m", "pvctl.cli", *argv], capture_output=True, text=True,
+                         timeout=60, env=env)
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip() and not ln.startswith("{")]
+    assert (out.returncode, len(lines)) == (2, 1), (out.returncode, out.stderr[-2000:])
+    assert needle in lines[0] and "Traceback" not in out.stderr
 
 
 @pytest.mark.parametrize("argv", [[], ["run"], ["serve"], ["serve", "hypervisor"], ["serve", "guest"],

@@ -38,11 +38,11 @@ from pviommu.abi.shm import CloseReason
 from pviommu.addr import Gpa
 from pviommu.mem.bank import Bank
 from pviommu.rpc.client import connect
+from pviommu.units import MiB
 from pviommu.v1 import admin_pb2, common_pb2, dsa_pb2, dsa_pb2_grpc
 
 pytestmark = pytest.mark.system
 
-MiB = 1 << 20
 PAGE = 4096
 FLAGS = int(DescFlags.CRAV | DescFlags.RCR)
 
@@ -264,10 +264,10 @@ def test_a_stopped_device_is_not_written_off_and_a_bystander_keeps_going(host: H
         for _ in range(20):  # C's flushes need C's own device only
             dom_c.flush()
         bystander_s = time.monotonic() - t0
+        # C's flushes were done while A's move still waited for the stopped unit (its 5 s timeout)
         assert mover.is_alive(), f"the move returned before the stopped unit confirmed it: {answer} {bystander_s}"
         mover.join(30)
         assert answer == [HvStatus.TIME_OUT]
-        assert bystander_s < 4.0  # done long before the stopped unit's 5 s flush timeout
         info = host.info(dev)
         assert (info.partition_id, info.domain_id, info.sync) == (a.pid, context_before.domain_id, "unsynced")
         assert host.assign(dev, b) == HvStatus.INVALID_DEVICE_STATE  # still A's: nobody else gets it

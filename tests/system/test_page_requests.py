@@ -11,10 +11,10 @@ import pytest
 
 from pvctl.local import VirtualSystem
 from pviommu.abi.dsa import CompletionRecord, DescFlags, Descriptor, DsaStatus, Opcode
+from pviommu.units import MiB
 from pviommu.v1 import common_pb2, guest_pb2
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(300)]
-MiB = 1 << 20
 HALF = 512 << 10
 
 

@@ -28,9 +28,8 @@ from pviommu.iommu.unit import IommuUnit
 from pviommu.rpc.auth import new_token
 from pviommu.rpc.client import connect
 from pviommu.rpc.server import RunningServer
+from pviommu.units import MiB
 from pviommu.v1 import admin_pb2, admin_pb2_grpc
-
-MiB = 1 << 20
 
 
 class QueueLog:
@@ -90,7 +89,7 @@ class FakeDevice:
         """Every descriptor completes with ``status`` (fault address = its destination) and moves nothing."""
         def execute(d: Descriptor, ctx: Any, *, in_batch: bool) -> CompletionRecord:
             return CompletionRecord(status=status, fault_addr=d.dst_addr)
-        monkeypatch.setattr("dma_device.dsa.device.execute", execute)
+        monkeypatch.setattr("dma_device.dsa.engine.execute", execute)  # the engine runs the ops
 
 
 @dataclass

@@ -36,8 +36,8 @@ from pviommu.mem.frames import guest_frames, host_frames
 from pviommu.pt.common import RW, EntryType, Perm, PtFormat
 from pviommu.pt.fmt import VtdSsFormat, X86_64Format
 from pviommu.pt.walk import PageTable, TableIterator, stage1_table, stage2_table
+from pviommu.units import MiB
 
-MiB = 1 << 20
 U64 = (1 << 64) - 1
 BANK0 = 1 * MiB
 RAM = 16 * MiB

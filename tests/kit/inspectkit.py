@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hvkit import FakeDevice, Guest, HvEnv, MiB
-
 from pviommu.addr import Gpa, Iova
 from pviommu.mem.frames import FrameAllocator, guest_frames
 from pviommu.pt.fmt import X86_64Format
 from pviommu.pt.gather import IotlbGather
 from pviommu.pt.walk import PageTable, stage1_table
 from pviommu.v1 import admin_pb2
+from tests.kit.hvkit import FakeDevice, Guest, HvEnv, MiB
 
 DOM = 7
 HOLE = (8 * MiB, 64 << 10)

@@ -26,8 +26,8 @@ from pviommu.mem.frames import FrameAllocator, guest_frames, host_frames
 from pviommu.pt.common import RW, Perm
 from pviommu.pt.fmt import VtdSsFormat, X86_64Format
 from pviommu.pt.walk import PageTable, stage1_table, stage2_table
+from pviommu.units import MiB
 
-MiB = 1 << 20
 P1_RAM = 64 * MiB
 P2_RAM = 16 * MiB
 BANK0 = 16 * MiB

@@ -29,12 +29,12 @@ from pviommu.mem.bank import GuestRam, HostMemory
 from pviommu.rpc.client import connect
 from pviommu.rpc.server import RunningServer
 from pviommu.shm.invq import QueueConsumer
+from pviommu.units import MiB
 from pviommu.v1 import admin_pb2, admin_pb2_grpc, common_pb2, hypervisor_pb2, hypervisor_pb2_grpc
 
 ADMIN_TOKEN = "hv-tests-admin-" + os.urandom(8).hex()
 SELF = 0xFFFF_FFFF_FFFF_FFFF
 S2, S1 = 0, 1
-MiB = 1 << 20
 PAGE = 4096
 PV_PROPERTY = 10  # HV_LOGICAL_DEVICE_PROPERTY_PVIOMMU
 #: gRPC deadline of every call the kit makes: a hung server fails a test, never hangs it
@@ -62,9 +62,6 @@ CREATE, ATTACH, MAP, UNMAP = 0x00B1, 0x00B2, 0x00B3, 0x00B4
 DETACH, DELETE, CONFIGURE = 0x00C4, 0x00C5, 0x00CE
 FLUSH, FLUSH_LIST = 0x00D0, 0x00D1
 GET_CAPS, GET_PROPERTY = 0x0125, 0x0127
-
-SCOPE_NAMES = {0: "global", 1: "domain", 2: "pages", 3: "context"}
-
 
 def hv_args(*extra: str) -> argparse.Namespace:
     p = argparse.ArgumentParser()
@@ -99,7 +96,7 @@ class UnitRecorder:
             self.release.wait(10)
         if isinstance(item, Invalidation):
             with self._lock:
-                self.invalidations.append((SCOPE_NAMES[int(item.scope)], item.did, item.addr, item.am,
+                self.invalidations.append((item.scope.name.lower(), item.did, item.addr, item.am,
                                            slot if item.slot is None else item.slot))
             if self.delay:
                 time.sleep(self.delay)

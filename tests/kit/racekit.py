@@ -53,8 +53,8 @@ from pviommu.pt.fmt.x86_64 import X86_64Format
 from pviommu.pt.gather import IotlbGather
 from pviommu.pt.walk import PageTable, stage1_table
 from pviommu.rpc.auth import Principal
+from pviommu.units import MiB
 
-MiB = 1 << 20
 PAGE = 4096
 SELF = hv.HV_PARTITION_ID_SELF
 RAM = 8 * MiB

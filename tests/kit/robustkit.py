@@ -15,8 +15,8 @@ DMA goes through that unit. The only test-owned pieces are
 * ``RecordingTranslator``: sits between the device and its unit, asks the
   reference walker first, then the unit, and keeps both answers.
 
-The atheris targets in fuzz/ import this module (they put this folder on
-``sys.path`` as tests/robustness/conftest.py does).
+The atheris targets in fuzz/ import this module too (as ``tests.kit.robustkit``,
+with the repository root on ``sys.path``).
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ from pviommu.mem.frames import guest_frames
 from pviommu.pt.common import Perm
 from pviommu.pt.fmt.x86_64 import X86_64Format
 from pviommu.pt.walk import PageTable, stage1_table
+from pviommu.units import MiB
 
-MiB = 1 << 20
 PAGE = 4096
 U64 = (1 << 64) - 1
 SELF = hv.HV_PARTITION_ID_SELF
@@ -74,9 +74,17 @@ def long_mode() -> bool:
     return os.environ.get("PVIOMMU_LONG", "") not in ("", "0")
 
 
-#: the hypothesis profile tests start from (conftest.py registers and picks it)
-PROFILE = "default"
+#: PVIOMMU_LONG=1 multiplies every fuzz test's examples by this
 LONG_FACTOR = 20
+settings.register_profile(
+    "robustness-ci", deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "robustness-long", settings.get_profile("robustness-ci"), max_examples=100 * LONG_FACTOR,
+)
+#: the hypothesis profile robust_settings(n) starts from (n scaled by LONG_FACTOR in long mode)
+PROFILE = "robustness-long" if long_mode() else "robustness-ci"
 
 
 def robust_settings(examples: int) -> settings:
