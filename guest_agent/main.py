@@ -55,8 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="behave as this revision's driver of the pv-IOMMU series (default: the latest, "
                         f"{DEFAULT_REVISION.value}); see docs/revisions.md")
     p.add_argument("--grpc-only", action="store_true",
-                   help="make every hypercall over gRPC, even when the hypervisor offers a hypercall page "
-                        "(docs/transports.md)")
+                   help="make every hypercall over gRPC and read page requests from the gRPC fault stream, "
+                        "even when the hypervisor offers a hypercall page and fault rings (docs/transports.md)")
     p.add_argument("--proposal-sva", action="store_true",
                    help="pviommu proposal, not in the series (docs/proposal-sva.md): SVA processes bound to PASIDs "
                         "and their page requests; needs a hypervisor started with --proposal-sva")

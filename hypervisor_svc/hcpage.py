@@ -38,8 +38,8 @@ from pviommu.shm.sessions import Opened, Opener, SessionRefused
 
 log = get_logger("hypervisor.hcpage")
 
-#: how long a session's thread polls the page after a call before it sleeps on the doorbell, while
-#: calls come at most this far apart on average (else ``HOST_SPIN_MIN_S``)
+#: how long a session's thread polls the page after a call before it sleeps on the doorbell, when the
+#: last call came at most this long after the one before (else ``HOST_SPIN_MIN_S``)
 HOST_SPIN_S = 0.001
 HOST_SPIN_MIN_S = 0.00005
 #: hypercall pages one partition may hold at once (the default of ``--hypercall-page-sessions``)
@@ -138,18 +138,18 @@ class HcPages:
             if not s.stop:
                 r.set_u32(L.HC_HOST_STATE, L.ConsumerState.SLEEPING if sleeping else L.ConsumerState.POLLING)
 
-        gap = HOST_SPIN_S  # moving average of the idle time between calls
+        gap = HOST_SPIN_S  # the idle time before the last call
         done_at = time.monotonic()
         try:
             while True:
-                # poll only when calls come close together: a page used now and then sleeps at once and
-                # leaves the CPU to the units and guests (the doorbell's wake-up is its cost)
+                # poll long only while calls come close together (the last one came within the window):
+                # a page used now and then sleeps soon and leaves the CPU to the units and guests
                 spin = HOST_SPIN_S if gap <= HOST_SPIN_S else HOST_SPIN_MIN_S
                 adaptive_wait(ready, s.request_bell, spin_s=spin, timeout=None, announce_sleep=announce)
                 if s.stop:
                     return
                 now = time.monotonic()
-                gap += (now - done_at - gap) / 4
+                gap = now - done_at
                 seq = r.u64(L.HC_SEQ_REQUEST)
                 answer = self._run(s)
                 if answer is None:  # the partition ended under this call: nothing ran

@@ -72,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="serve Prometheus metrics on this port (0 picks one; default: off)")
     p.add_argument("--flush-timeout", type=float, default=5.0, help="seconds a unit has to acknowledge a flush")
     p.add_argument("--session-socket",
-                   help="Unix socket of the data-plane sessions, i.e. the hypercall pages (default: "
+                   help="Unix socket of the data-plane sessions: hypercall pages and fault rings (default: "
                         "hypervisor.sock beside the banks, so on the shared banks volume under compose/k8s; "
                         "under /tmp when that path is too long for AF_UNIX)")
     p.add_argument("--no-hypercall-page", action="store_true",

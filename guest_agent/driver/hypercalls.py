@@ -40,6 +40,8 @@ log = get_logger("guest.hypercalls")
 SELF = hv.HV_PARTITION_ID_SELF
 #: Rep hypercalls take at most this many elements per call (rep count is 12 bits).
 MAX_REPS = 4095
+#: MapDeviceGpaPages reps whose input fits one 4 KiB input page (40-byte header, 8 bytes a page)
+PAGE_MAP_REPS = (4096 - 40) // 8
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,8 @@ class HvClient:
         if page is None:
             return None
         value, data = hv.encode_request(request)
+        if len(data) > hv.HV_HYP_PAGE_SIZE:  # more reps than one input page holds: the typed method takes them
+            return None
         try:
             return page.call(value.encode(), data)
         except PageClosed as exc:  # the call did not run, or (a timeout) may have: both sides are idempotent
@@ -327,9 +331,10 @@ class HvClient:
 
     # -- baseline (map by hypercall) -------------------------------------------
     def map_gpa_pages(self, domain_id: int, map_flags: int, va_base: int, gpa_pages: Sequence[int]) -> None:
-        """MapDeviceGpaPages in chunks of at most 4095 reps."""
-        for i in range(0, len(gpa_pages), MAX_REPS):
-            chunk = gpa_pages[i:i + MAX_REPS]
+        """MapDeviceGpaPages in chunks of at most 4095 reps (on the page: as many as its input page holds)."""
+        step = PAGE_MAP_REPS if self.page() is not None else MAX_REPS
+        for i in range(0, len(gpa_pages), step):
+            chunk = gpa_pages[i:i + step]
             if not map_flags & ~0x3 and (a := self._raw(hv.MapDeviceGpaPagesRequest(hv.MapDeviceGpaPagesHeader(
                     self._hv_dd(hv.DeviceDomainType.S2, domain_id), hv.MapFlags(map_flags),
                     Iova(va_base + (i << 12))), tuple(chunk)))) is not None:

@@ -151,3 +151,15 @@ def _eventually(pred: Any, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+def test_rep_calls_longer_than_the_input_page_are_split_or_sent_over_grpc(hv: HvEnv) -> None:
+    agent, spy = _agent(hv)
+    s2 = int(hvabi.DeviceDomainType.S2)
+    agent.hv.create_domain(s2, 77)
+    agent.hv.map_gpa_pages(77, 3, 0x4000_0000, list(range(0x100, 0x100 + 600)))  # 600 pages: two page calls
+    assert hv.domain_view(agent.partition_id, 77).mapped_pages == 600
+    assert "MapDeviceGpaPages" not in spy.used
+    agent.hv.create_domain(S1, 78)
+    assert agent.hv.flush_domain_list(S1, 78, [(i, 0) for i in range(600)]) == 600  # 4,832 bytes: gRPC
+    assert "FlushDeviceDomainList" in spy.used and agent.hv.transport == "hypercall page"
