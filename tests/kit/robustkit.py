@@ -113,6 +113,8 @@ _ADDR = ((1 << 52) - 1) & ~0xFFF
 #: the unit's first-stage output width (MGAW 48): bits 51:48 of an address are reserved
 _FS_OA_BITS = 48
 _RSVD_ADDR = ((1 << 52) - 1) & ~((1 << _FS_OA_BITS) - 1)
+#: XD (bit 63) means execute-disable only under NXE, which no context entry here enables: reserved (SDM 4.5)
+_XD = 1 << 63
 _RSVD_2M = ((1 << 21) - 1) & ~((1 << 13) - 1)
 _RSVD_1G = ((1 << 30) - 1) & ~((1 << 13) - 1)
 _MSI_FIRST, _MSI_LAST = 0xFEE0_0000, 0xFEEF_FFFF
@@ -212,7 +214,7 @@ class RefWalker:
                 out.why = f"read-only entry at level {level}"
                 return out
             leaf = level == 0 or (level <= 2 and bool(entry & _PS))
-            reserved = _RSVD_ADDR
+            reserved = _RSVD_ADDR | _XD
             if not leaf and level >= 3:
                 reserved |= _PS
             if leaf and level == 1:
