@@ -13,7 +13,6 @@ the socket's end tells that the device's process is gone.
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 
@@ -21,7 +20,7 @@ from guest_agent.errors import DeviceCommandFailed
 from pviommu.abi import shm as L
 from pviommu.shm.region import Doorbell, Region
 from pviommu.shm.ring import Ring, RingError
-from pviommu.shm.sessions import open_session
+from pviommu.shm.sessions import open_session, peer_alive
 
 #: how long a shared-WQ submission waits for its answer before giving up
 ANSWER_TIMEOUT_S = 5.0
@@ -39,16 +38,6 @@ class PortalClosed(DeviceCommandFailed):
 #: how often ``check`` asks the kernel whether the device's process is still there (the ring's
 #: closed flag, a memory read, is checked every time)
 ALIVE_CHECK_S = 0.005
-
-
-def _alive(sock: socket.socket) -> bool:
-    """False once the service at the other end of a session socket is gone."""
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-    except BlockingIOError:
-        return True
-    except (OSError, ValueError):
-        return False
 
 
 class ShmPortal:
@@ -74,7 +63,7 @@ class ShmPortal:
         if now - self._alive_at < ALIVE_CHECK_S:
             return
         self._alive_at = now
-        if not _alive(self.sock):
+        if not peer_alive(self.sock):
             raise PortalClosed(L.CloseReason.SERVICE_STOPPED, "the device's process is gone")
 
     def _put(self, descriptor: bytes) -> int:
@@ -144,7 +133,7 @@ class ShmInterrupts:
         self._thread.start()
 
     def _closed(self) -> bool:
-        return self.region.u32(L.IRQ_STATE) == 2 or not _alive(self.sock)
+        return self.region.u32(L.IRQ_STATE) == 2 or not peer_alive(self.sock)
 
     def _listen(self) -> None:
         try:

@@ -15,14 +15,13 @@ destroyed (``host_state`` CLOSED, ``close_reason`` OWNER_CHANGED).
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass
 
 from pviommu.abi import shm as L
 from pviommu.shm.region import Doorbell, Region
-from pviommu.shm.sessions import open_session
+from pviommu.shm.sessions import open_session, peer_alive
 
 #: how long a caller polls for the result before it sleeps on the completion doorbell
 GUEST_SPIN_S = 0.002
@@ -54,15 +53,6 @@ class PageAnswer:
     @property
     def reps_completed(self) -> int:
         return (self.result_value >> 32) & 0xFFF
-
-
-def _alive(sock: socket.socket) -> bool:
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-    except BlockingIOError:
-        return True
-    except (OSError, ValueError):
-        return False
 
 
 class HypercallPage:
@@ -139,7 +129,7 @@ class HypercallPage:
             if now > deadline:
                 self._broken = PageClosed(L.CloseReason.PROTOCOL_ERROR, f"no answer in {self.timeout:.0f} s")
                 raise self._broken
-            if not _alive(self.sock):
+            if not peer_alive(self.sock):
                 self._broken = PageClosed(L.CloseReason.SERVICE_STOPPED, "the hypervisor's process is gone")
                 raise self._broken
             r.set_u32(L.HC_GUEST_STATE, 1)

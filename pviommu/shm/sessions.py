@@ -233,3 +233,14 @@ def open_session(path: str, request: dict[str, Any], timeout: float = 10.0) -> t
         raise SessionError(str(reply.get("code", "UNKNOWN")), str(reply.get("error", "refused")))
     sock.settimeout(None)
     return reply, list(fds), sock
+
+
+def peer_alive(sock: socket.socket) -> bool:
+    """False once the service at the other end of a session socket is gone
+    (one MSG_PEEK, never blocking: the clients poll it between ring checks)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True
+    except (OSError, ValueError):
+        return False
