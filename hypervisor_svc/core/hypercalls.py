@@ -51,7 +51,9 @@ partitions' calls do not wait for them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from hypervisor_svc.core.host import Host
 from hypervisor_svc.core.model import Device, Domain, Partition
@@ -97,15 +99,36 @@ def _invalid(message: str) -> HvError:
     return HvError(HvStatus.INVALID_PARAMETER, message)
 
 
+#: A hypercall's handler: the caller and its decoded input, to the answer.
+Handler = Callable[[Partition, Any], "HvAnswer"]
+
+
 class Hypercalls:
     def __init__(self, host: Host) -> None:
         self.host = host
+        #: one handler per call code, the series' and the SVA proposal's (``dispatch`` looks nothing up by name)
+        self.handlers: dict[int, Handler] = {
+            hv.HvCallCode.GET_IOMMU_CAPABILITIES: self.do_get_iommu_capabilities,
+            hv.HvCallCode.GET_LOGICAL_DEVICE_PROPERTY: self.do_get_logical_device_property,
+            hv.HvCallCode.CREATE_DEVICE_DOMAIN: self.do_create_device_domain,
+            hv.HvCallCode.DELETE_DEVICE_DOMAIN: self.do_delete_device_domain,
+            hv.HvCallCode.ATTACH_DEVICE_DOMAIN: self.do_attach_device_domain,
+            hv.HvCallCode.DETACH_DEVICE_DOMAIN: self.do_detach_device_domain,
+            hv.HvCallCode.CONFIGURE_DEVICE_DOMAIN: self.do_configure_device_domain,
+            hv.HvCallCode.FLUSH_DEVICE_DOMAIN: self.do_flush_device_domain,
+            hv.HvCallCode.FLUSH_DEVICE_DOMAIN_LIST: self.do_flush_device_domain_list,
+            hv.HvCallCode.MAP_DEVICE_GPA_PAGES: self.do_map_device_gpa_pages,
+            hv.HvCallCode.UNMAP_DEVICE_GPA_PAGES: self.do_unmap_device_gpa_pages,
+            sva_abi.SvaCallCode.ATTACH_DEVICE_PASID: self.do_attach_device_pasid,
+            sva_abi.SvaCallCode.DETACH_DEVICE_PASID: self.do_detach_device_pasid,
+            sva_abi.SvaCallCode.PROCESS_IOMMU_PRQ: self.do_process_iommu_prq,
+        }
 
     # ------------------------------------------------------------------ dispatch
     def dispatch(self, caller: Partition, request: hv.HvRequest | sva_abi.SvaInput) -> HvAnswer:
         """Run one decoded hypercall for ``caller``."""
         name = request.CODE.name
-        handler = getattr(self, "do_" + name.lower())
+        handler = self.handlers[request.CODE]
         trace = self.host.trace
         try:
             with caller.lock:
