@@ -1,0 +1,111 @@
+"""The SVA proposal (pviommu proposal, not in the series): a page request the guest never
+answers. A real hypervisor (``--proposal-sva``), a real DSA device (``--page-request-timeout
+1.0``) and a real guest agent, in-process; only the agent's page-request handler is replaced by
+one that listens and never answers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from guest_agent.agent import Agent, open_bank
+from guest_agent.dsa.driver import wait_completion
+from guest_agent.sva import SvaError, shared_wq
+from pviommu.abi import hv
+from pviommu.abi.dsa import COMP_SIZE, DescFlags, Descriptor, DsaStatus, Opcode
+from pviommu.abi.hv.sva import ProcessIommuPrqInput, PrqResponse
+from pviommu.abi.invq import PageResponse, PageResponseCode, QueueItem
+from pviommu.abi.prq import PageRequestMessage
+from pviommu.addr import PAGE_SIZE
+from pviommu.rpc.client import connect
+from pviommu.units import MiB
+from tests.kit.guest_env import FakeDevice, start_hypervisor
+
+PAGE_REQUEST_TIMEOUT = 1.0  # what tests.kit.guest_env gives its devices
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[tuple[Agent, FakeDevice]]:
+    env = start_hypervisor(tmp_path, False, "--proposal-sva")
+    try:
+        part = env.partition(64 * MiB)
+        dev = env.device(part)
+        ch = connect(env.address, part.token)
+        env.channels.append(ch)
+        agent = Agent(ch, part.token, open_bank(part.bank_path), sva=True)
+        env.agents.append(agent)
+        agent.start()
+        yield agent, dev
+    finally:
+        env.close()
+
+
+def test_an_unanswered_sva_page_request_ends_nobof_and_a_late_response_is_dropped_once(
+        rig: tuple[Agent, FakeDevice], monkeypatch: pytest.MonkeyPatch) -> None:
+    agent, dev = rig
+    sva = agent.sva
+    assert sva is not None
+    heard: list[Any] = []
+    monkeypatch.setattr(sva, "handle", lambda fault: heard.append(fault))  # a guest that never answers
+    unit_items: list[QueueItem] = []
+    dev.service.observers.append(unit_items.append)
+
+    drv = agent.dsa_driver(dev.logical_device_id)
+    wq = shared_wq(drv)
+    proc = sva.new_process()
+    binding = sva.bind(proc, dev.logical_device_id)
+    src, dst, rec = proc.mmap(2 * PAGE_SIZE), proc.mmap(2 * PAGE_SIZE), proc.mmap(PAGE_SIZE)
+    pattern = bytes((i * 7 + 3) & 0xFF for i in range(2 * PAGE_SIZE))
+    proc.write(src, pattern)
+    proc.write(rec, bytes(COMP_SIZE))
+    proc.write(dst, bytes(PAGE_SIZE))  # the first destination page present, the second never touched
+    desc = Descriptor(opcode=Opcode.MEMMOVE, flags=int(DescFlags.CRAV | DescFlags.RCR | DescFlags.BOF),
+                      pasid=binding.pasid, completion_addr=rec, src_addr=src, dst_addr=dst, xfer_size=2 * PAGE_SIZE)
+    rec_gpa = proc.gpa_of(rec)
+    assert rec_gpa is not None
+    start = time.monotonic()
+    assert drv.submit(desc.pack(), wq_id=wq)
+    cr = wait_completion(sva.ram, rec_gpa, 30, check=drv.check_portal)
+    waited = time.monotonic() - start
+
+    # the device waited its page-request timeout, then completed as if BOF were off
+    assert cr is not None, "no completion record"
+    assert cr.code == DsaStatus.PAGE_FAULT_NOBOF, hex(cr.status)
+    assert cr.bytes_completed == PAGE_SIZE and cr.fault_addr == dst + PAGE_SIZE
+    assert waited >= PAGE_REQUEST_TIMEOUT  # a lower bound only: Event.wait(timeout) never returns early
+    outcomes = dev.service.device.counters.snapshot()["page_request_outcomes"]
+    assert isinstance(outcomes, dict)
+    assert outcomes.get("timeout") == 1 and not outcomes.get("resolved") and not outcomes.get("refused")
+    assert proc.read(dst, PAGE_SIZE) == pattern[:PAGE_SIZE]
+    requests = [f for f in heard if f.page_request]  # beside it, the fault itself as an IommuFault message
+    assert len(requests) == 1 and requests[0].pasid == binding.pasid
+    msg = PageRequestMessage.unpack(bytes(requests[0].synic_message))
+    assert msg.pasid == binding.pasid and msg.address == dst + PAGE_SIZE and msg.write
+    record = proc.read(rec, COMP_SIZE)
+
+    # the guest faults the page in and answers late. The hypervisor keeps no deadline (the device
+    # does not tell it that it gave up), so the request is still pending there: the first answer is
+    # accepted and reaches the unit, which has nothing waiting for it and drops it; a second one
+    # is a duplicate.
+    assert proc.fault_in(dst + PAGE_SIZE)
+    late = ProcessIommuPrqInput(hv.HV_PARTITION_ID_SELF, hv.HvDeviceId.logical(dev.logical_device_id),
+                                msg.request_id, msg.pasid, PrqResponse.SUCCESS)
+    sva._call(late)  # raises SvaError naming the status unless SUCCESS
+    deadline = time.monotonic() + 10
+    while not any(isinstance(i, PageResponse) for i in unit_items) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [(i.request_id, i.code) for i in unit_items if isinstance(i, PageResponse)] \
+        == [(msg.request_id, PageResponseCode.SUCCESS)]
+    with pytest.raises(SvaError, match="PAGE_REQUEST_INVALID"):
+        sva._call(late)
+    time.sleep(0.2)  # give a wrongly resumed engine time to write
+    assert proc.read(rec, COMP_SIZE) == record
+    assert proc.read(dst + PAGE_SIZE, PAGE_SIZE) == bytes(PAGE_SIZE)  # faulted in by the guest, never written
+    assert dev.service.device.counters.snapshot()["page_request_outcomes"] == outcomes
+    assert dev.executed == 1
+    sva.unbind(binding)
+    proc.close()
