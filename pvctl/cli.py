@@ -128,6 +128,9 @@ def cmd_grpc(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from pviommu.client.procs import exit_with_supervisor
+
+    exit_with_supervisor()  # launched by `pviommu run` or the client: end with it, even after its SIGKILL
     module = importlib.import_module(SERVICES[args.service])
     rc: int = module.run(args)
     return rc

@@ -7,8 +7,11 @@ nothing but gRPC to drive it. The chosen port is read back from the port
 file once the server is serving. Every process is a child of a
 ``Supervisor`` that stops the lot (SIGTERM, then SIGKILL) on exit, on an
 exception and on Ctrl-C, and keeps each service's log so a failure can show
-it. Processes can be launched together and waited for together, so a host
-with several devices and guests comes up in parallel.
+it. If the supervising process itself is killed outright (SIGKILL: no
+cleanup can run), each service notices within a second and stops itself
+(``exit_with_supervisor``), so nothing is left running. Processes can be
+launched together and waited for together, so a host with several devices
+and guests comes up in parallel.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +30,33 @@ from types import TracebackType
 
 #: Overrides the command that serves a service (e.g. "pviommu serve" or "docker run ... pviommu serve").
 SERVE_COMMAND_ENV = "PVIOMMU_SERVE_COMMAND"
+#: The PID of the supervising process, given to every service it launches.
+SUPERVISOR_PID_ENV = "PVIOMMU_SUPERVISOR_PID"
+#: How often a service checks that its supervisor still lives (seconds).
+SUPERVISOR_CHECK_S = 0.5
+
+
+def exit_with_supervisor() -> None:
+    """In a service: SIGTERM ourselves (the services' normal, cleaning shutdown)
+    once the process named by ``$PVIOMMU_SUPERVISOR_PID`` is gone. Checks the
+    PID, not the parent, so wrapper commands in between do not matter."""
+    value = os.environ.get(SUPERVISOR_PID_ENV, "")
+    if not value.isdigit():
+        return
+    pid = int(value)
+
+    def watch() -> None:
+        while True:
+            time.sleep(SUPERVISOR_CHECK_S)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            except PermissionError:  # alive, another user's (a reused PID cannot be ours to judge)
+                continue
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
 
 def serve_command() -> list[str]:
@@ -87,7 +118,8 @@ class Supervisor:
         log_path = self.workdir / f"{name}.log"
         cmd = [*(self.command or serve_command()), service, "--listen", "127.0.0.1:0",
                "--port-file", str(port_file), *args]
-        full_env = {**os.environ, **self.env, **(env or {}), "PVIOMMU_LOG_FORMAT": "json"}
+        full_env = {**os.environ, **self.env, **(env or {}), "PVIOMMU_LOG_FORMAT": "json",
+                    SUPERVISOR_PID_ENV: str(os.getpid())}
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=full_env, start_new_session=True)

@@ -6,6 +6,7 @@ help, named descriptors and memory dumps."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -346,3 +347,42 @@ def test_scenario_writes_a_junit_report_with_one_case_per_step(pviommu_system: S
     names = [c.get("name") for c in suite.iter("testcase")]
     assert names == ["iommu-present", "devices-assigned", "dmatest-nested", "dmatest-baseline", "isolation",
                      "stale-iotlb-hazard"]
+
+
+SUPERVISING = """
+import sys, time
+from pathlib import Path
+from pviommu.client.procs import Supervisor
+sup = Supervisor(Path(sys.argv[1]), env={"PVIOMMU_ADMIN_TOKEN": "t"})
+hv = sup.start("hv", "hypervisor")
+print(hv.proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not TMPFS, reason="no tmpfs /dev/shm here")
+def test_services_end_and_clean_up_when_their_supervisor_is_killed_outright(tmp_path: Path) -> None:
+    """What `kill -9` of `pviommu run` (or of a test process using the client) does to its services."""
+    sup = subprocess.Popen([sys.executable, "-c", SUPERVISING, str(tmp_path)], stdout=subprocess.PIPE)
+    hv_pid = 0
+    try:
+        assert sup.stdout is not None
+        hv_pid = int(sup.stdout.readline())
+        rec = json.loads(next(ln for ln in _wait_for(tmp_path / "hv.log", '"hypervisor.serving"').splitlines()
+                              if '"hypervisor.serving"' in ln))
+        folder = Path(rec["memory_dir"])
+        assert folder.exists()
+        sup.kill()  # SIGKILL: the supervisor's own cleanup cannot run
+        sup.wait(30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and Path(f"/proc/{hv_pid}").exists() and \
+                "zombie" not in Path(f"/proc/{hv_pid}/status").read_text(errors="replace").lower():
+            time.sleep(0.1)
+        assert not Path(f"/proc/{hv_pid}").exists() or "zombie" in Path(f"/proc/{hv_pid}/status").read_text().lower()
+        assert not folder.exists()  # it ended by its own SIGTERM path, which removes its bank folder
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+        if hv_pid and Path(f"/proc/{hv_pid}").exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(hv_pid, signal.SIGKILL)
