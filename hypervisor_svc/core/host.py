@@ -371,7 +371,7 @@ class Host:
             part = self.partitions.get(dev.partition_id) if dev.partition_id else None
             with self._partition_locks([part]):
                 if dev.sync is Sync.UNSYNCED:
-                    if not self._tell(dev, self._fence_items(dev)):
+                    if not self.tell(dev, self._fence_items(dev)):
                         raise HvError(HvStatus.INVALID_DEVICE_STATE, f"device {logical:#x} is gone")
                     self._synced(dev, part)
                     self.count("devices_resynced")
@@ -433,7 +433,7 @@ class Host:
             stalled: list[str] = []
             for d in devs:
                 try:
-                    self._tell(d, self._fence_items(d))  # False: gone (now LOST), which holds nothing
+                    self.tell(d, self._fence_items(d))  # False: gone (now LOST), which holds nothing
                 except HvError as exc:
                     stalled.append(f"{d.name or hex(d.logical_device_id)}: {exc}")
             if stalled:
@@ -472,7 +472,7 @@ class Host:
         except (UnitGone, UnitStalled) as exc:
             log.info("device.fence_unannounced", device=dev.logical_device_id, error=str(exc))
 
-    def _tell(self, dev: Device, items: Sequence[QueueItem]) -> bool:
+    def tell(self, dev: Device, items: Sequence[QueueItem]) -> bool:
         """Deliver ``items`` to ``dev``'s unit and wait for its confirmation.
         True: confirmed. False: no process serves the unit (it holds nothing;
         the device is now LOST, its slot blocked). A live unit that did not
@@ -512,7 +512,7 @@ class Host:
         """``items`` to every unit in ``units``, each confirmed (a gone unit is
         skipped: it holds nothing); TIME_OUT when a live one did not confirm."""
         for dev in units:
-            self._tell(dev, items)
+            self.tell(dev, items)
 
     def units_holding(self, part: Partition, tag: int) -> list[Device]:
         """The partition's devices whose units may cache entries of ``tag``
@@ -557,7 +557,7 @@ class Host:
             if old is not None:
                 items.append(Invalidation.domain(old.tag))
             try:
-                self._tell(dev, items)
+                self.tell(dev, items)
             except HvError:
                 self.tables.write_context_raw(dev.slot, saved)
                 raise
@@ -588,7 +588,7 @@ class Host:
                 items: list[QueueItem] = [Invalidation.domain(dom.tag)]
                 if logical in dom.devices:
                     items.insert(0, Invalidation.context(d.slot))
-                self._tell(d, items)
+                self.tell(d, items)
         except HvError:
             for k, v in saved_fields.items():
                 setattr(dom, k, v)

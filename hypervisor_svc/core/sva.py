@@ -150,7 +150,7 @@ class SvaState:
         if not dev.reachable:
             return
         try:
-            self.host._tell(dev, items)
+            self.host.tell(dev, items)
         except HvError:
             self.tables.set_entry(dev.slot, pasid, before)
             raise
