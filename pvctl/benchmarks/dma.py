@@ -208,8 +208,8 @@ def bench_dma_e2e(report: Report, agent: Any, quick: bool) -> None:
         agent.iommu.delete_domain(dom)
         for b in (*bufs, rec_page):
             agent.memory.free(b)
-    report.notes["dma"] = (report.notes["dma"] + "; " if "dma" in report.notes else "") + (
-                           "engine = the DSA model runs the descriptor on the calling thread (validation, nested "
+    report.note("dma",
+                "engine = the DSA model runs the descriptor on the calling thread (validation, nested "
                            "translation through a real IommuUnit, copy, completion record); e2e = guest driver -> "
                            "shared-memory portal ring -> device process -> record polled in guest RAM, real services; "
                            f"transfers above {size_label(max_xfer)} are split into max-transfer-size descriptors "

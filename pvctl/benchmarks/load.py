@@ -78,10 +78,11 @@ def bench_idle_streams(report: Report, system: Any, quick: bool) -> None:
     row = report.add("load", Row(f"FlushDeviceDomain p50, another partition holding {IDLE_STREAMS} idle streams",
                                  percentile(loaded, 0.5) * 1e6, "us", "same call, no streams open", unloaded))
     row.target, row.met = "<= 2x (issue #14)", row.ratio <= 2.0
-    _note(report, f"{n} FlushDeviceDomain calls (no device attached) of one partition with another partition's "
-        f"{IDLE_STREAMS} StreamFaults(follow) streams open, against {n} without (half before, half after, pooled); "
-        f"the server kept {open_streams} of them open (its per-partition quota) and refused {refused} with "
-        f"RESOURCE_EXHAUSTED; {still_open} were still open after the loaded calls")
+    report.note("load",
+                f"{n} FlushDeviceDomain calls (no device attached) of one partition with another partition's "
+                f"{IDLE_STREAMS} StreamFaults(follow) streams open, against {n} without (half before, half after, "
+                f"pooled); the server kept {open_streams} of them open (its per-partition quota) and refused "
+                f"{refused} with RESOURCE_EXHAUSTED; {still_open} were still open after the loaded calls")
 
 
 def bench_many_guests(report: Report, quick: bool) -> None:
@@ -122,14 +123,10 @@ def bench_many_guests(report: Report, quick: bool) -> None:
                                  "1 guest x 2 devices alone", alone.iops))
     ok = not errors and len(done) == guests and failures == 0
     row.target, row.met = ">= 1x and 0 failures (issue #14)", ok and row.ratio >= 1.0
-    _note(report, f"{guests} strict guest agent processes, 2 DSA device processes each, dmatest 16 KiB, 1 thread per "
-        f"channel (2 channels per guest), {duration:g} s, started together; aggregate = the sum of each guest's "
-        f"iops; {sum(r.tests for r in done)} tests, {failures} failures, {len(errors)} runs lost")
-
-
-def _note(report: Report, text: str) -> None:
-    """Both load benchmarks explain themselves under the one ``load`` section."""
-    report.notes["load"] = (report.notes["load"] + "; " if "load" in report.notes else "") + text
+    report.note("load",
+                f"{guests} strict guest agent processes, 2 DSA device processes each, dmatest 16 KiB, 1 thread per "
+                f"channel (2 channels per guest), {duration:g} s, started together; aggregate = the sum of each "
+                f"guest's iops; {sum(r.tests for r in done)} tests, {failures} failures, {len(errors)} runs lost")
 
 
 __all__ = ["bench_idle_streams", "bench_many_guests"]

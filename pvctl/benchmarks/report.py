@@ -48,6 +48,10 @@ class Report:
         self.sections.setdefault(section, []).append(row)
         return row
 
+    def note(self, section: str, text: str) -> None:
+        """Add ``text`` to the note printed under ``section`` (benchmarks sharing a section each add theirs)."""
+        self.notes[section] = f"{self.notes[section]}; {text}" if section in self.notes else text
+
     def to_json(self) -> dict[str, Any]:
         return {"quick": self.quick, "command": self.command, "machine": self.machine, "seconds": self.seconds,
                 "sections": {k: [asdict(r) for r in v] for k, v in self.sections.items()}, "notes": self.notes}
