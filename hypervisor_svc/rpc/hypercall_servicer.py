@@ -97,7 +97,7 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
                 raise HvError(HvStatus.INVALID_PARAMETER, str(exc)) from exc
             answer = self.calls.dispatch(caller, request)
         except HvError as exc:
-            self.host.count(f"hv_status_{int(exc.hv_status):#x}")
+            self.host.counters.count(f"hv_status_{int(exc.hv_status):#x}")
             return None, hv_result(exc.hv_status, str(exc)), exc.reps_completed
         except PviommuError as exc:
             return None, hv_result(exc.hv_status, str(exc)), 0

@@ -65,11 +65,11 @@ HOT = {"CreateDeviceDomain", "ConfigureDeviceDomain", "AttachDeviceDomain", "Flu
 
 def test_driver_makes_its_flushes_and_domain_calls_on_the_page(hv: HvEnv) -> None:
     agent, spy = _agent(hv)
-    before = hv.host.stats.get("hcpage_calls", 0)
+    before = hv.host.counters.stats.get("hcpage_calls", 0)
     _map_unmap(agent)
     assert agent.hv.transport == "hypercall page"
-    assert hv.host.stats.get("hcpage_calls", 0) > before
-    assert hv.host.stats["hcpage_calls"] >= 4  # init's domain calls and the flush
+    assert hv.host.counters.stats.get("hcpage_calls", 0) > before
+    assert hv.host.counters.stats["hcpage_calls"] >= 4  # init's domain calls and the flush
     assert not HOT & set(spy.used), spy.used  # none of them went over gRPC
     assert "GetTransports" in spy.used
 
@@ -96,7 +96,7 @@ def test_driver_uses_grpc_when_the_hypervisor_offers_no_page(tmp_path: Path) -> 
         _map_unmap(agent)
         assert agent.hv.transport == "grpc" and "offers no hypercall page" in agent.hv.page_note
         assert "CreateDeviceDomain" in spy.used and FLUSHES & set(spy.used)
-        assert env.host.stats.get("hcpage_calls", 0) == 0
+        assert env.host.counters.stats.get("hcpage_calls", 0) == 0
     finally:
         env.close()
 
