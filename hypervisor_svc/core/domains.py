@@ -1,9 +1,7 @@
-"""Device domains on the host: tags, the context entry a device gets, attach
-and replace, reconfigure, delete, and the flushes the hypercalls ask for.
+"""Device domains on the host: tags, a device's context, attach and replace, reconfigure, delete, flushes.
 
-A mixin of ``Host`` rather than a component: these are the host operations
-the hypercall layer calls by name (``host.set_device_domain``, ...), and they
-read the host's device map and take its tag pool under its lock."""
+A ``Host`` mixin, not a component: the hypercall layer calls these on the host by name, and they read its
+device map and take its tag pool under its lock; a component would need Host to forward every call."""
 
 from __future__ import annotations
 

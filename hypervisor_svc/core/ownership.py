@@ -1,10 +1,7 @@
-"""Devices and who owns them: registration, assignment, resync, and the one
-all-or-nothing ownership move (docs/ownership.md, "An ownership change").
+"""Devices and who owns them: registration, assignment, resync and the all-or-nothing ownership move.
 
-A mixin of ``Host`` rather than a component: registering, forgetting and
-moving a device read and write the host's partition and device maps, its slot
-pool, both host locks and the partition locks in that order, so a component
-would need a back-reference to nearly every field of the host."""
+A ``Host`` mixin, not a component: these read and write the host's partition and device maps, slot pool
+and both host locks (docs/ownership.md's order); a component would hold back-references to nearly all of it."""
 
 from __future__ import annotations
 

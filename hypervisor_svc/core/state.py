@@ -1,9 +1,7 @@
-"""What the host holds, in one place: its maps, pools, locks and components.
+"""The host's state declared once (maps, pools, locks, components), so every host module sees it typed.
 
-``Host`` (host.py) and its two operation mixins, ``DeviceOwnership``
-(ownership.py) and ``DomainOps`` (domains.py), derive from ``HostState``:
-they read and write these fields under the locks below, so the state is
-declared once and each module sees it typed."""
+``Host`` (host.py) and its operation mixins, ``DeviceOwnership`` (ownership.py) and ``DomainOps``
+(domains.py), derive from ``HostState``."""
 
 from __future__ import annotations
 

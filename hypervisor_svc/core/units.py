@@ -1,9 +1,7 @@
-"""The hypervisor's side of the devices' IOMMU units: the queue that carries
-invalidations and fences to each, and the owner record each reads from bank 0.
+"""The host's one channel to the devices' IOMMU units: their queues (tell, announce) and owner records.
 
-A component of the host that is given the link, the tables, bank 0 and the
-counters, and never the host's maps or locks: whatever a unit does, waiting
-for it cannot hold the host lock (docs/ownership.md, "Slow and dead units")."""
+A component given the link, the tables, bank 0 and the counters, never the host's maps or locks:
+waiting for a unit cannot hold the host lock (docs/ownership.md, "Slow and dead units")."""
 
 from __future__ import annotations
 
