@@ -83,7 +83,8 @@ class Twin:
 
 
 def make_twin(directory: Path, *, native_unit: bool, pscache: bool = False) -> Twin:
-    s = build_system(directory, p1_ram=16 * MiB, p2_ram=16 * MiB)
+    unit_options = {"native": True} if native_unit else {"native": False, "pscache": pscache}
+    s = build_system(directory, p1_ram=16 * MiB, p2_ram=16 * MiB, **unit_options)
     s.s1.map(SMALL, Gpa(DATA), PAGES * SZ_4K, RW)
     s.s1.map(LARGE, Gpa(12 * MiB), SZ_2M, RW)
     s.s1.map(RO_PAGE, Gpa(RO[0]), SZ_4K, RW)
@@ -93,9 +94,7 @@ def make_twin(directory: Path, *, native_unit: bool, pscache: bool = False) -> T
     s1_b = guest_b.s1
     s1_b.map(SMALL, Gpa(B_GPA), PAGES * SZ_4K, RW)
     s1_b.map(LARGE, Gpa(4 * MiB), SZ_2M, RW)
-    unit = IommuUnit(s.host, native=True) if native_unit else IommuUnit(s.host, native=False, pscache=pscache)
-    s.unit = unit
-    return Twin(s, s1_b, s2_b, unit, DmaMemory(s.host, unit.bind(SLOT)))
+    return Twin(s, s1_b, s2_b, s.unit, DmaMemory(s.host, s.unit.bind(SLOT)))
 
 
 # -- operations -------------------------------------------------------------------------------
