@@ -34,7 +34,7 @@ class World(Nested):
         return self.s2_frames
 
     def process_table(self) -> PageTable[Iova, Gpa, Gpa]:
-        return stage1_table(X86_64Format(4), self.ram, self.g_frames)
+        return stage1_table(X86_64Format(self.fs_levels), self.ram, self.g_frames)
 
     def nested(self, s1: PageTable[Iova, Gpa, Gpa], did: int = DID) -> ContextEntry:
         return self.context(did, s1.root)
