@@ -750,8 +750,36 @@ def test_building_out_of_range_fields_is_a_value_error_not_a_status() -> None:
     with pytest.raises(ValueError):
         HvInputVtl(target_vtl=16)
     with pytest.raises(ValueError):
-        FlushDeviceDomainListRequest(FlushDeviceDomainListHeader(DD), ())
-    with pytest.raises(ValueError):
-        UnmapDeviceGpaPagesRequest(UnmapDeviceGpaPagesInput(DD, Iova(0)), rep_count=2, rep_start=2)
-    with pytest.raises(ValueError):
         HypercallInput(0x1_0000)
+
+
+def test_building_a_rep_request_with_a_bad_rep_count_or_start_is_the_wire_status() -> None:
+    """The rep requests check rep count and start themselves, with the raw decoder's status, so
+    no caller (the typed gRPC methods, the guest's client) keeps a copy of the check."""
+    with _Refused(HvStatus.INVALID_HYPERCALL_INPUT):
+        FlushDeviceDomainListRequest(FlushDeviceDomainListHeader(DD), ())
+    with _Refused(HvStatus.INVALID_HYPERCALL_INPUT):
+        FlushDeviceDomainListRequest(FlushDeviceDomainListHeader(DD), (FlushVa(0),) * 4096)
+    with _Refused(HvStatus.INVALID_HYPERCALL_INPUT):
+        UnmapDeviceGpaPagesRequest(UnmapDeviceGpaPagesInput(DD, Iova(0)), rep_count=2, rep_start=2)
+    with _Refused(HvStatus.INVALID_HYPERCALL_INPUT):
+        UnmapDeviceGpaPagesRequest(UnmapDeviceGpaPagesInput(DD, Iova(0)), rep_count=0)
+    with _Refused(HvStatus.INVALID_HYPERCALL_INPUT):
+        MapDeviceGpaPagesRequest(MapDeviceGpaPagesHeader(DD, 3, Iova(0)), ())
+
+
+def test_the_flags_words_are_checked_by_the_constructors_with_the_wire_status() -> None:
+    """Undefined flag bits and a too-wide owner VTL are INVALID_PARAMETER however the input is built."""
+    with _Refused(HvStatus.INVALID_PARAMETER):
+        CreateDeviceDomainInput.from_flags(DD, 4)
+    with _Refused(HvStatus.INVALID_PARAMETER):
+        FlushDeviceDomainInput.from_flags(DD, 1)
+    with _Refused(HvStatus.INVALID_PARAMETER):
+        FlushDeviceDomainListHeader.from_flags(DD, 2)
+    with _Refused(HvStatus.INVALID_PARAMETER):
+        MapDeviceGpaPagesHeader(DD, 4, Iova(0))
+    with _Refused(HvStatus.INVALID_PARAMETER):
+        HvInputVtl.from_u8(0x100)
+    assert CreateDeviceDomainInput.from_flags(DD, 3).flags == 3
+    assert FlushDeviceDomainListHeader.from_flags(DD, 1).flags == 1
+    assert FlushDeviceDomainInput.from_flags(DD, 0) == FlushDeviceDomainInput(DD)
