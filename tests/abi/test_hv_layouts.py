@@ -56,6 +56,7 @@ from pviommu.abi.hv import (
 from pviommu.abi.hv_status import HvStatus
 from pviommu.addr import Gpa, Iova
 from pviommu.errors import HvError
+from tests.kit.hvstrategies import device_domains, flush_vas, hv_requests, settings, u64
 
 SELF = 0xFFFF_FFFF_FFFF_FFFF
 
@@ -431,56 +432,7 @@ def test_result_value_round_trips(status: int, reps: int) -> None:
 # Round trips (hypothesis)
 # --------------------------------------------------------------------------------------------
 
-u64 = st.integers(0, (1 << 64) - 1)
-vtls = st.builds(HvInputVtl, st.integers(0, 15), st.booleans())
-domain_ids = st.builds(DeviceDomainId, st.integers(0, 15), st.integers(0, 0xFFFFFFFF))
-device_domains = st.builds(DeviceDomain, u64, domain_ids, vtls)
-device_ids = st.builds(HvDeviceId.from_u64, u64)
-settings = st.builds(DeviceDomainSettings, st.booleans(), st.booleans(), st.integers(0, 1), u64.map(Gpa))
-flush_vas = st.builds(FlushVa, st.integers(0, (1 << 52) - 1), st.integers(0, 0xFFF))
-
-
-@st.composite
-def rep_start_for(draw: st.DrawFn, count: int) -> int:
-    return draw(st.integers(0, count - 1))
-
-
-@st.composite
-def flush_list_requests(draw: st.DrawFn) -> FlushDeviceDomainListRequest:
-    vas = tuple(draw(st.lists(flush_vas, min_size=1, max_size=(4096 - 32) // 8)))
-    header = FlushDeviceDomainListHeader(draw(device_domains), draw(st.booleans()))
-    return FlushDeviceDomainListRequest(header, vas, draw(st.integers(0, len(vas) - 1)))
-
-
-@st.composite
-def map_requests(draw: st.DrawFn) -> MapDeviceGpaPagesRequest:
-    pages = tuple(draw(st.lists(u64, min_size=1, max_size=(4096 - 40) // 8)))
-    header = MapDeviceGpaPagesHeader(
-        draw(device_domains), MapFlags(draw(st.integers(0, 3))), Iova(draw(u64)), draw(vtls)
-    )
-    return MapDeviceGpaPagesRequest(header, pages, draw(st.integers(0, len(pages) - 1)))
-
-
-@st.composite
-def unmap_requests(draw: st.DrawFn) -> UnmapDeviceGpaPagesRequest:
-    count = draw(st.integers(1, 0xFFF))
-    inp = UnmapDeviceGpaPagesInput(draw(device_domains), Iova(draw(u64)))
-    return UnmapDeviceGpaPagesRequest(inp, count, draw(st.integers(0, count - 1)))
-
-
-requests: st.SearchStrategy[HvRequest] = st.one_of(
-    st.builds(CreateDeviceDomainInput, device_domains, st.booleans(), st.booleans()),
-    st.builds(DeleteDeviceDomainInput, device_domains),
-    st.builds(AttachDeviceDomainInput, device_domains, device_ids),
-    st.builds(DetachDeviceDomainInput, u64, device_ids),
-    st.builds(ConfigureDeviceDomainInput, device_domains, settings),
-    st.builds(FlushDeviceDomainInput, device_domains),
-    st.builds(GetIommuCapabilitiesInput, u64),
-    st.builds(GetLogicalDevicePropertyInput, u64, u64, st.integers(0, 0xFFFFFFFF)),
-    flush_list_requests(),
-    map_requests(),
-    unmap_requests(),
-)
+requests = hv_requests()
 
 
 @given(requests)
