@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from guest_agent.driver.hypercalls import DomainSettings, HvClient
+from guest_agent.driver.hypercalls import HvClient
 from guest_agent.driver.pviommu import PvIommu
 from guest_agent.driver.stats import Stats
 from guest_agent.dsa.driver import DsaDriver, wait_completion
@@ -203,7 +203,7 @@ class Sva:
         pasid = 0
         try:
             self.hv.configure_domain(hv.DeviceDomainType.S1, domain_id,
-                                     DomainSettings(translation_enabled=True, page_table_root=int(process.cr3)))
+                                     hv.DeviceDomainSettings(translation_enabled=True, page_table_root=process.cr3))
             pasid = self._alloc_pasid()
             dd = hv.DeviceDomain(hv.HV_PARTITION_ID_SELF, hv.DeviceDomainId(hv.DeviceDomainType.S1, domain_id))
             self._call(AttachDevicePasidInput(dd, hv.HvDeviceId.logical(logical_device_id), pasid))
