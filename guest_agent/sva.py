@@ -189,11 +189,9 @@ class Sva:
 
     def _call(self, request: SvaInput) -> None:
         value, data = encode_sva_request(request)
-        r = self.hv.stub.HvCall(hypervisor_pb2.HvCallRequest(input_value=value.encode(), input=data),
-                                timeout=self.hv.timeout)
-        status = r.result_value & 0xFFFF
-        if status != HvStatus.SUCCESS:
-            raise SvaError(f"{request.CODE.name} refused: {HvStatus.name_of(status)}: {r.message}")
+        a = self.hv.raw_call(value.encode(), data)  # on the hypercall page like the series' calls
+        if a.status != HvStatus.SUCCESS:
+            raise SvaError(f"{request.CODE.name} refused: {HvStatus.name_of(a.status)}: {a.message}")
 
     def bind(self, process: SvaProcess, logical_device_id: int) -> Binding:
         if not self.width:
