@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from guest_agent.driver.hypercalls import DomainSettings, HvClient
+from guest_agent.driver.hypercalls import HvClient
 from guest_agent.driver.pviommu import PvIommu
 from guest_agent.driver.stats import Stats
 from guest_agent.dsa.driver import DsaDriver, wait_completion
@@ -189,11 +189,9 @@ class Sva:
 
     def _call(self, request: SvaInput) -> None:
         value, data = encode_sva_request(request)
-        r = self.hv.stub.HvCall(hypervisor_pb2.HvCallRequest(input_value=value.encode(), input=data),
-                                timeout=self.hv.timeout)
-        status = r.result_value & 0xFFFF
-        if status != HvStatus.SUCCESS:
-            raise SvaError(f"{request.CODE.name} refused: {HvStatus.name_of(status)}: {r.message}")
+        a = self.hv.raw_call(value.encode(), data)  # on the hypercall page like the series' calls
+        if a.status != HvStatus.SUCCESS:
+            raise SvaError(f"{request.CODE.name} refused: {HvStatus.name_of(a.status)}: {a.message}")
 
     def bind(self, process: SvaProcess, logical_device_id: int) -> Binding:
         if not self.width:
@@ -203,7 +201,7 @@ class Sva:
         pasid = 0
         try:
             self.hv.configure_domain(hv.DeviceDomainType.S1, domain_id,
-                                     DomainSettings(translation_enabled=True, page_table_root=int(process.cr3)))
+                                     hv.DeviceDomainSettings(translation_enabled=True, page_table_root=process.cr3))
             pasid = self._alloc_pasid()
             dd = hv.DeviceDomain(hv.HV_PARTITION_ID_SELF, hv.DeviceDomainId(hv.DeviceDomainType.S1, domain_id))
             self._call(AttachDevicePasidInput(dd, hv.HvDeviceId.logical(logical_device_id), pasid))

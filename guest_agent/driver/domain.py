@@ -34,7 +34,7 @@ from typing import Any
 
 from guest_agent.driver.flushlist import v1_exact_blocks, v2_covering_block
 from guest_agent.driver.flushqueue import FlushQueue, Pending
-from guest_agent.driver.hypercalls import DomainSettings, HvClient
+from guest_agent.driver.hypercalls import HvClient
 from guest_agent.driver.iova import RCACHE_MAX_PAGES, IovaAllocator, roundup_pow_of_two
 from guest_agent.driver.stats import Stats
 from guest_agent.errors import HypercallFailed, InvalidRequest
@@ -304,9 +304,10 @@ class PagingDomain(_TranslatingDomain):
     def root_gpa(self) -> int:
         return int(self.table.root)
 
-    def settings(self) -> DomainSettings:
-        return DomainSettings(translation_enabled=True, blocked=False, five_level=self.levels == 5,
-                              page_table_root=int(self.table.root))
+    def settings(self) -> hv.DeviceDomainSettings:
+        paging = hv.FIRST_STAGE_PAGING_5LEVEL if self.levels == 5 else hv.FIRST_STAGE_PAGING_4LEVEL
+        return hv.DeviceDomainSettings(translation_enabled=True, blocked=False, first_stage_paging_mode=paging,
+                                       page_table_root=Gpa(int(self.table.root)))
 
     def _map(self, iova: Iova, gpa: Gpa, length: int, perm: Perm) -> None:
         with self._lock:

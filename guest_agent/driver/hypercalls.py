@@ -19,17 +19,19 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
 from guest_agent.errors import HypercallFailed
 from pviommu.abi import hv
 from pviommu.abi.hv_status import HvStatus
-from pviommu.addr import Gpa, Iova
-from pviommu.errors import ServiceUnavailable
+from pviommu.addr import Iova
+from pviommu.errors import HvError, ServiceUnavailable
 from pviommu.log import get_logger
+from pviommu.rpc import hvproto
 from pviommu.shm.faultring import FaultRingReader, RingClosed
 from pviommu.shm.hcpage import HypercallPage, PageAnswer, PageClosed
 from pviommu.shm.sessions import SessionError
@@ -39,32 +41,9 @@ log = get_logger("guest.hypercalls")
 
 SELF = hv.HV_PARTITION_ID_SELF
 #: Rep hypercalls take at most this many elements per call (rep count is 12 bits).
-MAX_REPS = 4095
+MAX_REPS = hv.HV_MAX_REP_COUNT
 #: MapDeviceGpaPages reps whose input fits one 4 KiB input page (40-byte header, 8 bytes a page)
 PAGE_MAP_REPS = (4096 - 40) // 8
-
-
-@dataclass(frozen=True)
-class IommuCaps:
-    """``hv_output_get_iommu_capabilities`` as the driver reads it."""
-
-    max_iova_width: int
-    max_pasid_width: int
-    iommu_cap: int
-    pgsize_bitmap: int
-
-    def has(self, bit: hv.IommuCap) -> bool:
-        return bool(self.iommu_cap & bit)
-
-
-@dataclass(frozen=True)
-class DomainSettings:
-    """``hv_device_domain_settings``."""
-
-    translation_enabled: bool
-    blocked: bool = False
-    five_level: bool = False
-    page_table_root: int = 0
 
 
 @dataclass(frozen=True)
@@ -179,27 +158,31 @@ class HvClient:
 
     def _raw(self, request: hv.HvRequest) -> PageAnswer | None:
         """Run ``request`` through the page; None when there is none (use gRPC)."""
-        page = self.page()
-        if page is None:
-            return None
         value, data = hv.encode_request(request)
         if len(data) > hv.HV_HYP_PAGE_SIZE:  # more reps than one input page holds: the typed method takes them
             return None
+        return self._on_page(value.encode(), data)
+
+    def _on_page(self, input_value: int, data: bytes) -> PageAnswer | None:
+        page = self.page()
+        if page is None:
+            return None
         try:
-            return page.call(value.encode(), data)
+            return page.call(input_value, data)
         except PageClosed as exc:  # the call did not run, or (a timeout) may have: both sides are idempotent
             with self._page_lock:
                 if self._page is page:
                     self._drop_page(str(exc))
             return None
 
-    def _check_raw(self, call: str, answer: PageAnswer) -> None:
-        self._check(call, common_pb2.HvResult(status=answer.status, status_name=HvStatus.name_of(answer.status),
-                                              message=answer.message), answer.reps_completed)
-
-    @staticmethod
-    def _hv_dd(domain_type: int, domain_id: int) -> hv.DeviceDomain:
-        return hv.DeviceDomain(SELF, hv.DeviceDomainId(domain_type, domain_id))
+    def raw_call(self, input_value: int, data: bytes) -> PageAnswer:
+        """One hypercall as the raw ABI has it (the input value and input block as given, checked by
+        nobody here): on the page, else by gRPC ``HvCall``."""
+        a = self._on_page(input_value, data)
+        if a is not None:
+            return a
+        r = self.stub.HvCall(hypervisor_pb2.HvCallRequest(input_value=input_value, input=data), timeout=self.timeout)
+        return PageAnswer(r.result_value, bytes(r.output), r.message)
 
     def close(self) -> None:
         with self._page_lock:
@@ -209,42 +192,61 @@ class HvClient:
             page.close()
 
     # -- plumbing --------------------------------------------------------------
-    def _check(self, call: str, result: common_pb2.HvResult, reps: int = 0) -> None:
+    def _call(self, request: hv.HvRequest) -> hvproto.Answer:
+        """Run ``request`` on the hypercall page, or by its typed gRPC method (the same request,
+        converted by ``pviommu.rpc.hvproto``) when there is no page or the input overflows it."""
+        a = self._raw(request)
+        if a is None:
+            method = getattr(self.stub, hvproto.METHOD[request.CODE])
+            return hvproto.answer_from_proto(method(hvproto.request_to_proto(request), timeout=self.timeout))
+        output = hv.decode_output(request.CODE, a.output) if a.status == HvStatus.SUCCESS else None
+        return hvproto.Answer(a.status, a.message, a.reps_completed, output)
+
+    def _checked(self, request: hv.HvRequest) -> hvproto.Answer:
+        """``_call``, raising ``HypercallFailed`` unless the answer is SUCCESS."""
+        answer = self._call(request)
+        self._count(hvproto.METHOD[request.CODE], answer.status, answer.message, answer.reps_completed)
+        return answer
+
+    def _count(self, call: str, status: int, message: str, reps: int = 0) -> None:
         with self._lock:
             self.counts[call] += 1
-        if result.status != HvStatus.SUCCESS:
+        if status != HvStatus.SUCCESS:
+            self._refuse(call, status, message, reps)
+
+    def _refuse(self, call: str, status: int, message: str, reps: int = 0) -> NoReturn:
+        with self._lock:
+            self.counts["refused"] += 1
+        raise HypercallFailed(status, f"{call} refused: {HvStatus.name_of(status)}: {message}",
+                              call=call, reps_completed=reps)
+
+    @contextmanager
+    def _building(self, request_type: type[hv.HvRequest]) -> Iterator[None]:
+        """A request its own constructor refuses (an undefined flag bit, a rep count outside
+        1..4095) is refused as the hypervisor would refuse it, with the same status."""
+        try:
+            yield
+        except HvError as exc:
+            call = hvproto.METHOD[request_type.CODE]
             with self._lock:
-                self.counts["refused"] += 1
-            raise HypercallFailed(
-                result.status,
-                f"{call} refused: {result.status_name or HvStatus.name_of(result.status)}: {result.message}",
-                call=call, reps_completed=reps,
-            )
+                self.counts[call] += 1
+            self._refuse(call, exc.hv_status, str(exc))
 
     @staticmethod
-    def _dd(domain_type: int, domain_id: int) -> hypervisor_pb2.DeviceDomain:
-        return hypervisor_pb2.DeviceDomain(partition_id=SELF, owner_vtl=0, domain_type=domain_type,
-                                           domain_id=domain_id)
+    def _dd(domain_type: int, domain_id: int) -> hv.DeviceDomain:
+        return hv.DeviceDomain(SELF, hv.DeviceDomainId(domain_type, domain_id))
 
     # -- detection -------------------------------------------------------------
-    def get_iommu_capabilities(self) -> IommuCaps:
-        a = self._raw(hv.GetIommuCapabilitiesInput(SELF))
-        if a is not None:
-            self._check_raw("GetIommuCapabilities", a)
-            out = hv.decode_output(hv.HvCallCode.GET_IOMMU_CAPABILITIES, a.output)
-            assert isinstance(out, hv.GetIommuCapabilitiesOutput)
-            return IommuCaps(out.max_iova_width, out.max_pasid_width, out.iommu_cap, out.pgsize_bitmap)
-        r = self.stub.GetIommuCapabilities(hypervisor_pb2.GetIommuCapabilitiesRequest(partition_id=SELF),
-                                           timeout=self.timeout)
-        self._check("GetIommuCapabilities", r.result)
-        return IommuCaps(r.max_iova_width, r.max_pasid_width, r.iommu_cap, r.pgsize_bitmap)
+    def get_iommu_capabilities(self) -> hv.GetIommuCapabilitiesOutput:
+        out = self._checked(hv.GetIommuCapabilitiesInput(SELF)).output
+        assert isinstance(out, hv.GetIommuCapabilitiesOutput)
+        return out
 
     def get_logical_device_property(self, logical_device_id: int,
                                     code: int = hv.HV_LOGICAL_DEVICE_PROPERTY_PVIOMMU) -> int:
-        r = self.stub.GetLogicalDeviceProperty(hypervisor_pb2.GetLogicalDevicePropertyRequest(
-            partition_id=SELF, logical_device_id=logical_device_id, code=code), timeout=self.timeout)
-        self._check("GetLogicalDeviceProperty", r.result)
-        return int(r.device_iommu)
+        out = self._checked(hv.GetLogicalDevicePropertyInput(SELF, logical_device_id, code)).output
+        assert isinstance(out, hv.GetLogicalDevicePropertyOutput)
+        return out.device_iommu
 
     def list_devices(self) -> list[GuestDeviceInfo]:
         r = self.stub.ListDevices(common_pb2.Empty(), timeout=self.timeout)
@@ -252,118 +254,72 @@ class HvClient:
 
     # -- domains ---------------------------------------------------------------
     def create_domain(self, domain_type: int, domain_id: int, flags: int = 0) -> None:
-        if not flags & ~0x3 and (a := self._raw(hv.CreateDeviceDomainInput(
-                self._hv_dd(domain_type, domain_id), bool(flags & 1), bool(flags & 2)))) is not None:
-            return self._check_raw("CreateDeviceDomain", a)
-        r = self.stub.CreateDeviceDomain(hypervisor_pb2.CreateDeviceDomainRequest(
-            device_domain=self._dd(domain_type, domain_id), flags=flags), timeout=self.timeout)
-        self._check("CreateDeviceDomain", r.result)
+        with self._building(hv.CreateDeviceDomainInput):
+            request = hv.CreateDeviceDomainInput.from_flags(self._dd(domain_type, domain_id), flags)
+        self._checked(request)
 
     def delete_domain(self, domain_type: int, domain_id: int) -> None:
-        if (a := self._raw(hv.DeleteDeviceDomainInput(self._hv_dd(domain_type, domain_id)))) is not None:
-            return self._check_raw("DeleteDeviceDomain", a)
-        r = self.stub.DeleteDeviceDomain(hypervisor_pb2.DeleteDeviceDomainRequest(
-            device_domain=self._dd(domain_type, domain_id)), timeout=self.timeout)
-        self._check("DeleteDeviceDomain", r.result)
+        self._checked(hv.DeleteDeviceDomainInput(self._dd(domain_type, domain_id)))
 
-    def configure_domain(self, domain_type: int, domain_id: int, settings: DomainSettings) -> None:
-        if (a := self._raw(hv.ConfigureDeviceDomainInput(self._hv_dd(domain_type, domain_id), hv.DeviceDomainSettings(
-                settings.translation_enabled, settings.blocked, int(settings.five_level),
-                Gpa(settings.page_table_root))))) is not None:
-            return self._check_raw("ConfigureDeviceDomain", a)
-        s = hypervisor_pb2.DeviceDomainSettings(
-            translation_enabled=settings.translation_enabled, blocked=settings.blocked,
-            first_stage_paging_mode=settings.five_level, page_table_root=settings.page_table_root)
-        r = self.stub.ConfigureDeviceDomain(hypervisor_pb2.ConfigureDeviceDomainRequest(
-            device_domain=self._dd(domain_type, domain_id), settings=s), timeout=self.timeout)
-        self._check("ConfigureDeviceDomain", r.result)
+    def configure_domain(self, domain_type: int, domain_id: int, settings: hv.DeviceDomainSettings) -> None:
+        self._checked(hv.ConfigureDeviceDomainInput(self._dd(domain_type, domain_id), settings))
 
     def attach(self, domain_type: int, domain_id: int, device_id: int,
                accept: frozenset[HvStatus] = frozenset({HvStatus.SUCCESS})) -> HvStatus:
         """ATTACH; returns the status when it is one of ``accept`` (a revision's driver decides
         which count as attached), raises ``HypercallFailed`` otherwise."""
-        a = self._raw(hv.AttachDeviceDomainInput(self._hv_dd(domain_type, domain_id),
-                                                 hv.HvDeviceId.from_u64(device_id)))
-        if a is not None:
-            result = common_pb2.HvResult(status=a.status, status_name=HvStatus.name_of(a.status), message=a.message)
-        else:
-            result = self.stub.AttachDeviceDomain(hypervisor_pb2.AttachDeviceDomainRequest(
-                device_domain=self._dd(domain_type, domain_id), device_id=device_id), timeout=self.timeout).result
-        if result.status != HvStatus.SUCCESS and result.status in accept:
-            with self._lock:
-                self.counts["AttachDeviceDomain"] += 1
-            return HvStatus(result.status)
-        self._check("AttachDeviceDomain", result)
+        a = self._call(hv.AttachDeviceDomainInput(self._dd(domain_type, domain_id), hv.HvDeviceId.from_u64(device_id)))
+        if a.status != HvStatus.SUCCESS and a.status in accept:
+            self._count("AttachDeviceDomain", HvStatus.SUCCESS, "")
+            return HvStatus(a.status)
+        self._count("AttachDeviceDomain", a.status, a.message)
         return HvStatus.SUCCESS
 
     def detach(self, device_id: int) -> None:
-        if (a := self._raw(hv.DetachDeviceDomainInput(SELF, hv.HvDeviceId.from_u64(device_id)))) is not None:
-            return self._check_raw("DetachDeviceDomain", a)
-        r = self.stub.DetachDeviceDomain(hypervisor_pb2.DetachDeviceDomainRequest(
-            partition_id=SELF, device_id=device_id), timeout=self.timeout)
-        self._check("DetachDeviceDomain", r.result)
+        self._checked(hv.DetachDeviceDomainInput(SELF, hv.HvDeviceId.from_u64(device_id)))
 
     # -- IOTLB -------------------------------------------------------------------
     def flush_domain(self, domain_type: int, domain_id: int) -> None:
-        if (a := self._raw(hv.FlushDeviceDomainInput(self._hv_dd(domain_type, domain_id)))) is not None:
-            return self._check_raw("FlushDeviceDomain", a)
-        r = self.stub.FlushDeviceDomain(hypervisor_pb2.FlushDeviceDomainRequest(
-            device_domain=self._dd(domain_type, domain_id), flags=0), timeout=self.timeout)
-        self._check("FlushDeviceDomain", r.result)
+        self._checked(hv.FlushDeviceDomainInput(self._dd(domain_type, domain_id)))
 
     def flush_domain_list(self, domain_type: int, domain_id: int, ranges: Sequence[tuple[int, int]], *,
                           flags: int = hv.HV_FLUSH_DEVICE_DOMAIN_LIST_IOMMU_FORMAT) -> int:
         """One rep call: ``ranges`` are the (page_number, page_mask_shift) rep elements (the rep
         count is their number, the start index 0); returns the reps completed."""
-        if not flags & ~hv.HV_FLUSH_DEVICE_DOMAIN_LIST_IOMMU_FORMAT and 1 <= len(ranges) <= MAX_REPS and (
-                a := self._raw(hv.FlushDeviceDomainListRequest(
-                    hv.FlushDeviceDomainListHeader(self._hv_dd(domain_type, domain_id),
-                                                   bool(flags & hv.HV_FLUSH_DEVICE_DOMAIN_LIST_IOMMU_FORMAT)),
-                    tuple(hv.FlushVa(p, sh) for p, sh in ranges)))) is not None:
-            self._check_raw("FlushDeviceDomainList", a)
+        if not ranges:  # v1's PAGE_ALIGN corner case sends an empty list: the hypervisor judges rep count 0
+            with self._building(hv.FlushDeviceDomainListRequest):
+                header = hv.FlushDeviceDomainListHeader.from_flags(self._dd(domain_type, domain_id), flags)
+            value = hv.HypercallInput(hv.HvCallCode.FLUSH_DEVICE_DOMAIN_LIST, rep_count=0)
+            a = self.raw_call(value.encode(), header.pack())
+            self._count(hvproto.METHOD[hv.HvCallCode.FLUSH_DEVICE_DOMAIN_LIST], a.status, a.message, a.reps_completed)
             return a.reps_completed
-        r = self.stub.FlushDeviceDomainList(hypervisor_pb2.FlushDeviceDomainListRequest(
-            device_domain=self._dd(domain_type, domain_id), flags=flags,
-            list=[hypervisor_pb2.FlushVa(page_number=p, page_mask_shift=s) for p, s in ranges]),
-            timeout=self.timeout)
-        self._check("FlushDeviceDomainList", r.result, r.reps_completed)
-        return int(r.reps_completed)
+        with self._building(hv.FlushDeviceDomainListRequest):
+            request = hv.FlushDeviceDomainListRequest(
+                hv.FlushDeviceDomainListHeader.from_flags(self._dd(domain_type, domain_id), flags),
+                tuple(hv.FlushVa(p, sh) for p, sh in ranges))
+        return self._checked(request).reps_completed
 
     # -- baseline (map by hypercall) -------------------------------------------
     def map_gpa_pages(self, domain_id: int, map_flags: int, va_base: int, gpa_pages: Sequence[int]) -> None:
         """MapDeviceGpaPages in chunks of at most 4095 reps (on the page: as many as its input page holds)."""
         step = PAGE_MAP_REPS if self.page() is not None else MAX_REPS
         for i in range(0, len(gpa_pages), step):
-            chunk = gpa_pages[i:i + step]
-            if not map_flags & ~0x3 and (a := self._raw(hv.MapDeviceGpaPagesRequest(hv.MapDeviceGpaPagesHeader(
-                    self._hv_dd(hv.DeviceDomainType.S2, domain_id), hv.MapFlags(map_flags),
-                    Iova(va_base + (i << 12))), tuple(chunk)))) is not None:
-                self._check_raw("MapDeviceGpaPages", a)
-                continue
-            r = self.stub.MapDeviceGpaPages(hypervisor_pb2.MapDeviceGpaPagesRequest(
-                device_domain=self._dd(hv.DeviceDomainType.S2, domain_id), map_flags=map_flags,
-                target_device_va_base=va_base + (i << 12), gpa_page_list=list(chunk)), timeout=self.timeout)
-            self._check("MapDeviceGpaPages", r.result, r.reps_completed)
+            with self._building(hv.MapDeviceGpaPagesRequest):
+                request = hv.MapDeviceGpaPagesRequest(hv.MapDeviceGpaPagesHeader(
+                    self._dd(hv.DeviceDomainType.S2, domain_id), map_flags, Iova(va_base + (i << 12))),
+                    tuple(gpa_pages[i:i + step]))
+            self._checked(request)
 
     def unmap_gpa_pages(self, domain_id: int, va_base: int, page_count: int) -> None:
-        done = 0
-        while done < page_count:
-            n = min(MAX_REPS, page_count - done)
-            if (a := self._raw(hv.UnmapDeviceGpaPagesRequest(hv.UnmapDeviceGpaPagesInput(
-                    self._hv_dd(hv.DeviceDomainType.S2, domain_id), Iova(va_base + (done << 12))), n))) is not None:
-                self._check_raw("UnmapDeviceGpaPages", a)
-                done += n
-                continue
-            r = self.stub.UnmapDeviceGpaPages(hypervisor_pb2.UnmapDeviceGpaPagesRequest(
-                device_domain=self._dd(hv.DeviceDomainType.S2, domain_id),
-                target_device_va_base=va_base + (done << 12), page_count=n), timeout=self.timeout)
-            self._check("UnmapDeviceGpaPages", r.result, r.reps_completed)
-            done += n
+        for done in range(0, page_count, MAX_REPS):
+            self._checked(hv.UnmapDeviceGpaPagesRequest(hv.UnmapDeviceGpaPagesInput(
+                self._dd(hv.DeviceDomainType.S2, domain_id), Iova(va_base + (done << 12))),
+                min(MAX_REPS, page_count - done)))
 
     def page_response(self, logical_device_id: int, request_id: int, success: bool) -> None:
         r = self.stub.PageResponse(hypervisor_pb2.PageResponseRequest(
             logical_device_id=logical_device_id, request_id=request_id, success=success), timeout=self.timeout)
-        self._check("PageResponse", r.result)
+        self._count("PageResponse", r.result.status, r.result.message)
 
     # -- faults ------------------------------------------------------------------
     def stream_faults(self, follow: bool, after: int = 0) -> Iterator[hypervisor_pb2.Fault]:

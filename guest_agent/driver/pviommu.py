@@ -38,7 +38,7 @@ from guest_agent.driver.domain import (
     IdentityDomain,
     PagingDomain,
 )
-from guest_agent.driver.hypercalls import DomainSettings, HvClient, IommuCaps
+from guest_agent.driver.hypercalls import HvClient
 from guest_agent.driver.stats import Stats
 from guest_agent.errors import BusyError, HypercallFailed, InvalidRequest, IommuAbsent, NotFound
 from pviommu.abi import hv
@@ -82,8 +82,8 @@ class IommuGeometry:
         return (1 << (self.aperture_width or self.iova_width)) - 1
 
 
-def decide(caps: IommuCaps | None, *, revision: Revision | str = DEFAULT_REVISION, allow_no_iommu: bool = False,
-           detect_error: str = "") -> IommuGeometry | None:
+def decide(caps: hv.GetIommuCapabilitiesOutput | None, *, revision: Revision | str = DEFAULT_REVISION,
+           allow_no_iommu: bool = False, detect_error: str = "") -> IommuGeometry | None:
     """The init decision of ``revision``'s hv_iommu_init: a geometry, None (run without an
     IOMMU, only when allowed), or ``IommuAbsent``. ``caps`` None: the capability call failed
     (``detect_error`` says how)."""
@@ -184,7 +184,7 @@ class PvIommu:
     # -- init ---------------------------------------------------------------------
     def init(self) -> None:
         """Detect, create the static domains, probe every offered device."""
-        caps: IommuCaps | None = None
+        caps: hv.GetIommuCapabilitiesOutput | None = None
         error = ""
         try:
             caps = self.hv.get_iommu_capabilities()
@@ -196,8 +196,8 @@ class PvIommu:
                 log.debug("iommu.detect_failed", status=error, revision=self.revision.value)
         self.geometry = decide(caps, revision=self.revision, allow_no_iommu=self.allow_no_iommu, detect_error=error)
         if self.geometry is not None:
-            self.identity = self._static(IdentityDomain, DomainSettings(translation_enabled=False))
-            self.blocked = self._static(BlockedDomain, DomainSettings(translation_enabled=True, blocked=True))
+            self.identity = self._static(IdentityDomain, hv.DeviceDomainSettings(translation_enabled=False))
+            self.blocked = self._static(BlockedDomain, hv.DeviceDomainSettings(translation_enabled=True, blocked=True))
             log.info("iommu.init", revision=self.revision.value, iova_width=self.geometry.iova_width,
                      max_iova_width=self.geometry.max_iova_width, five_level=self.geometry.five_level,
                      pgsize_bitmap=hex(self.geometry.pgsize_bitmap), mode=self.mode.value)
@@ -233,7 +233,7 @@ class PvIommu:
                 log.info("domain.id_in_use", domain=domain_id)
         raise InvalidRequest("could not find a free device-domain id")
 
-    def _static(self, cls: type[IdentityDomain] | type[BlockedDomain], settings: DomainSettings) -> Domain:
+    def _static(self, cls: type[IdentityDomain] | type[BlockedDomain], settings: hv.DeviceDomainSettings) -> Domain:
         domain_id = self._fresh_id(cls, hv.DeviceDomainType.S1)
         self.hv.configure_domain(hv.DeviceDomainType.S1, domain_id, settings)
         dom = cls(domain_id, self.hv, self.stats)

@@ -18,9 +18,8 @@ import time
 
 from guest_agent.errors import DeviceCommandFailed
 from pviommu.abi import shm as L
-from pviommu.shm.region import Doorbell, Region
 from pviommu.shm.ring import Ring, RingError
-from pviommu.shm.sessions import open_session, peer_alive
+from pviommu.shm.sessions import open_region_session, peer_alive
 
 #: how long a shared-WQ submission waits for its answer before giving up
 ANSWER_TIMEOUT_S = 5.0
@@ -44,15 +43,13 @@ class ShmPortal:
     """One portal session (one producer at a time: the driver checks it out)."""
 
     def __init__(self, path: str, token: str, wq_id: int) -> None:
-        reply, fds, sock = open_session(path, {"token": token, "kind": "portal", "wq": wq_id})
-        self.sock = sock
-        self.session = int(reply["session"])
+        opened = open_region_session(path, {"token": token, "kind": "portal", "wq": wq_id}, doorbells=1)
+        reply, self.sock, self.session = opened.reply, opened.sock, opened.session
         self.wq_id = wq_id
         self.dedicated = bool(reply["dedicated"])
         self._alive_at = 0.0
         self.epoch = int(reply["epoch"])
-        self.region = Region(fds[0], int(reply["bytes"]))
-        self.doorbell = Doorbell(fds[1])
+        self.region, (self.doorbell,) = opened.region, opened.doorbells
         self.ring = Ring(self.region)
 
     def check(self) -> None:
@@ -121,10 +118,8 @@ class ShmInterrupts:
     its own record -- an interrupt names a vector, not a descriptor)."""
 
     def __init__(self, path: str, token: str) -> None:
-        reply, fds, sock = open_session(path, {"token": token, "kind": "interrupts"})
-        self.sock = sock
-        self.region = Region(fds[0], int(reply["bytes"]))
-        self.doorbell = Doorbell(fds[1])
+        opened = open_region_session(path, {"token": token, "kind": "interrupts"}, doorbells=1)
+        self.sock, self.region, (self.doorbell,) = opened.sock, opened.region, opened.doorbells
         self._cv = threading.Condition()
         self.count = 0
         self.alive = True

@@ -13,7 +13,7 @@ from hypervisor_svc.core.host import Host
 from hypervisor_svc.core.inspect import Dump, Explainer, dump_stage1, dump_stage2, perm_text
 from hypervisor_svc.core.model import Device, Partition
 from hypervisor_svc.core.trace import who
-from hypervisor_svc.rpc.hypercall_servicer import fault_message, follow_faults, hv_result
+from hypervisor_svc.rpc.hypercall_servicer import fault_message, follow_faults
 from pviommu.abi.hv_status import HvStatus
 from pviommu.errors import HvError
 from pviommu.iommu.context import ContextEntry, Pgtt, context_hpa
@@ -21,6 +21,7 @@ from pviommu.iommu.nested import ExplainStep, WalkOk
 from pviommu.iommu.unit import Explanation
 from pviommu.log import get_logger
 from pviommu.rpc.auth import require
+from pviommu.rpc.hvproto import hv_result
 from pviommu.rpc.status import grpc_errors, grpc_stream_errors
 from pviommu.v1 import admin_pb2, admin_pb2_grpc, common_pb2, hypervisor_pb2
 

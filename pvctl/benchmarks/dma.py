@@ -5,10 +5,8 @@ ring -> device process -> record polled in guest RAM, real services)."""
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from pvctl.benchmarks.report import Report, Row, memmove_rate, size_label, timed_rate
@@ -22,37 +20,25 @@ ENGINE_4K_TARGETS = {"warm": 0.1, "cold": 0.02}
 def bench_dma_engine(report: Report, quick: bool) -> None:
     from dma_device.dsa import DsaDevice
     from dma_device.fastpath import memmove_hook
+    from pvctl.benchmarks.world import nested_world, scratch_host
     from pviommu.abi.dsa import CompletionRecord, DescFlags, Descriptor, DsaStatus, Opcode, WqCfg
     from pviommu.addr import SZ_4K, Gpa, Iova
     from pviommu.iommu import native
-    from pviommu.iommu.context import ContextEntry, write_context
-    from pviommu.iommu.owner import OWNER_TABLE_END, OwnerRecord, write_owner
     from pviommu.iommu.unit import IommuUnit
-    from pviommu.mem.bank import GuestRam, HostMemory
     from pviommu.mem.dma import DmaMemory
-    from pviommu.mem.frames import guest_frames, host_frames
     from pviommu.pt.common import RW
-    from pviommu.pt.fmt import VtdSsFormat, X86_64Format
-    from pviommu.pt.walk import stage1_table, stage2_table
 
     min_time = 0.05 if quick else 0.4
     sizes = [4 * KiB, 64 * KiB, MiB, 16 * MiB] if not quick else [4 * KiB, MiB]
     span = max(*sizes, 2 * MiB)  # at least one 2 MiB leaf
     #: "engine": what ``pviommu serve dsa`` runs (compiled when built); the Python reference beside it
     engines = ["native", "python"] if native.AVAILABLE else ["python"]
-    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
-    with tempfile.TemporaryDirectory(prefix="pviommu-bench-", dir=shm) as directory:
-        host = HostMemory(Path(directory))
+    with scratch_host("pviommu-bench-") as host:
         devices: dict[str, tuple[IommuUnit, DsaDevice]] = {}
         try:
-            bank0 = host.create_bank(0, 32 * MiB)
-            ram_size = 4 * span + 8 * MiB
-            bank1 = host.create_bank(1, ram_size)
-            s2 = stage2_table(VtdSsFormat(4), host,
-                              host_frames(bank0, OWNER_TABLE_END, 32 * MiB - OWNER_TABLE_END))
-            s2.map(Gpa(0), bank1.hpa_of(0), ram_size, RW)  # 2 MiB stage-2 leaves, as the hypervisor builds
-            ram = GuestRam(bank1)
-            s1 = stage1_table(X86_64Format(4), ram, guest_frames(ram, 0, 8 * MiB))
+            # 2 MiB stage-2 leaves, as the hypervisor builds; the stage-1 table in the first 8 MiB
+            world = nested_world(host, bank0_bytes=32 * MiB, ram_bytes=4 * span + 8 * MiB, s1_table_bytes=8 * MiB)
+            bank1, ram, s1 = world.bank, world.ram, world.s1
             # GPA layout: [8M, 8M+span) 4K src, then 4K dst, then 2M src, then 2M dst.
             gsrc4, gdst4, gsrc2, gdst2 = (8 * MiB + i * span for i in range(4))
             isrc4, idst4, isrc2, idst2 = (Iova(0x10_0000_0000 + i * 0x1_0000_0000) for i in range(4))
@@ -66,8 +52,7 @@ def bench_dma_engine(report: Report, quick: bool) -> None:
             pattern = bytes(range(256)) * (span // 256)
             ram.write(Gpa(gsrc4), pattern)
             ram.write(Gpa(gsrc2), pattern)
-            write_owner(host, 1, OwnerRecord(epoch=1, partition_id=1, owner_bank=1))
-            write_context(host, 1, ContextEntry.nested(1, s1.root, 4, s2.root, 4))
+            world.own(1, 1)
             for engine in engines:
                 # the Python reference: the unit as it runs without the build (paging-structure caches on)
                 unit = IommuUnit(host, native=engine == "native")
@@ -125,7 +110,6 @@ def bench_dma_engine(report: Report, quick: bool) -> None:
         finally:
             for _, device in devices.values():
                 device.close()
-            host.close()
     report.notes["dma"] = (
         ("the engine rows run the compiled unit (IommuUnit(native=True)) with the warm MEMMOVE fast path, as "
          "`pviommu serve dsa` does when the core is built" if native.AVAILABLE else

@@ -34,44 +34,29 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from dma_device.dsa import DsaDevice
 from dma_device.dsa.checks import allowed_flags
 from dma_device.fastpath import memmove_hook
+from pvctl.benchmarks.report import rate
+from pvctl.benchmarks.world import nested_world, scratch_host
 from pviommu.abi.dsa import DescFlags, Descriptor, DsaStatus, Opcode, WqCfg
 from pviommu.addr import SZ_4K, Gpa, Iova
 from pviommu.iommu import native
-from pviommu.iommu.context import ContextEntry, write_context
+from pviommu.iommu.context import ContextEntry
 from pviommu.iommu.iotlb import Iotlb
 from pviommu.iommu.nested import NestedWalker, WalkOk
-from pviommu.iommu.owner import OWNER_TABLE_END, OwnerRecord, write_owner
 from pviommu.iommu.unit import IommuUnit
-from pviommu.mem.bank import GuestRam, HostMemory
+from pviommu.mem.bank import Bank, HostMemory
 from pviommu.mem.dma import DmaMemory
-from pviommu.mem.frames import guest_frames, host_frames
 from pviommu.pt.common import RW
-from pviommu.pt.fmt import VtdSsFormat, X86_64Format
-from pviommu.pt.walk import stage1_table, stage2_table
 from pviommu.units import MiB
 
 SLOT, DID, BANK = 1, 1, 1
 SRC, DST, REC = Iova(0x10_0000_0000), Iova(0x10_4000_0000), Iova(0x10_8000_0000)
 PAGES = 256
-
-
-def _rate(fn: Callable[[], int], min_time: float) -> float:
-    """Operations per second of ``fn`` (which returns how many it did)."""
-    done, start = 0, time.perf_counter()
-    while True:
-        done += fn()
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_time:
-            return done / elapsed
 
 
 def _best(pairs: dict[str, Callable[[], int]], min_time: float, rounds: int = 5) -> dict[str, float]:
@@ -81,39 +66,24 @@ def _best(pairs: dict[str, Callable[[], int]], min_time: float, rounds: int = 5)
     best = dict.fromkeys(pairs, 0.0)
     for _ in range(rounds):
         for name, fn in pairs.items():
-            best[name] = max(best[name], _rate(fn, min_time / rounds))
+            best[name] = max(best[name], rate(fn, min_time / rounds))
     return best
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    min_time = 0.2 if quick else 1.0
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
-    with tempfile.TemporaryDirectory(prefix="pviommu-bench-native-", dir=base) as directory:
-        host = HostMemory(Path(directory))
-        try:
-            return _run(host, min_time)
-        finally:
-            host.close()
+    with scratch_host("pviommu-bench-native-") as host:
+        return _run(host, 0.2 if quick else 1.0)
 
 
-def _world(host: HostMemory) -> tuple[ContextEntry, Any]:
+def _world(host: HostMemory) -> tuple[ContextEntry, Bank]:
     """Partition 1 (bank 1) owning slot ``SLOT``: 4 KiB leaves on both stages
     (a cold walk reads 24 entries), SRC/DST 1 MiB buffers and a record page."""
-    bank0 = host.create_bank(0, 16 * MiB)
-    bank1 = host.create_bank(BANK, 16 * MiB)
-    s2 = stage2_table(VtdSsFormat(4), host, host_frames(bank0, OWNER_TABLE_END, 16 * MiB - OWNER_TABLE_END))
-    for gpa in range(0, 16 * MiB, SZ_4K):  # 4 KiB stage-2 leaves: full-depth walks everywhere
-        s2.map(Gpa(gpa), bank1.hpa_of(gpa), SZ_4K, RW)
-    ram = GuestRam(bank1)
-    s1 = stage1_table(X86_64Format(4), ram, guest_frames(ram, 0, 2 * MiB))
-    s1.map(SRC, Gpa(4 * MiB), MiB, RW)
-    s1.map(DST, Gpa(6 * MiB), MiB, RW)
-    s1.map(REC, Gpa(8 * MiB), SZ_4K, RW)
-    ram.write(Gpa(4 * MiB), bytes(range(256)) * (MiB // 256))
-    ctx = ContextEntry.nested(DID, s1.root, 4, s2.root, 4)
-    write_owner(host, SLOT, OwnerRecord(epoch=1, partition_id=BANK, owner_bank=BANK))
-    write_context(host, SLOT, ctx)
-    return ctx, bank1
+    world = nested_world(host, s2_4k_bytes=16 * MiB)  # 4 KiB stage-2 leaves: full-depth walks everywhere
+    world.s1.map(SRC, Gpa(4 * MiB), MiB, RW)
+    world.s1.map(DST, Gpa(6 * MiB), MiB, RW)
+    world.s1.map(REC, Gpa(8 * MiB), SZ_4K, RW)
+    world.ram.write(Gpa(4 * MiB), bytes(range(256)) * (MiB // 256))
+    return world.own(SLOT, DID), world.bank
 
 
 def _run(host: HostMemory, min_time: float) -> dict[str, Any]:
@@ -269,42 +239,37 @@ def unit_rates(quick: bool = False) -> dict[str, Any]:
     translations/s (the 256 pages in the IOTLB), and reads per cold walk.
     Only the Python figures without the compiled core."""
     min_time = 0.2 if quick else 1.0
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
-    with tempfile.TemporaryDirectory(prefix="pviommu-bench-unit-", dir=base) as directory:
-        host = HostMemory(Path(directory))
-        try:
-            _world(host)
-            pages = [Iova(SRC + i * SZ_4K) for i in range(PAGES)]
-            units = {"py": IommuUnit(host, native=False)}
-            if native.AVAILABLE:
-                units["native"] = IommuUnit(host, native=True)
-            fns: dict[str, Callable[[], int]] = {}
-            for name, unit in units.items():
-                def cold(unit: IommuUnit = unit) -> int:
-                    for iova in pages:
-                        unit.invalidate_all()
-                        unit.translate(SLOT, iova, 8, False)
-                    return PAGES
+    with scratch_host("pviommu-bench-unit-") as host:
+        _world(host)
+        pages = [Iova(SRC + i * SZ_4K) for i in range(PAGES)]
+        units = {"py": IommuUnit(host, native=False)}
+        if native.AVAILABLE:
+            units["native"] = IommuUnit(host, native=True)
+        fns: dict[str, Callable[[], int]] = {}
+        for name, unit in units.items():
+            def cold(unit: IommuUnit = unit) -> int:
+                for iova in pages:
+                    unit.invalidate_all()
+                    unit.translate(SLOT, iova, 8, False)
+                return PAGES
 
-                def warm(unit: IommuUnit = unit) -> int:
-                    for iova in pages:
-                        unit.translate(SLOT, iova, 8, False)
-                    return PAGES
+            def warm(unit: IommuUnit = unit) -> int:
+                for iova in pages:
+                    unit.translate(SLOT, iova, 8, False)
+                return PAGES
 
-                walks, reads = unit.stats.walks, unit.stats.walk_reads
-                cold()
-                if (unit.stats.walk_reads - reads) != 24 * (unit.stats.walks - walks):
-                    raise RuntimeError(f"{name} unit: a cold walk did not read 24 entries")
-                fns[f"{name}_unit_cold_walks_per_s"] = cold
-                fns[f"{name}_unit_warm_translations_per_s"] = warm
-            warm_up = [fn for key, fn in fns.items() if "warm" in key]
-            for fn in warm_up:
-                fn()
-            out: dict[str, Any] = _best(fns, min_time)
-            out["reads_per_cold_walk"] = 24.0
-            return out
-        finally:
-            host.close()
+            walks, reads = unit.stats.walks, unit.stats.walk_reads
+            cold()
+            if (unit.stats.walk_reads - reads) != 24 * (unit.stats.walks - walks):
+                raise RuntimeError(f"{name} unit: a cold walk did not read 24 entries")
+            fns[f"{name}_unit_cold_walks_per_s"] = cold
+            fns[f"{name}_unit_warm_translations_per_s"] = warm
+        warm_up = [fn for key, fn in fns.items() if "warm" in key]
+        for fn in warm_up:
+            fn()
+        out: dict[str, Any] = _best(fns, min_time)
+        out["reads_per_cold_walk"] = 24.0
+        return out
 
 
 def _one(ok: bool) -> int:

@@ -23,23 +23,16 @@ Run: ``python -m pvctl.benchmarks.translation [--quick]``.
 from __future__ import annotations
 
 import sys
-import tempfile
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from pvctl.benchmarks.report import Report, Row
+from pvctl.benchmarks.report import Report, Row, rate
+from pvctl.benchmarks.world import nested_world, scratch_host
 from pviommu.addr import SZ_2M, SZ_4K, Gpa, Iova
-from pviommu.iommu.context import ContextEntry, write_context
-from pviommu.iommu.owner import OWNER_TABLE_END, OwnerRecord, write_owner
 from pviommu.iommu.unit import IommuUnit
-from pviommu.mem.bank import GuestRam, HostMemory
+from pviommu.mem.bank import HostMemory
 from pviommu.mem.dma import DmaMemory
-from pviommu.mem.frames import guest_frames, host_frames
 from pviommu.pt.common import RW
-from pviommu.pt.fmt import VtdSsFormat, X86_64Format
-from pviommu.pt.walk import stage1_table, stage2_table
 from pviommu.units import MiB
 
 SLOT, DID = 1, 1
@@ -47,44 +40,22 @@ IOVA_4K_SRC, IOVA_4K_DST = Iova(0x10_0000_0000), Iova(0x10_4000_0000)
 IOVA_2M_SRC, IOVA_2M_DST = Iova(0x20_0000_0000), Iova(0x20_4000_0000)
 
 
-def _rate(fn: Callable[[], int], min_time: float) -> float:
-    """Operations per second of ``fn`` (which returns how many it did)."""
-    done, start = 0, time.perf_counter()
-    while True:
-        done += fn()
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_time:
-            return done / elapsed
-
-
 def run(quick: bool = False) -> dict[str, Any]:
-    min_time = 0.15 if quick else 1.0
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
-    with tempfile.TemporaryDirectory(prefix="pviommu-bench-", dir=base) as directory:
-        host = HostMemory(Path(directory))
-        try:
-            return _run(host, min_time)
-        finally:
-            host.close()
+    with scratch_host("pviommu-bench-") as host:
+        return _run(host, 0.15 if quick else 1.0)
 
 
 def _run(host: HostMemory, min_time: float) -> dict[str, Any]:
-    bank0 = host.create_bank(0, 16 * MiB)
-    bank1 = host.create_bank(1, 64 * MiB)
-    s2 = stage2_table(VtdSsFormat(4), host, host_frames(bank0, OWNER_TABLE_END, 16 * MiB - OWNER_TABLE_END))
-    for gpa in range(0, 8 * MiB, SZ_4K):  # 4K stage-2 leaves: full-depth nested walks
-        s2.map(Gpa(gpa), bank1.hpa_of(gpa), SZ_4K, RW)
-    s2.map(Gpa(8 * MiB), bank1.hpa_of(8 * MiB), 56 * MiB, RW)  # 2M stage-2 leaves
-    ram = GuestRam(bank1)
-    s1 = stage1_table(X86_64Format(4), ram, guest_frames(ram, 0, 2 * MiB))
-    s1.map(IOVA_4K_SRC, Gpa(4 * MiB), MiB, RW)
-    s1.map(IOVA_4K_DST, Gpa(6 * MiB), MiB, RW)
-    s1.map(IOVA_2M_SRC, Gpa(16 * MiB), SZ_2M, RW)
-    s1.map(IOVA_2M_DST, Gpa(20 * MiB), SZ_2M, RW)
-    ram.write(Gpa(4 * MiB), bytes(range(256)) * (MiB // 256))
-    ram.write(Gpa(16 * MiB), bytes(range(256)) * (MiB // 256))
-    write_owner(host, SLOT, OwnerRecord(epoch=1, partition_id=1, owner_bank=1))
-    write_context(host, SLOT, ContextEntry.nested(DID, s1.root, 4, s2.root, 4))
+    # 4K stage-2 leaves for the first 8 MiB (full-depth nested walks), 2M leaves above
+    world = nested_world(host, ram_bytes=64 * MiB, s2_4k_bytes=8 * MiB)
+    world.s1.map(IOVA_4K_SRC, Gpa(4 * MiB), MiB, RW)
+    world.s1.map(IOVA_4K_DST, Gpa(6 * MiB), MiB, RW)
+    world.s1.map(IOVA_2M_SRC, Gpa(16 * MiB), SZ_2M, RW)
+    world.s1.map(IOVA_2M_DST, Gpa(20 * MiB), SZ_2M, RW)
+    world.ram.write(Gpa(4 * MiB), bytes(range(256)) * (MiB // 256))
+    world.ram.write(Gpa(16 * MiB), bytes(range(256)) * (MiB // 256))
+    world.own(SLOT, DID)
+    bank1 = world.bank
     unit = IommuUnit(host, pscache=True)  # the Python unit: its paging-structure caches are measured here
     pages = [Iova(IOVA_4K_SRC + i * SZ_4K) for i in range(256)]
 
@@ -106,14 +77,14 @@ def _run(host: HostMemory, min_time: float) -> dict[str, Any]:
         return len(pages)
 
     walks0, reads0 = unit.stats.walks, unit.stats.walk_reads
-    cold_rate = _rate(cold, min_time)
+    cold_rate = rate(cold, min_time)
     reads_per_walk = (unit.stats.walk_reads - reads0) / (unit.stats.walks - walks0)
     walks0, reads0 = unit.stats.walks, unit.stats.walk_reads
-    ps_rate = _rate(neighbours, min_time)
+    ps_rate = rate(neighbours, min_time)
     ps_reads_per_walk = (unit.stats.walk_reads - reads0) / (unit.stats.walks - walks0)
     warm()
     tr0, reads0 = unit.stats.translations, unit.stats.walk_reads
-    warm_rate = _rate(warm, min_time)
+    warm_rate = rate(warm, min_time)
     warm_reads = (unit.stats.walk_reads - reads0) / max(1, unit.stats.translations - tr0)
 
     dma = DmaMemory(host, unit.bind(SLOT))
@@ -141,13 +112,13 @@ def _run(host: HostMemory, min_time: float) -> dict[str, Any]:
         "reads_per_walk_pscache": ps_reads_per_walk,
         "reads_per_warm_translation": warm_reads,  # IOTLB hits: no table read
     }
-    base_bw = _rate(memmove, min_time)
+    base_bw = rate(memmove, min_time)
     results["memmove_MiB_per_s"] = base_bw / MiB
     for name, src, dst in (("4k", IOVA_4K_SRC, IOVA_4K_DST), ("2m", IOVA_2M_SRC, IOVA_2M_DST)):
         fn = copy(src, dst)
         fn()  # warm the IOTLB
         runs = len(unit.translate(SLOT, src, MiB, False).runs)
-        bw = _rate(fn, min_time)
+        bw = rate(fn, min_time)
         results[f"copy_{name}_MiB_per_s"] = bw / MiB
         results[f"copy_{name}_over_memmove"] = bw / base_bw
         results[f"copy_{name}_runs_per_MiB"] = runs

@@ -7,7 +7,9 @@ host up. Services are started by command line (``pviommu.client.procs``),
 never imported. Devices come up together, then guests together. The banks
 go to a fresh folder on ``/dev/shm`` (a tmpfs) when it has room, else to the
 temporary folder (``bank_note`` says why), or under ``memory_dir``; logs and
-port files stay in a temporary folder on disk. ``stop()`` removes all of it.
+port files stay in a temporary folder on disk. ``stop()`` removes all of it;
+the work folder of a host whose process was killed outright (its services
+stop by themselves) is removed when the next local host starts.
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ from pathlib import Path
 import grpc
 
 from pviommu.client.procs import ServiceProcess, ServiceStartError, Supervisor
-from pviommu.mem.placement import FsInfo, filesystem_of, make_bank_folder
+from pviommu.mem.placement import FsInfo, claim, filesystem_of, make_bank_folder, sweep_stale
 from pviommu.rpc.auth import new_token
 from pviommu.rpc.client import connect
 from pviommu.v1 import admin_pb2, admin_pb2_grpc, common_pb2, guest_pb2_grpc
 
 #: The hypervisor's default private bank (sparse): counted when checking room for the banks.
 BANK0_BYTES = 1 << 30
+
+#: The work folders (logs, port files) of local hosts, in the temporary folder.
+WORKDIR_PREFIX = "pviommu-"
 
 Step = Callable[[str], None]
 
@@ -76,7 +81,9 @@ class LocalHost:
         self._own_dir = memory_dir is None
         self.bank_note = ""
         if memory_dir is None:
-            self.workdir = Path(tempfile.mkdtemp(prefix="pviommu-"))
+            sweep_stale(Path(tempfile.gettempdir()), WORKDIR_PREFIX)  # what a kill -9 of an earlier host left
+            self.workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
+            claim(self.workdir)
             folder = make_bank_folder("pviommu-banks-", need_bytes=BANK0_BYTES + guests * memory_bytes)
             self.memory_dir = folder.path
             self.bank_note = folder.note

@@ -9,13 +9,12 @@ session socket (the hypervisor is gone)."""
 
 from __future__ import annotations
 
-import os
 import socket
 
 from pviommu.abi import shm as L
-from pviommu.shm.region import Doorbell, Region, adaptive_wait
+from pviommu.shm.region import adaptive_wait
 from pviommu.shm.ring import Ring, RingError
-from pviommu.shm.sessions import open_session
+from pviommu.shm.sessions import SessionError, open_region_session
 
 #: how long a reader polls the ring before it sleeps on the doorbell
 READER_SPIN_S = 0.0002
@@ -31,20 +30,16 @@ class FaultRingReader:
     """One fault ring session of the partition whose ``token`` opens it."""
 
     def __init__(self, path: str, token: str, *, after: int = 0, timeout: float = 10.0) -> None:
-        reply, fds, sock = open_session(path, {"token": token, "kind": "faults", "after": after}, timeout=timeout)
         try:
-            if reply.get("kind") != "faults" or len(fds) != 2:
-                raise RingClosed(L.CloseReason.PROTOCOL_ERROR)
-            self.region = Region(fds[0], int(reply["bytes"]))
-            self.ring = Ring(self.region)
-        except BaseException:
-            sock.close()
-            for fd in fds:
-                os.close(fd)
-            raise
-        self.sock = sock
-        self.session = int(reply["session"])
-        self.doorbell = Doorbell(fds[1])
+            opened = open_region_session(path, {"token": token, "kind": "faults", "after": after}, doorbells=1,
+                                         timeout=timeout)
+        except SessionError as exc:
+            if exc.code != "PROTOCOL_ERROR":
+                raise
+            raise RingClosed(L.CloseReason.PROTOCOL_ERROR) from exc
+        self.region, self.sock, self.session = opened.region, opened.sock, opened.session
+        (self.doorbell,) = opened.doorbells
+        self.ring = Ring(self.region)
         self._ended: L.CloseReason | None = None
 
     def _reason(self) -> L.CloseReason | None:

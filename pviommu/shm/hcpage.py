@@ -20,8 +20,7 @@ import time
 from dataclasses import dataclass
 
 from pviommu.abi import shm as L
-from pviommu.shm.region import Doorbell, Region
-from pviommu.shm.sessions import open_session, peer_alive
+from pviommu.shm.sessions import SessionError, open_region_session, peer_alive
 
 #: how long a caller polls for the result before it sleeps on the completion doorbell
 GUEST_SPIN_S = 0.002
@@ -59,21 +58,16 @@ class HypercallPage:
     """One hypercall page session of the partition whose ``token`` opens it."""
 
     def __init__(self, path: str, token: str, *, timeout: float = 10.0) -> None:
-        reply, fds, sock = open_session(path, {"token": token, "kind": "hypercall_page"}, timeout=timeout)
         try:
-            if reply.get("kind") != "hypercall_page" or len(fds) != 3:
-                raise PageClosed(L.CloseReason.PROTOCOL_ERROR, f"unexpected reply {reply!r} with {len(fds)} fds")
-            self.region = Region(fds[0], int(reply["bytes"]))
-        except BaseException:
-            sock.close()
-            for fd in fds:
-                os.close(fd)
-            raise
-        self.sock = sock
-        self.session = int(reply["session"])
-        self.partition_id = int(reply.get("partition_id", 0))
-        self.request_bell = Doorbell(fds[1])
-        self.done_bell = Doorbell(fds[2])
+            opened = open_region_session(path, {"token": token, "kind": "hypercall_page"}, doorbells=2,
+                                         timeout=timeout)
+        except SessionError as exc:
+            if exc.code != "PROTOCOL_ERROR":
+                raise
+            raise PageClosed(L.CloseReason.PROTOCOL_ERROR, str(exc)) from exc
+        self.region, self.sock, self.session = opened.region, opened.sock, opened.session
+        self.partition_id = int(opened.reply.get("partition_id", 0))
+        self.request_bell, self.done_bell = opened.doorbells
         self.timeout = timeout
         self._lock = threading.Lock()
         self._broken: PageClosed | None = None

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pviommu.log import get_logger
+from pviommu.shm.region import Doorbell, Region
 
 log = get_logger("shm.sessions")
 
@@ -233,6 +234,42 @@ def open_session(path: str, request: dict[str, Any], timeout: float = 10.0) -> t
         raise SessionError(str(reply.get("code", "UNKNOWN")), str(reply.get("error", "refused")))
     sock.settimeout(None)
     return reply, list(fds), sock
+
+
+@dataclass
+class RegionSession:
+    """An open session of a region-backed kind: its reply, the shared region (the first fd),
+    a doorbell per further fd, and the socket whose end ends the session."""
+
+    reply: dict[str, Any]
+    region: Region
+    doorbells: list[Doorbell]
+    sock: socket.socket
+
+    @property
+    def session(self) -> int:
+        return int(self.reply["session"])
+
+
+def open_region_session(path: str, request: dict[str, Any], *, doorbells: int,
+                        timeout: float = 10.0) -> RegionSession:
+    """``open_session`` for the kinds that hand out a region and ``doorbells`` doorbells (portals,
+    interrupt pages, fault rings, hypercall pages): a reply of another kind or fd count, or a
+    region that does not map, closes everything and raises ``SessionError("PROTOCOL_ERROR")``."""
+    reply, fds, sock = open_session(path, request, timeout=timeout)
+    try:
+        if reply.get("kind") != request.get("kind") or len(fds) != 1 + doorbells:
+            raise SessionError("PROTOCOL_ERROR", f"unexpected reply {reply!r} with {len(fds)} fds")
+        try:
+            region = Region(fds[0], int(reply["bytes"]))
+        except (KeyError, ValueError, OSError) as exc:
+            raise SessionError("PROTOCOL_ERROR", f"the session's region does not map: {exc}") from exc
+    except BaseException:
+        sock.close()
+        for fd in fds:
+            os.close(fd)
+        raise
+    return RegionSession(reply, region, [Doorbell(fd) for fd in fds[1:]], sock)
 
 
 def peer_alive(sock: socket.socket) -> bool:

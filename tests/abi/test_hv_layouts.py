@@ -56,6 +56,7 @@ from pviommu.abi.hv import (
 from pviommu.abi.hv_status import HvStatus
 from pviommu.addr import Gpa, Iova
 from pviommu.errors import HvError
+from tests.kit.hvstrategies import device_domains, flush_vas, hv_requests, settings, u64
 
 SELF = 0xFFFF_FFFF_FFFF_FFFF
 
@@ -431,56 +432,7 @@ def test_result_value_round_trips(status: int, reps: int) -> None:
 # Round trips (hypothesis)
 # --------------------------------------------------------------------------------------------
 
-u64 = st.integers(0, (1 << 64) - 1)
-vtls = st.builds(HvInputVtl, st.integers(0, 15), st.booleans())
-domain_ids = st.builds(DeviceDomainId, st.integers(0, 15), st.integers(0, 0xFFFFFFFF))
-device_domains = st.builds(DeviceDomain, u64, domain_ids, vtls)
-device_ids = st.builds(HvDeviceId.from_u64, u64)
-settings = st.builds(DeviceDomainSettings, st.booleans(), st.booleans(), st.integers(0, 1), u64.map(Gpa))
-flush_vas = st.builds(FlushVa, st.integers(0, (1 << 52) - 1), st.integers(0, 0xFFF))
-
-
-@st.composite
-def rep_start_for(draw: st.DrawFn, count: int) -> int:
-    return draw(st.integers(0, count - 1))
-
-
-@st.composite
-def flush_list_requests(draw: st.DrawFn) -> FlushDeviceDomainListRequest:
-    vas = tuple(draw(st.lists(flush_vas, min_size=1, max_size=(4096 - 32) // 8)))
-    header = FlushDeviceDomainListHeader(draw(device_domains), draw(st.booleans()))
-    return FlushDeviceDomainListRequest(header, vas, draw(st.integers(0, len(vas) - 1)))
-
-
-@st.composite
-def map_requests(draw: st.DrawFn) -> MapDeviceGpaPagesRequest:
-    pages = tuple(draw(st.lists(u64, min_size=1, max_size=(4096 - 40) // 8)))
-    header = MapDeviceGpaPagesHeader(
-        draw(device_domains), MapFlags(draw(st.integers(0, 3))), Iova(draw(u64)), draw(vtls)
-    )
-    return MapDeviceGpaPagesRequest(header, pages, draw(st.integers(0, len(pages) - 1)))
-
-
-@st.composite
-def unmap_requests(draw: st.DrawFn) -> UnmapDeviceGpaPagesRequest:
-    count = draw(st.integers(1, 0xFFF))
-    inp = UnmapDeviceGpaPagesInput(draw(device_domains), Iova(draw(u64)))
-    return UnmapDeviceGpaPagesRequest(inp, count, draw(st.integers(0, count - 1)))
-
-
-requests: st.SearchStrategy[HvRequest] = st.one_of(
-    st.builds(CreateDeviceDomainInput, device_domains, st.booleans(), st.booleans()),
-    st.builds(DeleteDeviceDomainInput, device_domains),
-    st.builds(AttachDeviceDomainInput, device_domains, device_ids),
-    st.builds(DetachDeviceDomainInput, u64, device_ids),
-    st.builds(ConfigureDeviceDomainInput, device_domains, settings),
-    st.builds(FlushDeviceDomainInput, device_domains),
-    st.builds(GetIommuCapabilitiesInput, u64),
-    st.builds(GetLogicalDevicePropertyInput, u64, u64, st.integers(0, 0xFFFFFFFF)),
-    flush_list_requests(),
-    map_requests(),
-    unmap_requests(),
-)
+requests = hv_requests()
 
 
 @given(requests)
@@ -750,8 +702,36 @@ def test_building_out_of_range_fields_is_a_value_error_not_a_status() -> None:
     with pytest.raises(ValueError):
         HvInputVtl(target_vtl=16)
     with pytest.raises(ValueError):
-        FlushDeviceDomainListRequest(FlushDeviceDomainListHeader(DD), ())
-    with pytest.raises(ValueError):
-        UnmapDeviceGpaPagesRequest(UnmapDeviceGpaPagesInput(DD, Iova(0)), rep_count=2, rep_start=2)
-    with pytest.raises(ValueError):
         HypercallInput(0x1_0000)
+
+
+def test_building_a_rep_request_with_a_bad_rep_count_or_start_is_the_wire_status() -> None:
+    """The rep requests check rep count and start themselves, with the raw decoder's status, so
+    no caller (the typed gRPC methods, the guest's client) keeps a copy of the check."""
+    with _Refused(HvStatus.INVALID_HYPERCALL_INPUT):
+        FlushDeviceDomainListRequest(FlushDeviceDomainListHeader(DD), ())
+    with _Refused(HvStatus.INVALID_HYPERCALL_INPUT):
+        FlushDeviceDomainListRequest(FlushDeviceDomainListHeader(DD), (FlushVa(0),) * 4096)
+    with _Refused(HvStatus.INVALID_HYPERCALL_INPUT):
+        UnmapDeviceGpaPagesRequest(UnmapDeviceGpaPagesInput(DD, Iova(0)), rep_count=2, rep_start=2)
+    with _Refused(HvStatus.INVALID_HYPERCALL_INPUT):
+        UnmapDeviceGpaPagesRequest(UnmapDeviceGpaPagesInput(DD, Iova(0)), rep_count=0)
+    with _Refused(HvStatus.INVALID_HYPERCALL_INPUT):
+        MapDeviceGpaPagesRequest(MapDeviceGpaPagesHeader(DD, 3, Iova(0)), ())
+
+
+def test_the_flags_words_are_checked_by_the_constructors_with_the_wire_status() -> None:
+    """Undefined flag bits and a too-wide owner VTL are INVALID_PARAMETER however the input is built."""
+    with _Refused(HvStatus.INVALID_PARAMETER):
+        CreateDeviceDomainInput.from_flags(DD, 4)
+    with _Refused(HvStatus.INVALID_PARAMETER):
+        FlushDeviceDomainInput.from_flags(DD, 1)
+    with _Refused(HvStatus.INVALID_PARAMETER):
+        FlushDeviceDomainListHeader.from_flags(DD, 2)
+    with _Refused(HvStatus.INVALID_PARAMETER):
+        MapDeviceGpaPagesHeader(DD, 4, Iova(0))
+    with _Refused(HvStatus.INVALID_PARAMETER):
+        HvInputVtl.from_u8(0x100)
+    assert CreateDeviceDomainInput.from_flags(DD, 3).flags == 3
+    assert FlushDeviceDomainListHeader.from_flags(DD, 1).flags == 1
+    assert FlushDeviceDomainInput.from_flags(DD, 0) == FlushDeviceDomainInput(DD)

@@ -26,6 +26,7 @@ from pviommu.iommu.unit import IommuUnit
 from pviommu.mem.dma import DmaMemory, DmaRuns
 from pviommu.pt.common import RW, Perm
 from tests.kit.native_env import OWNER, World, build_world
+from tests.kit.nested import dsa_on
 
 pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason=native.UNAVAILABLE_REASON)
 
@@ -68,7 +69,7 @@ def _reference(world: World, desc: Descriptor, cfg: WqCfg, warm: list[tuple[int,
     unit = IommuUnit(world.host, pscache=False, native=False)
     for iova, n, write in warm:
         unit.translate(SLOT, Iova(iova), n, write)
-    device = DsaDevice(DmaMemory(world.host, unit.bind(SLOT)))
+    device = dsa_on(world.host, unit.bind(SLOT))
     try:
         device.configure_wq(0, cfg)
         device.configure_group(0, [0], [0])
@@ -108,7 +109,7 @@ def _native(world: World, ctx: ContextEntry, desc: Descriptor, limits: native.Mo
 def check(world: World, pristine: list[bytes], desc: Descriptor, cfg: WqCfg,
           warm: list[tuple[int, int, bool]] = WARM, *, events: bool = False) -> native.NativeMemmove | None:
     """Reference first, then the compiled path from the same bytes; compare."""
-    device = DsaDevice(DmaMemory(world.host, IommuUnit(world.host, native=False).bind(SLOT)))
+    device = dsa_on(world.host, IommuUnit(world.host, native=False).bind(SLOT))
     limits = _limits(device, cfg)
     try:
         rec, ref_stats = _reference(world, desc, cfg, warm)

@@ -6,6 +6,7 @@ tables of every format configuration. Skipped when the compiled core is not buil
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from collections.abc import Iterator
@@ -165,19 +166,19 @@ def _reason_walk(world: World, reason: FaultReason, tmp: Path) -> tuple[World, t
         world.ram.write_u64(slot, world.ram.read_u64(slot) | 1 << 50)  # above the 48-bit output width
         return world, (nested, base, False)
     if reason is FaultReason.SS_NO_READ_FS_TOP:
-        world.host.write_u64(_s2_leaf_hpa(world, world.s1.root), world.bank1_hpa(world.s1.root) | 0x2)  # W only
+        world.host.write_u64(_s2_leaf_hpa(world, world.s1.root), world.hpa(world.s1.root) | 0x2)  # W only
         return world, (nested, base, False)
     if reason is FaultReason.SS_NO_READ_FS:
         _map(world, base, 12 << 20)
         table = world.s1.walk(Iova(base))[-1].table
-        world.host.write_u64(_s2_leaf_hpa(world, table), int(world.bank1_hpa(table)) | 0x2)
+        world.host.write_u64(_s2_leaf_hpa(world, table), int(world.hpa(table)) | 0x2)
         return world, (nested, base, False)
     if reason is FaultReason.SS_NO_WRITE_AD:
         _map(world, base, 12 << 20)
         slot = _leaf_slot(world, base)
         world.ram.write_u64(slot, world.ram.read_u64(slot) & ~A)
         table = world.s1.walk(Iova(base))[-1].table
-        world.host.write_u64(_s2_leaf_hpa(world, table), int(world.bank1_hpa(table)) | 0x1)  # R only
+        world.host.write_u64(_s2_leaf_hpa(world, table), int(world.hpa(table)) | 0x1)  # R only
         return world, (nested, base, False)
     if reason is FaultReason.SS_ACCESS:
         _map(world, base, FOREIGN_GPA)  # stage 2 sends this page into the other partition
@@ -195,7 +196,7 @@ def _reason_walk(world: World, reason: FaultReason, tmp: Path) -> tuple[World, t
         other.mkdir()
         os.link(bank_path(world.host.directory, 1), bank_path(other, 1))
         _map(world, base, 12 << 20)
-        alone = World(HostMemory(other), world.banks, world.ram, world.s2, world.s1, 4, 4)
+        alone = dataclasses.replace(world, host=HostMemory(other))
         return alone, (nested, base, False)
     if reason is FaultReason.NON_CANONICAL:
         return world, (nested, 1 << 47, False)
@@ -209,7 +210,7 @@ def _reason_walk(world: World, reason: FaultReason, tmp: Path) -> tuple[World, t
         return world, (nested, base, True)
     if reason is FaultReason.NO_READ:
         _map(world, base, 12 << 20)
-        world.host.write_u64(_s2_leaf_hpa(world, 12 << 20), int(world.bank1_hpa(12 << 20)) | 0x2 | 0x80)  # W only
+        world.host.write_u64(_s2_leaf_hpa(world, 12 << 20), int(world.hpa(12 << 20)) | 0x2 | 0x80)  # W only
         return world, (nested, base, False)
     if reason is FaultReason.MSI_WINDOW:
         _map(world, base, MSI_GPA)

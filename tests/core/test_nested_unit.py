@@ -15,6 +15,7 @@ from pviommu.pt.fmt.x86_64 import PS, A, D
 from pviommu.pt.gather import IotlbGather
 from pviommu.pt.walk import direct_table
 from tests.kit.core_env import DATA, DID, HOLE, RO, SLOT, NestedSystem
+from tests.kit.nested import guest_tables
 
 IOVA = Iova(0x7F00_0000_0000)
 
@@ -109,11 +110,8 @@ def test_walk_sets_accessed_on_every_level_and_dirty_only_on_write(system: Neste
 
 def test_accessed_update_needs_stage2_write_on_the_table_page(system: NestedSystem) -> None:
     # the guest keeps a stage-1 table in its read-only range (its CPU may write it)
-    from pviommu.mem.frames import guest_frames
-    from pviommu.pt.fmt import X86_64Format
-    from pviommu.pt.walk import stage1_table
 
-    ro_tables = stage1_table(X86_64Format(4), system.ram, guest_frames(system.ram, RO[0], SZ_2M))
+    ro_tables = guest_tables(system.ram, (RO[0], RO[0] + SZ_2M)).s1
     ro_tables.map(IOVA, Gpa(DATA), SZ_4K, RW)
     system.install(5, system.nested_ctx(ro_tables.root, did=9))
     assert reason(system, IOVA, slot=5) is None  # A already set: nothing to write

@@ -15,11 +15,7 @@ from pviommu.iommu.context import ContextEntry, write_context
 from pviommu.iommu.fault import FaultReason
 from pviommu.iommu.owner import FLAG_QUARANTINED, OWNER_TABLE_OFFSET, OwnerRecord, read_owner, write_owner
 from pviommu.iommu.unit import IommuUnit
-from pviommu.mem.bank import GuestRam
-from pviommu.mem.frames import guest_frames
 from pviommu.pt.common import RW
-from pviommu.pt.fmt import X86_64Format
-from pviommu.pt.walk import stage1_table
 from tests.kit.core_env import DATA, DID, SLOT, NestedSystem, build_system
 
 IOVA = Iova(0x7F00_0000)
@@ -60,15 +56,10 @@ def test_a_new_owner_never_gets_the_previous_owners_cached_context_or_translatio
     assert runs.fault is None and runs.runs[0].hpa == system.bank1.hpa_of(DATA)
     assert system.unit.iotlb.lookup(DID, int(IOVA), True, count=False) is not None
     # partition 2 takes the slot, with a domain reusing the same DID and the same IOVA
-    ram2 = GuestRam(system.bank2)
-    s1_b = stage1_table(X86_64Format(4), ram2, guest_frames(ram2, 0, 1 << 20))
-    s1_b.map(IOVA, Gpa(2 << 20), SZ_4K, RW)
-    from pviommu.pt.fmt import VtdSsFormat
-    from pviommu.pt.walk import stage2_table
-    s2_b = stage2_table(VtdSsFormat(4), system.host, system.s2_frames)
-    s2_b.map(Gpa(0), system.bank2.hpa_of(0), 16 << 20, RW)
+    guest_b, s2_b = system.domain(2, (0, 1 << 20))
+    guest_b.s1.map(IOVA, Gpa(2 << 20), SZ_4K, RW)
     write_owner(system.host, SLOT, OwnerRecord(epoch=5, partition_id=2, owner_bank=2))
-    write_context(system.host, SLOT, ContextEntry.nested(DID, s1_b.root, 4, s2_b.root, 4))
+    write_context(system.host, SLOT, ContextEntry.nested(DID, guest_b.s1.root, 4, s2_b.root, 4))
     # no invalidation of any kind reaches the unit
     runs = system.unit.translate(SLOT, IOVA, 8, True)
     assert runs.fault is None

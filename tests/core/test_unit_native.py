@@ -33,13 +33,11 @@ from pviommu.iommu.context import ContextEntry, write_context
 from pviommu.iommu.fault import FaultReason
 from pviommu.iommu.owner import FLAG_QUARANTINED, OwnerRecord, write_owner
 from pviommu.iommu.unit import IommuUnit
-from pviommu.mem.bank import GuestRam, bank_base, bank_index_of
+from pviommu.mem.bank import bank_base, bank_index_of
 from pviommu.mem.dma import DmaMemory, DmaRuns
-from pviommu.mem.frames import guest_frames
 from pviommu.pt.common import RW
-from pviommu.pt.fmt import VtdSsFormat, X86_64Format
 from pviommu.pt.gather import IotlbGather
-from pviommu.pt.walk import PageTable, stage1_table, stage2_table
+from pviommu.pt.walk import PageTable
 from pviommu.units import MiB
 from tests.kit.core_env import DATA, DID, HOLE, RO, SLOT, NestedSystem, build_system
 
@@ -85,21 +83,18 @@ class Twin:
 
 
 def make_twin(directory: Path, *, native_unit: bool, pscache: bool = False) -> Twin:
-    s = build_system(directory, p1_ram=16 * MiB, p2_ram=16 * MiB)
+    unit_options = {"native": True} if native_unit else {"native": False, "pscache": pscache}
+    s = build_system(directory, p1_ram=16 * MiB, p2_ram=16 * MiB, **unit_options)
     s.s1.map(SMALL, Gpa(DATA), PAGES * SZ_4K, RW)
     s.s1.map(LARGE, Gpa(12 * MiB), SZ_2M, RW)
     s.s1.map(RO_PAGE, Gpa(RO[0]), SZ_4K, RW)
     s.s1.map(HOLED, Gpa(HOLE[0]), SZ_4K, RW)
     s.ram.write(Gpa(DATA), bytes(range(256)) * (PAGES * SZ_4K // 256))
-    ram2 = GuestRam(s.bank2)
-    s1_b = stage1_table(X86_64Format(4), ram2, guest_frames(ram2, 0, MiB))
+    guest_b, s2_b = s.domain(2, (0, MiB))
+    s1_b = guest_b.s1
     s1_b.map(SMALL, Gpa(B_GPA), PAGES * SZ_4K, RW)
     s1_b.map(LARGE, Gpa(4 * MiB), SZ_2M, RW)
-    s2_b = stage2_table(VtdSsFormat(4), s.host, s.s2_frames)
-    s2_b.map(Gpa(0), s.bank2.hpa_of(0), 16 * MiB, RW)
-    unit = IommuUnit(s.host, native=True) if native_unit else IommuUnit(s.host, native=False, pscache=pscache)
-    s.unit = unit
-    return Twin(s, s1_b, s2_b, unit, DmaMemory(s.host, unit.bind(SLOT)))
+    return Twin(s, s1_b, s2_b, s.unit, DmaMemory(s.host, s.unit.bind(SLOT)))
 
 
 # -- operations -------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from pviommu.pt.common import RW
 from pviommu.pt.gather import IotlbGather
 from pviommu.units import MiB
 from tests.kit.core_env import DATA, DID, RO, SLOT, NestedSystem, build_system
+from tests.kit.nested import dsa_on
 
 pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason=native.UNAVAILABLE_REASON)
 
@@ -73,7 +74,8 @@ class Rig:
 
 
 def make_rig(directory: Path, *, native_unit: bool) -> Rig:
-    s = build_system(directory, p1_ram=24 * MiB, p2_ram=1 * MiB)
+    s = build_system(directory, p1_ram=24 * MiB, p2_ram=1 * MiB,
+                     **({"native": True} if native_unit else {"native": False, "pscache": False}))
     rnd = random.Random(5)
     for i in range(PAGES):  # scattered source pages: several runs per buffer
         s.s1.map(Iova(SRC + i * SZ_4K), Gpa(DATA + (i * 5 % PAGES) * SZ_4K), SZ_4K, RW)
@@ -85,9 +87,8 @@ def make_rig(directory: Path, *, native_unit: bool) -> Rig:
     s.s1.map(Iova(LIST), Gpa(LIST_GPA), SZ_4K, RW)
     s.ram.write(Gpa(DATA), rnd.randbytes(PAGES * SZ_4K))
     s.ram.write(Gpa(12 * MiB), rnd.randbytes(SZ_2M))
-    unit = IommuUnit(s.host, native=True) if native_unit else IommuUnit(s.host, native=False, pscache=False)
-    s.unit = unit
-    rig = Rig(s, unit, DsaDevice(DmaMemory(s.host, unit.bind(SLOT))))
+    unit = s.unit
+    rig = Rig(s, unit, dsa_on(s.host, unit.bind(SLOT)))
     dev = rig.device
     dev.on_interrupt = lambda handle, epoch: rig.interrupts.append((handle, epoch))
     dev.on_fault = rig.faults.append

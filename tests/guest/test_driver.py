@@ -13,7 +13,6 @@ from guest_agent.agent import Agent
 from guest_agent.dma.api import Direction
 from guest_agent.driver.domain import DomainKind, FlushMode, PagingDomain
 from guest_agent.driver.flushqueue import FQ_TIMEOUT_S
-from guest_agent.driver.hypercalls import DomainSettings, IommuCaps
 from guest_agent.driver.pviommu import decide
 from guest_agent.errors import HypercallFailed, InvalidRequest, IommuAbsent
 from pviommu.abi import hv as hvabi
@@ -35,14 +34,14 @@ PGSIZES = (1 << 12) | (1 << 21) | (1 << 30)
 @pytest.mark.parametrize("cap", [0, int(hvabi.IommuCap.PRESENT), int(hvabi.IommuCap.S1)])
 def test_init_refuses_without_present_and_s1(cap: int) -> None:
     with pytest.raises(IommuAbsent):
-        decide(IommuCaps(48, 0, cap, PGSIZES))
-    assert decide(IommuCaps(48, 0, cap, PGSIZES), allow_no_iommu=True) is None
+        decide(hvabi.GetIommuCapabilitiesOutput(48, 0, cap, PGSIZES))
+    assert decide(hvabi.GetIommuCapabilitiesOutput(48, 0, cap, PGSIZES), allow_no_iommu=True) is None
 
 
 def test_iova_width_is_clamped_to_48_without_5_level_and_kept_with_it() -> None:
-    g = decide(IommuCaps(57, 0, CAP_OK, PGSIZES))
+    g = decide(hvabi.GetIommuCapabilitiesOutput(57, 0, CAP_OK, PGSIZES))
     assert g is not None and g.iova_width == 48 and g.levels == 4 and g.max_iova_width == 57
-    g5 = decide(IommuCaps(57, 0, CAP_OK | int(hvabi.IommuCap.S1_5LVL), PGSIZES))
+    g5 = decide(hvabi.GetIommuCapabilitiesOutput(57, 0, CAP_OK | int(hvabi.IommuCap.S1_5LVL), PGSIZES))
     assert g5 is not None and g5.iova_width == 57 and g5.levels == 5
 
 
@@ -242,7 +241,8 @@ def test_bogus_stage1_root_is_refused_with_the_hv_status_and_the_agent_keeps_wor
     dom = agent.create_domain("paging")
     with pytest.raises(HypercallFailed) as err:
         agent.hv.configure_domain(hvabi.DeviceDomainType.S1, dom.domain_id,
-                                  DomainSettings(translation_enabled=True, page_table_root=agent.ram.size + 4096))
+                                  hvabi.DeviceDomainSettings(translation_enabled=True,
+                                                             page_table_root=Gpa(agent.ram.size + 4096)))
     assert err.value.hv_status == HvStatus.INVALID_PARAMETER
     gpa, _ = agent.alloc_buffer(4096)
     m = agent.map(dev.logical_device_id, 0, gpa, 4096, Direction.BIDIRECTIONAL)

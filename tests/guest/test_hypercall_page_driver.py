@@ -89,6 +89,32 @@ def test_page_refusals_raise_what_grpc_refusals_raise(tmp_path: Path) -> None:
         env.close()
 
 
+def test_a_request_its_constructor_refuses_raises_the_hypervisors_status_on_both_transports(
+        tmp_path: Path) -> None:
+    env = start_hypervisor(tmp_path, False, "--s2-baseline")
+    try:
+        paged, _ = _agent(env)
+        grpc_only, _ = _agent(env, page=False)
+        for client in (paged.hv, grpc_only.hv):
+            client.create_domain(S1, 0x55)
+            client.create_domain(int(hvabi.DeviceDomainType.S2), 0x56)
+            for call, status, refuse in (
+                    ("CreateDeviceDomain", HvStatus.INVALID_PARAMETER, lambda c: c.create_domain(S1, 0x57, flags=4)),
+                    ("FlushDeviceDomainList", HvStatus.INVALID_HYPERCALL_INPUT,
+                     lambda c: c.flush_domain_list(S1, 0x55, [])),
+                    ("FlushDeviceDomainList", HvStatus.INVALID_PARAMETER,
+                     lambda c: c.flush_domain_list(S1, 0x55, [(0, 0)], flags=2)),
+                    ("MapDeviceGpaPages", HvStatus.INVALID_PARAMETER, lambda c: c.map_gpa_pages(0x56, 4, 0, [0x10]))):
+                before = client.counts["refused"]
+                with pytest.raises(HypercallFailed) as refused:
+                    refuse(client)
+                assert (refused.value.hv_status, refused.value.call) == (status, call)
+                assert client.counts["refused"] == before + 1
+            client.delete_domain(S1, 0x55)
+    finally:
+        env.close()
+
+
 def test_driver_uses_grpc_when_the_hypervisor_offers_no_page(tmp_path: Path) -> None:
     env = start_hypervisor(tmp_path, False, "--s2-baseline", "--no-hypercall-page")
     try:
@@ -163,3 +189,25 @@ def test_rep_calls_longer_than_the_input_page_are_split_or_sent_over_grpc(hv: Hv
     agent.hv.create_domain(S1, 78)
     assert agent.hv.flush_domain_list(S1, 78, [(i, 0) for i in range(600)]) == 600  # 4,832 bytes: gRPC
     assert "FlushDeviceDomainList" in spy.used and agent.hv.transport == "hypercall page"
+
+
+def test_an_empty_v1_block_list_reaches_the_hypervisor_as_rep_count_zero_on_both_transports(
+        tmp_path: Path) -> None:
+    """docs/revisions.md choice 8: v1 sends its empty list, and the hypervisor (not the guest) refuses it."""
+    env = start_hypervisor(tmp_path, False)
+    try:
+        paged, _ = _agent(env)
+        grpc_only, _ = _agent(env, page=False)
+        for client in (paged.hv, grpc_only.hv):
+            client.create_domain(S1, 0x58)
+            judged = env.host.counters.stats.get("hv_status_0x3", 0)
+            with pytest.raises(HypercallFailed) as refused:
+                client.flush_domain_list(S1, 0x58, [])
+            assert (refused.value.hv_status, refused.value.call) == (HvStatus.INVALID_HYPERCALL_INPUT,
+                                                                     "FlushDeviceDomainList")
+            assert "rep count 0" in str(refused.value)  # the hypervisor's own words
+            assert env.host.counters.stats.get("hv_status_0x3", 0) == judged + 1
+            client.delete_domain(S1, 0x58)
+        assert paged.hv.transport == "hypercall page" and grpc_only.hv.transport == "grpc"
+    finally:
+        env.close()

@@ -17,10 +17,11 @@ import pytest
 
 from guest_agent.agent import Agent
 from guest_agent.driver.domain import PagingDomain
-from guest_agent.driver.hypercalls import GuestDeviceInfo, IommuCaps
+from guest_agent.driver.hypercalls import GuestDeviceInfo
 from guest_agent.driver.pviommu import PvIommu, decide
 from guest_agent.driver.stats import Stats
 from guest_agent.errors import HypercallFailed, InvalidRequest, IommuAbsent
+from pviommu.abi.hv import GetIommuCapabilitiesOutput
 from pviommu.addr import Gpa, Iova
 from pviommu.pt.common import Perm
 from tests.kit.guest_env import HvEnv, PartitionInfo, start_hypervisor
@@ -91,7 +92,7 @@ def booted(t: Traced, revision: str) -> tuple[PartitionInfo, int, Agent]:
 ])
 def test_pgsize_bitmap_init_check_of_each_revision(pgsize: int, want: tuple[int | None, ...]) -> None:
     for revision, expected in zip(REVISIONS, want, strict=True):
-        caps = IommuCaps(48, 0, PRESENT | S1, pgsize)
+        caps = GetIommuCapabilitiesOutput(48, 0, PRESENT | S1, pgsize)
         if expected is None:
             with pytest.raises(IommuAbsent, match="page sizes"):
                 decide(caps, revision=revision)
@@ -103,11 +104,11 @@ def test_pgsize_bitmap_init_check_of_each_revision(pgsize: int, want: tuple[int 
 
 @pytest.mark.parametrize("revision", REVISIONS)
 def test_widths_are_clamped_to_48_without_5lvl_and_only_the_rfc_keeps_the_reported_aperture(revision: str) -> None:
-    g = decide(IommuCaps(57, 0, PRESENT | S1, K4), revision=revision)
+    g = decide(GetIommuCapabilitiesOutput(57, 0, PRESENT | S1, K4), revision=revision)
     assert g is not None and g.iova_width == 48 and g.levels == 4
     assert g.aperture_end == (1 << 57) - 1 if revision == "rfc" else (1 << 48) - 1
     assert g.top_level == (None if revision == "rfc" else 3)
-    g5 = decide(IommuCaps(57, 0, PRESENT | S1 | S1_5LVL, K4), revision=revision)
+    g5 = decide(GetIommuCapabilitiesOutput(57, 0, PRESENT | S1 | S1_5LVL, K4), revision=revision)
     assert g5 is not None and g5.iova_width == 57 and g5.levels == 5
     assert g5.top_level == (None if revision == "rfc" else 4)
 
@@ -118,7 +119,7 @@ class _FailingCaps:
     def __init__(self, status: int) -> None:
         self.status = status
 
-    def get_iommu_capabilities(self) -> IommuCaps:
+    def get_iommu_capabilities(self) -> GetIommuCapabilitiesOutput:
         raise HypercallFailed(self.status, "GetIommuCapabilities refused", call="GetIommuCapabilities")
 
     def list_devices(self) -> list[GuestDeviceInfo]:

@@ -6,10 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pviommu.addr import Gpa, Iova
-from pviommu.mem.frames import guest_frames
 from pviommu.pt.common import Perm
-from pviommu.pt.fmt import X86_64Format
-from pviommu.pt.walk import stage1_table
 from pviommu.v1 import admin_pb2
 from tests.kit.hvkit import (
     CALL_TIMEOUT,
@@ -27,16 +24,10 @@ NOT_PRESENT = 0x59  # the unit's fault reason for a blocked context
 
 
 def _attached_and_warm(hv: HvEnv):  # type: ignore[no-untyped-def]
-    g = hv.partition()
-    fake = hv.fake_device()
-    dev, _, _ = hv.device("d", g, fake=fake)
-    slot = hv.admin_devices()[dev].slot
-    ram = g.ram(hv.host_memory())
-    s1 = stage1_table(X86_64Format(4), ram, guest_frames(ram, MiB, MiB))
-    s1.map(Iova(0x1000), Gpa(4 * MiB), PAGE, Perm.READ | Perm.WRITE)
-    assert g.create(1) == SUCCESS and g.configure(1, int(s1.root)) == SUCCESS and g.attach(1, dev) == SUCCESS
-    assert fake.unit.translate(slot, Iova(0x1000), PAGE, False).fault is None
-    return g, fake, dev, slot
+    side = hv.guest_device("", device="d", dom=1)
+    side.s1.map(Iova(0x1000), Gpa(4 * MiB), PAGE, Perm.READ | Perm.WRITE)
+    assert side.unit.translate(side.slot, Iova(0x1000), PAGE, False).fault is None
+    return side.guest, side.fake, side.dev, side.slot
 
 
 def test_unregistered_device_loses_its_cached_context_and_translations(hv: HvEnv) -> None:

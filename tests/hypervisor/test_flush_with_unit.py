@@ -16,11 +16,8 @@ import pytest
 from pviommu.addr import Gpa, Iova
 from pviommu.iommu.unit import IommuUnit
 from pviommu.mem.bank import bank_base
-from pviommu.mem.frames import guest_frames
 from pviommu.pt.common import Perm
-from pviommu.pt.fmt import X86_64Format
 from pviommu.pt.gather import IotlbGather
-from pviommu.pt.walk import PageTable, stage1_table
 from pviommu.v1 import hypervisor_pb2
 from tests.kit.hvkit import (
     CALL_TIMEOUT,
@@ -30,11 +27,10 @@ from tests.kit.hvkit import (
     SELF,
     SUCCESS,
     TIME_OUT,
-    FakeDevice,
-    Guest,
-    HvEnv,
+    GuestDevice,
     MiB,
 )
+from tests.kit.nested import guest_tables
 
 FLUSH_TIMEOUT = 0.5
 IOVA0 = 0x4000_0000
@@ -44,18 +40,8 @@ DOM = 7
 
 
 @dataclass
-class Rig:
-    env: HvEnv
-    guest: Guest
-    fake: FakeDevice
-    dev: int
-    slot: int
-    tag: int
-    s1: PageTable[Iova, Gpa, Gpa]
-
-    @property
-    def unit(self) -> IommuUnit:
-        return self.fake.unit
+class Rig(GuestDevice):
+    tag: int = 0
 
     def iova(self, i: int) -> Iova:
         return Iova(IOVA0 + i * PAGE)
@@ -77,20 +63,11 @@ class Rig:
 @pytest.fixture
 def rig(make_hv) -> Rig:
     env = make_hv("--flush-timeout", str(FLUSH_TIMEOUT))
-    g = env.partition("g", 16 * MiB)
-    fake = env.fake_device()
-    dev, _, _ = env.device("dsa0", g, fake=fake)
-    slot = env.admin_devices()[dev].slot
-    # the guest's own stage-1 table, in its RAM (tables in [1M, 2M), data from 4M)
-    ram = g.ram(env.host_memory())
-    s1 = stage1_table(X86_64Format(4), ram, guest_frames(ram, 1 * MiB, 1 * MiB))
+    side = env.guest_device("g", 16 * MiB, dom=DOM)  # tables in [1M, 2M) of its RAM, data from 4M
     for i in range(PAGES):
-        s1.map(Iova(IOVA0 + i * PAGE), Gpa(DATA_GPA + i * PAGE), PAGE, Perm.READ | Perm.WRITE)
-    assert g.create(DOM) == SUCCESS
-    assert g.configure(DOM, int(s1.root)) == SUCCESS
-    assert g.attach(DOM, dev) == SUCCESS
-    tag = env.domains(g.pid)[(g.pid, DOM)].tag
-    r = Rig(env, g, fake, dev, slot, tag, s1)
+        side.s1.map(Iova(IOVA0 + i * PAGE), Gpa(DATA_GPA + i * PAGE), PAGE, Perm.READ | Perm.WRITE)
+    tag = env.domains(side.guest.pid)[(side.guest.pid, DOM)].tag
+    r = Rig(side.env, side.guest, side.fake, side.dev, side.slot, side.tables, tag)
     r.warm()
     return r
 
@@ -139,8 +116,7 @@ def test_flush_list_drops_only_the_selected_pages(rig: Rig) -> None:
 
 
 def test_reconfigure_makes_the_unit_walk_the_new_root(rig: Rig) -> None:
-    ram = rig.guest.ram(rig.env.host_memory())
-    s1b = stage1_table(X86_64Format(4), ram, guest_frames(ram, 2 * MiB, 1 * MiB))
+    s1b = guest_tables(rig.guest.ram(rig.env.host_memory()), (2 * MiB, 3 * MiB)).s1
     s1b.map(rig.iova(0), Gpa(6 * MiB), PAGE, Perm.READ | Perm.WRITE)
     assert rig.guest.configure(DOM, int(s1b.root)) == SUCCESS
     assert not rig.cached(0)

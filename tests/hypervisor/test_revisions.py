@@ -14,10 +14,8 @@ import pytest
 
 from pviommu.addr import Gpa, Iova
 from pviommu.mem.bank import bank_base
-from pviommu.mem.frames import guest_frames
 from pviommu.pt.common import Perm
-from pviommu.pt.fmt import X86_64Format
-from pviommu.pt.walk import PageTable, stage1_table
+from pviommu.pt.walk import PageTable
 from tests.kit.hvkit import (
     ACCESS_DENIED,
     DEVICE_ALREADY_IN_DOMAIN,
@@ -85,15 +83,11 @@ class Rig:
 def make_rig(env: HvEnv) -> Rig:
     """Two configured S1 domains over two stage-1 tables (same IOVAs, different data) and a
     blocked domain; the device in domain A with its IOTLB warm."""
-    g = env.partition("g", 16 * MiB)
-    fake = env.fake_device()
-    dev, _, _ = env.device("dsa0", g, fake=fake)
-    slot = env.admin_devices()[dev].slot
-    ram = g.ram(env.host_memory())
-    frames = guest_frames(ram, 1 * MiB, 1 * MiB)
+    side = env.guest_device("g", 16 * MiB)
+    g, fake, dev, slot = side.guest, side.fake, side.dev, side.slot
     tables = {}
     for dom, data in ((DOM_A, DATA_A), (DOM_B, DATA_B)):
-        t = stage1_table(X86_64Format(4), ram, frames)
+        t = side.s1 if dom == DOM_A else side.tables.new_table()
         t.map(Iova(IOVA0), Gpa(data), 4 * PAGE, Perm.READ | Perm.WRITE)
         assert raw(g, CREATE, create_in(dom, S1_TYPE)) == SUCCESS
         assert raw(g, CONFIGURE, configure_in(dom, translation=True, blocked=False, root=int(t.root))) == SUCCESS

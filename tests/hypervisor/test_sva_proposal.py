@@ -21,10 +21,8 @@ from pviommu.abi.invq import PageResponse, PageResponseCode, PasidInvalidation, 
 from pviommu.addr import Gpa, Iova
 from pviommu.iommu.fault import FaultReason
 from pviommu.mem.bank import bank_base
-from pviommu.mem.frames import guest_frames
 from pviommu.pt.common import Perm
-from pviommu.pt.fmt import X86_64Format
-from pviommu.pt.walk import PageTable, stage1_table
+from pviommu.pt.walk import PageTable
 from tests.kit.hvkit import (
     ACCESS_DENIED,
     DEVICE_ALREADY_IN_DOMAIN,
@@ -39,6 +37,7 @@ from tests.kit.hvkit import (
     HvEnv,
     MiB,
 )
+from tests.kit.nested import guest_tables
 
 ATTACH_PASID, DETACH_PASID, PRQ = 0x7F01, 0x7F02, 0x00C3
 PAGE_REQUEST_INVALID = 0x60
@@ -115,8 +114,7 @@ def sva(make_hv) -> Sva:  # type: ignore[no-untyped-def]
     recorder.handle = handle  # type: ignore[method-assign]
     dev, _, _ = env.device("dsa0", g, fake=fake)
     slot = env.admin_devices()[dev].slot
-    ram = g.ram(env.host_memory())
-    process = stage1_table(X86_64Format(4), ram, guest_frames(ram, 1 * MiB, 1 * MiB))
+    process = guest_tables(g.ram(env.host_memory()), (1 * MiB, 2 * MiB)).s1
     process.map(Iova(VA), Gpa(DATA_GPA), PAGE, Perm.READ | Perm.WRITE)
     assert g.create(SVA_DOM) == SUCCESS
     assert g.configure(SVA_DOM, int(process.root)) == SUCCESS

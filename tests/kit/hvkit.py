@@ -23,14 +23,17 @@ import pytest
 from hypervisor_svc.core.host import Host
 from hypervisor_svc.main import add_arguments, build
 from pviommu.abi.invq import Invalidation, OwnerFence, QueueItem
+from pviommu.addr import Gpa, Iova
 from pviommu.iommu.owner import read_owner
 from pviommu.iommu.unit import IommuUnit
 from pviommu.mem.bank import GuestRam, HostMemory
+from pviommu.pt.walk import PageTable
 from pviommu.rpc.client import connect
 from pviommu.rpc.server import RunningServer
 from pviommu.shm.invq import QueueConsumer
 from pviommu.units import MiB
 from pviommu.v1 import admin_pb2, admin_pb2_grpc, common_pb2, hypervisor_pb2, hypervisor_pb2_grpc
+from tests.kit.nested import GuestTables, guest_tables, unit_side
 
 ADMIN_TOKEN = "hv-tests-admin-" + os.urandom(8).hex()
 SELF = 0xFFFF_FFFF_FFFF_FFFF
@@ -78,8 +81,8 @@ class UnitRecorder:
     stuck. The unit is a real ``IommuUnit``; the queue is the real one."""
 
     def __init__(self, memory_dir: Path) -> None:
-        self.memory = HostMemory(memory_dir)
-        self.unit = IommuUnit(self.memory)
+        side = unit_side(memory_dir)
+        self.memory, self.unit = side.memory, side.unit
         self.invalidations: list[tuple[str, int, int, int, int]] = []
         #: one per ownership fence: (slot, owner partition id, owner token digest) as the record says
         self.assigns: list[tuple[int, int, bytes]] = []
@@ -318,6 +321,23 @@ class HvEnv:
     def admin_devices(self) -> dict[int, admin_pb2.Device]:
         return {d.logical_device_id: d for d in self.admin.ListDevices(common_pb2.Empty()).devices}
 
+    def guest_device(self, name: str = "g", memory: int = 16 * MiB, *, device: str = "dsa0",
+                     holes: Iterable[tuple[int, int]] = (), read_only: Iterable[tuple[int, int]] = (),
+                     tables: tuple[int, int] = (1 * MiB, 2 * MiB), dom: int | None = None) -> GuestDevice:
+        """The nested system over the service: a partition with one ``device``
+        behind its own fake unit and a stage-1 table in its RAM (frames at GPAs
+        ``tables``); with ``dom``, that domain created, pointed at the table and
+        the device attached to it (stage 2 and contexts are the hypervisor's)."""
+        g = self.partition(name, memory, holes=holes, read_only=read_only)
+        fake = self.fake_device()
+        dev, _, _ = self.device(device, g, fake=fake)
+        guest = guest_tables(g.ram(self.host_memory()), tables)
+        if dom is not None:
+            assert g.create(dom) == SUCCESS
+            assert g.configure(dom, int(guest.s1.root)) == SUCCESS
+            assert g.attach(dom, dev) == SUCCESS
+        return GuestDevice(self, g, fake, dev, self.admin_devices()[dev].slot, guest)
+
     def unchanged(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``call(*args, **kwargs)`` and check the host's state is exactly as before."""
         before = self.host.snapshot()
@@ -338,6 +358,26 @@ class HvEnv:
             ch.close()
         for m in self.memories:
             m.close()
+
+
+@dataclass
+class GuestDevice:
+    """What ``HvEnv.guest_device`` built."""
+
+    env: HvEnv
+    guest: Guest
+    fake: FakeDevice
+    dev: int
+    slot: int
+    tables: GuestTables
+
+    @property
+    def unit(self) -> IommuUnit:
+        return self.fake.unit
+
+    @property
+    def s1(self) -> PageTable[Iova, Gpa, Gpa]:
+        return self.tables.s1
 
 
 @pytest.fixture

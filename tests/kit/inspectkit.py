@@ -8,12 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pviommu.addr import Gpa, Iova
-from pviommu.mem.frames import FrameAllocator, guest_frames
-from pviommu.pt.fmt import X86_64Format
+from pviommu.mem.frames import FrameAllocator
 from pviommu.pt.gather import IotlbGather
-from pviommu.pt.walk import PageTable, stage1_table
 from pviommu.v1 import admin_pb2
-from tests.kit.hvkit import FakeDevice, Guest, HvEnv, MiB
+from tests.kit.hvkit import GuestDevice, HvEnv, MiB
 
 DOM = 7
 HOLE = (8 * MiB, 64 << 10)
@@ -23,14 +21,10 @@ RAM = 16 * MiB
 
 
 @dataclass
-class Nested:
-    env: HvEnv
-    guest: Guest
-    fake: FakeDevice
-    dev: int
-    slot: int
-    s1: PageTable[Iova, Gpa, Gpa]
-    frames: FrameAllocator[Gpa]
+class Nested(GuestDevice):
+    @property
+    def frames(self) -> FrameAllocator[Gpa]:
+        return self.tables.frames
 
     def unmap_all(self, ranges: list[tuple[int, int]]) -> None:
         """Unmap ``(iova, size)`` ranges, free the emptied table pages and make the unit forget."""
@@ -53,14 +47,5 @@ class Nested:
 
 
 def nested(env: HvEnv, name: str = "g") -> Nested:
-    g = env.partition(name, RAM, holes=[HOLE], read_only=[RO])
-    fake = env.fake_device()
-    dev, _, _ = env.device(f"dsa-{name}", g, fake=fake)
-    slot = env.admin_devices()[dev].slot
-    ram = g.ram(env.host_memory())
-    frames = guest_frames(ram, 1 * MiB, 1 * MiB)
-    s1 = stage1_table(X86_64Format(4), ram, frames)
-    assert g.create(DOM) == 0
-    assert g.configure(DOM, int(s1.root)) == 0
-    assert g.attach(DOM, dev) == 0
-    return Nested(env, g, fake, dev, slot, s1, frames)
+    side = env.guest_device(name, RAM, device=f"dsa-{name}", holes=[HOLE], read_only=[RO], dom=DOM)
+    return Nested(side.env, side.guest, side.fake, side.dev, side.slot, side.tables)

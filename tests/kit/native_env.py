@@ -29,14 +29,12 @@ from pathlib import Path
 
 from pviommu.addr import SZ_1G, SZ_2M, SZ_4K, Gpa, Hpa, Iova
 from pviommu.errors import PageTableError
-from pviommu.iommu.context import ContextEntry, Pgtt, write_context
-from pviommu.iommu.owner import OWNER_TABLE_END, OwnerRecord, write_owner
-from pviommu.mem.bank import Bank, GuestRam, HostMemory, bank_base
-from pviommu.mem.frames import guest_frames, host_frames
+from pviommu.iommu.context import ContextEntry, Pgtt
+from pviommu.mem.bank import bank_base
 from pviommu.pt.common import RW, EntryType, Perm, PtFormat
-from pviommu.pt.fmt import VtdSsFormat, X86_64Format
-from pviommu.pt.walk import PageTable, TableIterator, stage1_table, stage2_table
+from pviommu.pt.walk import TableIterator
 from pviommu.units import MiB
+from tests.kit.nested import Nested, build_nested
 
 U64 = (1 << 64) - 1
 BANK0 = 1 * MiB
@@ -56,15 +54,8 @@ OWNER = 1
 Owned = tuple[ContextEntry, int]
 
 
-@dataclass
-class World:
-    host: HostMemory
-    banks: list[Bank]
-    ram: GuestRam
-    s2: PageTable[Gpa, Hpa, Hpa]
-    s1: PageTable[Iova, Gpa, Gpa]
-    s2_levels: int
-    fs_levels: int
+@dataclass(kw_only=True)
+class World(Nested):
     #: stage-1 mappings made: (iova, length)
     mapped: list[tuple[int, int]] = field(default_factory=list)
     #: GPAs of stage-1 table pages, HPAs of stage-2 table pages
@@ -72,30 +63,10 @@ class World:
     s2_tables: list[int] = field(default_factory=list)
 
     def nested(self, **over: int) -> ContextEntry:
-        ctx = ContextEntry.nested(DID, self.s1.root, self.fs_levels, self.s2.root, self.s2_levels)
-        return _replace(ctx, over)
+        return _replace(self.context(DID), over)
 
     def s2_only(self, **over: int) -> ContextEntry:
-        return _replace(ContextEntry.identity(DID, self.s2.root, self.s2_levels), over)
-
-    def install(self, slot: int, ctx: ContextEntry, owner_bank: int = OWNER, epoch: int = 1) -> None:
-        """What the hypervisor writes for a unit: the slot's owner record
-        (partition id = bank index here), then its context entry."""
-        write_owner(self.host, slot, OwnerRecord(epoch=epoch, partition_id=owner_bank, owner_bank=owner_bank))
-        write_context(self.host, slot, ctx)
-
-    def bank1_hpa(self, gpa: int) -> Hpa:
-        return self.banks[1].hpa_of(gpa)
-
-    def snapshot(self) -> list[bytes]:
-        return [bytes(b.view) for b in self.banks]
-
-    def restore(self, snap: list[bytes]) -> None:
-        for bank, data in zip(self.banks, snap, strict=True):
-            bank.view[:] = data
-
-    def close(self) -> None:
-        self.host.close()
+        return _replace(self.identity(DID), over)
 
 
 class Kept(dict[tuple[int, ...], tuple[World, list[bytes]]]):
@@ -125,16 +96,10 @@ def _table_pages(fmt: PtFormat, read_u64: Callable[[int], int], root: int) -> li
 def build_world(directory: Path, seed: int, *, s2_levels: int = 4, fs_levels: int = 4,
                 mappings: int = 14, clear_ad: float = 0.4, odd_tables: float = 0.03) -> World:
     rnd = random.Random(seed)
-    host = HostMemory(directory)
-    bank0 = host.create_bank(0, BANK0)
-    bank1 = host.create_bank(1, RAM)
-    bank2 = host.create_bank(2, OTHER)
-    bank2.write(0, bytes(range(256)) * (OTHER // 256))
-    ram = GuestRam(bank1)
-    s2 = stage2_table(VtdSsFormat(s2_levels), host, host_frames(bank0, OWNER_TABLE_END, BANK0 - OWNER_TABLE_END))
-    s1_frames = guest_frames(ram, TABLES[0], TABLES[1] - TABLES[0])
-    s1 = stage1_table(X86_64Format(fs_levels), ram, s1_frames)
-    h = bank1.hpa_of
+    base = build_nested(directory, bank0=BANK0, rams=(RAM, OTHER), tables=TABLES, s2_levels=s2_levels,
+                        fs_levels=fs_levels, mark=OTHER)
+    host, ram, s1, s2 = base.host, base.ram, base.s1, base.s2
+    h = base.hpa
 
     # -- stage 2 --------------------------------------------------------------------
     odd_rights = [Perm.READ, Perm.WRITE]
@@ -178,7 +143,7 @@ def build_world(directory: Path, seed: int, *, s2_levels: int = 4, fs_levels: in
         except PageTableError:
             pass
 
-    world = World(host, [bank0, bank1, bank2], ram, s2, s1, s2_levels, fs_levels, made)
+    world = World.extend(base, mapped=made)
     world.s1_tables = _table_pages(s1.fmt, lambda gpa: ram.read_u64(Gpa(gpa)), int(s1.root))
     world.s2_tables = _table_pages(s2.fmt, lambda hpa: host.read_u64(Hpa(hpa)), int(s2.root))
     if clear_ad:  # a guest that leaves A/D to the hardware

@@ -44,16 +44,15 @@ from pviommu.abi.hv_status import HvStatus
 from pviommu.abi.invq import Invalidation, OwnerFence, QueueItem
 from pviommu.addr import Gpa, Iova
 from pviommu.errors import AuthError, HvError
-from pviommu.iommu.unit import IommuUnit
-from pviommu.mem.bank import GuestRam, HostMemory, bank_index_of
-from pviommu.mem.dma import DmaMemory, DmaRuns, DmaTranslator
-from pviommu.mem.frames import FrameAllocator, guest_frames
+from pviommu.mem.bank import bank_index_of
+from pviommu.mem.dma import DmaRuns, DmaTranslator
+from pviommu.mem.frames import FrameAllocator
 from pviommu.pt.common import Perm
-from pviommu.pt.fmt.x86_64 import X86_64Format
 from pviommu.pt.gather import IotlbGather
-from pviommu.pt.walk import PageTable, stage1_table
+from pviommu.pt.walk import PageTable
 from pviommu.rpc.auth import Principal
 from pviommu.units import MiB
+from tests.kit.nested import guest_tables, unit_side
 
 PAGE = 4096
 SELF = hv.HV_PARTITION_ID_SELF
@@ -130,11 +129,11 @@ class RacingDevice:
 
     def __init__(self, memory_dir: Path, slot: int, oracle: Oracle) -> None:
         self.slot = slot
-        self.memory = HostMemory(memory_dir)
-        self.unit = IommuUnit(self.memory)
-        self.device = TaggingDsa(None, DsaDeviceConfig(num_engines=2, num_groups=1, page_request_timeout=0.05))
+        side = unit_side(memory_dir)
+        self.memory, self.unit = side.memory, side.unit
+        self.device = side.dsa(slot, DsaDeviceConfig(num_engines=2, num_groups=1, page_request_timeout=0.05),
+                               device=TaggingDsa, wrap=lambda unit: OracleTranslator(unit, oracle, slot))
         self.own = Ownership(self.memory, slot, self.device, reset=self._power_on)
-        self.device.bind(DmaMemory(self.memory, OracleTranslator(self.unit.bind(slot), oracle, slot)))
         self._power_on()
         from pviommu.shm.invq import QueueConsumer
         self.queue = QueueConsumer(self.memory, slot, self._handle)
@@ -175,21 +174,22 @@ class GuestModel:
         self.part = part
         self.oracle = oracle
         self.rng = rng
-        self.ram = GuestRam(part.bank)
-        self.frames: FrameAllocator[Gpa] = guest_frames(self.ram, TABLES[0], TABLES[1] - TABLES[0])
+        self.guest = guest_tables(part.bank, TABLES)
         self.domains: dict[int, GuestDomain] = {}
         self.lock = threading.Lock()
 
     def rebooted(self, part: Partition) -> None:
         with self.lock:
             self.part = part
-            self.ram = GuestRam(part.bank)
-            self.frames = guest_frames(self.ram, TABLES[0], TABLES[1] - TABLES[0])
+            self.guest = guest_tables(part.bank, TABLES)
             self.domains.clear()
 
+    @property
+    def frames(self) -> FrameAllocator[Gpa]:
+        return self.guest.frames
+
     def new_table(self) -> GuestDomain:
-        table = stage1_table(X86_64Format(4), self.ram, self.frames)
-        dom = GuestDomain(table)
+        dom = GuestDomain(self.guest.new_table())
         for _ in range(self.rng.randrange(4, 24)):
             self.map_one(dom)
         return dom

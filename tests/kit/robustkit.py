@@ -48,13 +48,11 @@ from pviommu.addr import Gpa, Hpa, Iova
 from pviommu.errors import HvError
 from pviommu.iommu.fault import FaultReason
 from pviommu.iommu.unit import IommuUnit
-from pviommu.mem.bank import GuestRam, HostMemory, bank_base, bank_index_of
-from pviommu.mem.dma import DmaMemory, DmaRuns, DmaTranslator
-from pviommu.mem.frames import guest_frames
+from pviommu.mem.bank import HostMemory, bank_base, bank_index_of
+from pviommu.mem.dma import DmaRuns, DmaTranslator
 from pviommu.pt.common import Perm
-from pviommu.pt.fmt.x86_64 import X86_64Format
-from pviommu.pt.walk import PageTable, stage1_table
 from pviommu.units import MiB
+from tests.kit.nested import dsa_on, guest_tables, unit_side
 
 PAGE = 4096
 U64 = (1 << 64) - 1
@@ -378,12 +376,12 @@ class DsaRig:
         self.dev = self.host.register_device("dsa0", "in-process", 0x8086, 0x0B25, os.urandom(16), 0)
         self.host.assign_device(self.dev.logical_device_id, self.A.partition_id)
         # the device side: its own mapping of the bank files, its own unit
-        self.dev_memory = HostMemory(tmp)
-        self.unit = IommuUnit(self.dev_memory)
+        side = unit_side(tmp)
+        self.dev_memory, self.unit = side.memory, side.unit
         self.inval.unit = self.unit
         self.recorder = RecordingTranslator(self.unit.bind(self.dev.slot))
-        self.device = DsaDevice(DmaMemory(self.dev_memory, self.recorder), DsaDeviceConfig(page_request_timeout=0.05),
-                                on_page_request=lambda fault: False)
+        self.device = dsa_on(self.dev_memory, self.recorder, DsaDeviceConfig(page_request_timeout=0.05),
+                             on_page_request=lambda fault: False)
         #: every software error (SWERR) the device raised, in order
         self.swerrs: list[SwError] = []
         self.device.on_error = self.swerrs.append
@@ -393,9 +391,8 @@ class DsaRig:
         assert self.device.enable_wq(WQ) == 0
         # the guest side: its CPU view of its RAM and its stage-1 table
         self.levels = 5 if five_level else 4
-        self.ram = GuestRam(self.A.bank)
-        self.frames = guest_frames(self.ram, TABLES[0], TABLES[1] - TABLES[0])
-        self.s1: PageTable[Iova, Gpa, Gpa] = stage1_table(X86_64Format(self.levels), self.ram, self.frames)
+        guest = guest_tables(self.A.bank, TABLES, self.levels)
+        self.ram, self.frames, self.s1 = guest.ram, guest.frames, guest.s1
         rw, ro = Perm.READ | Perm.WRITE, Perm.READ
         for iova, gpa, size, perm in (
             (DATA_IOVA, DATA_GPA, DATA_SIZE, rw), (RO1_IOVA, RO1_GPA, 64 * 1024, ro),

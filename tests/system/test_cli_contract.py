@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from pviommu.client import System
+from pviommu.client.local import LocalHost
 from pviommu.mem.placement import SHM_ROOT, filesystem_of
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(300)]
@@ -383,6 +384,44 @@ def test_services_end_and_clean_up_when_their_supervisor_is_killed_outright(tmp_
     finally:
         if sup.poll() is None:
             sup.kill()
+        if hv_pid and Path(f"/proc/{hv_pid}").exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(hv_pid, signal.SIGKILL)
+
+
+HOSTING = """
+import sys, time
+from pviommu.client.local import LocalHost
+host = LocalHost(guests=0).start()
+assert host.hypervisor is not None
+print(host.workdir, host.hypervisor.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_work_folder_of_a_local_host_killed_outright_goes_with_the_next_start() -> None:
+    """After `kill -9` of `pviommu run` its services stop by themselves, but its logs folder can only be
+    removed by somebody else: the next local host."""
+    owner = subprocess.Popen([sys.executable, "-c", HOSTING], stdout=subprocess.PIPE)
+    hv_pid = 0
+    try:
+        assert owner.stdout is not None
+        workdir_text, pid_text = owner.stdout.readline().decode().split()
+        workdir, hv_pid = Path(workdir_text), int(pid_text)
+        assert (workdir / "hypervisor.log").exists()
+        owner.kill()
+        owner.wait(30)
+        assert workdir.exists()  # nothing of the killed process could remove it
+        nxt = LocalHost(guests=0)
+        try:
+            assert not workdir.exists()
+            assert nxt.workdir.exists()  # and the new host's own folder is kept
+        finally:
+            nxt.stop()
+        assert not nxt.workdir.exists()
+    finally:
+        if owner.poll() is None:
+            owner.kill()
         if hv_pid and Path(f"/proc/{hv_pid}").exists():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(hv_pid, signal.SIGKILL)

@@ -84,6 +84,7 @@ from pviommu.abi.hv.values import (
     HV_MAX_REP_COUNT,
     HypercallInput,
     HypercallResult,
+    check_reps,
 )
 
 __all__ = [
@@ -137,6 +138,7 @@ __all__ = [
     "UnmapDeviceGpaPagesRequest",
     "build_logical_device_id",
     "call_spec",
+    "check_reps",
     "decode_call",
     "decode_input",
     "decode_output",

@@ -6,7 +6,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import ClassVar, Self
 
-from pviommu.abi.hv._checks import _U32, _U64, _check_uint, _exact, _padding, _reserved
+from pviommu.abi.hv._checks import _U8, _U32, _U64, _check_uint, _exact, _padding, _reserved
 from pviommu.abi.hv.codes import (
     FIRST_STAGE_PAGING_4LEVEL,
     HV_LOGICAL_DEVICE_PROPERTY_PVIOMMU,
@@ -15,7 +15,9 @@ from pviommu.abi.hv.codes import (
     HvCallCode,
 )
 from pviommu.abi.hv.ids import HvDeviceId
+from pviommu.abi.hv_status import HvStatus
 from pviommu.addr import Gpa
+from pviommu.errors import HvError
 
 # --------------------------------------------------------------------------------------------
 # Building blocks: hv_input_vtl, hv_device_domain_id, hv_input_device_domain
@@ -40,6 +42,10 @@ class HvInputVtl:
 
     @classmethod
     def from_u8(cls, raw: int, what: str = "hv_input_vtl") -> HvInputVtl:
+        """The union from its byte; a wider value (a gRPC ``uint32``) or a set ``reserved_z`` bit is
+        INVALID_PARAMETER."""
+        if not 0 <= raw <= _U8:
+            raise HvError(HvStatus.INVALID_PARAMETER, f"{what} {raw:#x} does not fit hv_input_vtl")
         _reserved(f"{what}.reserved_z", raw, 0xE0)
         return cls(target_vtl=raw & 0xF, use_target_vtl=bool(raw & 0x10))
 
@@ -130,17 +136,26 @@ class CreateDeviceDomainInput:
     CODE: ClassVar[HvCallCode] = HvCallCode.CREATE_DEVICE_DOMAIN
     SIZE: ClassVar[int] = 28
 
+    @classmethod
+    def from_flags(cls, device_domain: DeviceDomain, flags: int) -> Self:
+        """The input from its ``u32 flags`` word; an undefined bit is INVALID_PARAMETER."""
+        _check_uint("create.flags", flags, 32)
+        _reserved("create.flags", flags, ~_CREATE_FLAGS_VALID & _U32)
+        return cls(device_domain, forward_progress_required=bool(flags & 1), inherit_owning_vtl=bool(flags & 2))
+
+    @property
+    def flags(self) -> int:
+        return int(self.forward_progress_required) | int(self.inherit_owning_vtl) << 1
+
     def pack(self) -> bytes:
-        flags = int(self.forward_progress_required) | int(self.inherit_owning_vtl) << 1
-        return self.device_domain.pack() + struct.pack("<I", flags)
+        return self.device_domain.pack() + struct.pack("<I", self.flags)
 
     @classmethod
     def unpack(cls, buf: bytes, *, strict_padding: bool = False) -> Self:
         _exact("create_device_domain", buf, cls.SIZE)
         dd = DeviceDomain._decode(buf, strict_padding, "create.device_domain")
         (flags,) = struct.unpack_from("<I", buf, 24)
-        _reserved("create.flags", flags, ~_CREATE_FLAGS_VALID & _U32)
-        return cls(dd, forward_progress_required=bool(flags & 1), inherit_owning_vtl=bool(flags & 2))
+        return cls.from_flags(dd, flags)
 
 
 @dataclass(frozen=True)
@@ -280,6 +295,13 @@ class FlushDeviceDomainInput:
     CODE: ClassVar[HvCallCode] = HvCallCode.FLUSH_DEVICE_DOMAIN
     SIZE: ClassVar[int] = 32
 
+    @classmethod
+    def from_flags(cls, device_domain: DeviceDomain, flags: int) -> Self:
+        """The input from its ``u32 flags`` word; any set bit is INVALID_PARAMETER (none is defined)."""
+        _check_uint("flush.flags", flags, 32)
+        _reserved("flush.flags", flags, _U32)
+        return cls(device_domain)
+
     def pack(self) -> bytes:
         return self.device_domain.pack() + bytes(8)
 
@@ -288,9 +310,9 @@ class FlushDeviceDomainInput:
         _exact("flush_device_domain", buf, cls.SIZE)
         dd = DeviceDomain._decode(buf, strict_padding, "flush.device_domain")
         flags, reserved = struct.unpack_from("<II", buf, 24)
-        _reserved("flush.flags", flags, _U32)
+        request = cls.from_flags(dd, flags)
         _reserved("flush.reserved", reserved, _U32)
-        return cls(dd)
+        return request
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Self
 
 from pviommu.abi.hv._checks import _check_uint
-from pviommu.abi.hv.codes import HV_DEVICE_IOMMU_ENABLED
+from pviommu.abi.hv.codes import HV_DEVICE_IOMMU_ENABLED, IommuCap
 
 # --------------------------------------------------------------------------------------------
 # Output structures
@@ -41,6 +41,10 @@ class GetIommuCapabilitiesOutput:
         _check_uint("max_pasid_width", self.max_pasid_width, 8)
         _check_uint("iommu_cap", self.iommu_cap, 64)
         _check_uint("pgsize_bitmap", self.pgsize_bitmap, 64)
+
+    def has(self, bit: IommuCap) -> bool:
+        """Whether ``iommu_cap`` offers ``bit`` (what a driver asks of the answer)."""
+        return bool(self.iommu_cap & bit)
 
     def pack(self) -> bytes:
         return struct.pack(

@@ -29,7 +29,7 @@ from pviommu.abi.hv.reps import (
     UnmapDeviceGpaPagesInput,
     UnmapDeviceGpaPagesRequest,
 )
-from pviommu.abi.hv.values import HV_MAX_REP_COUNT, HypercallInput
+from pviommu.abi.hv.values import HypercallInput, check_reps
 from pviommu.abi.hv_status import HvStatus
 from pviommu.errors import HvError
 
@@ -165,10 +165,7 @@ def decode_input(code: int, rep_count: int, rep_start: int, data: bytes, *, stri
         if rep_count != 0 or rep_start != 0:
             raise _bad_input(f"{name} is a simple call: rep count {rep_count}, rep start {rep_start}")
     else:
-        if not 1 <= rep_count <= HV_MAX_REP_COUNT:
-            raise _bad_input(f"{name} is a rep call: rep count {rep_count} outside 1..{HV_MAX_REP_COUNT}")
-        if not 0 <= rep_start < rep_count:
-            raise _bad_input(f"{name}: rep start {rep_start} is not smaller than rep count {rep_count}")
+        check_reps(name, rep_count, rep_start)
     elements_size = rep_count * spec.rep_element_size
     needed = spec.header_size + elements_size if spec.is_rep else spec.header_size
     allowed = spec.padded_header_size + elements_size

@@ -1,4 +1,7 @@
-"""Rep calls: headers, elements and the requests that carry rep count and start."""
+"""Rep calls: headers, elements and the requests that carry rep count and start.
+
+A request's rep count and start are checked by its constructor (INVALID_HYPERCALL_INPUT, as the raw
+decoder answers), so no caller re-checks them."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from typing import ClassVar, Self
 from pviommu.abi.hv._checks import _U32, _check_uint, _exact, _padding, _reserved
 from pviommu.abi.hv.codes import HV_FLUSH_DEVICE_DOMAIN_LIST_IOMMU_FORMAT, HvCallCode, MapFlags
 from pviommu.abi.hv.inputs import DeviceDomain, HvInputVtl
-from pviommu.abi.hv.values import HV_MAX_REP_COUNT
+from pviommu.abi.hv.values import check_reps
 from pviommu.addr import Iova
 
 # --------------------------------------------------------------------------------------------
@@ -60,17 +63,28 @@ class FlushDeviceDomainListHeader:
 
     SIZE: ClassVar[int] = 32
 
+    @classmethod
+    def from_flags(cls, device_domain: DeviceDomain, flags: int) -> Self:
+        """The header from its ``u32 flags`` word; an undefined bit is INVALID_PARAMETER."""
+        _check_uint("flush_list.flags", flags, 32)
+        _reserved("flush_list.flags", flags, ~HV_FLUSH_DEVICE_DOMAIN_LIST_IOMMU_FORMAT & _U32)
+        return cls(device_domain, iommu_format=bool(flags & HV_FLUSH_DEVICE_DOMAIN_LIST_IOMMU_FORMAT))
+
+    @property
+    def flags(self) -> int:
+        return HV_FLUSH_DEVICE_DOMAIN_LIST_IOMMU_FORMAT if self.iommu_format else 0
+
     def pack(self) -> bytes:
-        return self.device_domain.pack() + struct.pack("<II", int(self.iommu_format), 0)
+        return self.device_domain.pack() + struct.pack("<II", self.flags, 0)
 
     @classmethod
     def unpack(cls, buf: bytes, *, strict_padding: bool = False) -> Self:
         _exact("flush_device_domain_list header", buf, cls.SIZE)
         dd = DeviceDomain._decode(buf, strict_padding, "flush_list.device_domain")
         flags, reserved = struct.unpack_from("<II", buf, 24)
-        _reserved("flush_list.flags", flags, ~HV_FLUSH_DEVICE_DOMAIN_LIST_IOMMU_FORMAT & _U32)
+        header = cls.from_flags(dd, flags)
         _reserved("flush_list.reserved", reserved, _U32)
-        return cls(dd, iommu_format=bool(flags & HV_FLUSH_DEVICE_DOMAIN_LIST_IOMMU_FORMAT))
+        return header
 
 
 _MAP_TAIL = struct.Struct("<B3sIQ")
@@ -79,11 +93,12 @@ _MAP_TAIL = struct.Struct("<B3sIQ")
 @dataclass(frozen=True)
 class MapDeviceGpaPagesHeader:
     """``hv_input_map_device_gpa_pages`` fixed part (40 B): device_domain @0, ``hv_input_vtl
-    target_vtl`` @24, ``u8 padding[3]`` @25, ``u32 map_flags`` @28 (:class:`MapFlags`), ``u64
-    target_device_va_base`` @32; then ``rep_count`` u64 GPA page numbers."""
+    target_vtl`` @24, ``u8 padding[3]`` @25, ``u32 map_flags`` @28 (:class:`MapFlags` bits), ``u64
+    target_device_va_base`` @32; then ``rep_count`` u64 GPA page numbers. ``map_flags`` is the raw
+    word: a bit :class:`MapFlags` does not define is INVALID_PARAMETER, whoever builds the header."""
 
     device_domain: DeviceDomain
-    map_flags: MapFlags
+    map_flags: int
     target_device_va_base: Iova
     target_vtl: HvInputVtl = field(default_factory=HvInputVtl)
 
@@ -91,8 +106,7 @@ class MapDeviceGpaPagesHeader:
 
     def __post_init__(self) -> None:
         _check_uint("map_flags", int(self.map_flags), 32)
-        if self.map_flags & ~(MapFlags.READABLE | MapFlags.WRITABLE):
-            raise ValueError(f"map_flags 0x{int(self.map_flags):x} has undefined bits")
+        _reserved("map.map_flags", int(self.map_flags), ~int(MapFlags.READABLE | MapFlags.WRITABLE) & _U32)
         _check_uint("target_device_va_base", self.target_device_va_base, 64)
 
     def pack(self) -> bytes:
@@ -106,10 +120,9 @@ class MapDeviceGpaPagesHeader:
         dd = DeviceDomain._decode(buf, strict_padding, "map.device_domain")
         vtl, pad, flags, va = _MAP_TAIL.unpack_from(buf, 24)
         _padding("map.padding", pad, strict_padding)
-        _reserved("map.map_flags", flags, ~int(MapFlags.READABLE | MapFlags.WRITABLE) & _U32)
         return cls(
             device_domain=dd,
-            map_flags=MapFlags(flags),
+            map_flags=flags,
             target_device_va_base=Iova(va),
             target_vtl=HvInputVtl.from_u8(vtl, "map.target_vtl"),
         )
@@ -139,13 +152,6 @@ class UnmapDeviceGpaPagesInput:
         return cls(dd, Iova(va))
 
 
-def _check_reps(rep_count: int, rep_start: int) -> None:
-    if not 1 <= rep_count <= HV_MAX_REP_COUNT:
-        raise ValueError(f"rep count {rep_count} outside 1..{HV_MAX_REP_COUNT}")
-    if not 0 <= rep_start < rep_count:
-        raise ValueError(f"rep start {rep_start} outside 0..{rep_count - 1}")
-
-
 @dataclass(frozen=True)
 class FlushDeviceDomainListRequest:
     """HVCALL_FLUSH_DEVICE_DOMAIN_LIST as decoded: the header, all ``rep_count`` elements (the
@@ -158,7 +164,7 @@ class FlushDeviceDomainListRequest:
     CODE: ClassVar[HvCallCode] = HvCallCode.FLUSH_DEVICE_DOMAIN_LIST
 
     def __post_init__(self) -> None:
-        _check_reps(len(self.flush_vas), self.rep_start)
+        check_reps(self.CODE.name, len(self.flush_vas), self.rep_start)
 
     @property
     def rep_count(self) -> int:
@@ -180,7 +186,7 @@ class MapDeviceGpaPagesRequest:
     CODE: ClassVar[HvCallCode] = HvCallCode.MAP_DEVICE_GPA_PAGES
 
     def __post_init__(self) -> None:
-        _check_reps(len(self.gpa_page_list), self.rep_start)
+        check_reps(self.CODE.name, len(self.gpa_page_list), self.rep_start)
         for pfn in self.gpa_page_list:
             _check_uint("gpa page number", pfn, 64)
 
@@ -204,7 +210,7 @@ class UnmapDeviceGpaPagesRequest:
     CODE: ClassVar[HvCallCode] = HvCallCode.UNMAP_DEVICE_GPA_PAGES
 
     def __post_init__(self) -> None:
-        _check_reps(self.rep_count, self.rep_start)
+        check_reps(self.CODE.name, self.rep_count, self.rep_start)
 
     def pack(self) -> bytes:
         return self.input.pack()

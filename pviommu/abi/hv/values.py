@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from pviommu.abi.hv._checks import _check_uint
 from pviommu.abi.hv_status import HvStatus
+from pviommu.errors import HvError
 
 # --------------------------------------------------------------------------------------------
 # Hypercall input and result values (TLFS)
@@ -22,6 +23,18 @@ _REP_MASK = 0xFFF
 HV_MAX_REP_COUNT = _REP_MASK
 #: Bits of the input value that no field defines: 27-30, 44-47, 60-63.
 HV_HYPERCALL_INPUT_RESERVED_MASK = (0xF << 27) | (0xF << 44) | (0xF << 60)
+
+
+def check_reps(call: str, rep_count: int, rep_start: int = 0) -> None:
+    """A rep call's rep count and start index (TLFS): ``1 <= rep_count <= 4095`` and ``rep_start <
+    rep_count``, else INVALID_HYPERCALL_INPUT. The one check of the raw decoder, the typed gRPC
+    methods and the rep requests' constructors."""
+    if not 1 <= rep_count <= HV_MAX_REP_COUNT:
+        raise HvError(HvStatus.INVALID_HYPERCALL_INPUT,
+                      f"{call} is a rep call: rep count {rep_count} outside 1..{HV_MAX_REP_COUNT}")
+    if not 0 <= rep_start < rep_count:
+        raise HvError(HvStatus.INVALID_HYPERCALL_INPUT,
+                      f"{call}: rep start {rep_start} is not smaller than rep count {rep_count}")
 
 
 @dataclass(frozen=True)
