@@ -163,7 +163,7 @@ class HcPages:
                 r.set_u64(L.HC_RESULT_VALUE, answer.result_value)
                 r.set_u64(L.HC_SEQ_DONE, seq)
                 s.calls += 1
-                self.host.count("hcpage_calls")
+                self.host.counters.count("hcpage_calls")
                 if r.u32(L.HC_GUEST_STATE) == 1:
                     s.done_bell.ring()
                 done_at = time.monotonic()

@@ -124,7 +124,7 @@ def build(args: argparse.Namespace, listen: str | None = None) -> tuple[Host, Ru
     memory_dir.mkdir(parents=True, exist_ok=True)
     host = Host(memory_dir, token, config)
     link = QueueLink(host.memory, config.flush_timeout_s)
-    host.link = link
+    host.units.link = link
     host.owns_memory_dir = own_dir
     host.bank_note = folder.note if folder is not None else ""
     if getattr(args, "trace", None):

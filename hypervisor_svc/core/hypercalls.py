@@ -141,9 +141,9 @@ class Hypercalls:
                 if trace is not None:
                     trace.hypercall(caller, request, HvStatus.SUCCESS, answer.reps_completed)
         except PviommuError as exc:
-            self.host.count_call(name, exc.hv_status)
+            self.host.counters.count_call(name, exc.hv_status)
             raise
-        self.host.count_call(name, HvStatus.SUCCESS)
+        self.host.counters.count_call(name, HvStatus.SUCCESS)
         return answer
 
     def raw_call(self, caller: Partition, input_value: int, data: bytes) -> RawAnswer:
@@ -159,7 +159,7 @@ class Hypercalls:
             answer = self.dispatch(caller, decoded)
             output = b"" if isinstance(decoded, sva_abi.SvaInput) else hv.encode_output(code, answer.output)
         except HvError as exc:
-            self.host.count(f"hv_status_{int(exc.hv_status):#x}")
+            self.host.counters.count(f"hv_status_{int(exc.hv_status):#x}")
             return RawAnswer(hv.HypercallResult(exc.hv_status, exc.reps_completed).encode(), b"", str(exc))
         except PviommuError as exc:
             return RawAnswer(hv.HypercallResult(exc.hv_status, 0).encode(), b"", str(exc))

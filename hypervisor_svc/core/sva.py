@@ -76,7 +76,7 @@ class SvaState:
         self.tables.add_device(dev.slot, pdts=PDTS, pri=True)
         if had and dev.reachable:  # entries cached after the fence but before this reset go too
             try:
-                self.host.link.post(dev, [PasidInvalidation(True, None, None)])
+                self.host.units.link.post(dev, [PasidInvalidation(True, None, None)])
             except (UnitGone, UnitStalled) as exc:
                 log.info("pasid.reset_unannounced", device=dev.logical_device_id, error=str(exc))
 
@@ -137,7 +137,7 @@ class SvaState:
                 del self.request_pasids[(logical, rid)]
                 if dev.page_requests.pop(rid, None) is not None:
                     try:
-                        self.host.link.post(dev, [PageResponse(dev.slot, rid, PageResponseCode.INVALID)])
+                        self.host.units.link.post(dev, [PageResponse(dev.slot, rid, PageResponseCode.INVALID)])
                     except (UnitGone, UnitStalled) as exc:
                         log.info("pasid.detach_unanswered", device=dev.logical_device_id, error=str(exc))
         log.info("pasid.detached", device=dev.logical_device_id, pasid=pasid, domain=dom.domain_id)
@@ -150,7 +150,7 @@ class SvaState:
         if not dev.reachable:
             return
         try:
-            self.host.tell(dev, items)
+            self.host.units.tell(dev, items)
         except HvError:
             self.tables.set_entry(dev.slot, pasid, before)
             raise
@@ -189,6 +189,6 @@ class SvaState:
         del dev.page_requests[request_id]
         del self.request_pasids[(dev.logical_device_id, request_id)]
         try:
-            self.host.link.post(dev, [PageResponse(dev.slot, request_id, _PRQ_CODES[response])])
+            self.host.units.link.post(dev, [PageResponse(dev.slot, request_id, _PRQ_CODES[response])])
         except (UnitGone, UnitStalled) as exc:
             raise HvError(HvStatus.PAGE_REQUEST_INVALID, f"device {dev.logical_device_id:#x}: {exc}") from exc

@@ -208,7 +208,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     def GetStats(self, request: common_pb2.Empty, context: grpc.ServicerContext) -> admin_pb2.Stats:
         require("admin")
         with self.host.lock:
-            counters = dict(self.host.stats)
+            counters = dict(self.host.counters.stats)
             counters["partitions"] = len(self.host.partitions)
             counters["devices"] = len(self.host.devices)
             counters["domains"] = sum(len(p.domains) for p in self.host.partitions.values())
@@ -343,8 +343,8 @@ class DeviceHostServicer(admin_pb2_grpc.DeviceHostServicer):
                 partition_id=part.partition_id, logical_device_id=dev.logical_device_id, iova=request.iova,
                 write=request.write, reason=request.reason, reason_name=request.reason_name, detail=request.detail,
                 domain_id=dev.domain_id, page_request=request.page_request, request_id=request.request_id, **sva)
-            self.host.count("page_requests" if request.page_request else "faults")
-            self.host.count_fault(request.reason_name or f"{request.reason:#x}")
+            self.host.counters.count("page_requests" if request.page_request else "faults")
+            self.host.counters.count_fault(request.reason_name or f"{request.reason:#x}")
             if self.host.trace is not None:
                 self.host.trace.fault(partition=who(part), device=_dev(dev), iova=request.iova, write=request.write,
                                       reason=request.reason, reason_name=request.reason_name,

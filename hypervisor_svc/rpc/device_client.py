@@ -20,7 +20,7 @@ STARTUP_WAIT_S = 1.0
 
 
 class QueueLink:
-    """``hypervisor_svc.core.host.UnitLink`` over the units' queues."""
+    """``hypervisor_svc.core.units.UnitLink`` over the units' queues."""
 
     def __init__(self, memory: HostMemory, timeout_s: float) -> None:
         self.queues = QueueHost(memory)

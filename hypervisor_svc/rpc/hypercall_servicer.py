@@ -83,7 +83,7 @@ class HypervisorServicer(hypervisor_pb2_grpc.HypervisorServicer):
         try:
             answer = self.calls.dispatch(caller, hvproto.request_from_proto(request))
         except HvError as exc:
-            self.host.count(f"hv_status_{int(exc.hv_status):#x}")
+            self.host.counters.count(f"hv_status_{int(exc.hv_status):#x}")
             return hvproto.Answer(exc.hv_status, str(exc), exc.reps_completed)
         except PviommuError as exc:
             return hvproto.Answer(exc.hv_status, str(exc))

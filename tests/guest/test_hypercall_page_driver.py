@@ -65,11 +65,11 @@ HOT = {"CreateDeviceDomain", "ConfigureDeviceDomain", "AttachDeviceDomain", "Flu
 
 def test_driver_makes_its_flushes_and_domain_calls_on_the_page(hv: HvEnv) -> None:
     agent, spy = _agent(hv)
-    before = hv.host.stats.get("hcpage_calls", 0)
+    before = hv.host.counters.stats.get("hcpage_calls", 0)
     _map_unmap(agent)
     assert agent.hv.transport == "hypercall page"
-    assert hv.host.stats.get("hcpage_calls", 0) > before
-    assert hv.host.stats["hcpage_calls"] >= 4  # init's domain calls and the flush
+    assert hv.host.counters.stats.get("hcpage_calls", 0) > before
+    assert hv.host.counters.stats["hcpage_calls"] >= 4  # init's domain calls and the flush
     assert not HOT & set(spy.used), spy.used  # none of them went over gRPC
     assert "GetTransports" in spy.used
 
@@ -122,7 +122,7 @@ def test_driver_uses_grpc_when_the_hypervisor_offers_no_page(tmp_path: Path) -> 
         _map_unmap(agent)
         assert agent.hv.transport == "grpc" and "offers no hypercall page" in agent.hv.page_note
         assert "CreateDeviceDomain" in spy.used and FLUSHES & set(spy.used)
-        assert env.host.stats.get("hcpage_calls", 0) == 0
+        assert env.host.counters.stats.get("hcpage_calls", 0) == 0
     finally:
         env.close()
 
@@ -200,13 +200,13 @@ def test_an_empty_v1_block_list_reaches_the_hypervisor_as_rep_count_zero_on_both
         grpc_only, _ = _agent(env, page=False)
         for client in (paged.hv, grpc_only.hv):
             client.create_domain(S1, 0x58)
-            judged = env.host.stats.get("hv_status_0x3", 0)
+            judged = env.host.counters.stats.get("hv_status_0x3", 0)
             with pytest.raises(HypercallFailed) as refused:
                 client.flush_domain_list(S1, 0x58, [])
             assert (refused.value.hv_status, refused.value.call) == (HvStatus.INVALID_HYPERCALL_INPUT,
                                                                      "FlushDeviceDomainList")
             assert "rep count 0" in str(refused.value)  # the hypervisor's own words
-            assert env.host.stats.get("hv_status_0x3", 0) == judged + 1
+            assert env.host.counters.stats.get("hv_status_0x3", 0) == judged + 1
             client.delete_domain(S1, 0x58)
         assert paged.hv.transport == "hypercall page" and grpc_only.hv.transport == "grpc"
     finally:

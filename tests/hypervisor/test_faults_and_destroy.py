@@ -104,7 +104,7 @@ def test_fault_of_an_unassigned_device_reaches_nobody(hv: HvEnv) -> None:
     _, token, _ = hv.device("loose")
     assert report(device_host(hv, token), 0x5000) == SUCCESS
     assert g.faults() == [] and admin_faults(hv) == []
-    assert hv.host.stats.get("faults_unowned") == 1
+    assert hv.host.counters.stats.get("faults_unowned") == 1
 
 
 def test_guest_cannot_report_faults_for_itself(hv: HvEnv) -> None:

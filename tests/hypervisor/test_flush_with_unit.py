@@ -160,7 +160,7 @@ def test_unit_whose_server_stopped_is_dropped_and_flushes_still_succeed(rig: Rig
     info = rig.env.admin_devices()[rig.dev]
     assert not info.reachable
     assert rig.env.host.tables.read_context_raw(rig.slot) == bytes(64)  # blocked
-    assert rig.env.host.stats.get("devices_lost") == 1
+    assert rig.env.host.counters.stats.get("devices_lost") == 1
     # any unit that reads the context now (a restarted one) finds the device blocked
     fresh = IommuUnit(rig.env.host_memory())
     runs = fresh.translate(rig.slot, rig.iova(0), PAGE, False)

@@ -288,15 +288,15 @@ class Race:
         self.oracle = Oracle()
         config = HypervisorConfig(bank0_bytes=8 * MiB, flush_timeout_s=0.15, domain_tags=6)
         self.host = Host(tmp, "race-admin-" + os.urandom(6).hex(), config)
-        self.host.link = QueueLink(self.host.memory, config.flush_timeout_s)
-        publish = self.host._publish
+        self.host.units.link = QueueLink(self.host.memory, config.flush_timeout_s)
+        publish = self.host.units.publish
 
         def recorded(dev: Any, owner: Partition | None, *, quarantined: bool = False) -> None:
             with self.oracle.lock:  # before the record exists: a descriptor of that epoch is judged right
                 self.oracle.owners[(dev.slot, dev.epoch + 1)] = owner.partition_id if owner and not quarantined else 0
             publish(dev, owner, quarantined=quarantined)
 
-        self.host._publish = recorded  # type: ignore[method-assign]
+        self.host.units.publish = recorded  # type: ignore[method-assign]
         self.calls = Hypercalls(self.host)
         self.parts: list[Partition] = []
         self.guests: list[GuestModel] = []
@@ -426,7 +426,7 @@ class Race:
             s.join(10)
         for d in self.devices:
             d.close()
-        link = self.host.link
+        link = self.host.units.link
         self.host.close()
         if isinstance(link, QueueLink):
             link.close()
