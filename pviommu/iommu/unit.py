@@ -51,8 +51,9 @@ from pviommu.iommu.owner import OwnerRecord, OwnerTable
 from pviommu.iommu.pasid import SmFault
 from pviommu.iommu.pasid_unit import PasidPath
 from pviommu.iommu.pscache import PsCache
+from pviommu.iommu.runs import RunBuilder
 from pviommu.mem.bank import HostMemory
-from pviommu.mem.dma import DmaRuns, Run
+from pviommu.mem.dma import DmaFault, DmaRuns, Run
 
 _U64_LIMIT = 1 << 64
 
@@ -175,99 +176,111 @@ class IommuUnit:
         context is looked up, so nothing walked under a context that an
         invalidation (of any scope, context included) dropped meanwhile is
         ever inserted; the slot's ownership epoch is checked on every call,
-        so no cached context or translation outlives a change of owner."""
+        so no cached context or translation outlives a change of owner.
+        Steps: ``_start`` (context), the compiled loop if native, else one
+        IOTLB lookup for the whole request, then ``_lookup`` page by page
+        (``_fill`` walks each miss)."""
         if length <= 0:
             return DmaRuns()
         if pasid:  # a request with PASID >= 1: the proposal's path (PASID 0 is RID_PASID, below)
             with self._lock:
                 self.stats.translations += 1
             return self.pasid_path.translate(slot, pasid, iova, length, write)
-        pos, end = int(iova), int(iova) + length
-        iotlb = self.iotlb
-        generation0 = iotlb.generation
-        ps = self.pscache
+        iotlb, ps = self.iotlb, self.pscache
+        generation = iotlb.generation  # before the context, as said above
         ps_generation = ps.generation if ps is not None else 0
+        bound = self._start(slot, iova, length, write)
+        if not isinstance(bound, BoundContext):
+            return bound
+        if self.native is not None:
+            done = self._compiled(slot, bound, iova, length, write, generation)
+            if done is not None:
+                return done
+        hpa = iotlb.lookup_span(bound.entry.did, int(iova), int(iova) + length, write)
+        if hpa is not None:  # fast path: one extent or entry covers the whole request
+            return DmaRuns([Run(Hpa(hpa), length)])
+        return self._lookup(slot, bound, iova, length, write, generation, ps_generation)
+
+    def _start(self, slot: int, iova: Iova, length: int, write: bool) -> BoundContext | DmaRuns:
+        """Count the request and find its context; the faulted request if
+        the range or the context refuses it."""
         with self._lock:
             self.stats.translations += 1
         try:
-            if pos < 0 or end > _U64_LIMIT:
+            if iova < 0 or iova + length > _U64_LIMIT:
                 raise _CtxFault(FaultReason.BEYOND_HW_MAX, f"IOVA {iova:#x}+{length:#x} beyond 64 bits")
-            bound = self._context(slot)
+            return self._context(slot)
         except _CtxFault as exc:
             return DmaRuns([], self._fault(slot, 0, iova, write, exc.reason, exc.detail, fpd=False).to_dma_fault())
+
+    def _compiled(self, slot: int, bound: BoundContext, iova: Iova, length: int, write: bool,
+                  generation: int) -> DmaRuns | None:
+        """The lookup and fill steps in one compiled call; None when the
+        compiled core leaves this context to them."""
+        assert self.native is not None
         ctx = bound.entry
-        did = ctx.did
-        if self.native is not None:  # the loop below, compiled (None: a context it leaves to it)
-            done = self.native.translate(iotlb, ctx, iova, length, write, bound.owner_bank,  # type: ignore[arg-type]
-                                         generation0)
-            if done is not None:
-                if done.walks:
-                    with self._lock:
-                        self.stats.walks += done.walks
-                        self.stats.walk_reads += done.reads
-                if done.fault is None:
-                    return DmaRuns(done.runs)
-                fault = self._fault(slot, did, done.fault_iova, write, done.fault.reason, done.fault.detail, ctx.fpd)
-                return DmaRuns(done.runs, fault.to_dma_fault())
-        hpa0 = iotlb.lookup_span(did, pos, end, write)
-        if hpa0 is not None:  # fast path: one extent or entry covers the whole request
-            return DmaRuns([Run(Hpa(hpa0), length)])
-        runs: list[Run] = []
-        run_hpa = run_len = 0
+        done = self.native.translate(self.iotlb, ctx, iova, length, write, bound.owner_bank,  # type: ignore[arg-type]
+                                     generation)
+        if done is None:
+            return None
+        if done.walks:
+            with self._lock:
+                self.stats.walks += done.walks
+                self.stats.walk_reads += done.reads
+        if done.fault is None:
+            return DmaRuns(done.runs)
+        fault = self._fault(slot, ctx.did, done.fault_iova, write, done.fault.reason, done.fault.detail, ctx.fpd)
+        return DmaRuns(done.runs, fault.to_dma_fault())
+
+    def _lookup(self, slot: int, bound: BoundContext, iova: Iova, length: int, write: bool, generation: int,
+                ps_generation: int) -> DmaRuns:
+        """Page by page: an IOTLB extent, else the consecutive cached entries,
+        else one walk (``_fill``); the extents the entries form are cached."""
+        did, iotlb = bound.entry.did, self.iotlb
+        end = int(iova) + length
+        runs = RunBuilder(int(iova), end)
         # The extent being built from consecutive same-size entries (see iotlb).
         x_iova = x_hpa = x_lg2 = x_count = 0
         x_read = x_write = True
-        while pos < end:
-            hit = iotlb.lookup_extent(did, pos, end, write)
+        while runs.pos < end:
+            hit = iotlb.lookup_extent(did, runs.pos, end, write)
             if hit is not None:
-                hpa, n = hit
-                if run_len and run_hpa + run_len == hpa:
-                    run_len += n
-                else:
-                    if run_len:
-                        runs.append(Run(Hpa(run_hpa), run_len))
-                    run_hpa, run_len = hpa, n
-                pos += n
+                runs.add(hit[0], runs.pos, hit[1])
                 continue
-            entries = iotlb.lookup_run(did, pos, end, write)
+            entries = iotlb.lookup_run(did, runs.pos, end, write)
             if not entries:
-                result = self.walker.walk(ctx, Iova(pos), write, owner_bank=bound.owner_bank, cache=ps,
-                                          generation=ps_generation)
-                with self._lock:
-                    self.stats.walks += 1
-                    self.stats.walk_reads += result.reads
-                if isinstance(result, WalkFault):
-                    if run_len:
-                        runs.append(Run(Hpa(run_hpa), run_len))
-                    fault = self._fault(slot, did, Iova(pos), write, result.reason, result.detail, ctx.fpd)
-                    return DmaRuns(runs, fault.to_dma_fault())
-                entry = IotlbEntry(result.iova, result.hpa, result.size_lg2, result.read, result.write)
-                iotlb.insert(did, entry, generation0)
-                entries = [entry]
+                filled = self._fill(slot, bound, Iova(runs.pos), write, generation, ps_generation)
+                if not isinstance(filled, IotlbEntry):
+                    return runs.result(filled)
+                entries = [filled]
             for entry in entries:
-                off = pos - entry.iova
-                n = min(end - pos, (1 << entry.size_lg2) - off)
-                hpa = entry.hpa + off
-                if run_len and run_hpa + run_len == hpa:
-                    run_len += n
-                else:
-                    if run_len:
-                        runs.append(Run(Hpa(run_hpa), run_len))
-                    run_hpa, run_len = hpa, n
-                pos += n
+                runs.add(entry.hpa, entry.iova, 1 << entry.size_lg2)
                 size = x_count << x_lg2
                 if x_count and entry.size_lg2 == x_lg2 and entry.iova == x_iova + size and entry.hpa == x_hpa + size:
                     x_count += 1
                     x_read, x_write = x_read and entry.read, x_write and entry.write
                 else:
                     if x_count >= 2:
-                        iotlb.insert_extent(did, Extent(x_iova, x_hpa, x_lg2, x_count, x_read, x_write), generation0)
+                        iotlb.insert_extent(did, Extent(x_iova, x_hpa, x_lg2, x_count, x_read, x_write), generation)
                     x_iova, x_hpa, x_lg2, x_count = entry.iova, int(entry.hpa), entry.size_lg2, 1
                     x_read, x_write = entry.read, entry.write
         if x_count >= 2:
-            iotlb.insert_extent(did, Extent(x_iova, x_hpa, x_lg2, x_count, x_read, x_write), generation0)
-        runs.append(Run(Hpa(run_hpa), run_len))
-        return DmaRuns(runs)
+            iotlb.insert_extent(did, Extent(x_iova, x_hpa, x_lg2, x_count, x_read, x_write), generation)
+        return runs.result()
+
+    def _fill(self, slot: int, bound: BoundContext, iova: Iova, write: bool, generation: int,
+              ps_generation: int) -> IotlbEntry | DmaFault:
+        """The IOTLB miss at ``iova``: walk (with the paging-structure caches),
+        insert the translation under ``generation``; the fault if the walk faulted."""
+        ctx = bound.entry
+        result = self.walker.walk(ctx, iova, write, owner_bank=bound.owner_bank, cache=self.pscache,
+                                  generation=ps_generation)
+        self.count_walk(result.reads)
+        if isinstance(result, WalkFault):
+            return self._fault(slot, ctx.did, iova, write, result.reason, result.detail, ctx.fpd).to_dma_fault()
+        entry = IotlbEntry(result.iova, result.hpa, result.size_lg2, result.read, result.write)
+        self.iotlb.insert(ctx.did, entry, generation)
+        return entry
 
     def memmove_warm(self, slot: int, desc: bytes, limits: _native.MoveLimits) -> _native.NativeMemmove | None:
         """One MEMMOVE descriptor of ``slot`` in one compiled call
