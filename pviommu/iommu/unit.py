@@ -2,12 +2,12 @@
 
 ``IommuUnit.translate(slot, iova, length, write)`` turns a DMA request into
 ``DmaRuns``: host runs for the longest translatable prefix, physically
-contiguous pages coalesced into one run, and the fault that stopped it. Per
-page it looks in the IOTLB (tagged by the context's DID) and walks on a miss
-(``nested.NestedWalker``, helped by the paging-structure caches of
-``pscache``, also tagged by DID; ``pscache=False`` turns them off); contexts
-are read from bank 0 (``context``) and cached per slot until
-``invalidate_context``.
+contiguous pages coalesced into one run (``runs.RunBuilder``), and the fault
+that stopped it. It starts by finding the slot's context (read from bank 0,
+checked by ``checks``, cached per slot until ``invalidate_context``); then
+per page it looks in the IOTLB (tagged by the context's DID) and fills a
+miss with a walk (``nested.NestedWalker``, helped by the paging-structure
+caches of ``pscache``, also tagged by DID; ``pscache=False`` turns them off).
 
 The hypervisor drives the invalidation entry points (global, domain, pages,
 context); each returns only when no later lookup can use what it dropped.
@@ -34,20 +34,13 @@ from dataclasses import dataclass, field
 from pviommu.addr import Hpa, Iova
 from pviommu.errors import PviommuError
 from pviommu.iommu import native as _native
-from pviommu.iommu.context import (
-    AW_LEVELS,
-    CONTEXT_ENTRY_SIZE,
-    FSPM_LEVELS,
-    MAX_SLOTS,
-    ContextEntry,
-    Pgtt,
-    context_hpa,
-)
-from pviommu.iommu.explain import FAULT_CODES, Explanation, pasid_explanation
+from pviommu.iommu.checks import ContextFault, check_owner, check_pasid_entry, read_context, validate_context
+from pviommu.iommu.context import MAX_SLOTS, ContextEntry
+from pviommu.iommu.explain import FAULT_CODES, Explanation, explain_in_context, explain_request
 from pviommu.iommu.fault import FaultReason, FaultRecord
 from pviommu.iommu.iotlb import Extent, Iotlb, IotlbEntry
-from pviommu.iommu.nested import ExplainStep, NestedWalker, WalkFault
-from pviommu.iommu.owner import OwnerRecord, OwnerTable
+from pviommu.iommu.nested import NestedWalker, WalkFault
+from pviommu.iommu.owner import OwnerTable
 from pviommu.iommu.pasid import SmFault
 from pviommu.iommu.pasid_unit import PasidPath
 from pviommu.iommu.pscache import PsCache
@@ -82,13 +75,6 @@ class UnitStats:
     @property
     def reads_per_walk(self) -> float:
         return self.walk_reads / self.walks if self.walks else 0.0
-
-
-class _CtxFault(Exception):
-    def __init__(self, reason: FaultReason, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +150,7 @@ class IommuUnit:
             with self._lock:
                 if self._pasid is None:
                     mgaw, capacity, ps = self._pasid_options
-                    self._pasid = PasidPath(self, _check_pasid_entry, fs_mgaw_lg2=mgaw, iotlb_capacity=capacity,
+                    self._pasid = PasidPath(self, check_pasid_entry, fs_mgaw_lg2=mgaw, iotlb_capacity=capacity,
                                             pscache=ps)
                 path = self._pasid
         return path
@@ -208,9 +194,9 @@ class IommuUnit:
             self.stats.translations += 1
         try:
             if iova < 0 or iova + length > _U64_LIMIT:
-                raise _CtxFault(FaultReason.BEYOND_HW_MAX, f"IOVA {iova:#x}+{length:#x} beyond 64 bits")
+                raise ContextFault(FaultReason.BEYOND_HW_MAX, f"IOVA {iova:#x}+{length:#x} beyond 64 bits")
             return self._context(slot)
-        except _CtxFault as exc:
+        except ContextFault as exc:
             return DmaRuns([], self._fault(slot, 0, iova, write, exc.reason, exc.detail, fpd=False).to_dma_fault())
 
     def _compiled(self, slot: int, bound: BoundContext, iova: Iova, length: int, write: bool,
@@ -313,13 +299,13 @@ class IommuUnit:
     # -- contexts -----------------------------------------------------------------
     def _context(self, slot: int) -> BoundContext:
         """The valid, present context of ``slot`` under its current owner
-        (cached while the ownership epoch holds), else ``_CtxFault``."""
+        (cached while the ownership epoch holds), else ``ContextFault``."""
         if not 0 <= slot < MAX_SLOTS:
-            raise _CtxFault(FaultReason.PASID_ENTRY_ACCESS, f"slot {slot} outside the context table")
+            raise ContextFault(FaultReason.PASID_ENTRY_ACCESS, f"slot {slot} outside the context table")
         try:
             epoch = self.owners.epoch(slot)
         except PviommuError as exc:
-            raise _CtxFault(FaultReason.PASID_ENTRY_ACCESS, f"owner record of slot {slot}: {exc}") from exc
+            raise ContextFault(FaultReason.PASID_ENTRY_ACCESS, f"owner record of slot {slot}: {exc}") from exc
         cached = self._contexts.get(slot)
         if cached is not None:
             if cached.epoch == epoch:
@@ -328,19 +314,11 @@ class IommuUnit:
                 return cached
             self._epoch_moved(slot)
         generation = self._ctx_generation
-        try:
-            record = self.owners.read(slot)
-            raw = self.host.read(context_hpa(slot), CONTEXT_ENTRY_SIZE)
-            moved = self.owners.epoch(slot) != record.epoch
-        except PviommuError as exc:
-            raise _CtxFault(FaultReason.PASID_ENTRY_ACCESS, f"context of slot {slot}: {exc}") from exc
-        if moved:  # the owner changed while we read: the next request reads again
-            raise _CtxFault(FaultReason.PASID_ENTRY_NOT_PRESENT, f"slot {slot}: ownership changing")
-        ctx = ContextEntry.unpack(raw)
+        record, ctx = read_context(self.host, self.owners, slot)
         with self._lock:
             self.stats.context_reads += 1
-        _validate(slot, ctx)
-        _check_owner(slot, record)
+        validate_context(slot, ctx)
+        check_owner(slot, record)
         bound = BoundContext(ctx, record.owner_bank, record.epoch)
         with self._lock:
             if generation == self._ctx_generation:  # no invalidation raced the read
@@ -450,20 +428,7 @@ class IommuUnit:
         """Walk ``iova`` recording every entry read, without touching the
         IOTLB, counters or A/D bits. With ``pasid`` >= 1 (proposal) the
         scalable-mode reads that found the PASID entry come first."""
-        if pasid:
-            return pasid_explanation(slot, iova, write, pasid, self.pasid_path.explain(slot, pasid, iova, write))
-        try:
-            record = self.owners.read(slot)
-            ctx = ContextEntry.unpack(self.host.read(context_hpa(slot), CONTEXT_ENTRY_SIZE))
-        except (PviommuError, ValueError) as exc:
-            return Explanation(slot, iova, write, None, None, [],
-                               WalkFault(FaultReason.PASID_ENTRY_ACCESS, str(exc), 0))
-        try:
-            _check_owner(slot, record)
-        except _CtxFault as exc:
-            if ctx.present:
-                return Explanation(slot, iova, write, ctx, None, [], WalkFault(exc.reason, exc.detail, 0))
-        return self.explain_context(ctx, iova, write, record.owner_bank, slot)
+        return explain_request(self, slot, iova, write, pasid)
 
     def explain_context(self, ctx: ContextEntry, iova: Iova, write: bool, owner_bank: int,
                         slot: int = -1) -> Explanation:
@@ -471,45 +436,7 @@ class IommuUnit:
         asking what a device *would* see in a domain of the partition whose RAM
         is bank ``owner_bank``): the same checks, in the same order, and the
         same walk as ``translate``."""
-        steps: list[ExplainStep] = []
-        if iova < 0 or iova >= _U64_LIMIT:
-            return Explanation(slot, iova, write, ctx, None, steps,
-                               WalkFault(FaultReason.BEYOND_HW_MAX, f"IOVA {iova:#x} beyond 64 bits", 0))
-        try:
-            _validate(slot, ctx)
-        except _CtxFault as exc:
-            return Explanation(slot, iova, write, ctx, None, steps, WalkFault(exc.reason, exc.detail, 0))
-        cached = self.iotlb.lookup(ctx.did, int(iova), write, count=False)
-        result = self.walker.walk(ctx, iova, write, steps, owner_bank=owner_bank, dry_run=True)
-        return Explanation(slot, iova, write, ctx, cached, steps, result)
-
-
-def _check_pasid_entry(slot: int, entry: ContextEntry, record: OwnerRecord) -> None:
-    """A PASID entry is checked as a flat context entry is, owner first."""
-    _check_owner(slot, record)
-    _validate(slot, entry)
-
-
-def _check_owner(slot: int, record: OwnerRecord) -> None:
-    """A slot with no owner, or quarantined, translates nothing whatever its
-    context says (the owner record is the second fence behind the context)."""
-    if not record.owned or record.owner_bank <= 0:
-        why = "quarantined (not synchronised)" if record.quarantined else "assigned to no partition"
-        raise _CtxFault(FaultReason.PASID_ENTRY_NOT_PRESENT, f"slot {slot}: device {why}")
-
-
-def _validate(slot: int, ctx: ContextEntry) -> None:
-    """The PASID-entry checks (VT-d 0x59-0x5B), in that order."""
-    if not ctx.present:
-        raise _CtxFault(
-            FaultReason.PASID_ENTRY_NOT_PRESENT, f"slot {slot}: context not present (blocked or unassigned)"
-        )
-    if ctx.reserved_bits:
-        raise _CtxFault(FaultReason.PASID_ENTRY_RESERVED, f"slot {slot}: reserved bits set in context")
-    if ctx.pgtt not in (Pgtt.SS_ONLY, Pgtt.NESTED) or ctx.aw not in AW_LEVELS:
-        raise _CtxFault(FaultReason.PASID_ENTRY_INVALID, f"slot {slot}: unsupported PGTT {ctx.pgtt} or AW {ctx.aw}")
-    if ctx.pgtt == Pgtt.NESTED and ctx.fspm not in FSPM_LEVELS:
-        raise _CtxFault(FaultReason.PASID_ENTRY_INVALID, f"slot {slot}: unsupported FSPM {ctx.fspm}")
+        return explain_in_context(self, ctx, iova, write, owner_bank, slot)
 
 
 __all__ = ["BoundContext", "BoundTranslator", "Explanation", "IommuUnit", "UnitStats"]
