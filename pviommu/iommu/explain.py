@@ -1,17 +1,25 @@
-"""What one translation looked at (``IommuUnit.explain``), grouped for ``pviommu inspect``."""
+"""What one translation looked at (``IommuUnit.explain``), grouped for
+``pviommu inspect``, and how the unit finds it: the same checks, in the same
+order, and the same walk as ``IommuUnit.translate``, as a dry run."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pviommu.addr import Iova
-from pviommu.iommu.context import ContextEntry, Pgtt
+from pviommu.errors import PviommuError
+from pviommu.iommu.checks import ContextFault, check_owner, validate_context
+from pviommu.iommu.context import CONTEXT_ENTRY_SIZE, ContextEntry, Pgtt, context_hpa
 from pviommu.iommu.fault import FaultReason
 from pviommu.iommu.iotlb import IotlbEntry
 from pviommu.iommu.nested import ExplainStep, WalkFault, WalkOk
 from pviommu.iommu.pasid import PasidStep
 from pviommu.iommu.pasid_unit import PasidExplain
 from pviommu.pt.fmt.x86_64 import X86_64Format
+
+if TYPE_CHECKING:
+    from pviommu.iommu.unit import IommuUnit
 
 _FS_FORMAT = X86_64Format(4)  # table_oa is the same for 4 and 5 levels
 
@@ -90,4 +98,38 @@ def pasid_explanation(slot: int, iova: Iova, write: bool, pasid: int, got: Pasid
     return Explanation(slot, iova, write, got.entry, got.cached, got.walk, result, pasid, got.steps)
 
 
-__all__ = ["FAULT_CODES", "ExplainLevel", "Explanation", "pasid_explanation"]
+def explain_request(unit: IommuUnit, slot: int, iova: Iova, write: bool, pasid: int | None) -> Explanation:
+    """``IommuUnit.explain``: the slot's owner record and context read afresh."""
+    if pasid:
+        return pasid_explanation(slot, iova, write, pasid, unit.pasid_path.explain(slot, pasid, iova, write))
+    try:
+        record = unit.owners.read(slot)
+        ctx = ContextEntry.unpack(unit.host.read(context_hpa(slot), CONTEXT_ENTRY_SIZE))
+    except (PviommuError, ValueError) as exc:
+        return Explanation(slot, iova, write, None, None, [],
+                           WalkFault(FaultReason.PASID_ENTRY_ACCESS, str(exc), 0))
+    try:
+        check_owner(slot, record)
+    except ContextFault as exc:
+        if ctx.present:
+            return Explanation(slot, iova, write, ctx, None, [], WalkFault(exc.reason, exc.detail, 0))
+    return unit.explain_context(ctx, iova, write, record.owner_bank, slot)
+
+
+def explain_in_context(unit: IommuUnit, ctx: ContextEntry, iova: Iova, write: bool, owner_bank: int,
+                       slot: int) -> Explanation:
+    """``IommuUnit.explain_context``: ``ctx`` checked, then a dry-run walk."""
+    steps: list[ExplainStep] = []
+    if iova < 0 or iova >= 1 << 64:
+        return Explanation(slot, iova, write, ctx, None, steps,
+                           WalkFault(FaultReason.BEYOND_HW_MAX, f"IOVA {iova:#x} beyond 64 bits", 0))
+    try:
+        validate_context(slot, ctx)
+    except ContextFault as exc:
+        return Explanation(slot, iova, write, ctx, None, steps, WalkFault(exc.reason, exc.detail, 0))
+    cached = unit.iotlb.lookup(ctx.did, int(iova), write, count=False)
+    result = unit.walker.walk(ctx, iova, write, steps, owner_bank=owner_bank, dry_run=True)
+    return Explanation(slot, iova, write, ctx, cached, steps, result)
+
+
+__all__ = ["FAULT_CODES", "ExplainLevel", "Explanation", "explain_in_context", "explain_request", "pasid_explanation"]

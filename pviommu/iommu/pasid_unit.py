@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pviommu.addr import Hpa, Iova
+from pviommu.addr import Iova
 from pviommu.errors import PviommuError
 from pviommu.iommu.context import ContextEntry
 from pviommu.iommu.iotlb import Iotlb, IotlbEntry
@@ -36,7 +36,8 @@ from pviommu.iommu.nested import ExplainStep, NestedWalker, WalkFault, WalkOk
 from pviommu.iommu.owner import OwnerRecord
 from pviommu.iommu.pasid import MAX_PASID, PasidFault, PasidStep, lookup
 from pviommu.iommu.pscache import PsCache
-from pviommu.mem.dma import DmaRuns, Run
+from pviommu.iommu.runs import RunBuilder
+from pviommu.mem.dma import DmaRuns
 
 if TYPE_CHECKING:
     from pviommu.iommu.unit import IommuUnit
@@ -158,35 +159,23 @@ class PasidPath:
             return DmaRuns([], record.to_dma_fault())
         tagged = bound.tagged
         tag = tagged.did
-        runs: list[Run] = []
-        run_hpa = run_len = 0
-        while pos < end:
-            entries = iotlb.lookup_run(tag, pos, end, write)
+        runs = RunBuilder(pos, end)
+        while runs.pos < end:
+            entries = iotlb.lookup_run(tag, runs.pos, end, write)
             if not entries:
-                result = self.walker.walk(tagged, Iova(pos), write, owner_bank=bound.owner_bank, cache=ps,
+                result = self.walker.walk(tagged, Iova(runs.pos), write, owner_bank=bound.owner_bank, cache=ps,
                                           generation=ps_generation)
                 unit.count_walk(result.reads)
                 if isinstance(result, WalkFault):
-                    if run_len:
-                        runs.append(Run(Hpa(run_hpa), run_len))
-                    record = unit.record_fault(slot, bound.entry.did, Iova(pos), write, result.reason, result.detail,
-                                               bound.entry.fpd, pasid)
-                    return DmaRuns(runs, record.to_dma_fault())
+                    record = unit.record_fault(slot, bound.entry.did, Iova(runs.pos), write, result.reason,
+                                               result.detail, bound.entry.fpd, pasid)
+                    return runs.result(record.to_dma_fault())
                 entry = IotlbEntry(result.iova, result.hpa, result.size_lg2, result.read, result.write)
                 iotlb.insert(tag, entry, generation0)
                 entries = [entry]
             for entry in entries:
-                n = min(end - pos, (1 << entry.size_lg2) - (pos - entry.iova))
-                hpa = entry.hpa + (pos - entry.iova)
-                if run_len and run_hpa + run_len == hpa:
-                    run_len += n
-                else:
-                    if run_len:
-                        runs.append(Run(Hpa(run_hpa), run_len))
-                    run_hpa, run_len = hpa, n
-                pos += n
-        runs.append(Run(Hpa(run_hpa), run_len))
-        return DmaRuns(runs)
+                runs.add(entry.hpa, entry.iova, 1 << entry.size_lg2)
+        return runs.result()
 
     def explain(self, slot: int, pasid: int, iova: Iova, write: bool) -> PasidExplain:
         """What a request of (slot, PASID) would meet: the PASID-level reads,

@@ -2,12 +2,12 @@
 
 ``IommuUnit.translate(slot, iova, length, write)`` turns a DMA request into
 ``DmaRuns``: host runs for the longest translatable prefix, physically
-contiguous pages coalesced into one run, and the fault that stopped it. Per
-page it looks in the IOTLB (tagged by the context's DID) and walks on a miss
-(``nested.NestedWalker``, helped by the paging-structure caches of
-``pscache``, also tagged by DID; ``pscache=False`` turns them off); contexts
-are read from bank 0 (``context``) and cached per slot until
-``invalidate_context``.
+contiguous pages coalesced into one run (``runs.RunBuilder``), and the fault
+that stopped it. It starts by finding the slot's context (read from bank 0,
+checked by ``checks``, cached per slot until ``invalidate_context``); then
+per page it looks in the IOTLB (tagged by the context's DID) and fills a
+miss with a walk (``nested.NestedWalker``, helped by the paging-structure
+caches of ``pscache``, also tagged by DID; ``pscache=False`` turns them off).
 
 The hypervisor drives the invalidation entry points (global, domain, pages,
 context); each returns only when no later lookup can use what it dropped.
@@ -34,25 +34,19 @@ from dataclasses import dataclass, field
 from pviommu.addr import Hpa, Iova
 from pviommu.errors import PviommuError
 from pviommu.iommu import native as _native
-from pviommu.iommu.context import (
-    AW_LEVELS,
-    CONTEXT_ENTRY_SIZE,
-    FSPM_LEVELS,
-    MAX_SLOTS,
-    ContextEntry,
-    Pgtt,
-    context_hpa,
-)
-from pviommu.iommu.explain import FAULT_CODES, Explanation, pasid_explanation
+from pviommu.iommu.checks import ContextFault, check_owner, check_pasid_entry, read_context, validate_context
+from pviommu.iommu.context import MAX_SLOTS, ContextEntry
+from pviommu.iommu.explain import FAULT_CODES, Explanation, explain_in_context, explain_request
 from pviommu.iommu.fault import FaultReason, FaultRecord
 from pviommu.iommu.iotlb import Extent, Iotlb, IotlbEntry
-from pviommu.iommu.nested import ExplainStep, NestedWalker, WalkFault
-from pviommu.iommu.owner import OwnerRecord, OwnerTable
+from pviommu.iommu.nested import NestedWalker, WalkFault
+from pviommu.iommu.owner import OwnerTable
 from pviommu.iommu.pasid import SmFault
 from pviommu.iommu.pasid_unit import PasidPath
 from pviommu.iommu.pscache import PsCache
+from pviommu.iommu.runs import RunBuilder
 from pviommu.mem.bank import HostMemory
-from pviommu.mem.dma import DmaRuns, Run
+from pviommu.mem.dma import DmaFault, DmaRuns, Run
 
 _U64_LIMIT = 1 << 64
 
@@ -81,13 +75,6 @@ class UnitStats:
     @property
     def reads_per_walk(self) -> float:
         return self.walk_reads / self.walks if self.walks else 0.0
-
-
-class _CtxFault(Exception):
-    def __init__(self, reason: FaultReason, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +150,7 @@ class IommuUnit:
             with self._lock:
                 if self._pasid is None:
                     mgaw, capacity, ps = self._pasid_options
-                    self._pasid = PasidPath(self, _check_pasid_entry, fs_mgaw_lg2=mgaw, iotlb_capacity=capacity,
+                    self._pasid = PasidPath(self, check_pasid_entry, fs_mgaw_lg2=mgaw, iotlb_capacity=capacity,
                                             pscache=ps)
                 path = self._pasid
         return path
@@ -175,99 +162,111 @@ class IommuUnit:
         context is looked up, so nothing walked under a context that an
         invalidation (of any scope, context included) dropped meanwhile is
         ever inserted; the slot's ownership epoch is checked on every call,
-        so no cached context or translation outlives a change of owner."""
+        so no cached context or translation outlives a change of owner.
+        Steps: ``_start`` (context), the compiled loop if native, else one
+        IOTLB lookup for the whole request, then ``_lookup`` page by page
+        (``_fill`` walks each miss)."""
         if length <= 0:
             return DmaRuns()
         if pasid:  # a request with PASID >= 1: the proposal's path (PASID 0 is RID_PASID, below)
             with self._lock:
                 self.stats.translations += 1
             return self.pasid_path.translate(slot, pasid, iova, length, write)
-        pos, end = int(iova), int(iova) + length
-        iotlb = self.iotlb
-        generation0 = iotlb.generation
-        ps = self.pscache
+        iotlb, ps = self.iotlb, self.pscache
+        generation = iotlb.generation  # before the context, as said above
         ps_generation = ps.generation if ps is not None else 0
+        bound = self._start(slot, iova, length, write)
+        if not isinstance(bound, BoundContext):
+            return bound
+        if self.native is not None:
+            done = self._compiled(slot, bound, iova, length, write, generation)
+            if done is not None:
+                return done
+        hpa = iotlb.lookup_span(bound.entry.did, int(iova), int(iova) + length, write)
+        if hpa is not None:  # fast path: one extent or entry covers the whole request
+            return DmaRuns([Run(Hpa(hpa), length)])
+        return self._lookup(slot, bound, iova, length, write, generation, ps_generation)
+
+    def _start(self, slot: int, iova: Iova, length: int, write: bool) -> BoundContext | DmaRuns:
+        """Count the request and find its context; the faulted request if
+        the range or the context refuses it."""
         with self._lock:
             self.stats.translations += 1
         try:
-            if pos < 0 or end > _U64_LIMIT:
-                raise _CtxFault(FaultReason.BEYOND_HW_MAX, f"IOVA {iova:#x}+{length:#x} beyond 64 bits")
-            bound = self._context(slot)
-        except _CtxFault as exc:
+            if iova < 0 or iova + length > _U64_LIMIT:
+                raise ContextFault(FaultReason.BEYOND_HW_MAX, f"IOVA {iova:#x}+{length:#x} beyond 64 bits")
+            return self._context(slot)
+        except ContextFault as exc:
             return DmaRuns([], self._fault(slot, 0, iova, write, exc.reason, exc.detail, fpd=False).to_dma_fault())
+
+    def _compiled(self, slot: int, bound: BoundContext, iova: Iova, length: int, write: bool,
+                  generation: int) -> DmaRuns | None:
+        """The lookup and fill steps in one compiled call; None when the
+        compiled core leaves this context to them."""
+        assert self.native is not None
         ctx = bound.entry
-        did = ctx.did
-        if self.native is not None:  # the loop below, compiled (None: a context it leaves to it)
-            done = self.native.translate(iotlb, ctx, iova, length, write, bound.owner_bank,  # type: ignore[arg-type]
-                                         generation0)
-            if done is not None:
-                if done.walks:
-                    with self._lock:
-                        self.stats.walks += done.walks
-                        self.stats.walk_reads += done.reads
-                if done.fault is None:
-                    return DmaRuns(done.runs)
-                fault = self._fault(slot, did, done.fault_iova, write, done.fault.reason, done.fault.detail, ctx.fpd)
-                return DmaRuns(done.runs, fault.to_dma_fault())
-        hpa0 = iotlb.lookup_span(did, pos, end, write)
-        if hpa0 is not None:  # fast path: one extent or entry covers the whole request
-            return DmaRuns([Run(Hpa(hpa0), length)])
-        runs: list[Run] = []
-        run_hpa = run_len = 0
+        done = self.native.translate(self.iotlb, ctx, iova, length, write, bound.owner_bank,  # type: ignore[arg-type]
+                                     generation)
+        if done is None:
+            return None
+        if done.walks:
+            with self._lock:
+                self.stats.walks += done.walks
+                self.stats.walk_reads += done.reads
+        if done.fault is None:
+            return DmaRuns(done.runs)
+        fault = self._fault(slot, ctx.did, done.fault_iova, write, done.fault.reason, done.fault.detail, ctx.fpd)
+        return DmaRuns(done.runs, fault.to_dma_fault())
+
+    def _lookup(self, slot: int, bound: BoundContext, iova: Iova, length: int, write: bool, generation: int,
+                ps_generation: int) -> DmaRuns:
+        """Page by page: an IOTLB extent, else the consecutive cached entries,
+        else one walk (``_fill``); the extents the entries form are cached."""
+        did, iotlb = bound.entry.did, self.iotlb
+        end = int(iova) + length
+        runs = RunBuilder(int(iova), end)
         # The extent being built from consecutive same-size entries (see iotlb).
         x_iova = x_hpa = x_lg2 = x_count = 0
         x_read = x_write = True
-        while pos < end:
-            hit = iotlb.lookup_extent(did, pos, end, write)
+        while runs.pos < end:
+            hit = iotlb.lookup_extent(did, runs.pos, end, write)
             if hit is not None:
-                hpa, n = hit
-                if run_len and run_hpa + run_len == hpa:
-                    run_len += n
-                else:
-                    if run_len:
-                        runs.append(Run(Hpa(run_hpa), run_len))
-                    run_hpa, run_len = hpa, n
-                pos += n
+                runs.add(hit[0], runs.pos, hit[1])
                 continue
-            entries = iotlb.lookup_run(did, pos, end, write)
+            entries = iotlb.lookup_run(did, runs.pos, end, write)
             if not entries:
-                result = self.walker.walk(ctx, Iova(pos), write, owner_bank=bound.owner_bank, cache=ps,
-                                          generation=ps_generation)
-                with self._lock:
-                    self.stats.walks += 1
-                    self.stats.walk_reads += result.reads
-                if isinstance(result, WalkFault):
-                    if run_len:
-                        runs.append(Run(Hpa(run_hpa), run_len))
-                    fault = self._fault(slot, did, Iova(pos), write, result.reason, result.detail, ctx.fpd)
-                    return DmaRuns(runs, fault.to_dma_fault())
-                entry = IotlbEntry(result.iova, result.hpa, result.size_lg2, result.read, result.write)
-                iotlb.insert(did, entry, generation0)
-                entries = [entry]
+                filled = self._fill(slot, bound, Iova(runs.pos), write, generation, ps_generation)
+                if not isinstance(filled, IotlbEntry):
+                    return runs.result(filled)
+                entries = [filled]
             for entry in entries:
-                off = pos - entry.iova
-                n = min(end - pos, (1 << entry.size_lg2) - off)
-                hpa = entry.hpa + off
-                if run_len and run_hpa + run_len == hpa:
-                    run_len += n
-                else:
-                    if run_len:
-                        runs.append(Run(Hpa(run_hpa), run_len))
-                    run_hpa, run_len = hpa, n
-                pos += n
+                runs.add(entry.hpa, entry.iova, 1 << entry.size_lg2)
                 size = x_count << x_lg2
                 if x_count and entry.size_lg2 == x_lg2 and entry.iova == x_iova + size and entry.hpa == x_hpa + size:
                     x_count += 1
                     x_read, x_write = x_read and entry.read, x_write and entry.write
                 else:
                     if x_count >= 2:
-                        iotlb.insert_extent(did, Extent(x_iova, x_hpa, x_lg2, x_count, x_read, x_write), generation0)
+                        iotlb.insert_extent(did, Extent(x_iova, x_hpa, x_lg2, x_count, x_read, x_write), generation)
                     x_iova, x_hpa, x_lg2, x_count = entry.iova, int(entry.hpa), entry.size_lg2, 1
                     x_read, x_write = entry.read, entry.write
         if x_count >= 2:
-            iotlb.insert_extent(did, Extent(x_iova, x_hpa, x_lg2, x_count, x_read, x_write), generation0)
-        runs.append(Run(Hpa(run_hpa), run_len))
-        return DmaRuns(runs)
+            iotlb.insert_extent(did, Extent(x_iova, x_hpa, x_lg2, x_count, x_read, x_write), generation)
+        return runs.result()
+
+    def _fill(self, slot: int, bound: BoundContext, iova: Iova, write: bool, generation: int,
+              ps_generation: int) -> IotlbEntry | DmaFault:
+        """The IOTLB miss at ``iova``: walk (with the paging-structure caches),
+        insert the translation under ``generation``; the fault if the walk faulted."""
+        ctx = bound.entry
+        result = self.walker.walk(ctx, iova, write, owner_bank=bound.owner_bank, cache=self.pscache,
+                                  generation=ps_generation)
+        self.count_walk(result.reads)
+        if isinstance(result, WalkFault):
+            return self._fault(slot, ctx.did, iova, write, result.reason, result.detail, ctx.fpd).to_dma_fault()
+        entry = IotlbEntry(result.iova, result.hpa, result.size_lg2, result.read, result.write)
+        self.iotlb.insert(ctx.did, entry, generation)
+        return entry
 
     def memmove_warm(self, slot: int, desc: bytes, limits: _native.MoveLimits) -> _native.NativeMemmove | None:
         """One MEMMOVE descriptor of ``slot`` in one compiled call
@@ -300,13 +299,13 @@ class IommuUnit:
     # -- contexts -----------------------------------------------------------------
     def _context(self, slot: int) -> BoundContext:
         """The valid, present context of ``slot`` under its current owner
-        (cached while the ownership epoch holds), else ``_CtxFault``."""
+        (cached while the ownership epoch holds), else ``ContextFault``."""
         if not 0 <= slot < MAX_SLOTS:
-            raise _CtxFault(FaultReason.PASID_ENTRY_ACCESS, f"slot {slot} outside the context table")
+            raise ContextFault(FaultReason.PASID_ENTRY_ACCESS, f"slot {slot} outside the context table")
         try:
             epoch = self.owners.epoch(slot)
         except PviommuError as exc:
-            raise _CtxFault(FaultReason.PASID_ENTRY_ACCESS, f"owner record of slot {slot}: {exc}") from exc
+            raise ContextFault(FaultReason.PASID_ENTRY_ACCESS, f"owner record of slot {slot}: {exc}") from exc
         cached = self._contexts.get(slot)
         if cached is not None:
             if cached.epoch == epoch:
@@ -315,19 +314,11 @@ class IommuUnit:
                 return cached
             self._epoch_moved(slot)
         generation = self._ctx_generation
-        try:
-            record = self.owners.read(slot)
-            raw = self.host.read(context_hpa(slot), CONTEXT_ENTRY_SIZE)
-            moved = self.owners.epoch(slot) != record.epoch
-        except PviommuError as exc:
-            raise _CtxFault(FaultReason.PASID_ENTRY_ACCESS, f"context of slot {slot}: {exc}") from exc
-        if moved:  # the owner changed while we read: the next request reads again
-            raise _CtxFault(FaultReason.PASID_ENTRY_NOT_PRESENT, f"slot {slot}: ownership changing")
-        ctx = ContextEntry.unpack(raw)
+        record, ctx = read_context(self.host, self.owners, slot)
         with self._lock:
             self.stats.context_reads += 1
-        _validate(slot, ctx)
-        _check_owner(slot, record)
+        validate_context(slot, ctx)
+        check_owner(slot, record)
         bound = BoundContext(ctx, record.owner_bank, record.epoch)
         with self._lock:
             if generation == self._ctx_generation:  # no invalidation raced the read
@@ -437,20 +428,7 @@ class IommuUnit:
         """Walk ``iova`` recording every entry read, without touching the
         IOTLB, counters or A/D bits. With ``pasid`` >= 1 (proposal) the
         scalable-mode reads that found the PASID entry come first."""
-        if pasid:
-            return pasid_explanation(slot, iova, write, pasid, self.pasid_path.explain(slot, pasid, iova, write))
-        try:
-            record = self.owners.read(slot)
-            ctx = ContextEntry.unpack(self.host.read(context_hpa(slot), CONTEXT_ENTRY_SIZE))
-        except (PviommuError, ValueError) as exc:
-            return Explanation(slot, iova, write, None, None, [],
-                               WalkFault(FaultReason.PASID_ENTRY_ACCESS, str(exc), 0))
-        try:
-            _check_owner(slot, record)
-        except _CtxFault as exc:
-            if ctx.present:
-                return Explanation(slot, iova, write, ctx, None, [], WalkFault(exc.reason, exc.detail, 0))
-        return self.explain_context(ctx, iova, write, record.owner_bank, slot)
+        return explain_request(self, slot, iova, write, pasid)
 
     def explain_context(self, ctx: ContextEntry, iova: Iova, write: bool, owner_bank: int,
                         slot: int = -1) -> Explanation:
@@ -458,45 +436,7 @@ class IommuUnit:
         asking what a device *would* see in a domain of the partition whose RAM
         is bank ``owner_bank``): the same checks, in the same order, and the
         same walk as ``translate``."""
-        steps: list[ExplainStep] = []
-        if iova < 0 or iova >= _U64_LIMIT:
-            return Explanation(slot, iova, write, ctx, None, steps,
-                               WalkFault(FaultReason.BEYOND_HW_MAX, f"IOVA {iova:#x} beyond 64 bits", 0))
-        try:
-            _validate(slot, ctx)
-        except _CtxFault as exc:
-            return Explanation(slot, iova, write, ctx, None, steps, WalkFault(exc.reason, exc.detail, 0))
-        cached = self.iotlb.lookup(ctx.did, int(iova), write, count=False)
-        result = self.walker.walk(ctx, iova, write, steps, owner_bank=owner_bank, dry_run=True)
-        return Explanation(slot, iova, write, ctx, cached, steps, result)
-
-
-def _check_pasid_entry(slot: int, entry: ContextEntry, record: OwnerRecord) -> None:
-    """A PASID entry is checked as a flat context entry is, owner first."""
-    _check_owner(slot, record)
-    _validate(slot, entry)
-
-
-def _check_owner(slot: int, record: OwnerRecord) -> None:
-    """A slot with no owner, or quarantined, translates nothing whatever its
-    context says (the owner record is the second fence behind the context)."""
-    if not record.owned or record.owner_bank <= 0:
-        why = "quarantined (not synchronised)" if record.quarantined else "assigned to no partition"
-        raise _CtxFault(FaultReason.PASID_ENTRY_NOT_PRESENT, f"slot {slot}: device {why}")
-
-
-def _validate(slot: int, ctx: ContextEntry) -> None:
-    """The PASID-entry checks (VT-d 0x59-0x5B), in that order."""
-    if not ctx.present:
-        raise _CtxFault(
-            FaultReason.PASID_ENTRY_NOT_PRESENT, f"slot {slot}: context not present (blocked or unassigned)"
-        )
-    if ctx.reserved_bits:
-        raise _CtxFault(FaultReason.PASID_ENTRY_RESERVED, f"slot {slot}: reserved bits set in context")
-    if ctx.pgtt not in (Pgtt.SS_ONLY, Pgtt.NESTED) or ctx.aw not in AW_LEVELS:
-        raise _CtxFault(FaultReason.PASID_ENTRY_INVALID, f"slot {slot}: unsupported PGTT {ctx.pgtt} or AW {ctx.aw}")
-    if ctx.pgtt == Pgtt.NESTED and ctx.fspm not in FSPM_LEVELS:
-        raise _CtxFault(FaultReason.PASID_ENTRY_INVALID, f"slot {slot}: unsupported FSPM {ctx.fspm}")
+        return explain_in_context(self, ctx, iova, write, owner_bank, slot)
 
 
 __all__ = ["BoundContext", "BoundTranslator", "Explanation", "IommuUnit", "UnitStats"]
