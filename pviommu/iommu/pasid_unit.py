@@ -124,6 +124,7 @@ class PasidPath:
             raise PasidFaultError(0x58, f"slot {slot}: {exc}") from exc
         if moved:
             raise PasidFaultError(0x59, f"slot {slot}: ownership changing")
+        self.unit.note_epoch(slot, record.epoch)  # a new owner: nothing the old one cached is used
         entry = found.entry
         try:
             self.check(slot, entry, record)

@@ -133,6 +133,10 @@ class IommuUnit:
         self.owners = OwnerTable(host)
         self._contexts: dict[int, BoundContext] = {}
         self._ctx_generation = 0
+        #: the ownership epoch each slot's cached state was last read under; kept across context
+        #: invalidations, so a slot that changes owner while nothing of it is cached still drops
+        #: whatever its old owner left in the IOTLB and paging-structure caches
+        self._epochs: dict[int, int] = {}
         self._lock = threading.Lock()  # contexts, stats, fault log
         #: requests with a PASID >= 1 (proposal, not in the series), made on the first one
         self._pasid: PasidPath | None = None
@@ -312,9 +316,10 @@ class IommuUnit:
                 with self._lock:
                     self.stats.context_hits += 1
                 return cached
-            self._epoch_moved(slot)
+            self.note_epoch(slot, epoch)
         generation = self._ctx_generation
         record, ctx = read_context(self.host, self.owners, slot)
+        self.note_epoch(slot, record.epoch)
         with self._lock:
             self.stats.context_reads += 1
         validate_context(slot, ctx)
@@ -324,6 +329,15 @@ class IommuUnit:
             if generation == self._ctx_generation:  # no invalidation raced the read
                 self._contexts[slot] = bound
         return bound
+
+    def note_epoch(self, slot: int, epoch: int) -> None:
+        """``slot``'s state is being read under ownership ``epoch``: if the slot had another
+        epoch when last read (cached contexts may have been invalidated since), drop every cache."""
+        with self._lock:
+            last = self._epochs.get(slot)
+            self._epochs[slot] = epoch
+        if last is not None and last != epoch:
+            self._epoch_moved(slot)
 
     def _epoch_moved(self, slot: int) -> None:
         """The slot changed owner since its context was cached: nothing walked

@@ -67,6 +67,26 @@ def test_a_new_owner_never_gets_the_previous_owners_cached_context_or_translatio
     assert system.unit.stats.epoch_changes == 1
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["python", "compiled"])
+def test_a_new_owner_after_a_context_invalidation_never_gets_the_previous_owners_translations(
+        tmp_path: Path, native: bool) -> None:
+    """A context-cache flush leaves the unit no cached context to compare epochs with: the
+    epoch it last read the slot under must still be remembered (found by hypothesis: the old
+    owner's IOTLB entry was reused by the next one, landing in the old owner's bank)."""
+    system = build_system(tmp_path, p1_ram=16 << 20, p2_ram=16 << 20, native=native)
+    if native and system.unit.native is None:
+        pytest.skip("the compiled core is not built")
+    system.s1.map(IOVA, Gpa(DATA), SZ_4K, RW)
+    assert system.unit.translate(SLOT, IOVA, 8, True).runs[0].hpa == system.bank1.hpa_of(DATA)
+    system.unit.invalidate_context(SLOT)  # a context-cache flush; the IOTLB keeps DID's entry
+    write_owner(system.host, SLOT, OwnerRecord(epoch=5, partition_id=2, owner_bank=2))  # same context, same DID
+    runs = system.unit.translate(SLOT, IOVA, 8, True)
+    assert runs.fault is not None or all(system.bank2.hpa_of(0) <= r.hpa < system.bank2.hpa_of(16 << 20)
+                                         for r in runs.runs), f"partition 2's DMA reached {runs.runs}"
+    assert system.unit.stats.epoch_changes == 1
+    assert system.unit.iotlb.lookup(DID, int(IOVA), True, count=False) is None  # the old entry is gone
+
+
 def test_a_walk_that_raced_a_context_invalidation_inserts_nothing(system: NestedSystem) -> None:
     """A many-page translation whose context is invalidated after its first page
     must not cache any of the later pages (the generation is taken with the

@@ -275,3 +275,15 @@ def test_pasid_descriptors_applied_to_a_unit_drop_what_they_name(world: World) -
     PasidInvalidation(True, DID, 1).apply(world.unit)
     PasidInvalidation(False, DID, 1).apply(world.unit)
     assert world.dma(SLOT_A, IOVA, 1) == (None, FaultReason.PASID_ENTRY_NOT_PRESENT)
+
+
+def test_a_pasid_translation_cached_under_one_owner_is_not_used_under_the_next(world: World) -> None:
+    """No invalidation reaches the unit, but the slot's epoch moved: the IOTLB entry the old
+    owner's PASID left behind must not answer the new owner's request."""
+    p1, _ = _two_processes(world)
+    world.tables.set_entry(SLOT_A, 1, world.nested(p1))
+    hpa, fault = world.dma(SLOT_A, IOVA, 1)
+    assert fault is None and hpa is not None and world.bank1.hpa_of(0) <= hpa < world.bank1.hpa_of(16 * MiB)
+    write_owner(world.host, SLOT_A, OwnerRecord(epoch=2, partition_id=2, owner_bank=2))
+    assert world.dma(SLOT_A, IOVA, 1)[1] == FaultReason.SS_ACCESS  # walked again, and fenced into bank 2
+    assert world.unit.stats.epoch_changes == 1
