@@ -1,46 +1,6 @@
-"""dmatest, after Linux ``drivers/dma/dmatest.c`` (reference dsa-dmatest.md section 6).
-
-A run is dmatest's sysfs sequence: the parameters are written, then ``run=1``.
-Without ``channel`` it prints "No channels configured, continue with any" and
-takes every channel (``dma<N>chan0``, one per DSA device) that ``device``
-matches, up to ``max_channels``; a ``channel`` that matches none prints
-"Channel misconfigured, can't continue" and runs nothing. Per channel,
-``threads_per_chan`` threads named ``<chan>-copy<N>``; each owns a source and a
-destination buffer of ``test_buf_size`` bytes and, per test: picks
-``len``/``src_off``/``dst_off`` as dmatest does, fills both buffers with the
-counter patterns, maps them through the DMA API (``dma_map_page`` per test:
-source TO_DEVICE, destination BIDIRECTIONAL as dmatest does to force
-writeback/invalidate), submits one MEMMOVE, waits for its completion, unmaps,
-and verifies the whole of both buffers. Messages, result lines, per-thread
-summaries and counters are dmatest's, word for word; the runtime excludes
-fill and verify time as dmatest's does.
-
-How each outcome maps to dmatest's, with the idxd driver underneath:
-* ``iterations=0`` runs until stopped (``stop()``: the gRPC StopDmatest or a
-  cancelled call, as writing ``run=0``); ``timeout`` is in ms, negative waits
-  forever, 0 checks the completion once and does not wait;
-* a mapping that fails is "src/dst mapping error" (-ENOMEM, dma_mapping_error);
-* a transfer over the WQ's max, or a WQ that is gone (this thread's portal
-  broke), is "prep error" (idxd's prep returns NULL); a refused or failed
-  portal write is "submit error"; both sleep 100 ms, as dmatest does;
-* no completion within ``timeout`` is "test timed out"; the descriptor keeps
-  its WQ slot until its record arrives (idxd frees a descriptor only then);
-* a completion with an error status is not a dmatest failure by itself: idxd's
-  tx_status answers DMA_OUT_OF_ORDER, which dmatest accepts on a
-  DMA_COMPLETION_NO_ORDER device, so the data check decides ("data error", or
-  a pass with ``noverify``). A descriptor whose portal broke while it was in
-  flight counts as completed likewise (idxd aborts outstanding descriptors
-  when the device halts). The DSA status goes to the agent's log;
-* a bad parameter is dmatest's message and the thread's summary, not a refused
-  run: ``transfer_size`` not below the buffer ends each thread after counting
-  one test; a buffer smaller than the alignment ends it with 0 tests and (-12).
-Departures, kept on purpose: ``polled`` works (Linux turns it off on idxd with
-"DMA_COMPLETION_NO_ORDER, polled disabled") and waits ``timeout`` like the
-interrupt path; ``design``, ``seed`` and ``duration_s`` are pviommu's; the
-aggregate over every thread (``aggregate_line``) is a pviommu addition and says
-so. With a seed the run is deterministic (each thread has its own
-``random.Random``).
-"""
+"""dmatest, after Linux ``drivers/dma/dmatest.c``: dmatest's sysfs sequence, threads, patterns,
+messages and counters word for word; how each outcome maps to dmatest's under idxd, and the
+departures kept on purpose, are in docs/dmatest.md."""
 
 from __future__ import annotations
 
@@ -73,6 +33,7 @@ from guest_agent.dsa.dmatest_format import (
     summary_line,
     verify,
 )
+from guest_agent.dsa.dmatest_params import DmatestOutcome, DmatestParams, ThreadResult, chan_name, select_devices
 from guest_agent.dsa.driver import DsaDriver, wait_completion, wq_int_handle
 from guest_agent.errors import InvalidRequest
 from pviommu.abi.dsa import COMP_SIZE, CompletionRecord, DescFlags, Descriptor, DsaStatus, Opcode
@@ -98,76 +59,6 @@ ERROR_SLEEP_S = 0.1
 STOP_GRACE_S = 1.0
 #: Failures of the DSA transport (a dead device, a broken portal stream) and of the hypervisor.
 DEVICE_ERRORS: tuple[type[BaseException], ...] = (grpc.RpcError, PviommuError, ConnectionError, OSError)
-
-
-def chan_name(index: int) -> str:
-    """The dmaengine channel name of DSA device ``index`` (as ``DsaDriver.chan_name``)."""
-    return f"dma{index}chan0"
-
-
-@dataclass
-class DmatestParams:
-    """The module parameters (names and defaults kept), then pviommu's own."""
-
-    test_buf_size: int = 16384
-    channel: str = ""
-    device: str = ""
-    threads_per_chan: int = 1
-    max_channels: int = 0
-    iterations: int = 0  # 0 = until stopped
-    timeout: int = 3000  # ms, negative = infinite, 0 = no wait
-    noverify: bool = False
-    norandom: bool = False
-    verbose: bool = False
-    alignment: int = -1
-    transfer_size: int = 0
-    polled: bool = False
-    design: str = "nested"  # pviommu: "nested" | "baseline"
-    seed: int = 0  # pviommu
-    duration_s: float = 0.0  # pviommu: also stop each thread after this long
-
-
-@dataclass
-class ThreadResult:
-    name: str
-    tests: int = 0
-    failures: int = 0
-    runtime_us: int = 0
-    total_len: int = 0
-    status: int = 0
-    #: completions waited for on the device's interrupt (RCI asked, the wait woken by interrupts)
-    by_interrupt: int = 0
-    #: completions waited for by polling the record alone (``polled``, or no interrupt line)
-    polled: int = 0
-
-    @property
-    def iops_fixpt(self) -> int:
-        return persec(self.runtime_us, self.tests)
-
-    @property
-    def kbs(self) -> int:
-        return kbs(self.runtime_us, self.total_len)
-
-
-@dataclass
-class DmatestOutcome:
-    threads: list[ThreadResult]
-    lines: list[str]
-    summary: str  # aggregate_line: a pviommu addition
-    runtime_s: float
-    tests: int = 0
-    failures: int = 0
-    iops: float = 0.0
-    kb_per_s: float = 0.0
-    by_interrupt: int = 0
-    polled: int = 0
-
-
-def select_devices(devices: list[DeviceState], params: DmatestParams) -> list[DeviceState]:
-    """dmatest's channel filter (``channel`` and ``device`` names, "" = any), then ``max_channels``."""
-    out = [d for d in devices if (not params.channel or chan_name(d.index) == params.channel)
-           and (not params.device or d.name == params.device)]
-    return out[:params.max_channels] if params.max_channels else out
 
 
 # -- the run ------------------------------------------------------------------------------------
