@@ -105,7 +105,8 @@ class HypervisorLink:
         self._stub = admin_pb2_grpc.DeviceHostStub(channel)
         self._own = own
         self._timeout = timeout
-        self._queue: queue.SimpleQueue[admin_pb2.ReportFaultRequest | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[admin_pb2.ReportFaultRequest | admin_pb2.PageRequestTimedOutRequest | None] = \
+            queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._pump, name="fault-reporter", daemon=True)
         self._thread.start()
@@ -119,7 +120,10 @@ class HypervisorLink:
             if item is None:
                 return
             try:
-                self._stub.ReportFault(item, timeout=5)
+                if isinstance(item, admin_pb2.PageRequestTimedOutRequest):
+                    self._stub.PageRequestTimedOut(item, timeout=5)
+                else:
+                    self._stub.ReportFault(item, timeout=5)
             except grpc.RpcError as exc:
                 self.dropped += 1
                 log.warning("fault.report_failed", error=exc.code().name)
@@ -150,7 +154,8 @@ class HypervisorLink:
         rid, pending = self._own.new_page_request(fault.epoch)
         try:
             self._stub.ReportFault(self._request(fault, True, rid), timeout=5)
-            if not pending.answered.wait(self._timeout):
+            if not pending.answered.wait(self._timeout):  # given up: tell the hypervisor, off this engine
+                self._queue.put(admin_pb2.PageRequestTimedOutRequest(request_id=rid, epoch=fault.epoch))
                 return None
             return pending.answer
         except grpc.RpcError:

@@ -203,6 +203,19 @@ class Host(DeviceOwnership, DomainOps):
                 dev.page_requests[request_id] = (part.partition_id, epoch)
             return part
 
+    def page_request_timed_out(self, dev: Device, request_id: int, epoch: int) -> bool:
+        """The device gave up waiting for ``request_id`` (reported under ``epoch``): it is pending no
+        more, so a late answer is refused. False when it was not pending (answered meanwhile)."""
+        with self.lock:
+            pending = dev.page_requests.get(request_id)
+            if pending is None or pending[1] != epoch:
+                return False
+            del dev.page_requests[request_id]
+            if self.sva is not None:
+                self.sva.request_pasids.pop((dev.logical_device_id, request_id), None)
+            self.counters.count("page_requests_timed_out")
+            return True
+
     def answer_page_request(self, caller: Partition, logical: int, request_id: int, success: bool) -> None:
         """The guest's page response, to the unit's queue (no wait: the engine
         that asked is blocked on it). Refused for another partition's device

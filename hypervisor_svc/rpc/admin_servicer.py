@@ -354,6 +354,15 @@ class DeviceHostServicer(admin_pb2_grpc.DeviceHostServicer):
         return _ok()
 
     @grpc_errors
+    def PageRequestTimedOut(self, request: admin_pb2.PageRequestTimedOutRequest,
+                            context: grpc.ServicerContext) -> hypervisor_pb2.HvReply:
+        principal = require("device")
+        dev = self.host.device(principal.id)
+        if self.host.page_request_timed_out(dev, request.request_id, request.epoch):
+            log.info("page_request.timed_out", device=dev.logical_device_id, request_id=request.request_id)
+        return _ok()
+
+    @grpc_errors
     def Heartbeat(self, request: common_pb2.Empty, context: grpc.ServicerContext) -> hypervisor_pb2.HvReply:
         principal = require("device")
         self.host.heartbeat(principal.id)
