@@ -35,6 +35,7 @@ with atheris.instrument_imports():  # the product code, then the rig
     import pviommu.iommu.unit
     import pviommu.mem.dma
     import pviommu.pt.fmt.x86_64  # noqa: F401
+    from tests.kit import dsarig
     from tests.kit import robustkit as rk
 
     t1 = _common.load_test_module("test_hostile_stage1")
@@ -43,7 +44,7 @@ _common.quiet()
 FIVE = "-five_level" in sys.argv
 ARGS = [a for a in sys.argv if a != "-five_level"]
 TMP = Path(tempfile.mkdtemp(prefix="pviommu-atheris-stage1-"))
-RIG = rk.DsaRig(TMP, five_level=FIVE)
+RIG = dsarig.DsaRig(TMP, five_level=FIVE)
 
 
 def _cleanup() -> None:

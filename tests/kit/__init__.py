@@ -5,5 +5,8 @@
 * ``guest_env``: a hypervisor plus a fake device for the guest agent's suites;
 * ``rig``: one DSA device model over a real IOMMU unit (the device suites);
 * ``inspectkit``: nested mappings for the inspection suites;
-* ``robustkit``, ``racekit``: the isolation / robustness fuzz rigs (also used by fuzz/).
+* ``hvstrategies``, ``hvlayouts``: hypercall requests drawn by hypothesis and laid out by hand (tests/abi);
+* ``robustkit`` (counts, long mode, settings), ``refwalk`` (reference walker), ``dsarig`` (the
+  stage-1 / descriptor rig and its isolation checks), ``descstrategies``, ``racekit``: the
+  isolation / robustness fuzz rigs (also used by fuzz/).
 """

@@ -1,5 +1,5 @@
 """Hypothesis strategies of ``pviommu.abi.hv`` requests, shared by the raw-ABI round trips
-(tests/abi/test_hv_layouts.py) and the typed-message round trips (tests/abi/test_hvproto.py).
+(tests/abi/test_hv_registry.py and its siblings) and the typed-message round trips (tests/abi/test_hvproto.py).
 
 ``typed=True`` draws only what a typed gRPC message can carry: rep start 0 and the default
 ``target_vtl`` of MapDeviceGpaPages (the typed messages have neither field).

@@ -8,7 +8,7 @@ device service puts on top (its own mapping of the banks, an ``IommuUnit``, a
 The kits give it their memory plans and keep their specialities: core_env (a
 hole and a read-only range, one unit), native_env (random rights, hostile
 bytes), pasid_env (scalable-mode tables). Kits over the hypervisor service
-(robustkit, racekit, hvkit's ``HvEnv.guest_device``, inspectkit) let it build
+(dsarig, racekit, hvkit's ``HvEnv.guest_device``, inspectkit) let it build
 stage 2 and contexts and take only the guest's side (``guest_tables``) and the
 device's (``unit_side``).
 """
