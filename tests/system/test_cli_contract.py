@@ -350,6 +350,15 @@ def test_scenario_writes_a_junit_report_with_one_case_per_step(pviommu_system: S
                      "stale-iotlb-hazard"]
 
 
+def _kill_leftovers(owner: subprocess.Popen[bytes], service_pid: int) -> None:
+    """A failed test leaves neither the owning process nor its service running."""
+    if owner.poll() is None:
+        owner.kill()
+    if service_pid and Path(f"/proc/{service_pid}").exists():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(service_pid, signal.SIGKILL)
+
+
 SUPERVISING = """
 import sys, time
 from pathlib import Path
@@ -382,11 +391,7 @@ def test_services_end_and_clean_up_when_their_supervisor_is_killed_outright(tmp_
         assert not Path(f"/proc/{hv_pid}").exists() or "zombie" in Path(f"/proc/{hv_pid}/status").read_text().lower()
         assert not folder.exists()  # it ended by its own SIGTERM path, which removes its bank folder
     finally:
-        if sup.poll() is None:
-            sup.kill()
-        if hv_pid and Path(f"/proc/{hv_pid}").exists():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(hv_pid, signal.SIGKILL)
+        _kill_leftovers(sup, hv_pid)
 
 
 HOSTING = """
@@ -420,8 +425,4 @@ def test_the_work_folder_of_a_local_host_killed_outright_goes_with_the_next_star
             nxt.stop()
         assert not nxt.workdir.exists()
     finally:
-        if owner.poll() is None:
-            owner.kill()
-        if hv_pid and Path(f"/proc/{hv_pid}").exists():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(hv_pid, signal.SIGKILL)
+        _kill_leftovers(owner, hv_pid)
