@@ -8,10 +8,12 @@ import threading
 import grpc
 import pytest
 
+from pviommu.abi.hv_status import HvStatus
 from pviommu.v1 import admin_pb2, admin_pb2_grpc, common_pb2, hypervisor_pb2, hypervisor_pb2_grpc
-from tests.kit.hvkit import CALL_TIMEOUT, S2, SUCCESS, HvEnv, MiB
+from tests.kit.hvkit import CALL_TIMEOUT, S2, SUCCESS, Guest, HvEnv, MiB
 
 INVALID_PARTITION_ID = 0xD
+PAGE_REQUEST_INVALID = int(HvStatus.PAGE_REQUEST_INVALID)
 
 
 class DeviceHost:
@@ -196,3 +198,45 @@ def test_reset_partition_reclaims_domains_zeroes_ram_and_rotates_the_token(hv: H
     g.stub = rebooted
     assert g.faults() == []  # a fresh fault log
     assert g.create(1) == SUCCESS and g.attach(1, dev) == SUCCESS  # the same ids work again
+
+
+# ------------------------------------------------------------------------------------------
+# page requests a device gave up on
+# ------------------------------------------------------------------------------------------
+def _page_request(dh: DeviceHost, request_id: int) -> None:
+    r = dh.stub.ReportFault(admin_pb2.ReportFaultRequest(iova=0x7000, write=True, reason=0x5, reason_name="FS_WRITE",
+                                                         page_request=True, request_id=request_id, epoch=dh.epoch),
+                            timeout=CALL_TIMEOUT)
+    assert r.result.status == SUCCESS
+
+
+def _answer(g: Guest, dev: int, request_id: int) -> int:
+    r = g.stub.PageResponse(hypervisor_pb2.PageResponseRequest(logical_device_id=dev, request_id=request_id,
+                                                               success=True), timeout=CALL_TIMEOUT)
+    return int(r.result.status)
+
+
+def test_a_page_request_the_device_gave_up_on_refuses_a_late_answer_and_frees_its_quota(hv: HvEnv) -> None:
+    g = hv.partition()
+    dev, token, _ = hv.device("d", g)
+    dh = device_host(hv, token)
+    _page_request(dh, 7)
+    _page_request(dh, 8)
+    timed_out = dh.stub.PageRequestTimedOut(admin_pb2.PageRequestTimedOutRequest(request_id=7, epoch=dh.epoch),
+                                            timeout=CALL_TIMEOUT)
+    assert timed_out.result.status == SUCCESS
+    assert dh.dev is not None and set(dh.dev.page_requests) == {8}  # no longer counted toward the quota
+    assert _answer(g, dev, 7) == PAGE_REQUEST_INVALID  # late: refused, nothing reaches the unit
+    assert _answer(g, dev, 8) == SUCCESS  # still pending: answered
+    assert hv.host.counters.stats["page_requests_timed_out"] == 1
+
+
+def test_a_timeout_report_of_another_epoch_leaves_the_pending_request_alone(hv: HvEnv) -> None:
+    g = hv.partition()
+    dev, token, _ = hv.device("d", g)
+    dh = device_host(hv, token)
+    _page_request(dh, 9)
+    dh.stub.PageRequestTimedOut(admin_pb2.PageRequestTimedOutRequest(request_id=9, epoch=dh.epoch + 1),
+                                timeout=CALL_TIMEOUT)
+    assert _answer(g, dev, 9) == SUCCESS
+    assert hv.host.counters.stats.get("page_requests_timed_out", 0) == 0
