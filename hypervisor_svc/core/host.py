@@ -120,10 +120,6 @@ class Host(DeviceOwnership, DomainOps):
                  bank=str(bank.path), stage2_pages=self.tables.table_pages(table))
         return part
 
-    def partition_by_name(self, name: str) -> Partition | None:
-        with self.lock:
-            return next((p for p in self.partitions.values() if p.name == name), None)
-
     def destroy_partition(self, pid: int) -> None:
         """Take its devices back (fenced), free its domains, tables and RAM.
         TIME_OUT (and nothing changed) when a device's unit cannot be fenced."""

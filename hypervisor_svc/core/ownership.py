@@ -133,13 +133,6 @@ class DeviceOwnership(HostState):
             except HvError as exc:
                 log.info("device.resync_failed", device=logical, error=str(exc))
 
-    def device_lost(self, dev: Device, why: str = "reported lost") -> None:
-        with self.admin_lock:
-            part = self.partitions.get(dev.partition_id) if dev.partition_id else None
-            with self._partition_locks([part]):
-                if dev.logical_device_id in self.devices and dev.sync is not Sync.LOST:
-                    self.units.lose(dev, why)
-
     # ------------------------------------------------------------------ the ownership move
     @contextmanager
     def _partition_locks(self, parts: Iterable[Partition | None]) -> Iterator[None]:
