@@ -28,6 +28,7 @@ from guest_agent.errors import DeviceCommandFailed, InvalidRequest, NotFound
 from guest_agent.sva import Sva, SvaTestResult, run_sva_test
 from pviommu.abi.dsa import COMP_SIZE, CompletionRecord
 from pviommu.abi.revision import DEFAULT_REVISION, Revision
+from pviommu.abi.shm import FaultRecord
 from pviommu.addr import PAGE_SIZE, Gpa, Iova
 from pviommu.errors import PviommuError
 from pviommu.log import get_logger
@@ -96,16 +97,19 @@ class Agent:
         map the faulting page when it lies in an on-demand range of the
         device's domain, then answer through the hypervisor. Reads the fault
         ring in shared memory when the hypervisor offers one, else the gRPC
-        fault stream (always with the SVA proposal on); runs until either ends (shutdown, reset, hypervisor gone)."""
-        # SVA page requests carry a PASID, which only the gRPC stream's records hold (proposal)
-        ring = self.hv.open_fault_ring() if self.sva is None else None
+        fault stream; runs until either ends (shutdown, reset, hypervisor gone).
+        PASID-tagged records (the SVA proposal) go to the SVA handler."""
+        ring = self.hv.open_fault_ring()
         if ring is not None:
             self._fault_ring = ring
             self.page_request_transport = "fault ring"
             try:
                 while not self._closing:
                     for rec in ring.read(0.5):
-                        if rec.page_request:
+                        if rec.pasid is not None:
+                            if self.sva is not None:
+                                self._sva_record(rec)
+                        elif rec.page_request:
                             self._page_request(rec.logical_device_id, rec.request_id, rec.iova)
             except RingClosed as exc:
                 if not self._closing:
@@ -149,6 +153,14 @@ class Agent:
             self.sva.handle(fault)
         except (PviommuError, ValueError) as exc:
             log.warning("sva.page_request_failed", device=fault.logical_device_id, error=str(exc))
+
+    def _sva_record(self, rec: FaultRecord) -> None:
+        if self.sva is None:
+            return
+        try:
+            self.sva.handle_record(rec)
+        except (PviommuError, ValueError) as exc:
+            log.warning("sva.page_request_failed", device=rec.logical_device_id, error=str(exc))
 
     def run_sva_test(self, logical_device_id: int, size: int, iterations: int,
                      touch_destination: bool, unreserved_destination: bool = False) -> SvaTestResult:

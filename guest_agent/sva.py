@@ -36,6 +36,7 @@ from pviommu.abi.hv.sva import (
 )
 from pviommu.abi.hv_status import HvStatus
 from pviommu.abi.prq import PageRequestMessage
+from pviommu.abi.shm import FaultRecord
 from pviommu.addr import PAGE_SIZE, Gpa, Iova
 from pviommu.log import get_logger
 from pviommu.mem.bank import GuestRam
@@ -232,13 +233,24 @@ class Sva:
 
     # -- the I/O page-fault handler ----------------------------------------------------------
     def handle(self, fault: hypervisor_pb2.Fault) -> bool:
-        """One PASID-tagged entry of the hypervisor's stream: a page request is
-        resolved and answered; a fault message is only counted. True if the
-        page was made present."""
+        """One PASID-tagged entry of the hypervisor's gRPC stream (see ``handle_request``)."""
         if not fault.page_request:
             self.stats.add("sva_faults")
             return False
-        msg = PageRequestMessage.unpack(bytes(fault.synic_message))
+        return self.handle_request(PageRequestMessage.unpack(bytes(fault.synic_message)))
+
+    def handle_record(self, rec: FaultRecord) -> bool:
+        """One PASID-tagged record of the partition's fault ring (see ``handle_request``)."""
+        if not rec.page_request or rec.pasid is None:
+            self.stats.add("sva_faults")
+            return False
+        return self.handle_request(PageRequestMessage(rec.logical_device_id, rec.request_id, rec.iova, rec.pasid,
+                                                      rec.write))
+
+    def handle_request(self, msg: PageRequestMessage) -> bool:
+        """The I/O page-fault handler: a page request for a bound PASID is resolved (the page
+        faulted in, inside a mapped range) and answered with ProcessIommuPrq; a fault message is
+        only counted. True if the page was made present."""
         with self._lock:
             b = self._bindings.get((msg.logical_device_id, msg.pasid))
         ok = b is not None and b.process.fault_in(msg.address)

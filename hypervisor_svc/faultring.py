@@ -57,7 +57,7 @@ class FaultRingSession:
 
     def _put(self, e: FaultEntry) -> None:
         rec = L.FaultRecord(e.sequence, e.logical_device_id, e.iova, e.request_id, e.reason, e.domain_id, e.write,
-                            e.page_request, e.timestamp)
+                            e.page_request, e.timestamp, e.pasid)
         try:
             self.ring.put(rec.pack())
             self.written += 1

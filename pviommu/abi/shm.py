@@ -100,13 +100,14 @@ def ring_bytes(slot_size: int, slots: int) -> int:
 # -- fault records ------------------------------------------------------------------------
 FAULT_RECORD = 64
 FAULT_RING_SLOTS = 256
-_FAULT = struct.Struct("<QQQQIIBB6xd8x")
+_FAULT = struct.Struct("<QQQQIIBBBxId8x")
 assert _FAULT.size == FAULT_RECORD
 
 
 @dataclass(frozen=True)
 class FaultRecord:
-    """One fault or page request as a fault ring carries it (the message text stays on gRPC)."""
+    """One fault or page request as a fault ring carries it (the message text stays on gRPC).
+    ``pasid``: the request's PASID (the SVA proposal only), None for the series' requests."""
 
     sequence: int
     logical_device_id: int
@@ -117,15 +118,17 @@ class FaultRecord:
     write: bool
     page_request: bool
     timestamp: float
+    pasid: int | None = None
 
     def pack(self) -> bytes:
         return _FAULT.pack(self.sequence, self.logical_device_id, self.iova, self.request_id, self.reason,
-                           self.domain_id, int(self.write), int(self.page_request), self.timestamp)
+                           self.domain_id, int(self.write), int(self.page_request), int(self.pasid is not None),
+                           self.pasid or 0, self.timestamp)
 
     @classmethod
     def unpack(cls, raw: bytes) -> FaultRecord:
-        seq, dev, iova, rid, reason, dom, write, prq, ts = _FAULT.unpack_from(raw)
-        return cls(seq, dev, iova, rid, reason, dom, bool(write), bool(prq), ts)
+        seq, dev, iova, rid, reason, dom, write, prq, pasid_valid, pasid, ts = _FAULT.unpack_from(raw)
+        return cls(seq, dev, iova, rid, reason, dom, bool(write), bool(prq), ts, pasid if pasid_valid else None)
 
 
 # -- interrupts ----------------------------------------------------------------------------

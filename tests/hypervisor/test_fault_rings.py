@@ -124,3 +124,11 @@ def test_only_the_partitions_credential_opens_a_ring_and_rings_are_bounded(hv: H
     finally:
         for r in rings:
             r.close()
+
+
+@pytest.mark.parametrize("pasid", [None, 0, 1, 0xFFFFF], ids=["no-pasid", "pasid-0", "pasid-1", "pasid-max"])
+def test_a_record_keeps_its_pasid_or_its_absence_at_the_documented_offsets(pasid: int | None) -> None:
+    rec = L.FaultRecord(7, 0x10, 0x7F00_1000, 42, 0x5, 3, True, True, 1234.5, pasid)
+    raw = rec.pack()
+    assert len(raw) == L.FAULT_RECORD and L.FaultRecord.unpack(raw) == rec
+    assert raw[42] == (pasid is not None) and int.from_bytes(raw[44:48], "little") == (pasid or 0)
