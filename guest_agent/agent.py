@@ -147,20 +147,19 @@ class Agent:
             log.warning("page_request.response_failed", device=logical_device_id, error=str(exc))
 
     def _sva_fault(self, fault: hypervisor_pb2.Fault) -> None:
-        if self.sva is None:
-            return
-        try:
-            self.sva.handle(fault)
-        except (PviommuError, ValueError) as exc:
-            log.warning("sva.page_request_failed", device=fault.logical_device_id, error=str(exc))
+        self._to_sva(lambda sva: sva.handle(fault), fault.logical_device_id)
 
     def _sva_record(self, rec: FaultRecord) -> None:
+        self._to_sva(lambda sva: sva.handle_record(rec), rec.logical_device_id)
+
+    def _to_sva(self, deliver: Callable[[Sva], object], device: int) -> None:
+        """A PASID-tagged fault or page request to the SVA handler (dropped with SVA off)."""
         if self.sva is None:
             return
         try:
-            self.sva.handle_record(rec)
+            deliver(self.sva)
         except (PviommuError, ValueError) as exc:
-            log.warning("sva.page_request_failed", device=rec.logical_device_id, error=str(exc))
+            log.warning("sva.page_request_failed", device=device, error=str(exc))
 
     def run_sva_test(self, logical_device_id: int, size: int, iterations: int,
                      touch_destination: bool, unreserved_destination: bool = False) -> SvaTestResult:
