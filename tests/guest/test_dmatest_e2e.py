@@ -29,6 +29,14 @@ def system() -> Iterator[VirtualSystem]:
         yield vs
 
 
+@pytest.fixture(scope="module", params=["rfc", "v1", "v2"])
+def revised(request: pytest.FixtureRequest) -> Iterator[VirtualSystem]:
+    """A system whose hypervisor and agent follow one revision of the series: each flushes its own way
+    (RFC a domain flush, v1 the exact blocks, v2 one covering block; docs/revisions.md)."""
+    with VirtualSystem(guests=1, devices_per_guest=1, revision=request.param) as vs:
+        yield vs
+
+
 @pytest.mark.parametrize("design", ["nested", "baseline"])
 def test_dmatest_4_threads_1000_iterations_reports_zero_failures(system: VirtualSystem, design: str) -> None:
     g = system.guests[0]
@@ -61,10 +69,14 @@ def _setup(system: VirtualSystem) -> tuple[object, int, int, int, int, int, int]
     return s, dev, rec_iova, rec.gpa, src_iova, dst_iova, dst.gpa
 
 
-def test_after_unmap_with_flush_the_device_faults_on_the_old_iova(system: VirtualSystem) -> None:
-    s, dev, rec_iova, rec_gpa, src, dst, _ = _setup(system)
+def test_after_unmap_with_flush_the_device_faults_on_the_old_iova(revised: VirtualSystem) -> None:
+    s, dev, rec_iova, rec_gpa, src, dst, _ = _setup(revised)
     assert _copy(s, dev, src, dst, rec_iova, rec_gpa).status == DsaStatus.SUCCESS
+    before = dict(s.GetStats(common_pb2.Empty()).counters)  # type: ignore[attr-defined]
     s.Unmap(guest_pb2.UnmapRequest(logical_device_id=dev, iova=dst, size=4096))  # type: ignore[attr-defined]
+    after = dict(s.GetStats(common_pb2.Empty()).counters)  # type: ignore[attr-defined]
+    flush_call = "hypercall_FlushDeviceDomain" if revised.revision == "rfc" else "hypercall_FlushDeviceDomainList"
+    assert after.get(flush_call, 0) == before.get(flush_call, 0) + 1  # the revision's own flush
     bad = _copy(s, dev, src, dst, rec_iova, rec_gpa)
     assert bad.status & 0x7F == DsaStatus.PAGE_FAULT_NOBOF
     assert struct.unpack_from("<Q", bad.completion_record, 8)[0] == dst
@@ -79,8 +91,8 @@ def test_after_unmap_with_flush_the_device_faults_on_the_old_iova(system: Virtua
     assert dst in seen
 
 
-def test_with_skip_flush_the_device_still_reaches_the_old_page_until_flush(system: VirtualSystem) -> None:
-    s, dev, rec_iova, rec_gpa, src, dst, dst_gpa = _setup(system)
+def test_with_skip_flush_the_device_still_reaches_the_old_page_until_flush(revised: VirtualSystem) -> None:
+    s, dev, rec_iova, rec_gpa, src, dst, dst_gpa = _setup(revised)
     assert _copy(s, dev, src, dst, rec_iova, rec_gpa).status == DsaStatus.SUCCESS
     u = s.Unmap(guest_pb2.UnmapRequest(logical_device_id=dev, iova=dst, size=4096,  # type: ignore[attr-defined]
                                        skip_flush=True))
