@@ -498,7 +498,8 @@ class Race:
         for d in self.devices:
             d.queue.paused.clear()
         for s in self.submitters:
-            s.join(10)
+            if s.ident is not None:  # started
+                s.join(10)
         for d in self.devices:
             d.close()
         link = self.host.units.link
