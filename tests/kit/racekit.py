@@ -146,8 +146,6 @@ class RacingDevice:
         self.slot = slot
         self.pasid = pasid
         self.oracle = oracle
-        #: its DMA is PASID-tagged only: nothing without PASID runs there to drop its caches first
-        self.sva_only = False
         side = unit_side(memory_dir)
         self.memory, self.unit = side.memory, side.unit
         self.device = side.dsa(slot, DsaDeviceConfig(num_engines=2, num_groups=1, page_request_timeout=0.05),
@@ -307,8 +305,7 @@ class Submitter(threading.Thread):
         pick: Callable[[], int] = lambda: (self.rng.choice(iovas) if self.rng.random() < 0.8  # noqa: E731
                                            else IOVA_BASE + self.rng.randrange(64) * PAGE)
         # any PASID of the pool: bound by this partition, by the device's last owner, or by nobody
-        sva = self.pasid and (dev.sva_only or self.rng.random() < racepasid.SHARE)
-        pasid = self.rng.choice(racepasid.POOL) if sva else 0
+        pasid = self.rng.choice(racepasid.POOL) if self.pasid and self.rng.random() < racepasid.SHARE else 0
         desc = Descriptor(opcode=Opcode.MEMMOVE, flags=FLAGS, pasid=pasid, completion_addr=pick() + 0x800,
                           src_addr=pick(), dst_addr=pick(), xfer_size=self.rng.choice([8, 256, PAGE])).pack()
         wq = racepasid.SHARED_WQ if pasid else 0
@@ -366,10 +363,9 @@ class Race:
             self.parts.append(part)
             self.guests.append(GuestModel(part, self.oracle, random.Random(seed * 31 + i)))
         self.devices: list[RacingDevice] = []
-        for i in range(devices + (1 if self.pasid else 0)):  # and one SVA-only device (racepasid)
+        for i in range(devices):
             d = self.host.register_device(f"dsa{i}", "in-process", 0x8086, 0x0B25, os.urandom(16), 0)
             self.devices.append(RacingDevice(tmp, d.slot, self.oracle, pasid=self.pasid))
-            self.devices[-1].sva_only = i >= devices
             self.host.assign_device(d.logical_device_id, self.parts[i % partitions].partition_id)
         self.canaries = [g.canary() for g in self.guests]
         self.stop = threading.Event()

@@ -4,9 +4,7 @@ The race's host runs with ``proposal_sva``; every device gets a shared WQ whose
 descriptors carry a PASID from a small pool that every partition uses (so a
 partition also sends PASIDs it never bound, or that a device's previous owner
 bound), and each PASID has its own translator (as ``dma_device.main.pasid_memory``
-builds it) that shows the oracle what the unit answered. One more device
-takes PASID-tagged DMA only (an SVA-only accelerator): there no request without PASID
-hits a new epoch first and drops the unit's caches for the PASID path. The scheduler binds and
+builds it) that shows the oracle what the unit answered. The scheduler binds and
 unbinds PASIDs (AttachDevicePasid / DetachDevicePasid) to the guest's S1 domains.
 
 ``PasidBindings`` is what the oracle knows of them: a PASID translation that
