@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 POOL = (1, 2, 3)
 SHARED_WQ = 1
 #: share of a submitter's descriptors that are PASID-tagged (on the shared WQ)
-SHARE = 0.35
+SHARE = 0.25
 #: scheduler weight of a bind/unbind step
 WEIGHT = 6
 

@@ -5,7 +5,7 @@ scheduler attaches, detaches, reconfigures, remaps with and without flushes,
 deletes domains (a pool of 6 tags, so tags are reused all the time), moves
 devices between partitions and resets partitions. With the SVA proposal on
 (racepasid.py; PVIOMMU_RACE_PASID=0 leaves it out) the scheduler also binds and
-unbinds PASIDs to domains and a third of the descriptors are PASID-tagged on a
+unbinds PASIDs to domains and a quarter of the descriptors are PASID-tagged on a
 shared WQ, with PASIDs of a pool every partition uses. After every step: no
 host run of any descriptor left its owner's pages, no PASID translation reached
 memory without a binding of the owner, no never-mapped RAM changed.
