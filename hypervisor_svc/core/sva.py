@@ -112,6 +112,9 @@ class SvaState:
         items: list[QueueItem] = [PasidInvalidation(True, old.tag if old else dom.tag, pasid)]
         if old is not None:
             items.append(PasidInvalidation(False, old.tag, pasid))
+        # and whatever the unit still holds under the new (tag, PASID): an IOTLB entry that DMA
+        # cached between a reset's fence and reset_device outlives both, and the tag may be reused
+        items.append(PasidInvalidation(False, dom.tag, pasid))
         self._write(dev, pasid, entry, items, old, part)
         if old is not None:
             old.pasids.discard((dev.logical_device_id, pasid))

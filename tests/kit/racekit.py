@@ -41,18 +41,20 @@ from hypervisor_svc.rpc.device_client import QueueLink
 from pviommu.abi import hv
 from pviommu.abi.dsa import DescFlags, Descriptor, Opcode, WqCfg
 from pviommu.abi.hv_status import HvStatus
-from pviommu.abi.invq import Invalidation, OwnerFence, QueueItem
+from pviommu.abi.invq import Invalidation, OwnerFence, PasidInvalidation, QueueItem
 from pviommu.addr import Gpa, Iova
 from pviommu.errors import AuthError, HvError
 from pviommu.mem.bank import bank_index_of
-from pviommu.mem.dma import DmaRuns, DmaTranslator
+from pviommu.mem.dma import DmaMemory, DmaRuns, DmaTranslator
 from pviommu.mem.frames import FrameAllocator
 from pviommu.pt.common import Perm
 from pviommu.pt.gather import IotlbGather
 from pviommu.pt.walk import PageTable
 from pviommu.rpc.auth import Principal
 from pviommu.units import MiB
+from tests.kit import racepasid
 from tests.kit.nested import guest_tables, unit_side
+from tests.kit.racepasid import PasidBindings
 
 PAGE = 4096
 SELF = hv.HV_PARTITION_ID_SELF
@@ -91,11 +93,22 @@ class Oracle:
     violations: list[str] = field(default_factory=list)
     runs_checked: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: PASID bindings (racepasid): a PASID's runs must come from a binding of the owner
+    pasids: PasidBindings = field(default_factory=PasidBindings)
 
-    def check(self, slot: int, iova: int, runs: DmaRuns, write: bool) -> None:
+    def check(self, slot: int, iova: int, runs: DmaRuns, write: bool, pasid: int | None = None,
+              since: int = 0) -> None:
         epoch = getattr(_running, "epoch", None)
         with self.lock:
             owner = self.owners.get((slot, epoch)) if epoch is not None else None
+            if pasid and runs.fault is not None:
+                self.pasids.faults += 1
+            if pasid and runs.runs:
+                self.pasids.runs_checked += len(runs.runs)
+                if not owner or not self.pasids.bound_during(slot, pasid, owner, since):
+                    self.violations.append(f"PASID {pasid} not bound by the owner during the translation: slot "
+                                           f"{slot} epoch {epoch} (owner {owner}) IOVA {iova:#x} -> "
+                                           f"HPA {int(runs.runs[0].hpa):#x}")
             for run in runs.runs:
                 self.runs_checked += 1
                 index = bank_index_of(run.hpa)
@@ -113,26 +126,44 @@ class Oracle:
 
 
 class OracleTranslator:
-    """The device's translator: the real unit, every answer shown to the oracle."""
+    """The device's translator (without PASID, or of one PASID): the real unit, every
+    answer shown to the oracle."""
 
-    def __init__(self, inner: DmaTranslator, oracle: Oracle, slot: int) -> None:
-        self.inner, self.oracle, self.slot = inner, oracle, slot
+    def __init__(self, inner: DmaTranslator, oracle: Oracle, slot: int, pasid: int | None = None) -> None:
+        self.inner, self.oracle, self.slot, self.pasid = inner, oracle, slot, pasid
 
     def translate(self, iova: Iova, length: int, write: bool) -> DmaRuns:
+        since = self.oracle.pasids.seq
         out = self.inner.translate(iova, length, write)
-        self.oracle.check(self.slot, int(iova), out, write)
+        self.oracle.check(self.slot, int(iova), out, write, self.pasid, since)
         return out
 
 
 class RacingDevice:
     """One device as the device service assembles it (minus gRPC)."""
 
-    def __init__(self, memory_dir: Path, slot: int, oracle: Oracle) -> None:
+    def __init__(self, memory_dir: Path, slot: int, oracle: Oracle, *, pasid: bool = False) -> None:
         self.slot = slot
+        self.pasid = pasid
+        self.oracle = oracle
         side = unit_side(memory_dir)
         self.memory, self.unit = side.memory, side.unit
         self.device = side.dsa(slot, DsaDeviceConfig(num_engines=2, num_groups=1, page_request_timeout=0.05),
                                device=TaggingDsa, wrap=lambda unit: OracleTranslator(unit, oracle, slot))
+        if pasid:  # one view per PASID, as dma_device.main.pasid_memory gives the device
+            plain = DmaMemory(self.memory, OracleTranslator(self.unit.bind(slot), oracle, slot))
+            views: dict[int, DmaMemory] = {}
+
+            def memory_for(p: int | None) -> DmaMemory:
+                if not p:
+                    return plain
+                view = views.get(p)
+                if view is None:
+                    view = views.setdefault(p, DmaMemory(
+                        self.memory, OracleTranslator(self.unit.bind(slot, p), oracle, slot, p)))
+                return view
+
+            self.device.bind(memory_for)
         self.own = Ownership(self.memory, slot, self.device, reset=self._power_on)
         self._power_on()
         from pviommu.shm.invq import QueueConsumer
@@ -141,14 +172,23 @@ class RacingDevice:
 
     def _power_on(self) -> None:
         self.device.reset_device()
-        self.device.configure_group(0, [0], [0, 1])
+        wqs = [0, racepasid.SHARED_WQ] if self.pasid else [0]
+        self.device.configure_group(0, wqs, [0, 1])
         self.device.configure_wq(0, WqCfg(wq_size=32, dedicated=True, priority=5))
+        if self.pasid:
+            racepasid.add_shared_wq(self.device)
         self.device.enable_device()
-        self.device.enable_wq(0)
+        for wq in wqs:
+            self.device.enable_wq(wq)
 
     def _handle(self, item: QueueItem) -> None:
         if isinstance(item, Invalidation):
             item.apply(self.unit)
+        elif isinstance(item, PasidInvalidation):
+            item.apply(self.unit)
+            if item.cache and item.did is None and item.pasid is None:
+                with self.oracle.lock:
+                    self.oracle.pasids.flushed(self.slot)
         elif isinstance(item, OwnerFence):
             self.own.fence(item.epoch)
             self.fences += 1
@@ -229,9 +269,12 @@ class Submitter(threading.Thread):
     opened (authorised by the owner record), kept stale on purpose sometimes."""
 
     def __init__(self, guest: GuestModel, devices: list[RacingDevice], stop: threading.Event, seed: int,
-                 token: Callable[[], str]) -> None:
+                 token: Callable[[], str], *, pasid: bool = False) -> None:
         super().__init__(daemon=True, name=f"submitter-{guest.part.partition_id}")
         self.guest, self.devices, self.stop, self.rng, self.token = guest, devices, stop, random.Random(seed), token
+        self.pasid = pasid
+        #: PASID-tagged descriptors the shared WQ accepted / turned away (full: ENQCMD's retry)
+        self.pasid_submitted = self.pasid_retries = 0
         self.sessions: dict[int, Principal] = {}
         #: every session this partition ever had per device (old ones are replayed, as a late write)
         self.history: dict[int, list[Principal]] = {}
@@ -261,11 +304,14 @@ class Submitter(threading.Thread):
         iovas = self.guest.iovas() or [IOVA_BASE]
         pick: Callable[[], int] = lambda: (self.rng.choice(iovas) if self.rng.random() < 0.8  # noqa: E731
                                            else IOVA_BASE + self.rng.randrange(64) * PAGE)
-        desc = Descriptor(opcode=Opcode.MEMMOVE, flags=FLAGS, completion_addr=pick() + 0x800, src_addr=pick(),
-                          dst_addr=pick(), xfer_size=self.rng.choice([8, 256, PAGE])).pack()
+        # any PASID of the pool: bound by this partition, by the device's last owner, or by nobody
+        pasid = self.rng.choice(racepasid.POOL) if self.pasid and self.rng.random() < racepasid.SHARE else 0
+        desc = Descriptor(opcode=Opcode.MEMMOVE, flags=FLAGS, pasid=pasid, completion_addr=pick() + 0x800,
+                          src_addr=pick(), dst_addr=pick(), xfer_size=self.rng.choice([8, 256, PAGE])).pack()
+        wq = racepasid.SHARED_WQ if pasid else 0
         if self.rng.random() < 0.25:  # a write that checked its session long ago arrives now
             late = self.rng.choice(self.history.get(dev.slot) or [session])
-            dev.device.submit(0, desc, epoch=late.epoch)
+            accepted = dev.device.submit(wq, desc, epoch=late.epoch)
             self.stale += 1
         else:
             try:
@@ -274,7 +320,12 @@ class Submitter(threading.Thread):
                 self.refused += 1
                 self.sessions.pop(dev.slot, None)
                 return
-            dev.device.submit(0, desc, epoch=epoch)
+            accepted = dev.device.submit(wq, desc, epoch=epoch)
+        if pasid:
+            if accepted:
+                self.pasid_submitted += 1
+            else:
+                self.pasid_retries += 1
         self.submitted += 1
         if self.submitted % 16 == 0:
             self.stop.wait(0.001)
@@ -283,10 +334,13 @@ class Submitter(threading.Thread):
 class Race:
     """The whole rig; ``step()`` runs one scheduler operation."""
 
-    def __init__(self, tmp: Path, seed: int, partitions: int = 3, devices: int = 2) -> None:
+    def __init__(self, tmp: Path, seed: int, partitions: int = 3, devices: int = 2, *,
+                 pasid: bool | None = None) -> None:
         self.rng = random.Random(seed)
         self.oracle = Oracle()
-        config = HypervisorConfig(bank0_bytes=8 * MiB, flush_timeout_s=0.15, domain_tags=6)
+        self.pasid = racepasid.enabled() if pasid is None else pasid
+        config = HypervisorConfig(bank0_bytes=8 * MiB, flush_timeout_s=0.15, domain_tags=6,
+                                  proposal_sva=self.pasid)
         self.host = Host(tmp, "race-admin-" + os.urandom(6).hex(), config)
         self.host.units.link = QueueLink(self.host.memory, config.flush_timeout_s)
         publish = self.host.units.publish
@@ -311,20 +365,21 @@ class Race:
         self.devices: list[RacingDevice] = []
         for i in range(devices):
             d = self.host.register_device(f"dsa{i}", "in-process", 0x8086, 0x0B25, os.urandom(16), 0)
-            self.devices.append(RacingDevice(tmp, d.slot, self.oracle))
+            self.devices.append(RacingDevice(tmp, d.slot, self.oracle, pasid=self.pasid))
             self.host.assign_device(d.logical_device_id, self.parts[i % partitions].partition_id)
         self.canaries = [g.canary() for g in self.guests]
         self.stop = threading.Event()
         self.submitters = [Submitter(g, self.devices, self.stop, seed * 7 + i,
-                                     lambda i=i: self.parts[i].token) for i, g in enumerate(self.guests)]
+                                     lambda i=i: self.parts[i].token, pasid=self.pasid)
+                           for i, g in enumerate(self.guests)]
         self.counts: dict[str, int] = {}
         self.timers: list[threading.Timer] = []
 
     # -- scheduler ------------------------------------------------------------------------
-    def _dd(self, domain_id: int) -> hv.DeviceDomain:
+    def device_domain(self, domain_id: int) -> hv.DeviceDomain:
         return hv.DeviceDomain(SELF, hv.DeviceDomainId(hv.DeviceDomainType.S1, domain_id))
 
-    def _call(self, part: Partition, request: hv.HvRequest) -> int:
+    def call(self, part: Partition, request: hv.HvRequest) -> int:
         try:
             self.calls.dispatch(part, request)
         except HvError as exc:
@@ -335,11 +390,26 @@ class Race:
         self.counts[what] = self.counts.get(what, 0) + 1
 
     def step(self) -> str:
+        op = self._step()
+        if self.pasid:  # bindings the host dropped (detach, refused attach, move, reset) end for the oracle
+            with self.oracle.lock:
+                self.oracle.pasids.sync(self.host)
+        return op
+
+    def _step(self) -> str:
         i = self.rng.randrange(len(self.parts))
         part, guest = self.parts[i], self.guests[i]
         devs = [self.host.devices[d] for d in sorted(part.devices) if d in self.host.devices]
-        op = self.rng.choices(["create", "attach", "detach", "remap", "reconfigure", "delete", "move", "reset",
-                               "stall"], weights=[4, 4, 2, 4, 2, 2, 3, 1, 1])[0]
+        ops, weights = ["create", "attach", "detach", "remap", "reconfigure", "delete", "move", "reset",
+                        "stall"], [4, 4, 2, 4, 2, 2, 3, 1, 1]
+        if self.pasid:
+            ops, weights = [*ops, "pasid"], [*weights, racepasid.WEIGHT]
+        op = self.rng.choices(ops, weights=weights)[0]
+        if op == "pasid":
+            name = racepasid.step(self, part, guest, devs)
+            if name != "noop":
+                self._count("pasid_refused" if "refused" in name else name)
+            return name
         if op == "create":
             free = [d for d in DOMAIN_IDS if d not in guest.domains]
             if free:
@@ -347,19 +417,20 @@ class Race:
                 with guest.lock:
                     gd = guest.new_table()
                     guest.domains[dom_id] = gd
-                if self._call(part, hv.CreateDeviceDomainInput(self._dd(dom_id))) == HvStatus.SUCCESS:
+                if self.call(part, hv.CreateDeviceDomainInput(self.device_domain(dom_id))) == HvStatus.SUCCESS:
                     settings = hv.DeviceDomainSettings(True, False, 0, Gpa(int(gd.table.root)))
-                    self._call(part, hv.ConfigureDeviceDomainInput(self._dd(dom_id), settings))
+                    self.call(part, hv.ConfigureDeviceDomainInput(self.device_domain(dom_id), settings))
                 else:
                     with guest.lock:
                         del guest.domains[dom_id]
         elif op == "attach" and devs and guest.domains:
             dom_id = self.rng.choice(sorted(guest.domains))
             dev = self.rng.choice(devs)
-            self._call(part, hv.AttachDeviceDomainInput(self._dd(dom_id), hv.HvDeviceId.logical(dev.logical_device_id)))
+            self.call(part, hv.AttachDeviceDomainInput(self.device_domain(dom_id),
+                                                       hv.HvDeviceId.logical(dev.logical_device_id)))
         elif op == "detach" and devs:
             dev = self.rng.choice(devs)
-            self._call(part, hv.DetachDeviceDomainInput(SELF, hv.HvDeviceId.logical(dev.logical_device_id)))
+            self.call(part, hv.DetachDeviceDomainInput(SELF, hv.HvDeviceId.logical(dev.logical_device_id)))
         elif op == "remap" and guest.domains:
             dom_id = self.rng.choice(sorted(guest.domains))
             with guest.lock:
@@ -367,17 +438,17 @@ class Race:
                 gather = guest.unmap_some(gd) if gd.maps else IotlbGather()
                 guest.map_one(gd)
             if self.rng.random() < 0.85:  # sometimes the guest "forgets" the flush: its own hazard only
-                self._call(part, hv.FlushDeviceDomainInput(self._dd(dom_id)))
+                self.call(part, hv.FlushDeviceDomainInput(self.device_domain(dom_id)))
             for frame in gather.freelist:
                 guest.frames.free_table(frame)
         elif op == "reconfigure" and guest.domains:
             dom_id = self.rng.choice(sorted(guest.domains))
             blocked = self.rng.random() < 0.3
             settings = hv.DeviceDomainSettings(True, blocked, 0, Gpa(int(guest.domains[dom_id].table.root)))
-            self._call(part, hv.ConfigureDeviceDomainInput(self._dd(dom_id), settings))
+            self.call(part, hv.ConfigureDeviceDomainInput(self.device_domain(dom_id), settings))
         elif op == "delete" and guest.domains:
             dom_id = self.rng.choice(sorted(guest.domains))
-            if self._call(part, hv.DeleteDeviceDomainInput(self._dd(dom_id))) == HvStatus.SUCCESS:
+            if self.call(part, hv.DeleteDeviceDomainInput(self.device_domain(dom_id))) == HvStatus.SUCCESS:
                 with guest.lock:
                     gd = guest.domains.pop(dom_id)
                     gd.table.destroy()
@@ -423,7 +494,8 @@ class Race:
         for d in self.devices:
             d.queue.paused.clear()
         for s in self.submitters:
-            s.join(10)
+            if s.ident is not None:  # started
+                s.join(10)
         for d in self.devices:
             d.close()
         link = self.host.units.link
