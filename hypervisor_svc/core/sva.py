@@ -29,9 +29,10 @@ from pviommu.abi.hv.sva import PrqResponse
 from pviommu.abi.hv_status import HvStatus
 from pviommu.abi.invq import PageResponse, PageResponseCode, PasidInvalidation, QueueItem
 from pviommu.abi.prq import FaultMessage, PageRequestMessage
+from pviommu.addr import PAGE_SIZE
 from pviommu.errors import HvError, UnitGone, UnitStalled
 from pviommu.iommu.context import ContextEntry
-from pviommu.iommu.pasid import PAGE, PASID_DIR_ENTRY_SIZE, PASID_TABLE_ENTRIES, PasidTables
+from pviommu.iommu.pasid import PASID_DIR_ENTRY_SIZE, PASID_TABLE_ENTRIES, PasidTables
 from pviommu.log import get_logger
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ log = get_logger("sva")
 
 #: one 4 KiB PASID directory per device: PDTS 2 = 512 entries x 64 PASIDs = 15 bits
 PDTS = 2
-PASID_WIDTH = (PAGE // PASID_DIR_ENTRY_SIZE * PASID_TABLE_ENTRIES - 1).bit_length()
+PASID_WIDTH = (PAGE_SIZE // PASID_DIR_ENTRY_SIZE * PASID_TABLE_ENTRIES - 1).bit_length()
 _PRQ_CODES = {PrqResponse.SUCCESS: PageResponseCode.SUCCESS, PrqResponse.INVALID: PageResponseCode.INVALID,
               PrqResponse.FAILURE: PageResponseCode.FAILURE}
 

@@ -54,7 +54,10 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-PAGE = 4096
+from pviommu.addr import PAGE_SIZE
+
+#: the unit the shared-memory frames are laid out in
+PAGE = PAGE_SIZE
 
 # -- rings --------------------------------------------------------------------------------
 RING_MAGIC = 0x474E_4952_5650_5650  # "PVPVRING"

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
-from pviommu.addr import Hpa
+from pviommu.addr import PAGE_SIZE, Hpa
 from pviommu.errors import PviommuError
 from pviommu.iommu.context import CONTEXT_ENTRY_SIZE, MAX_SLOTS, ContextEntry
 from pviommu.mem.bank import HYPERVISOR_BANK, HostMemory, bank_base, bank_index_of
@@ -53,7 +53,6 @@ PASID_BITS = 20
 MAX_PASID = (1 << PASID_BITS) - 1
 #: PASID 0 is RID_PASID: the DMA-API domain (Linux's IOMMU_NO_PASID)
 RID_PASID = 0
-PAGE = 4096
 
 _PTR = ((1 << 64) - 1) & ~0xFFF
 _U64 = struct.Struct("<Q")
@@ -292,7 +291,7 @@ class PasidTables:
         """Give ``slot`` a PASID directory (``2 ** (pdts + 7)`` entries) and a present SM context entry."""
         if slot in self._devices:
             self.remove_device(slot)
-        if (1 << (pdts + 7)) * PASID_DIR_ENTRY_SIZE > PAGE:
+        if (1 << (pdts + 7)) * PASID_DIR_ENTRY_SIZE > PAGE_SIZE:
             raise ValueError(f"PDTS {pdts}: this model's directories are one 4 KiB page (PDTS <= 2)")
         directory = self._alloc()
         self._devices[slot] = (directory, pdts, {})

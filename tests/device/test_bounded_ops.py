@@ -38,9 +38,9 @@ from pviommu.abi.dsa import (
 )
 from pviommu.addr import PAGE_SIZE
 from pviommu.mem.dma import DmaFault
+from pviommu.units import MiB
 from tests.kit.rig import Rig
 
-MiB = 1 << 20
 SRC, DST, DST2, PROT = 1 * MiB, 4 * MiB, 7 * MiB, 10 * MiB  # regions of the rig's 16 MiB bank
 SPAN = 2 * MiB + 64 * 1024  # how far from each region start holes may be drawn
 BS, UNIT = 512, 520  # DIF block (flags 0) and block + tuple

@@ -23,7 +23,7 @@ import pytest
 from hypervisor_svc.core.host import Host
 from hypervisor_svc.main import add_arguments, build
 from pviommu.abi.invq import Invalidation, OwnerFence, QueueItem
-from pviommu.addr import Gpa, Iova
+from pviommu.addr import PAGE_SIZE, Gpa, Iova
 from pviommu.iommu.owner import read_owner
 from pviommu.iommu.unit import IommuUnit
 from pviommu.mem.bank import GuestRam, HostMemory
@@ -38,7 +38,7 @@ from tests.kit.nested import GuestTables, guest_tables, unit_side
 ADMIN_TOKEN = "hv-tests-admin-" + os.urandom(8).hex()
 SELF = 0xFFFF_FFFF_FFFF_FFFF
 S2, S1 = 0, 1
-PAGE = 4096
+PAGE = PAGE_SIZE
 PV_PROPERTY = 10  # HV_LOGICAL_DEVICE_PROPERTY_PVIOMMU
 #: gRPC deadline of every call the kit makes: a hung server fails a test, never hangs it
 CALL_TIMEOUT = 10.0

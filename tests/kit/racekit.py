@@ -42,7 +42,7 @@ from pviommu.abi import hv
 from pviommu.abi.dsa import DescFlags, Descriptor, Opcode, WqCfg
 from pviommu.abi.hv_status import HvStatus
 from pviommu.abi.invq import Invalidation, OwnerFence, PasidInvalidation, QueueItem
-from pviommu.addr import Gpa, Iova
+from pviommu.addr import PAGE_SIZE, Gpa, Iova
 from pviommu.errors import AuthError, HvError
 from pviommu.mem.bank import bank_index_of
 from pviommu.mem.dma import DmaMemory, DmaRuns, DmaTranslator
@@ -56,7 +56,7 @@ from tests.kit import racepasid
 from tests.kit.nested import guest_tables, unit_side
 from tests.kit.racepasid import PasidBindings
 
-PAGE = 4096
+PAGE = PAGE_SIZE
 SELF = hv.HV_PARTITION_ID_SELF
 RAM = 8 * MiB
 TABLES = (0, 1 * MiB)  # the guest's stage-1 table frames (A/D updates land here)

@@ -12,11 +12,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from hypervisor_svc.core.model import Partition
-from pviommu.addr import Gpa, Hpa
+from pviommu.addr import PAGE_SIZE, Gpa, Hpa
 from pviommu.mem.bank import HostMemory, bank_base
 from pviommu.pt.common import Perm
 
-PAGE = 4096
+PAGE = PAGE_SIZE
 
 # x86-64 paging-structure entry bits (Intel SDM vol. 3 4.5, VT-d 3.6 first stage)
 _P, _RW, _US, _A, _D, _PS = 1 << 0, 1 << 1, 1 << 2, 1 << 5, 1 << 6, 1 << 7

@@ -20,14 +20,14 @@ from guest_agent.dma.api import Direction
 from guest_agent.dsa.driver import wait_completion
 from pvctl.local import VirtualSystem
 from pviommu.abi.dsa import COMP_SIZE, DescFlags, Descriptor, DsaStatus, Opcode
-from pviommu.addr import Gpa
+from pviommu.addr import PAGE_SIZE, Gpa
 from pviommu.rpc.client import connect
+from pviommu.units import MiB
 from pviommu.v1 import admin_pb2
 
 pytestmark = pytest.mark.system
 
-MiB = 1 << 20
-PAGE = 4096
+PAGE = PAGE_SIZE
 
 
 class System:

@@ -22,11 +22,11 @@ import grpc
 import pytest
 
 from pvctl.local import VirtualSystem, run_dmatest_stream
+from pviommu.units import MiB
 from pviommu.v1 import common_pb2, guest_pb2
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(600)]
 
-MiB = 1 << 20
 
 
 def _params(iterations: int, threads: int) -> guest_pb2.DmatestParams:

@@ -35,7 +35,7 @@ from pvctl.procs import ServiceProcess
 from pviommu.abi.dsa import COMP_SIZE, DescFlags, Descriptor, DsaStatus, Opcode
 from pviommu.abi.hv_status import HvStatus
 from pviommu.abi.shm import CloseReason
-from pviommu.addr import Gpa
+from pviommu.addr import PAGE_SIZE, Gpa
 from pviommu.mem.bank import Bank
 from pviommu.rpc.client import connect
 from pviommu.units import MiB
@@ -43,7 +43,7 @@ from pviommu.v1 import admin_pb2, common_pb2, dsa_pb2, dsa_pb2_grpc
 
 pytestmark = pytest.mark.system
 
-PAGE = 4096
+PAGE = PAGE_SIZE
 FLAGS = int(DescFlags.CRAV | DescFlags.RCR)
 
 
