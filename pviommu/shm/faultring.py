@@ -37,9 +37,13 @@ class FaultRingReader:
             if exc.code != "PROTOCOL_ERROR":
                 raise
             raise RingClosed(L.CloseReason.PROTOCOL_ERROR) from exc
+        try:
+            self.ring = Ring(opened.region)
+        except RingError:  # not a ring: nothing of the session stays open
+            opened.close()
+            raise
         self.region, self.sock, self.session = opened.region, opened.sock, opened.session
         (self.doorbell,) = opened.doorbells
-        self.ring = Ring(self.region)
         self._ended: L.CloseReason | None = None
 
     def _reason(self) -> L.CloseReason | None:

@@ -250,6 +250,13 @@ class RegionSession:
     def session(self) -> int:
         return int(self.reply["session"])
 
+    def close(self) -> None:
+        """End the session and drop what it handed over (a client that could not use it)."""
+        self.sock.close()
+        self.region.close()
+        for bell in self.doorbells:
+            bell.close()
+
 
 def open_region_session(path: str, request: dict[str, Any], *, doorbells: int,
                         timeout: float = 10.0) -> RegionSession:

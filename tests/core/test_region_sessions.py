@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 
+from pviommu.shm.faultring import FaultRingReader
 from pviommu.shm.region import Doorbell, Region
+from pviommu.shm.ring import RingError
 from pviommu.shm.sessions import Opened, SessionError, SessionServer, open_region_session
 
 
@@ -74,3 +76,12 @@ def test_a_reply_of_the_wrong_shape_is_a_protocol_error_and_leaves_no_fd_open(
         open_region_session(path, {"token": "t", "kind": "faults"}, doorbells=1)
     assert err.value.code == "PROTOCOL_ERROR"
     assert _settled_fds(before) == before  # the socket and every received fd are closed again
+
+
+def test_a_fault_ring_session_whose_region_is_no_ring_raises_and_leaves_no_fd_open(
+        served: tuple[str, dict[str, Any]]) -> None:
+    path, _ = served
+    before = _open_fds()
+    with pytest.raises(RingError):
+        FaultRingReader(path, "t")  # the served region is zeros: no ring magic
+    assert _settled_fds(before) == before
